@@ -1,0 +1,361 @@
+//! The subcommands: argument shapes and the glue to floe-core.
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use floe_core::abi::{Interface, MediaReader, MediaWriter};
+use floe_core::agent::{Agent, AgentClient, AgentOptions};
+use floe_core::device::{open_target, parse_location, DeviceResolver, Location};
+use floe_core::loader::PluginRegistry;
+use floe_core::model::{DeviceId, ItemId, SetId};
+use floe_core::mover::{backup, restore_item, MoverOptions, Progress};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Floe: off-host backup. The application host (agent) freezes its data and
+/// says where the blocks are; the backup host (mover) reads them straight
+/// from the shared storage and writes them to media.
+#[derive(Parser)]
+#[command(name = "floe", version)]
+pub struct Cli {
+    /// Extra plugin directories (searched before the defaults).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent on the application host: freeze, map, answer config
+    /// checks and remaps, release.
+    ///
+    /// Example: floe agent --listen 127.0.0.1:7070 --plugin-opt array.control=127.0.0.1:10810
+    /// Example: ssh apphost floe agent --stdio
+    Agent(AgentArgs),
+    /// Back up sources through an agent, reading the shared storage
+    /// directly, to media.
+    ///
+    /// Example: floe backup --agent 127.0.0.1:7070 --san nbd://127.0.0.1:10809
+    ///          --source array:vol0 --source array:vol1 --media disk:/backup
+    Backup(BackupArgs),
+    /// Restore items of a set to image files, block devices or NBD exports.
+    ///
+    /// Example: floe restore --media disk:/backup --set SET
+    ///          --to vol0=nbd://127.0.0.1:10809/restore0 --to vol1=/tmp/vol1.img
+    Restore(RestoreArgs),
+    /// List the sets on media.
+    ///
+    /// Example: floe list --media disk:/backup
+    List(ListArgs),
+    /// List the plugins found, and the files refused.
+    ///
+    /// Example: floe plugins
+    Plugins,
+    /// Run or talk to the simulated SAN (same as floe-sim-san).
+    ///
+    /// Example: floe sim-san serve --dir /tmp/san --lun lun0=256M
+    #[command(name = "sim-san", subcommand)]
+    SimSan(floe_sim_san::cli::Command),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Listen for movers on this TCP address.
+    #[arg(long, conflicts_with = "stdio")]
+    listen: Option<String>,
+    /// Serve one mover on stdin/stdout (for ssh).
+    #[arg(long)]
+    stdio: bool,
+    /// Plugin option PLUGIN.KEY=VALUE (repeatable).
+    #[arg(long = "plugin-opt", value_name = "PLUGIN.KEY=VALUE")]
+    plugin_opts: Vec<String>,
+    /// The host name to report (default: this host's name).
+    #[arg(long)]
+    host: Option<String>,
+}
+
+#[derive(Args)]
+struct MediaArgs {
+    /// Media: PLUGIN:PATH (disk:/backup, null:).
+    #[arg(long)]
+    media: String,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// The agent: HOST:PORT (TCP), or exec:COMMAND (speak over the
+    /// command's stdin/stdout, e.g. exec:ssh apphost floe agent --stdio).
+    #[arg(long)]
+    agent: String,
+    /// A source to back up, PLUGIN:NAME (repeatable): array:vol0.
+    #[arg(long = "source", required = true)]
+    sources: Vec<String>,
+    #[command(flatten)]
+    media: MediaArgs,
+    /// The SAN's NBD server: devices not in the table are its exports,
+    /// named by device id (WWN).
+    #[arg(long)]
+    san: Option<String>,
+    /// Where a device is: ID=PATH or ID=nbd://HOST:PORT/EXPORT (repeatable).
+    #[arg(long = "device", value_name = "ID=LOCATION")]
+    devices: Vec<String>,
+    #[command(flatten)]
+    mover: MoverOptions,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    media: MediaArgs,
+    /// The set.
+    #[arg(long)]
+    set: String,
+    /// ITEM=TARGET: a path (image file or block device) or
+    /// nbd://HOST:PORT/EXPORT (repeatable).
+    #[arg(long = "to", value_name = "ITEM=TARGET", required = true)]
+    targets: Vec<String>,
+    /// Show what would be restored, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn registry(extra: &[PathBuf]) -> Arc<PluginRegistry> {
+    let mut dirs = extra.to_vec();
+    dirs.extend(PluginRegistry::default_dirs());
+    let reg = PluginRegistry::load_dirs(&dirs);
+    for r in &reg.refused {
+        eprintln!("floe: warning: plugin refused: {r}");
+    }
+    Arc::new(reg)
+}
+
+fn media_plugin(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let (name, arg) = spec
+        .split_once(':')
+        .ok_or_else(|| anyhow!("media {spec:?} is not PLUGIN:PATH (e.g. disk:/backup)"))?;
+    let mut cfg = serde_json::Map::new();
+    if !arg.is_empty() {
+        cfg.insert("dir".into(), arg.into());
+    }
+    Ok((name.to_string(), serde_json::Value::Object(cfg)))
+}
+
+fn media_writer(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaWriter>> {
+    let (name, cfg) = media_plugin(spec)?;
+    Ok(reg.require(&name, Interface::MediaWriter)?.media_writer(&cfg)?)
+}
+
+fn media_reader(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaReader>> {
+    let (name, cfg) = media_plugin(spec)?;
+    Ok(reg.require(&name, Interface::MediaReader)?.media_reader(&cfg)?)
+}
+
+fn bar(total: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    Some(pb)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
+    let mut plugin_config: HashMap<String, serde_json::Value> = HashMap::new();
+    for o in &a.plugin_opts {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--plugin-opt wants PLUGIN.KEY=VALUE, got {o:?}"))?;
+        let (p, key) = k
+            .split_once('.')
+            .ok_or_else(|| anyhow!("--plugin-opt wants PLUGIN.KEY=VALUE, got {o:?}"))?;
+        let entry = plugin_config
+            .entry(p.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(m) = entry.as_object_mut() {
+            m.insert(key.to_string(), v.into());
+        }
+    }
+    let opts = AgentOptions { plugin_config, host: a.host.unwrap_or_else(hostname), max_frame: None };
+    let agent = Arc::new(Agent::new(reg, opts));
+    if a.stdio {
+        agent.serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+        return Ok(());
+    }
+    let addr = a.listen.ok_or_else(|| anyhow!("say --listen ADDR or --stdio"))?;
+    let l = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!("floe agent: listening on {}", l.local_addr()?);
+    agent.listen(l)?;
+    Ok(())
+}
+
+fn connect_agent(spec: &str) -> anyhow::Result<AgentClient> {
+    if let Some(cmd) = spec.strip_prefix("exec:") {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start agent command {cmd:?}"))?;
+        let w = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+        let r = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        return Ok(AgentClient::new(Box::new(r), Box::new(w))?);
+    }
+    let addr = spec.strip_prefix("tcp://").unwrap_or(spec);
+    Ok(AgentClient::connect_tcp(addr)?)
+}
+
+fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
+    let mut table = HashMap::new();
+    for d in &a.devices {
+        let (id, loc) = d
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--device wants ID=LOCATION, got {d:?}"))?;
+        table.insert(DeviceId::new(id), parse_location(loc)?);
+    }
+    let san = match &a.san {
+        None => None,
+        Some(s) => match parse_location(s)? {
+            Location::Nbd(addr, _) => Some(addr),
+            Location::Path(_) => bail!("--san wants nbd://HOST:PORT, got {s:?}"),
+        },
+    };
+    let resolver = DeviceResolver::new(table, san);
+    let mut media = media_writer(&reg, &a.media.media)?;
+    let mut client = connect_agent(&a.agent)?;
+    let mut pb: Option<ProgressBar> = None;
+    let mut base = 0u64;
+    let mut last_item: Option<ItemId> = None;
+    let mut progress = |p: &Progress| match p {
+        Progress::Frozen { bytes, .. } => pb = bar(bytes.0),
+        Progress::Written { item, done, size } => {
+            if let Some(pb) = &pb {
+                if last_item.as_ref() != Some(item) {
+                    if last_item.is_some() {
+                        base = pb.position();
+                    }
+                    last_item = Some(item.clone());
+                    pb.set_message(item.to_string());
+                }
+                pb.set_position(base + done.0.min(size.0));
+            }
+        }
+        Progress::Remapped { item, remaps } => {
+            if let Some(pb) = &pb {
+                pb.println(format!("{item}: map changed during the backup, {remaps} remap(s) applied"));
+            }
+        }
+    };
+    let report = backup(&mut client, &a.sources, &resolver, media.as_mut(), &a.mover, &mut progress)
+        .with_context(|| format!("backup of {} failed; nothing was recorded as complete", a.sources.join(" ")))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "set": report.set,
+                "remaps": report.remaps,
+                "rereads": report.rereads,
+                "bytes_read": report.bytes_read,
+                "bytes_written": report.bytes_written,
+            })
+        );
+    } else {
+        println!("set {} committed ({} items, {} bytes, {} remaps, {} re-reads)",
+            report.set.header.set, report.set.items.len(), report.bytes_written, report.remaps, report.rereads);
+        for i in &report.set.items {
+            println!("  {:<12} {:>14} bytes  blake3 {}  remaps {}", i.header.item, i.trailer.length.0, i.trailer.blake3, i.trailer.remaps);
+        }
+    }
+    Ok(())
+}
+
+fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
+    let mut reader = media_reader(&reg, &a.media.media)?;
+    let set = SetId::new(a.set.clone());
+    for t in &a.targets {
+        let (item, target) = t
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--to wants ITEM=TARGET, got {t:?}"))?;
+        let item = ItemId::new(item);
+        if a.dry_run {
+            let rec = reader.open_item(&set, &item)?;
+            println!("would restore {item} ({} bytes, blake3 {}) to {target}", rec.trailer.length, rec.trailer.blake3);
+            continue;
+        }
+        let mut tgt = open_target(target)?;
+        let mut pb: Option<ProgressBar> = None;
+        let mut progress = |p: &Progress| {
+            if let Progress::Written { done, size, .. } = p {
+                let b = pb.get_or_insert_with(|| bar(size.0).unwrap_or_else(ProgressBar::hidden));
+                b.set_position(done.0);
+            }
+        };
+        let r = restore_item(reader.as_mut(), &set, &item, tgt.as_mut(), &mut progress)
+            .with_context(|| format!("restore of {item} to {target} failed"))?;
+        println!("restored {item} to {target}: {} bytes, blake3 {} (verified)", r.bytes, r.blake3);
+    }
+    Ok(())
+}
+
+fn run_list(reg: Arc<PluginRegistry>, a: ListArgs) -> anyhow::Result<()> {
+    let mut reader = media_reader(&reg, &a.media.media)?;
+    let sets = reader.list_sets()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&sets)?);
+        return Ok(());
+    }
+    for s in &sets {
+        let bytes: u64 = s.items.iter().map(|i| i.trailer.length.0).sum();
+        println!("{}  {} items  {} bytes  from {}  sources {}", s.header.set, s.items.len(), bytes, s.header.agent, s.header.sources.join(","));
+        for i in &s.items {
+            println!("    {:<12} {:>14} bytes  blake3 {}", i.header.item, i.trailer.length.0, i.trailer.blake3);
+        }
+    }
+    Ok(())
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::SimSan(c) => floe_sim_san::cli::run(c),
+        Command::Agent(a) => agent(registry(&cli.plugin_dirs), a),
+        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), a),
+        Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a),
+        Command::List(a) => run_list(registry(&cli.plugin_dirs), a),
+        Command::Plugins => {
+            let reg = registry(&cli.plugin_dirs);
+            for p in reg.plugins() {
+                println!("{:<8} {:<8} {:?}  {}", p.info.name, p.info.version, p.info.interfaces, p.path.display());
+            }
+            for r in &reg.refused {
+                println!("refused: {r}");
+            }
+            Ok(())
+        }
+    }
+}

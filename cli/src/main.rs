@@ -1,0 +1,15 @@
+//! `floe`: off-host backup for Linux. A thin shell over floe-core.
+mod commands;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = commands::Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("floe: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

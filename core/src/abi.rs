@@ -1,0 +1,572 @@
+//! The plugin ABI.
+//!
+//! Plugins are `cdylib` crates that implement the native traits below
+//! ([`Freezer`], [`Mapper`], [`ValidityIndicator`], [`MediaWriter`],
+//! [`MediaReader`]) and export them with [`export_plugin!`](crate::export_plugin).
+//! Between the engine and a plugin only `abi_stable` types travel: each
+//! trait has a small `#[sabi_trait]` twin whose methods take and return
+//! JSON text (the serde form of [`crate::model`]) and byte slices, so the
+//! binary surface stays small and the data model can grow compatibly.
+//!
+//! Versioning: [`ABI_VERSION`] is bumped on any incompatible change of the
+//! traits or the JSON they carry. Every plugin exports it twice: as the plain
+//! C symbol `floe_plugin_abi_version` (read with libloading before anything
+//! else is trusted) and in its root module. abi_stable also checks the type
+//! layout of the root module when it loads.
+
+#![allow(non_local_definitions)] // the code #[sabi_trait] generates
+
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::model::{
+    ConfigId, FrozenImage, ImageMap, ItemHeader, ItemId, ItemRecord, ItemTrailer, MediaPosition,
+    Remap, SetHeader, SetId, SetRecord,
+};
+use abi_stable::library::RootModule;
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{RBox, RErr, ROk, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::{declare_root_module_statics, package_version_strings, sabi_trait, StableAbi};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// The Floe plugin ABI version this build implements.
+pub const ABI_VERSION: u32 = 1;
+
+/// The C symbol every plugin exports with its ABI version.
+pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
+
+// ---------------------------------------------------------------------------
+// Native traits: what plugin authors implement and the engine calls.
+
+/// Makes a frozen image of sources (array snapshot, FIFREEZE, ...).
+pub trait Freezer: Send {
+    /// Freeze these sources into one consistent image.
+    fn freeze(&mut self, sources: &[String]) -> Result<FrozenImage>;
+    /// Let the image go (delete snapshots, thaw).
+    fn release(&mut self, image: &FrozenImage) -> Result<()>;
+}
+
+/// Maps a frozen image to physical extents.
+pub trait Mapper: Send {
+    /// The whole map.
+    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap>;
+    /// Only the extents of `item` that changed since `since`.
+    fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap>;
+}
+
+/// Says whether an item's map is still valid.
+pub trait ValidityIndicator: Send {
+    /// The item's current config id.
+    fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId>;
+}
+
+/// Writes backup sets to media.
+pub trait MediaWriter: Send {
+    /// Start a set.
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()>;
+    /// Start an item of the set.
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()>;
+    /// Append bytes to the current item.
+    fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Finish the current item; where it landed.
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition>;
+    /// Make the set durable and visible; only now is it complete.
+    fn commit(&mut self) -> Result<SetRecord>;
+    /// Throw the set away; nothing of it may look complete.
+    fn abort(&mut self) -> Result<()>;
+}
+
+/// Reads backup sets from media.
+pub trait MediaReader: Send {
+    /// Every committed set on the media.
+    fn list_sets(&mut self) -> Result<Vec<SetRecord>>;
+    /// Position at the start of an item's bytes.
+    fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord>;
+    /// The next bytes of the open item, at most `max`; empty at its end.
+    fn read(&mut self, max: usize) -> Result<Vec<u8>>;
+}
+
+/// One interface a plugin provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interface {
+    /// [`Freezer`].
+    Freezer,
+    /// [`Mapper`].
+    Mapper,
+    /// [`ValidityIndicator`].
+    Validity,
+    /// [`MediaWriter`].
+    MediaWriter,
+    /// [`MediaReader`].
+    MediaReader,
+}
+
+/// What a plugin says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    /// Its name (`array`, `disk`).
+    pub name: String,
+    /// Its own version.
+    pub version: String,
+    /// What it provides.
+    pub interfaces: Vec<Interface>,
+}
+
+/// A plugin: its name and constructors. `config` is the JSON object of
+/// options the operator gave for this plugin.
+pub trait Plugin {
+    /// What it is.
+    fn info() -> PluginInfo;
+    /// A freezer, if provided.
+    fn freezer(_config: &serde_json::Value) -> Result<Box<dyn Freezer>> {
+        Err(not_provided(Interface::Freezer))
+    }
+    /// A mapper, if provided.
+    fn mapper(_config: &serde_json::Value) -> Result<Box<dyn Mapper>> {
+        Err(not_provided(Interface::Mapper))
+    }
+    /// A validity indicator, if provided.
+    fn validity(_config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
+        Err(not_provided(Interface::Validity))
+    }
+    /// A media writer, if provided.
+    fn media_writer(_config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
+        Err(not_provided(Interface::MediaWriter))
+    }
+    /// A media reader, if provided.
+    fn media_reader(_config: &serde_json::Value) -> Result<Box<dyn MediaReader>> {
+        Err(not_provided(Interface::MediaReader))
+    }
+}
+
+fn not_provided(i: Interface) -> Error {
+    Error::new(ErrorKind::Plugin, format!("this plugin provides no {i:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// The stable twins.
+
+/// ABI twin of [`Freezer`].
+#[sabi_trait]
+pub trait FreezerAbi: Send {
+    /// JSON `[String]` → JSON [`FrozenImage`].
+    fn freeze(&mut self, sources: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON [`FrozenImage`].
+    #[sabi(last_prefix_field)]
+    fn release(&mut self, image: RStr<'_>) -> RResult<(), RString>;
+}
+
+/// ABI twin of [`Mapper`].
+#[sabi_trait]
+pub trait MapperAbi: Send {
+    /// JSON [`FrozenImage`] → JSON [`ImageMap`].
+    fn map(&mut self, image: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON `[FrozenImage, ItemId, ConfigId]` → JSON [`Remap`].
+    #[sabi(last_prefix_field)]
+    fn remap(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
+}
+
+/// ABI twin of [`ValidityIndicator`].
+#[sabi_trait]
+pub trait ValidityAbi: Send {
+    /// JSON `[FrozenImage, ItemId]` → JSON [`ConfigId`].
+    #[sabi(last_prefix_field)]
+    fn config_id(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
+}
+
+/// ABI twin of [`MediaWriter`].
+#[sabi_trait]
+pub trait MediaWriterAbi: Send {
+    /// JSON [`SetHeader`].
+    fn begin_set(&mut self, header: RStr<'_>) -> RResult<(), RString>;
+    /// JSON [`ItemHeader`].
+    fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString>;
+    /// Raw bytes.
+    fn write(&mut self, data: RSlice<'_, u8>) -> RResult<(), RString>;
+    /// JSON [`ItemTrailer`] → JSON [`MediaPosition`].
+    fn end_item(&mut self, trailer: RStr<'_>) -> RResult<RString, RString>;
+    /// → JSON [`SetRecord`].
+    fn commit(&mut self) -> RResult<RString, RString>;
+    /// Throw the set away.
+    #[sabi(last_prefix_field)]
+    fn abort(&mut self) -> RResult<(), RString>;
+}
+
+/// ABI twin of [`MediaReader`].
+#[sabi_trait]
+pub trait MediaReaderAbi: Send {
+    /// → JSON `[SetRecord]`.
+    fn list_sets(&mut self) -> RResult<RString, RString>;
+    /// JSON `[SetId, ItemId]` → JSON [`ItemRecord`].
+    fn open_item(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
+    /// Next bytes, at most `max`.
+    #[sabi(last_prefix_field)]
+    fn read(&mut self, max: u64) -> RResult<RVec<u8>, RString>;
+}
+
+/// A boxed freezer across the ABI.
+pub type FreezerBox = FreezerAbi_TO<'static, RBox<()>>;
+/// A boxed mapper across the ABI.
+pub type MapperBox = MapperAbi_TO<'static, RBox<()>>;
+/// A boxed validity indicator across the ABI.
+pub type ValidityBox = ValidityAbi_TO<'static, RBox<()>>;
+/// A boxed media writer across the ABI.
+pub type MediaWriterBox = MediaWriterAbi_TO<'static, RBox<()>>;
+/// A boxed media reader across the ABI.
+pub type MediaReaderBox = MediaReaderAbi_TO<'static, RBox<()>>;
+
+/// The root module every plugin exports.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// [`ABI_VERSION`] of the core the plugin was built against.
+    pub abi_version: extern "C" fn() -> u32,
+    /// JSON [`PluginInfo`].
+    pub info: extern "C" fn() -> RString,
+    /// Make a freezer from a JSON config.
+    pub new_freezer: extern "C" fn(RStr<'_>) -> RResult<FreezerBox, RString>,
+    /// Make a mapper from a JSON config.
+    pub new_mapper: extern "C" fn(RStr<'_>) -> RResult<MapperBox, RString>,
+    /// Make a validity indicator from a JSON config.
+    pub new_validity: extern "C" fn(RStr<'_>) -> RResult<ValidityBox, RString>,
+    /// Make a media writer from a JSON config.
+    pub new_media_writer: extern "C" fn(RStr<'_>) -> RResult<MediaWriterBox, RString>,
+    /// Make a media reader from a JSON config.
+    #[sabi(last_prefix_field)]
+    pub new_media_reader: extern "C" fn(RStr<'_>) -> RResult<MediaReaderBox, RString>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "floe_plugin";
+    const NAME: &'static str = "floe_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+// ---------------------------------------------------------------------------
+// JSON marshalling shared by both sides.
+
+fn err_text(e: &Error) -> RString {
+    RString::from(serde_json::to_string(&e.to_wire()).unwrap_or_else(|_| e.to_string()))
+}
+
+fn err_from_text(plugin: &str, op: &str, text: &RString) -> Error {
+    match serde_json::from_str::<WireError>(text.as_str()) {
+        Ok(w) => Error::from(w),
+        Err(_) => Error::new(ErrorKind::Plugin, format!("plugin {plugin} failed {op}: {text}")),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode for the plugin ABI").source(e))
+}
+
+fn from_json<T: DeserializeOwned>(s: &str, what: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| {
+        Error::new(
+            ErrorKind::Plugin,
+            format!("malformed {what} across the plugin ABI"),
+        )
+        .source(e)
+    })
+}
+
+/// Run plugin code, turning errors and panics into ABI error text.
+fn guard<T>(op: &str, f: impl FnOnce() -> Result<T>) -> RResult<T, RString> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => ROk(v),
+        Ok(Err(e)) => RErr(err_text(&e)),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            RErr(err_text(&Error::new(
+                ErrorKind::Plugin,
+                format!("plugin panicked during {op}: {what}"),
+            )))
+        }
+    }
+}
+
+fn json_out<T: Serialize>(op: &str, f: impl FnOnce() -> Result<T>) -> RResult<RString, RString> {
+    guard(op, || f().and_then(|v| to_json(&v)).map(RString::from))
+}
+
+// Plugin side: native object → ABI twin.
+
+struct FreezerExport(Box<dyn Freezer>);
+impl FreezerAbi for FreezerExport {
+    fn freeze(&mut self, sources: RStr<'_>) -> RResult<RString, RString> {
+        json_out("freeze", || {
+            let s: Vec<String> = from_json(sources.as_str(), "sources")?;
+            self.0.freeze(&s)
+        })
+    }
+    fn release(&mut self, image: RStr<'_>) -> RResult<(), RString> {
+        guard("release", || self.0.release(&from_json(image.as_str(), "image")?))
+    }
+}
+
+struct MapperExport(Box<dyn Mapper>);
+impl MapperAbi for MapperExport {
+    fn map(&mut self, image: RStr<'_>) -> RResult<RString, RString> {
+        json_out("map", || self.0.map(&from_json(image.as_str(), "image")?))
+    }
+    fn remap(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("remap", || {
+            let (img, item, since): (FrozenImage, ItemId, ConfigId) =
+                from_json(args.as_str(), "remap arguments")?;
+            self.0.remap(&img, &item, &since)
+        })
+    }
+}
+
+struct ValidityExport(Box<dyn ValidityIndicator>);
+impl ValidityAbi for ValidityExport {
+    fn config_id(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("config id", || {
+            let (img, item): (FrozenImage, ItemId) = from_json(args.as_str(), "config id arguments")?;
+            self.0.config_id(&img, &item)
+        })
+    }
+}
+
+struct MediaWriterExport(Box<dyn MediaWriter>);
+impl MediaWriterAbi for MediaWriterExport {
+    fn begin_set(&mut self, header: RStr<'_>) -> RResult<(), RString> {
+        guard("begin set", || self.0.begin_set(&from_json(header.as_str(), "set header")?))
+    }
+    fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString> {
+        guard("begin item", || self.0.begin_item(&from_json(header.as_str(), "item header")?))
+    }
+    fn write(&mut self, data: RSlice<'_, u8>) -> RResult<(), RString> {
+        guard("write", || self.0.write(data.as_slice()))
+    }
+    fn end_item(&mut self, trailer: RStr<'_>) -> RResult<RString, RString> {
+        json_out("end item", || self.0.end_item(&from_json(trailer.as_str(), "item trailer")?))
+    }
+    fn commit(&mut self) -> RResult<RString, RString> {
+        json_out("commit", || self.0.commit())
+    }
+    fn abort(&mut self) -> RResult<(), RString> {
+        guard("abort", || self.0.abort())
+    }
+}
+
+struct MediaReaderExport(Box<dyn MediaReader>);
+impl MediaReaderAbi for MediaReaderExport {
+    fn list_sets(&mut self) -> RResult<RString, RString> {
+        json_out("list sets", || self.0.list_sets())
+    }
+    fn open_item(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("open item", || {
+            let (set, item): (SetId, ItemId) = from_json(args.as_str(), "open item arguments")?;
+            self.0.open_item(&set, &item)
+        })
+    }
+    fn read(&mut self, max: u64) -> RResult<RVec<u8>, RString> {
+        guard("read", || {
+            self.0
+                .read(usize::try_from(max).unwrap_or(usize::MAX))
+                .map(RVec::from)
+        })
+    }
+}
+
+fn parse_config(config: RStr<'_>) -> Result<serde_json::Value> {
+    if config.as_str().trim().is_empty() {
+        return Ok(serde_json::Value::Object(Default::default()));
+    }
+    from_json(config.as_str(), "plugin config")
+}
+
+extern "C" fn abi_version_fn() -> u32 {
+    ABI_VERSION
+}
+extern "C" fn info_fn<P: Plugin>() -> RString {
+    RString::from(serde_json::to_string(&P::info()).unwrap_or_default())
+}
+extern "C" fn new_freezer_fn<P: Plugin>(c: RStr<'_>) -> RResult<FreezerBox, RString> {
+    guard("new freezer", || {
+        let f = P::freezer(&parse_config(c)?)?;
+        Ok(FreezerAbi_TO::from_value(FreezerExport(f), sabi_trait::TD_Opaque))
+    })
+}
+extern "C" fn new_mapper_fn<P: Plugin>(c: RStr<'_>) -> RResult<MapperBox, RString> {
+    guard("new mapper", || {
+        let m = P::mapper(&parse_config(c)?)?;
+        Ok(MapperAbi_TO::from_value(MapperExport(m), sabi_trait::TD_Opaque))
+    })
+}
+extern "C" fn new_validity_fn<P: Plugin>(c: RStr<'_>) -> RResult<ValidityBox, RString> {
+    guard("new validity indicator", || {
+        let v = P::validity(&parse_config(c)?)?;
+        Ok(ValidityAbi_TO::from_value(ValidityExport(v), sabi_trait::TD_Opaque))
+    })
+}
+extern "C" fn new_media_writer_fn<P: Plugin>(c: RStr<'_>) -> RResult<MediaWriterBox, RString> {
+    guard("new media writer", || {
+        let w = P::media_writer(&parse_config(c)?)?;
+        Ok(MediaWriterAbi_TO::from_value(MediaWriterExport(w), sabi_trait::TD_Opaque))
+    })
+}
+extern "C" fn new_media_reader_fn<P: Plugin>(c: RStr<'_>) -> RResult<MediaReaderBox, RString> {
+    guard("new media reader", || {
+        let r = P::media_reader(&parse_config(c)?)?;
+        Ok(MediaReaderAbi_TO::from_value(MediaReaderExport(r), sabi_trait::TD_Opaque))
+    })
+}
+
+/// The root module for plugin `P` (used by [`export_plugin!`](crate::export_plugin)).
+pub fn plugin_module<P: Plugin>() -> PluginModRef {
+    PluginMod {
+        abi_version: abi_version_fn,
+        info: info_fn::<P>,
+        new_freezer: new_freezer_fn::<P>,
+        new_mapper: new_mapper_fn::<P>,
+        new_validity: new_validity_fn::<P>,
+        new_media_writer: new_media_writer_fn::<P>,
+        new_media_reader: new_media_reader_fn::<P>,
+    }
+    .leak_into_prefix()
+}
+
+/// Export a [`Plugin`] from a `cdylib` crate.
+///
+/// ```ignore
+/// struct Disk;
+/// impl floe_core::abi::Plugin for Disk { /* ... */ }
+/// floe_core::export_plugin!(Disk);
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        $crate::export_plugin!($plugin, abi_version = $crate::abi::ABI_VERSION);
+    };
+    ($plugin:ty, abi_version = $version:expr) => {
+        /// The plugin's root module (abi_stable).
+        #[::abi_stable::export_root_module]
+        pub fn floe_plugin_root_module() -> $crate::abi::PluginModRef {
+            $crate::abi::plugin_module::<$plugin>()
+        }
+
+        /// The Floe plugin ABI version this plugin was built against.
+        #[no_mangle]
+        pub extern "C" fn floe_plugin_abi_version() -> u32 {
+            $version
+        }
+    };
+}
+
+// Engine side: ABI twin → native object.
+
+/// A loaded plugin's freezer.
+pub struct LoadedFreezer(pub(crate) String, pub(crate) FreezerBox);
+/// A loaded plugin's mapper.
+pub struct LoadedMapper(pub(crate) String, pub(crate) MapperBox);
+/// A loaded plugin's validity indicator.
+pub struct LoadedValidity(pub(crate) String, pub(crate) ValidityBox);
+/// A loaded plugin's media writer.
+pub struct LoadedMediaWriter(pub(crate) String, pub(crate) MediaWriterBox);
+/// A loaded plugin's media reader.
+pub struct LoadedMediaReader(pub(crate) String, pub(crate) MediaReaderBox);
+
+fn back<T: DeserializeOwned>(plugin: &str, op: &str, r: RResult<RString, RString>) -> Result<T> {
+    match r {
+        ROk(s) => from_json(s.as_str(), op),
+        RErr(e) => Err(err_from_text(plugin, op, &e)),
+    }
+}
+
+fn back_unit(plugin: &str, op: &str, r: RResult<(), RString>) -> Result<()> {
+    match r {
+        ROk(()) => Ok(()),
+        RErr(e) => Err(err_from_text(plugin, op, &e)),
+    }
+}
+
+impl Freezer for LoadedFreezer {
+    fn freeze(&mut self, sources: &[String]) -> Result<FrozenImage> {
+        let r = self.1.freeze(to_json(&sources)?.as_str().into());
+        back(&self.0, "freeze", r)
+    }
+    fn release(&mut self, image: &FrozenImage) -> Result<()> {
+        let r = self.1.release(to_json(image)?.as_str().into());
+        back_unit(&self.0, "release", r)
+    }
+}
+
+impl Mapper for LoadedMapper {
+    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap> {
+        let r = self.1.map(to_json(image)?.as_str().into());
+        back(&self.0, "map", r)
+    }
+    fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
+        let r = self.1.remap(to_json(&(image, item, since))?.as_str().into());
+        back(&self.0, "remap", r)
+    }
+}
+
+impl ValidityIndicator for LoadedValidity {
+    fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId> {
+        let r = self.1.config_id(to_json(&(image, item))?.as_str().into());
+        back(&self.0, "config id", r)
+    }
+}
+
+impl MediaWriter for LoadedMediaWriter {
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
+        let r = self.1.begin_set(to_json(header)?.as_str().into());
+        back_unit(&self.0, "begin set", r)
+    }
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        let r = self.1.begin_item(to_json(header)?.as_str().into());
+        back_unit(&self.0, "begin item", r)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        let r = self.1.write(RSlice::from_slice(data));
+        back_unit(&self.0, "write", r)
+    }
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
+        let r = self.1.end_item(to_json(trailer)?.as_str().into());
+        back(&self.0, "end item", r)
+    }
+    fn commit(&mut self) -> Result<SetRecord> {
+        let r = self.1.commit();
+        back(&self.0, "commit", r)
+    }
+    fn abort(&mut self) -> Result<()> {
+        let r = self.1.abort();
+        back_unit(&self.0, "abort", r)
+    }
+}
+
+impl MediaReader for LoadedMediaReader {
+    fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
+        let r = self.1.list_sets();
+        back(&self.0, "list sets", r)
+    }
+    fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
+        let r = self.1.open_item(to_json(&(set, item))?.as_str().into());
+        back(&self.0, "open item", r)
+    }
+    fn read(&mut self, max: usize) -> Result<Vec<u8>> {
+        match self.1.read(u64::try_from(max).unwrap_or(u64::MAX)) {
+            ROk(v) => Ok(v.into_vec()),
+            RErr(e) => Err(err_from_text(&self.0, "read", &e)),
+        }
+    }
+}
+
+/// Build the ABI-side error for a constructor that failed.
+#[cfg(feature = "engine")]
+pub(crate) fn constructor_error(plugin: &str, what: &str, e: &RString) -> Error {
+    err_from_text(plugin, what, e)
+}

@@ -1,0 +1,261 @@
+//! The agent engine (application host): freeze → map → serve the map,
+//! answer config-id checks and remaps → release. Independent of transport:
+//! it serves the protocol of [`crate::protocol`] on any byte stream.
+//! Also the mover's side of the conversation, [`AgentClient`].
+
+use crate::abi::{Freezer, Interface, Mapper, ValidityIndicator};
+use crate::error::{Error, ErrorKind, Result};
+use crate::loader::PluginRegistry;
+use crate::map::validate_item;
+use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, Remap};
+use crate::protocol::{read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+
+/// What the agent is configured with.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// Per-plugin JSON config, by plugin name.
+    pub plugin_config: HashMap<String, serde_json::Value>,
+    /// The name this agent reports.
+    pub host: String,
+    /// Largest frame accepted.
+    pub max_frame: Option<u32>,
+}
+
+struct Frozen {
+    image: FrozenImage,
+    freezer: Box<dyn Freezer>,
+    mapper: Box<dyn Mapper>,
+    validity: Box<dyn ValidityIndicator>,
+}
+
+/// The agent.
+pub struct Agent {
+    plugins: Arc<PluginRegistry>,
+    opts: AgentOptions,
+}
+
+fn frozen<'a>(images: &'a mut HashMap<ImageId, Frozen>, id: &ImageId) -> Result<&'a mut Frozen> {
+    images
+        .get_mut(id)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no frozen image {id} on this agent")))
+}
+
+/// The plugin a source names: `array:vol0` → `array`.
+pub fn source_plugin(source: &str) -> Result<(&str, &str)> {
+    source.split_once(':').filter(|(p, r)| !p.is_empty() && !r.is_empty()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!("source {source:?} is not PLUGIN:NAME (e.g. array:vol0)"),
+        )
+    })
+}
+
+impl Agent {
+    /// An agent using these plugins.
+    pub fn new(plugins: Arc<PluginRegistry>, opts: AgentOptions) -> Agent {
+        Agent { plugins, opts }
+    }
+
+    fn config(&self, plugin: &str) -> serde_json::Value {
+        self.opts
+            .plugin_config
+            .get(plugin)
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}))
+    }
+
+    fn freeze(&self, sources: &[String]) -> Result<(Frozen, ImageMap)> {
+        let first = sources
+            .first()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "nothing to back up: no sources"))?;
+        let (plugin, _) = source_plugin(first)?;
+        for s in sources {
+            if source_plugin(s)?.0 != plugin {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("sources of one set must use one plugin: {first} and {s} differ"),
+                ));
+            }
+        }
+        let cfg = self.config(plugin);
+        let mut freezer = self.plugins.require(plugin, Interface::Freezer)?.freezer(&cfg)?;
+        let mut mapper = self.plugins.require(plugin, Interface::Mapper)?.mapper(&cfg)?;
+        let validity = self.plugins.require(plugin, Interface::Validity)?.validity(&cfg)?;
+        let image = freezer.freeze(sources).map_err(|e| e.op("freeze"))?;
+        let map = match mapper.map(&image) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = freezer.release(&image);
+                return Err(e.op("map"));
+            }
+        };
+        for item in &map.items {
+            if let Err(e) = validate_item(item) {
+                let _ = freezer.release(&image);
+                return Err(e);
+            }
+        }
+        Ok((Frozen { image, freezer, mapper, validity }, map))
+    }
+
+    fn answer(&self, images: &mut HashMap<ImageId, Frozen>, req: Request) -> Result<Response> {
+        Ok(match req {
+            Request::Hello { protocol, .. } => {
+                if protocol != VERSION {
+                    return Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("mover speaks protocol {protocol}, agent speaks {VERSION}"),
+                    ));
+                }
+                Response::Hello { protocol: VERSION, host: self.opts.host.clone() }
+            }
+            Request::Freeze { sources } => {
+                let (frozen, map) = self.freeze(&sources)?;
+                let image = frozen.image.clone();
+                images.insert(image.id.clone(), frozen);
+                Response::Frozen { image, map }
+            }
+            Request::CheckConfig { image, item, config } => {
+                let f = frozen(images, &image)?;
+                let current = f.validity.config_id(&f.image, &item).map_err(|e| e.item(&item))?;
+                let valid = current == config;
+                Response::Config { current, valid }
+            }
+            Request::Remap { image, item, since } => {
+                let f = frozen(images, &image)?;
+                let remap = f.mapper.remap(&f.image, &item, &since).map_err(|e| e.item(&item).op("remap"))?;
+                Response::Remapped { remap }
+            }
+            Request::Release { image } => {
+                frozen(images, &image)?;
+                let mut f = images.remove(&image).expect("checked above");
+                f.freezer.release(&f.image).map_err(|e| e.op("release"))?;
+                Response::Released
+            }
+        })
+    }
+
+    /// Serve one mover on a byte stream until it hangs up; frozen images it
+    /// did not release are released then.
+    pub fn serve(&self, mut r: impl Read, mut w: impl Write) -> Result<()> {
+        let mut images: HashMap<ImageId, Frozen> = HashMap::new();
+        let max = self.opts.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
+        let result = loop {
+            let req: Request = match read_message(&mut r, max) {
+                Ok(Some(req)) => req,
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let _ = write_message(&mut w, &Response::Error { error: e.to_wire() });
+                    break Err(e);
+                }
+            };
+            let resp = match self.answer(&mut images, req) {
+                Ok(r) => r,
+                Err(e) => Response::Error { error: e.to_wire() },
+            };
+            if let Err(e) = write_message(&mut w, &resp) {
+                break Err(e);
+            }
+        };
+        for (_, mut f) in images.drain() {
+            let _ = f.freezer.release(&f.image);
+        }
+        result
+    }
+
+    /// Accept movers on a TCP listener, one thread each, forever.
+    pub fn listen(self: Arc<Self>, listener: TcpListener) -> Result<()> {
+        for conn in listener.incoming() {
+            let conn = conn.map_err(|e| Error::io("accept", e))?;
+            let _ = conn.set_nodelay(true);
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let Ok(r) = conn.try_clone() else { return };
+                if let Err(e) = me.serve(r, &conn) {
+                    eprintln!("floe agent: connection ended: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The mover's side: a connection to an agent.
+pub struct AgentClient {
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+    /// The agent's host name.
+    pub host: String,
+    max: u32,
+}
+
+impl AgentClient {
+    /// Say hello over a byte stream.
+    pub fn new(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<AgentClient> {
+        let mut c = AgentClient { r, w, host: String::new(), max: DEFAULT_MAX_FRAME };
+        match c.call(Request::Hello { protocol: VERSION, peer: "floe-mover".into() })? {
+            Response::Hello { host, .. } => c.host = host,
+            other => return Err(unexpected(&other)),
+        }
+        Ok(c)
+    }
+
+    /// Connect over TCP (`host:port`).
+    pub fn connect_tcp(addr: &str) -> Result<AgentClient> {
+        let s = std::net::TcpStream::connect(addr).map_err(|e| {
+            Error::new(ErrorKind::Remote, format!("cannot reach agent at {addr}")).source(e)
+        })?;
+        let _ = s.set_nodelay(true);
+        let r = s.try_clone().map_err(|e| Error::io("clone socket", e))?;
+        AgentClient::new(Box::new(r), Box::new(s))
+    }
+
+    fn call(&mut self, req: Request) -> Result<Response> {
+        write_message(&mut self.w, &req)?;
+        match read_message::<Response>(&mut self.r, self.max)? {
+            None => Err(Error::new(ErrorKind::Remote, "the agent hung up")),
+            Some(Response::Error { error }) => Err(Error::from(error)),
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// Freeze sources.
+    pub fn freeze(&mut self, sources: &[String]) -> Result<(FrozenImage, ImageMap)> {
+        match self.call(Request::Freeze { sources: sources.to_vec() })? {
+            Response::Frozen { image, map } => Ok((image, map)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Is `config` still valid? The current config id and the answer.
+    pub fn check(&mut self, image: &ImageId, item: &ItemId, config: &ConfigId) -> Result<(ConfigId, bool)> {
+        match self.call(Request::CheckConfig { image: image.clone(), item: item.clone(), config: config.clone() })? {
+            Response::Config { current, valid } => Ok((current, valid)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The extents that changed since `since`.
+    pub fn remap(&mut self, image: &ImageId, item: &ItemId, since: &ConfigId) -> Result<Remap> {
+        match self.call(Request::Remap { image: image.clone(), item: item.clone(), since: since.clone() })? {
+            Response::Remapped { remap } => Ok(remap),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Release the image.
+    pub fn release(&mut self, image: &ImageId) -> Result<()> {
+        match self.call(Request::Release { image: image.clone() })? {
+            Response::Released => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(r: &Response) -> Error {
+    Error::new(ErrorKind::Protocol, format!("unexpected answer from the agent: {r:?}"))
+}

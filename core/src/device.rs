@@ -1,0 +1,349 @@
+//! Devices the mover reads (shared SAN storage) and restore writes: local
+//! block devices and image files with O_DIRECT, and NBD exports through the
+//! `nbd` crate's client. Resolved from a device's stable identity, never
+//! from a path the agent sent.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::DeviceId;
+use crate::sys::{block_device_size, AlignedBuf, ALIGN};
+use crate::units::{Bytes, DeviceOffset};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A device the mover reads from.
+pub trait BlockDevice: Send + Sync {
+    /// Its identity.
+    fn id(&self) -> &DeviceId;
+    /// Its size.
+    fn size(&self) -> Bytes;
+    /// Where it is (path or URL), for messages.
+    fn location(&self) -> String;
+    /// Read exactly `buf.len()` bytes at `offset`. For O_DIRECT devices
+    /// `buf`, `offset` and the length must be 4096-aligned.
+    fn read_at(&self, buf: &mut [u8], offset: DeviceOffset) -> Result<()>;
+}
+
+fn read_error(dev: &DeviceId, offset: u64, len: usize, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::ReadFailed, "read of the shared device failed")
+        .op("read")
+        .device(dev)
+        .range(DeviceOffset(offset), Bytes(len as u64))
+        .source(e)
+}
+
+/// A local block device or image file, read with O_DIRECT.
+pub struct DirectFile {
+    id: DeviceId,
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl DirectFile {
+    /// Open `path` read-only with O_DIRECT.
+    pub fn open(id: DeviceId, path: &Path) -> Result<DirectFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| {
+                Error::new(ErrorKind::UnknownDevice, "cannot open device with O_DIRECT")
+                    .op("open")
+                    .device(&id)
+                    .path(path)
+                    .source(e)
+            })?;
+        let meta = file.metadata().map_err(|e| Error::io("stat", e).device(&id).path(path))?;
+        let size = if meta.file_type().is_block_device() {
+            block_device_size(&file).map_err(|e| Error::io("BLKGETSIZE64", e).device(&id).path(path))?
+        } else {
+            meta.len()
+        };
+        Ok(DirectFile { id, path: path.to_path_buf(), file, size })
+    }
+}
+
+impl BlockDevice for DirectFile {
+    fn id(&self) -> &DeviceId {
+        &self.id
+    }
+    fn size(&self) -> Bytes {
+        Bytes(self.size)
+    }
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: DeviceOffset) -> Result<()> {
+        if buf.as_ptr() as usize % ALIGN != 0 || buf.len() % 512 != 0 || offset.0 % 512 != 0 {
+            let mut bounce = AlignedBuf::new(buf.len().div_ceil(ALIGN) * ALIGN);
+            let start = offset.0 / 512 * 512;
+            let skip = usize::try_from(offset.0 - start).unwrap_or(0);
+            bounce.set_len((skip + buf.len()).div_ceil(512) * 512);
+            self.read_at(&mut bounce, DeviceOffset(start))?;
+            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+            return Ok(());
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset.0 + done as u64;
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    return Err(Error::new(
+                        ErrorKind::ExtentOutOfRange,
+                        "read past the end of the device",
+                    )
+                    .op("read")
+                    .device(&self.id)
+                    .range(offset, Bytes(buf.len() as u64)))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_error(&self.id, at, buf.len() - done, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+type NbdConn = nbd::client::NbdClient<TcpStream>;
+
+/// An NBD export, read through a pool of connections (one request in
+/// flight per connection; several connections for parallel reads).
+pub struct NbdDevice {
+    id: DeviceId,
+    addr: String,
+    export: String,
+    size: u64,
+    pool: Mutex<Vec<NbdConn>>,
+}
+
+fn nbd_connect(id: &DeviceId, addr: &str, export: &str) -> Result<(NbdConn, u64)> {
+    let url = format!("nbd://{addr}/{export}");
+    let s = TcpStream::connect(addr).map_err(|e| {
+        Error::new(ErrorKind::UnknownDevice, format!("cannot reach NBD server {url}"))
+            .op("connect")
+            .device(id)
+            .source(e)
+    })?;
+    // Without TCP_NODELAY, Nagle and delayed ACKs cost ~50 ms a request.
+    let _ = s.set_nodelay(true);
+    let e = nbd::client::handshake(&s, export.as_bytes()).map_err(|e| {
+        Error::new(
+            ErrorKind::UnknownDevice,
+            format!("NBD server refused export {export:?} ({url}): no such device on the SAN"),
+        )
+        .op("connect")
+        .device(id)
+        .source(e)
+    })?;
+    let size = e.size;
+    Ok((nbd::client::NbdClient::new(s, &e), size))
+}
+
+impl NbdDevice {
+    /// Connect to `export` at `addr` (host:port).
+    pub fn connect(id: DeviceId, addr: &str, export: &str) -> Result<NbdDevice> {
+        let (c, size) = nbd_connect(&id, addr, export)?;
+        Ok(NbdDevice {
+            id,
+            addr: addr.to_string(),
+            export: export.to_string(),
+            size,
+            pool: Mutex::new(vec![c]),
+        })
+    }
+}
+
+impl BlockDevice for NbdDevice {
+    fn id(&self) -> &DeviceId {
+        &self.id
+    }
+    fn size(&self) -> Bytes {
+        Bytes(self.size)
+    }
+    fn location(&self) -> String {
+        format!("nbd://{}/{}", self.addr, self.export)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: DeviceOffset) -> Result<()> {
+        let conn = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => nbd_connect(&self.id, &self.addr, &self.export)?.0,
+        };
+        let r = conn
+            .seek(SeekFrom::Start(offset.0))
+            .and_then(|_| conn.read_exact(buf));
+        match r {
+            Ok(()) => {
+                self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+                Ok(())
+            }
+            // The connection is dropped: after an error its stream may be
+            // out of step.
+            Err(e) => Err(read_error(&self.id, offset.0, buf.len(), e)),
+        }
+    }
+}
+
+/// Where a device identity resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A local block device or image file.
+    Path(PathBuf),
+    /// An NBD export: `host:port` and export name.
+    Nbd(String, String),
+}
+
+/// Parse `nbd://host:port/export` or a path.
+pub fn parse_location(s: &str) -> Result<Location> {
+    if let Some(rest) = s.strip_prefix("nbd://") {
+        let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
+        if addr.is_empty() {
+            return Err(Error::new(ErrorKind::Config, format!("no host in {s:?}")));
+        }
+        let addr = if addr.contains(':') { addr.to_string() } else { format!("{addr}:10809") };
+        Ok(Location::Nbd(addr, export.to_string()))
+    } else if s.contains("://") {
+        Err(Error::new(
+            ErrorKind::Config,
+            format!("unsupported device location {s:?}: use a path or nbd://host:port/export"),
+        ))
+    } else {
+        Ok(Location::Path(PathBuf::from(s)))
+    }
+}
+
+/// Resolves device identities to devices the mover may read: an explicit
+/// table (`--device ID=LOCATION`), else exports of the SAN's NBD server
+/// named by the identity (`--san nbd://host:port`).
+pub struct DeviceResolver {
+    table: HashMap<DeviceId, Location>,
+    san: Option<String>,
+    open: Mutex<HashMap<DeviceId, Arc<dyn BlockDevice>>>,
+}
+
+impl DeviceResolver {
+    /// A resolver with a table and an optional SAN (`host:port`).
+    pub fn new(table: HashMap<DeviceId, Location>, san: Option<String>) -> DeviceResolver {
+        DeviceResolver { table, san, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// The device for `id`, opened once and shared.
+    pub fn resolve(&self, id: &DeviceId) -> Result<Arc<dyn BlockDevice>> {
+        if let Some(d) = self.open.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(d.clone());
+        }
+        let dev: Arc<dyn BlockDevice> = match (self.table.get(id), &self.san) {
+            (Some(Location::Path(p)), _) => Arc::new(DirectFile::open(id.clone(), p)?),
+            (Some(Location::Nbd(addr, export)), _) => Arc::new(NbdDevice::connect(id.clone(), addr, export)?),
+            (None, Some(addr)) => Arc::new(NbdDevice::connect(id.clone(), addr, id.as_str())?),
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorKind::UnknownDevice,
+                    "unknown device: not in the device table and no SAN configured",
+                )
+                .device(id))
+            }
+        };
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), dev.clone());
+        Ok(dev)
+    }
+}
+
+/// Where a restore writes an item.
+pub trait RestoreTarget: Send {
+    /// Write `data` at `offset`.
+    fn write_at(&mut self, data: &[u8], offset: DeviceOffset) -> Result<()>;
+    /// Make it durable.
+    fn flush(&mut self) -> Result<()>;
+    /// Its size, when it has a fixed one.
+    fn size(&self) -> Option<Bytes>;
+}
+
+struct FileTarget {
+    path: PathBuf,
+    file: File,
+    fixed: Option<u64>,
+}
+
+impl RestoreTarget for FileTarget {
+    fn write_at(&mut self, data: &[u8], offset: DeviceOffset) -> Result<()> {
+        self.file.write_all_at(data, offset.0).map_err(|e| {
+            Error::io("write", e)
+                .with_kind(ErrorKind::WriteFailed)
+                .path(&self.path)
+                .range(offset, Bytes(data.len() as u64))
+        })
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", e).with_kind(ErrorKind::WriteFailed).path(&self.path))
+    }
+    fn size(&self) -> Option<Bytes> {
+        self.fixed.map(Bytes)
+    }
+}
+
+struct NbdTarget {
+    url: String,
+    conn: NbdConn,
+    size: u64,
+}
+
+impl RestoreTarget for NbdTarget {
+    fn write_at(&mut self, data: &[u8], offset: DeviceOffset) -> Result<()> {
+        self.conn
+            .seek(SeekFrom::Start(offset.0))
+            .and_then(|_| self.conn.write_all(data))
+            .map_err(|e| {
+                Error::new(ErrorKind::WriteFailed, format!("write to {} failed", self.url))
+                    .op("write")
+                    .range(offset, Bytes(data.len() as u64))
+                    .source(e)
+            })
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.conn.flush().map_err(|e| {
+            Error::new(ErrorKind::WriteFailed, format!("flush of {} failed", self.url)).source(e)
+        })
+    }
+    fn size(&self) -> Option<Bytes> {
+        Some(Bytes(self.size))
+    }
+}
+
+/// Open a restore target: a path (image file, created if missing, or a
+/// block device) or `nbd://host:port/export`.
+pub fn open_target(spec: &str) -> Result<Box<dyn RestoreTarget>> {
+    match parse_location(spec)? {
+        Location::Path(path) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io("open restore target", e).with_kind(ErrorKind::WriteFailed).path(&path))?;
+            let meta = file.metadata().map_err(|e| Error::io("stat", e).path(&path))?;
+            let fixed = if meta.file_type().is_block_device() {
+                Some(block_device_size(&file).map_err(|e| Error::io("BLKGETSIZE64", e).path(&path))?)
+            } else {
+                None
+            };
+            Ok(Box::new(FileTarget { path, file, fixed }))
+        }
+        Location::Nbd(addr, export) => {
+            let id = DeviceId::new(format!("nbd://{addr}/{export}"));
+            let (conn, size) = nbd_connect(&id, &addr, &export)?;
+            Ok(Box::new(NbdTarget { url: id.0, conn, size }))
+        }
+    }
+}

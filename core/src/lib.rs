@@ -1,0 +1,28 @@
+//! Floe core: the domain model, the plugin ABI, and (feature `engine`) the
+//! agent and mover engines, device readers and plugin loader.
+//!
+//! Plugin authors depend on this crate with `default-features = false`: they
+//! get [`model`], [`units`], [`error`] and [`abi`], nothing of the engine.
+
+pub mod abi;
+pub mod error;
+pub mod map;
+pub mod media;
+pub mod model;
+pub mod plan;
+pub mod protocol;
+pub mod units;
+
+#[cfg(feature = "engine")]
+pub mod agent;
+#[cfg(feature = "engine")]
+pub mod device;
+#[cfg(feature = "engine")]
+pub mod loader;
+#[cfg(feature = "engine")]
+pub mod mover;
+#[cfg(feature = "engine")]
+pub mod sys;
+
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,120 @@
+//! Media writer decorators: a dry-run sink that keeps nothing, and a
+//! counter that wraps any writer.
+
+use crate::abi::MediaWriter;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{
+    now_secs, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetRecord,
+};
+
+/// A media writer that stores nothing: for `--dry-run` and for measuring
+/// the read side alone. Its sets are never "committed" anywhere durable,
+/// and its position says so.
+#[derive(Default)]
+pub struct NullMediaWriter {
+    header: Option<SetHeader>,
+    current: Option<ItemHeader>,
+    items: Vec<ItemRecord>,
+}
+
+impl MediaWriter for NullMediaWriter {
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
+        self.header = Some(header.clone());
+        self.items.clear();
+        Ok(())
+    }
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        self.current = Some(header.clone());
+        Ok(())
+    }
+    fn write(&mut self, _data: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
+        let header = self
+            .current
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "end_item without begin_item"))?;
+        let position = MediaPosition { medium: "null".into(), locator: "discarded".into() };
+        self.items.push(ItemRecord { header, trailer: trailer.clone(), position: position.clone() });
+        Ok(position)
+    }
+    fn commit(&mut self) -> Result<SetRecord> {
+        let header = self
+            .header
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "commit without begin_set"))?;
+        Ok(SetRecord { header, items: std::mem::take(&mut self.items), committed_at: now_secs() })
+    }
+    fn abort(&mut self) -> Result<()> {
+        self.header = None;
+        self.items.clear();
+        Ok(())
+    }
+}
+
+/// Counts what passes through to the wrapped writer.
+pub struct CountingMediaWriter<W: MediaWriter> {
+    inner: W,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Items finished.
+    pub items: u64,
+}
+
+impl<W: MediaWriter> CountingMediaWriter<W> {
+    /// Wrap a writer.
+    pub fn new(inner: W) -> Self {
+        CountingMediaWriter { inner, bytes: 0, items: 0 }
+    }
+    /// The wrapped writer.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
+        self.inner.begin_set(header)
+    }
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        self.inner.begin_item(header)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.inner.write(data)?;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
+        let p = self.inner.end_item(trailer)?;
+        self.items += 1;
+        Ok(p)
+    }
+    fn commit(&mut self) -> Result<SetRecord> {
+        self.inner.commit()
+    }
+    fn abort(&mut self) -> Result<()> {
+        self.inner.abort()
+    }
+}
+
+impl MediaWriter for Box<dyn MediaWriter> {
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
+        (**self).begin_set(header)
+    }
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        (**self).begin_item(header)
+    }
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        (**self).write(data)
+    }
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
+        (**self).end_item(trailer)
+    }
+    fn commit(&mut self) -> Result<SetRecord> {
+        (**self).commit()
+    }
+    fn abort(&mut self) -> Result<()> {
+        (**self).abort()
+    }
+}

@@ -1,0 +1,307 @@
+//! The domain model: devices, extents and their chains, image maps, config
+//! ids, remaps, frozen images, and what a backup set records on media.
+//!
+//! Everything here is plain data (serde), shared by the agent, the mover,
+//! the plugins and the wire protocol. Rules about it live in [`crate::map`].
+
+use crate::units::{BlockSize, Blocks, Bytes, ItemOffset};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+macro_rules! id {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            /// A new id.
+            pub fn new(s: impl Into<String>) -> Self {
+                $name(s.into())
+            }
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(&self.0)
+            }
+        }
+    };
+}
+
+id!(
+    /// A device's stable identity, never a path: a WWN (`naa.6001405…`), a
+    /// file system or btrfs device UUID (`uuid:…`), or for tests a loop
+    /// device's backing file (`file:…`).
+    DeviceId
+);
+id!(
+    /// One frozen image, unique on its agent.
+    ImageId
+);
+id!(
+    /// One item (volume, file) of an image, unique within it.
+    ItemId
+);
+id!(
+    /// A configuration identifier: opaque to the mover, equal as long as
+    /// the item's map is valid. Any change of the map changes it.
+    ConfigId
+);
+id!(
+    /// A backup set on media.
+    SetId
+);
+
+/// The layer an extent was mapped through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// A file's logical space.
+    File,
+    /// A file system's address space (e.g. btrfs logical addresses).
+    Filesystem,
+    /// A logical volume (LVM LV).
+    LogicalVolume,
+    /// An array's virtual volume or snapshot.
+    Volume,
+    /// A LUN or disk: the physical end of the chain.
+    Lun,
+}
+
+/// One layer of an extent chain: where this extent sits in that layer's
+/// address space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// What kind of layer.
+    pub kind: LayerKind,
+    /// The object in that layer (volume name, LV name, file path).
+    pub object: String,
+    /// The byte offset within the object.
+    pub offset: Bytes,
+}
+
+/// Where an extent's bytes are on a physical device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhysicalExtent {
+    /// The device, by stable identity.
+    pub device: DeviceId,
+    /// The first block.
+    pub start: Blocks,
+    /// How many blocks.
+    pub count: Blocks,
+    /// The block size of `start` and `count`.
+    pub block_size: BlockSize,
+}
+
+/// An extent mapped from the item's logical space down to a physical device,
+/// with every layer it went through (logical first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentChain {
+    /// The layers above the device, logical first (may be empty).
+    pub layers: Vec<Layer>,
+    /// The physical end of the chain.
+    pub physical: PhysicalExtent,
+}
+
+/// What an extent of an item's logical space is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtentKind {
+    /// Bytes to read from a device.
+    Data(ExtentChain),
+    /// Unallocated: reads as zeros, stored sparse.
+    Hole,
+    /// Allocated but known to read as zeros (unwritten/preallocated).
+    Zero,
+    /// Bytes carried in the map itself (tiny, inline or encoded data).
+    Inline(Vec<u8>),
+}
+
+/// One extent of an item: a range of its logical space and what it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapExtent {
+    /// Where in the item it starts.
+    pub logical: ItemOffset,
+    /// Its length.
+    pub length: Bytes,
+    /// What it is.
+    pub kind: ExtentKind,
+}
+
+impl MapExtent {
+    /// The logical end (exclusive); `None` on overflow.
+    pub fn end(&self) -> Option<u64> {
+        self.logical.0.checked_add(self.length.0)
+    }
+}
+
+/// What kind of thing an item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemKind {
+    /// A volume: a linear byte space.
+    Volume,
+    /// A regular file.
+    File,
+}
+
+/// One item of an image map: its identity, metadata, config id and extents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// Unique within the image.
+    pub id: ItemId,
+    /// Volume or file.
+    pub kind: ItemKind,
+    /// The logical size.
+    pub size: Bytes,
+    /// The config id this map is valid for.
+    pub config: ConfigId,
+    /// Extents covering `[0, size)` in order, without gaps or overlaps.
+    pub extents: Vec<MapExtent>,
+    /// Metadata (origin volume, snapshot name, ...).
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// The logical representation of a frozen image: every item and its map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMap {
+    /// The frozen image this maps.
+    pub image: ImageId,
+    /// Its items.
+    pub items: Vec<Item>,
+}
+
+/// The agent's answer to "what changed since config id X": the new config
+/// id and extents for only the logical ranges whose mapping changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remap {
+    /// The item.
+    pub item: ItemId,
+    /// The config id the updated map is valid for.
+    pub config: ConfigId,
+    /// Extents for the changed ranges only, sorted, non-overlapping.
+    pub extents: Vec<MapExtent>,
+}
+
+/// One item of a frozen image, as the freezer made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenItem {
+    /// The item id used in the map.
+    pub id: ItemId,
+    /// The source it came from (`array:vol0`).
+    pub source: String,
+    /// Plugin-private data (snapshot name, ...).
+    #[serde(default)]
+    pub handle: serde_json::Value,
+}
+
+/// A frozen image: the point-in-time copy of the sources, until released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenImage {
+    /// Unique on its agent.
+    pub id: ImageId,
+    /// The plugin that froze it.
+    pub plugin: String,
+    /// Its items.
+    pub items: Vec<FrozenItem>,
+    /// When it was frozen (seconds since the epoch).
+    pub frozen_at: u64,
+}
+
+/// Where an item sits on media.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaPosition {
+    /// The medium (directory, cartridge label).
+    pub medium: String,
+    /// Where on it (file name, tape file number and block).
+    pub locator: String,
+}
+
+/// What a backup set says about itself before its items.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetHeader {
+    /// The set.
+    pub set: SetId,
+    /// A label the operator chose.
+    pub label: String,
+    /// The agent (host) the data came from.
+    pub agent: String,
+    /// The sources backed up.
+    pub sources: Vec<String>,
+    /// The frozen image read.
+    pub image: ImageId,
+    /// When the image was frozen.
+    pub frozen_at: u64,
+    /// When the mover started.
+    pub started_at: u64,
+}
+
+/// What an item says about itself before its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemHeader {
+    /// The item.
+    pub item: ItemId,
+    /// Volume or file.
+    pub kind: ItemKind,
+    /// The logical size.
+    pub size: Bytes,
+    /// The config id at the start of the backup.
+    pub config: ConfigId,
+    /// Metadata from the map.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// What the mover knows about an item after its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemTrailer {
+    /// Bytes written.
+    pub length: Bytes,
+    /// BLAKE3 of the bytes, hex.
+    pub blake3: String,
+    /// The config id the last portion was verified against.
+    pub config: ConfigId,
+    /// How many remaps the mover applied.
+    pub remaps: u32,
+    /// True when the bytes are of a version later than the frozen point
+    /// (the freezer could not keep the old version).
+    pub captured_after_freeze: bool,
+}
+
+/// One item of a committed set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemRecord {
+    /// Before the bytes.
+    pub header: ItemHeader,
+    /// After the bytes.
+    pub trailer: ItemTrailer,
+    /// Where the bytes are.
+    pub position: MediaPosition,
+}
+
+/// A set as committed on media.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRecord {
+    /// The header.
+    pub header: SetHeader,
+    /// Every item, in the order written.
+    pub items: Vec<ItemRecord>,
+    /// When the commit happened.
+    pub committed_at: u64,
+}
+
+/// Seconds since the epoch, now.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

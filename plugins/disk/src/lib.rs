@@ -1,0 +1,413 @@
+//! Floe plugin `disk`: backup sets as directories on a file system.
+//!
+//! Layout (spec: `docs/formats/disk-media.md`):
+//! ```text
+//! DIR/<set-id>/set.json          the manifest: magic, version, SetRecord
+//! DIR/<set-id>/items/<n>.img     item n's bytes (sparse where zero)
+//! DIR/.<set-id>.partial/         a set being written (never listed)
+//! ```
+//! A set becomes visible only by the rename of its complete, fsynced
+//! directory; the manifest is written last inside it. A crash or an error
+//! leaves at most a `.partial` directory, which is never read as a set.
+//!
+//! Config: `dir` (the media directory).
+
+use floe_core::abi::{Interface, MediaReader, MediaWriter, Plugin, PluginInfo};
+use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::model::*;
+use floe_core::units::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Manifest magic.
+pub const MAGIC: &str = "floe-disk-set";
+/// Manifest format version.
+pub const VERSION: u32 = 1;
+/// Zero runs of at least this many aligned bytes are left as holes.
+const SPARSE_BLOCK: usize = 64 * 1024;
+
+/// The manifest file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MAGIC`].
+    pub magic: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// The set.
+    pub record: SetRecord,
+}
+
+/// Decode and check a manifest.
+pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<SetRecord> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(ErrorKind::Media, "malformed set manifest").path(path).source(e)
+    })?;
+    if m.magic != MAGIC {
+        return Err(Error::new(ErrorKind::Media, format!("not a Floe disk set: magic {:?}", m.magic)).path(path));
+    }
+    if m.version != VERSION {
+        return Err(Error::new(
+            ErrorKind::Media,
+            format!("disk set format version {} is not supported (this build reads {VERSION})", m.version),
+        )
+        .path(path));
+    }
+    for (i, it) in m.record.items.iter().enumerate() {
+        if it.position.locator != item_file(i) {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("item {} points at {:?}, expected {:?}", it.header.item, it.position.locator, item_file(i)),
+            )
+            .path(path));
+        }
+    }
+    Ok(m.record)
+}
+
+fn item_file(i: usize) -> String {
+    format!("items/{i:06}.img")
+}
+
+fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
+    let err = Error::io(op, e).path(path);
+    match err.kind() {
+        ErrorKind::MediaFull | ErrorKind::MediaReadOnly => err,
+        _ => err.with_kind(ErrorKind::Media),
+    }
+}
+
+fn fsync_dir(p: &Path) -> Result<()> {
+    File::open(p).and_then(|f| f.sync_all()).map_err(|e| media_err("fsync directory", p, e))
+}
+
+fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
+    config
+        .get("dir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::new(ErrorKind::Config, "disk media needs a directory (disk:/path)"))
+}
+
+struct Open {
+    header: ItemHeader,
+    file: File,
+    path: PathBuf,
+    pos: u64,
+}
+
+/// Writes sets.
+pub struct DiskWriter {
+    dir: PathBuf,
+    set: Option<(SetHeader, PathBuf)>,
+    items: Vec<ItemRecord>,
+    current: Option<Open>,
+}
+
+impl DiskWriter {
+    /// A writer to `dir`.
+    pub fn new(dir: PathBuf) -> DiskWriter {
+        DiskWriter { dir, set: None, items: Vec::new(), current: None }
+    }
+
+    fn partial(&self) -> Result<&PathBuf> {
+        self.set
+            .as_ref()
+            .map(|(_, p)| p)
+            .ok_or_else(|| Error::new(ErrorKind::Media, "no set begun"))
+    }
+}
+
+impl MediaWriter for DiskWriter {
+    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
+        if header.set.as_str().is_empty() || header.set.as_str().contains('/') || header.set.as_str().starts_with('.') {
+            return Err(Error::new(ErrorKind::Config, format!("bad set id {:?}", header.set)));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| media_err("create media directory", &self.dir, e))?;
+        if self.dir.join(header.set.as_str()).exists() {
+            return Err(Error::new(ErrorKind::Media, format!("set {} exists on this media", header.set)).path(&self.dir));
+        }
+        let partial = self.dir.join(format!(".{}.partial", header.set));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(partial.join("items")).map_err(|e| media_err("create set directory", &partial, e))?;
+        self.set = Some((header.clone(), partial));
+        self.items.clear();
+        Ok(())
+    }
+
+    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        let path = self.partial()?.join(item_file(self.items.len()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| media_err("create item file", &path, e))?;
+        self.current = Some(Open { header: header.clone(), file, path, pos: 0 });
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        let cur = self.current.as_mut().ok_or_else(|| Error::new(ErrorKind::Media, "write outside an item"))?;
+        let mut off = 0usize;
+        while off < data.len() {
+            let n = SPARSE_BLOCK.min(data.len() - off);
+            let piece = &data[off..off + n];
+            let at = cur.pos + off as u64;
+            let aligned = at % SPARSE_BLOCK as u64 == 0 && n == SPARSE_BLOCK;
+            if !(aligned && piece.iter().all(|&b| b == 0)) {
+                cur.file
+                    .write_all_at(piece, at)
+                    .map_err(|e| media_err("write item", &cur.path, e).range(floe_core::units::DeviceOffset(at), Bytes(n as u64)))?;
+            }
+            off += n;
+        }
+        cur.pos += data.len() as u64;
+        Ok(())
+    }
+
+    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
+        let cur = self.current.take().ok_or_else(|| Error::new(ErrorKind::Media, "end_item outside an item"))?;
+        if trailer.length.0 != cur.pos {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("item {} trailer says {} bytes, {} were written", cur.header.item, trailer.length, cur.pos),
+            ));
+        }
+        cur.file.set_len(cur.pos).map_err(|e| media_err("truncate item", &cur.path, e))?;
+        cur.file.sync_all().map_err(|e| media_err("fsync item", &cur.path, e))?;
+        let position = MediaPosition {
+            medium: self.dir.display().to_string(),
+            locator: item_file(self.items.len()),
+        };
+        self.items.push(ItemRecord { header: cur.header, trailer: trailer.clone(), position: position.clone() });
+        Ok(position)
+    }
+
+    fn commit(&mut self) -> Result<SetRecord> {
+        if self.current.is_some() {
+            return Err(Error::new(ErrorKind::Media, "commit with an item still open"));
+        }
+        let (header, partial) = self.set.take().ok_or_else(|| Error::new(ErrorKind::Media, "commit without a set"))?;
+        let record = SetRecord { header, items: std::mem::take(&mut self.items), committed_at: now_secs() };
+        let manifest = Manifest { magic: MAGIC.into(), version: VERSION, record: record.clone() };
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::new(ErrorKind::Media, "cannot encode manifest").source(e))?;
+        let mpath = partial.join("set.json");
+        let fail = |e: Error, partial: &Path| {
+            let _ = std::fs::remove_dir_all(partial);
+            e
+        };
+        let f = File::create(&mpath).map_err(|e| fail(media_err("create manifest", &mpath, e), &partial))?;
+        f.write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| fail(media_err("write manifest", &mpath, e), &partial))?;
+        fsync_dir(&partial.join("items")).map_err(|e| fail(e, &partial))?;
+        fsync_dir(&partial).map_err(|e| fail(e, &partial))?;
+        let fin = self.dir.join(record.header.set.as_str());
+        std::fs::rename(&partial, &fin).map_err(|e| fail(media_err("rename set into place", &fin, e), &partial))?;
+        fsync_dir(&self.dir)?;
+        Ok(record)
+    }
+
+    fn abort(&mut self) -> Result<()> {
+        self.current = None;
+        self.items.clear();
+        if let Some((_, partial)) = self.set.take() {
+            std::fs::remove_dir_all(&partial).map_err(|e| media_err("remove partial set", &partial, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads sets.
+pub struct DiskReader {
+    dir: PathBuf,
+    open: Option<(File, PathBuf, u64, u64)>,
+}
+
+impl DiskReader {
+    /// A reader of `dir`.
+    pub fn new(dir: PathBuf) -> DiskReader {
+        DiskReader { dir, open: None }
+    }
+
+    fn load(&self, set: &SetId) -> Result<SetRecord> {
+        if set.as_str().contains('/') || set.as_str().starts_with('.') {
+            return Err(Error::new(ErrorKind::NotFound, format!("no set {set}")));
+        }
+        let path = self.dir.join(set.as_str()).join("set.json");
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Error::new(ErrorKind::NotFound, format!("no set {set} on media {}", self.dir.display())).path(&path).source(e)
+        })?;
+        decode_manifest(&bytes, &path)
+    }
+}
+
+impl MediaReader for DiskReader {
+    fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| media_err("list media directory", &self.dir, e))?;
+        let mut sets = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || !e.path().join("set.json").exists() {
+                continue;
+            }
+            sets.push(self.load(&SetId::new(name))?);
+        }
+        sets.sort_by(|a, b| (a.committed_at, &a.header.set).cmp(&(b.committed_at, &b.header.set)));
+        Ok(sets)
+    }
+
+    fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
+        let record = self.load(set)?;
+        let rec = record
+            .items
+            .into_iter()
+            .find(|i| &i.header.item == item)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item))?;
+        let path = self.dir.join(set.as_str()).join(&rec.position.locator);
+        let f = File::open(&path).map_err(|e| media_err("open item", &path, e))?;
+        let len = f.metadata().map_err(|e| media_err("stat item", &path, e))?.len();
+        if len != rec.trailer.length.0 {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!("item file holds {len} bytes, the set recorded {}", rec.trailer.length),
+            )
+            .item(item)
+            .path(&path));
+        }
+        self.open = Some((f, path, 0, rec.trailer.length.0));
+        Ok(rec)
+    }
+
+    fn read(&mut self, max: usize) -> Result<Vec<u8>> {
+        let (f, path, pos, len) = self.open.as_mut().ok_or_else(|| Error::new(ErrorKind::Media, "no item open"))?;
+        let n = usize::try_from((*len - *pos).min(max as u64)).unwrap_or(max);
+        let mut buf = vec![0u8; n];
+        let mut got = 0;
+        while got < n {
+            match f.read(&mut buf[got..]) {
+                Ok(0) => return Err(Error::new(ErrorKind::Media, "item file ended early").path(path.as_path())),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(media_err("read item", path, e)),
+            }
+        }
+        *pos += n as u64;
+        Ok(buf)
+    }
+}
+
+/// The plugin.
+pub struct DiskPlugin;
+
+impl Plugin for DiskPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "disk".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
+        }
+    }
+    fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
+        Ok(Box::new(DiskWriter::new(media_dir(config)?)))
+    }
+    fn media_reader(config: &serde_json::Value) -> Result<Box<dyn MediaReader>> {
+        Ok(Box::new(DiskReader::new(media_dir(config)?)))
+    }
+}
+
+floe_core::export_plugin!(DiskPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floe_core::units::Bytes;
+    use proptest::prelude::*;
+
+    fn header(set: &str) -> SetHeader {
+        SetHeader {
+            set: SetId::new(set),
+            label: "t".into(),
+            agent: "h".into(),
+            sources: vec!["array:v".into()],
+            image: ImageId::new("i"),
+            frozen_at: 1,
+            started_at: 2,
+        }
+    }
+
+    fn item(name: &str, size: u64) -> ItemHeader {
+        ItemHeader { item: ItemId::new(name), kind: ItemKind::Volume, size: Bytes(size), config: ConfigId::new("c"), meta: Default::default() }
+    }
+
+    fn trailer(data: &[u8]) -> ItemTrailer {
+        ItemTrailer {
+            length: Bytes(data.len() as u64),
+            blake3: blake3::hash(data).to_hex().to_string(),
+            config: ConfigId::new("c"),
+            remaps: 0,
+            captured_after_freeze: false,
+        }
+    }
+
+    #[test]
+    fn set_round_trips_and_is_invisible_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DiskWriter::new(dir.path().to_path_buf());
+        let mut data = vec![0u8; 300_000];
+        data[70_000..70_100].fill(7);
+        w.begin_set(&header("s1")).unwrap();
+        w.begin_item(&item("v", data.len() as u64)).unwrap();
+        w.write(&data[..100_000]).unwrap();
+        w.write(&data[100_000..]).unwrap();
+        w.end_item(&trailer(&data)).unwrap();
+        let mut r = DiskReader::new(dir.path().to_path_buf());
+        assert!(r.list_sets().unwrap().is_empty(), "an uncommitted set must not be listed");
+        w.commit().unwrap();
+        let sets = r.list_sets().unwrap();
+        assert_eq!(sets.len(), 1);
+        let rec = r.open_item(&SetId::new("s1"), &ItemId::new("v")).unwrap();
+        assert_eq!(rec.trailer, trailer(&data));
+        let mut back = Vec::new();
+        loop {
+            let c = r.read(65_536).unwrap();
+            if c.is_empty() {
+                break;
+            }
+            back.extend(c);
+        }
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn abort_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DiskWriter::new(dir.path().to_path_buf());
+        w.begin_set(&header("s2")).unwrap();
+        w.begin_item(&item("v", 10)).unwrap();
+        w.write(b"0123456789").unwrap();
+        w.abort().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let e = DiskReader::new(dir.path().to_path_buf()).open_item(&SetId::new("s2"), &ItemId::new("v")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn manifest_with_wrong_magic_or_version_is_refused() {
+        let p = Path::new("set.json");
+        let e = decode_manifest(br#"{"magic":"x","version":1,"record":{"header":{"set":"a","label":"","agent":"","sources":[],"image":"i","frozen_at":0,"started_at":0},"items":[],"committed_at":0}}"#, p).unwrap_err();
+        assert!(e.to_string().contains("not a Floe disk set"), "{e}");
+        let e = decode_manifest(br#"{"magic":"floe-disk-set","version":9,"record":{"header":{"set":"a","label":"","agent":"","sources":[],"image":"i","frozen_at":0,"started_at":0},"items":[],"committed_at":0}}"#, p).unwrap_err();
+        assert!(e.to_string().contains("version 9 is not supported"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn manifest_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_manifest(&bytes, Path::new("x"));
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Floe plugin `null`: a media writer that keeps nothing (`--media null:`),
+//! for dry runs and for measuring the read path alone. It has no reader:
+//! nothing written to it can be restored, and `floe backup` says so.
+
+use floe_core::abi::{Interface, MediaWriter, Plugin, PluginInfo};
+use floe_core::error::Result;
+use floe_core::media::NullMediaWriter;
+
+/// The plugin.
+pub struct NullPlugin;
+
+impl Plugin for NullPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "null".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: vec![Interface::MediaWriter],
+        }
+    }
+    fn media_writer(_config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
+        Ok(Box::new(NullMediaWriter::default()))
+    }
+}
+
+floe_core::export_plugin!(NullPlugin);
