@@ -131,12 +131,20 @@ pub fn plan_window(
                 let p = chain.physical;
                 let phys = u64::from(p.block_size.0) * p.start.0;
                 plan.data_bytes += b - a;
-                pieces.push(Piece {
-                    device: p.device,
-                    phys,
-                    len: b - a,
-                    to,
-                });
+                // Split long extents so no read exceeds max_read and several
+                // can be in flight.
+                let step = (opts.max_read / align).max(1) * align;
+                let mut done = 0;
+                while done < b - a {
+                    let len = step.min(b - a - done);
+                    pieces.push(Piece {
+                        device: p.device.clone(),
+                        phys: phys + done,
+                        len,
+                        to: to + done,
+                    });
+                    done += len;
+                }
             }
             ExtentKind::Hole | ExtentKind::Zero => plan.fills.push(Fill::Zeros(to, b - a)),
             ExtentKind::Inline(bytes) => plan.fills.push(Fill::Inline(to, bytes)),
@@ -257,6 +265,11 @@ mod tests {
         let opts = PlanOptions { max_read: 4096, coalesce_gap: 1 << 30, align: 4096 };
         let it = item(vec![data(0, 4096, "a", 0), data(4096, 4096, "a", 4096)]);
         assert_eq!(plan_window(&it, ItemOffset(0), Bytes(8192), &opts).unwrap().reads.len(), 2);
+        // one long extent is split too
+        let it = item(vec![data(0, 3 * 4096, "a", 0)]);
+        let plan = plan_window(&it, ItemOffset(0), Bytes(3 * 4096), &opts).unwrap();
+        assert_eq!(plan.reads.len(), 3);
+        assert_eq!(plan.reads[2].targets, vec![Target { from: 0, to: 8192, len: 4096 }]);
     }
 
     #[test]
