@@ -93,6 +93,9 @@ struct Latency {
 
 struct Lun {
     name: String,
+    /// In the storage pool (volumes and the snapshot reserve allocate from
+    /// it); a raw LUN is only ever written through NBD.
+    pool: bool,
     wwn: String,
     size: u64,
     path: PathBuf,
@@ -236,6 +239,12 @@ impl Array {
 
     /// Create a LUN of `size` bytes (a multiple of 64 KiB) on a sparse file.
     pub fn create_lun(&self, name: &str, size: Bytes) -> R<LunInfo> {
+        self.create_lun_in(name, size, true)
+    }
+
+    /// Create a LUN; `pool` says whether volumes may allocate from it (a raw
+    /// LUN is for hosts to write through NBD, e.g. restore targets).
+    pub fn create_lun_in(&self, name: &str, size: Bytes, pool: bool) -> R<LunInfo> {
         let size = size.0;
         if name.is_empty() || name.contains('/') {
             return Err(err(ErrorCode::Invalid, format!("bad LUN name {name:?}")));
@@ -261,6 +270,7 @@ impl Array {
             .map_err(|e| err(ErrorCode::Io, format!("cannot create {}: {e}", path.display())))?;
         let lun = Lun {
             name: name.to_string(),
+            pool,
             wwn: wwn_for(&self.id, name),
             size,
             path,
@@ -316,14 +326,19 @@ impl Array {
             return Err(err(ErrorCode::Exists, format!("volume {name} exists")));
         }
         let allowed: Vec<usize> = match luns {
-            None => (0..st.luns.len()).collect(),
+            None => (0..st.luns.len()).filter(|&i| st.luns[i].pool).collect(),
             Some(names) => names
                 .iter()
                 .map(|n| {
-                    st.luns
+                    let i = st
+                        .luns
                         .iter()
                         .position(|l| &l.name == n)
-                        .ok_or_else(|| err(ErrorCode::NotFound, format!("no LUN {n}")))
+                        .ok_or_else(|| err(ErrorCode::NotFound, format!("no LUN {n}")))?;
+                    if !st.luns[i].pool {
+                        return Err(err(ErrorCode::Invalid, format!("LUN {n} is raw, not in the pool")));
+                    }
+                    Ok(i)
                 })
                 .collect::<R<_>>()?,
         };
@@ -368,7 +383,7 @@ impl Array {
 
     fn alloc(st: &mut State) -> R<Phys> {
         let candidates: Vec<usize> = (0..st.luns.len())
-            .filter(|&i| !st.luns[i].free.is_empty())
+            .filter(|&i| st.luns[i].pool && !st.luns[i].free.is_empty())
             .collect();
         if candidates.is_empty() {
             return Err(err(ErrorCode::NoSpace, "snapshot reserve exhausted: no free chunk"));
@@ -877,6 +892,7 @@ fn lun_info(l: &Lun) -> LunInfo {
         size: Bytes(l.size),
         path: l.path.clone(),
         free: Bytes(l.free.len() as u64 * CHUNK),
+        pool: l.pool,
     }
 }
 

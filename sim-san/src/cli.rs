@@ -38,9 +38,13 @@ pub struct ServeArgs {
     /// Seed for layouts and allocation.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Create a LUN at start: NAME=SIZE (K, M, G suffixes).
+    /// Create a pool LUN at start: NAME=SIZE (K, M, G suffixes). Volumes
+    /// and the snapshot reserve allocate from pool LUNs.
     #[arg(long = "lun", value_name = "NAME=SIZE")]
     pub luns: Vec<String>,
+    /// Create a raw LUN at start (not in the pool; e.g. a restore target).
+    #[arg(long = "raw-lun", value_name = "NAME=SIZE")]
+    pub raw_luns: Vec<String>,
 }
 
 /// Options of `ctl`.
@@ -76,11 +80,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Serve(a) => {
             let san = SimSan::start(&a.dir, a.seed, &a.nbd, &a.control)?;
             let mut luns = Vec::new();
-            for spec in &a.luns {
+            for (spec, pool) in a.luns.iter().map(|s| (s, true)).chain(a.raw_luns.iter().map(|s| (s, false))) {
                 let (name, size) = spec
                     .split_once('=')
                     .ok_or_else(|| anyhow::anyhow!("--lun wants NAME=SIZE, got {spec:?}"))?;
-                luns.push(san.array.create_lun(name, parse_size(size)?)?);
+                luns.push(san.array.create_lun_in(name, parse_size(size)?, pool)?);
             }
             println!(
                 "{}",

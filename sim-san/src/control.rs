@@ -55,6 +55,8 @@ pub struct LunInfo {
     pub path: PathBuf,
     /// Unallocated bytes.
     pub free: Bytes,
+    /// In the storage pool (false: a raw LUN, e.g. a restore target).
+    pub pool: bool,
 }
 
 /// One extent of a target's map.
@@ -167,6 +169,10 @@ pub enum Op {
         name: String,
         /// Size (multiple of 64 KiB).
         size: Bytes,
+        /// In the storage pool (default true); false makes a raw LUN that
+        /// volumes and snapshots never use.
+        #[serde(default)]
+        pool: Option<bool>,
     },
     /// List LUNs.
     ListLuns,
@@ -364,7 +370,7 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
     }
     Ok(match op {
         Op::Hello => json!({"array": array.id(), "version": CONTROL_VERSION, "chunk": crate::array::CHUNK}),
-        Op::CreateLun { name, size } => to_value(array.create_lun(&name, size)?),
+        Op::CreateLun { name, size, pool } => to_value(array.create_lun_in(&name, size, pool.unwrap_or(true))?),
         Op::ListLuns => to_value(array.luns()),
         Op::CreateVolume { name, size, max_run_chunks, luns } => {
             to_value(array.create_volume(&name, size, max_run_chunks.unwrap_or(16), luns.as_deref())?)

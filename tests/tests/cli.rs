@@ -15,12 +15,15 @@ struct SimSanProcess {
 }
 
 impl SimSanProcess {
-    fn start(luns: &[&str]) -> SimSanProcess {
+    fn start(luns: &[&str], raw: &[&str]) -> SimSanProcess {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(build_dir().join("floe-sim-san"));
         cmd.args(["serve", "--dir", dir.path().to_str().unwrap(), "--nbd", "127.0.0.1:0", "--control", "127.0.0.1:0"]);
         for l in luns {
             cmd.args(["--lun", l]);
+        }
+        for l in raw {
+            cmd.args(["--raw-lun", l]);
         }
         let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start floe-sim-san");
         let mut line = String::new();
@@ -86,7 +89,7 @@ fn every_command_explains_itself_with_an_example() {
 
 #[test]
 fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
-    let san = SimSanProcess::start(&["lun0=64M", "lun1=64M", "restore0=64M"]);
+    let san = SimSanProcess::start(&["lun0=64M", "lun1=64M"], &["restore0=64M"]);
     setup(&san, 16 << 20);
     let want = san.ctl(r#"{"op":"checksum","target":"vol0"}"#)["blake3"].as_str().unwrap().to_string();
     let media_dir = tempfile::tempdir().unwrap();
@@ -115,7 +118,7 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
 
 #[test]
 fn a_read_error_exits_non_zero_and_records_nothing() {
-    let san = SimSanProcess::start(&["lun0=32M"]);
+    let san = SimSanProcess::start(&["lun0=32M"], &[]);
     setup(&san, 4 << 20);
     let map = san.ctl(r#"{"op":"map","target":"vol0"}"#);
     let e = &map["extents"][0];
@@ -154,7 +157,7 @@ fn full_and_read_only_media_fail_clearly_and_record_nothing() {
     if !is_root() {
         return skip("full_and_read_only_media_fail_clearly_and_record_nothing", "needs root to mount a small and a read-only tmpfs");
     }
-    let san = SimSanProcess::start(&["lun0=64M"]);
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
     setup(&san, 16 << 20);
     let scratch = tempfile::tempdir().unwrap();
 

@@ -1,1 +1,71 @@
-fn main(){}
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `cargo xtask demo`  — build, start sim-san + agent + mover as separate
+//!   processes, back up two volumes while the application writes and the
+//!   array migrates extents, restore to new LUNs, compare checksums.
+//! - `cargo xtask test`  — everything CI runs (installs the NBD tools).
+//! - `cargo xtask dist`  — a relocatable tarball with the binary and plugins.
+//! - `cargo xtask bench` — the mover beside dd and nbdcopy on the same bytes.
+
+mod bench;
+mod demo;
+mod util;
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo::run(),
+        Some("test") => test(&args[1..]),
+        Some("dist") => dist().map(|_| ()),
+        Some("bench") => bench::run(&args[1..]),
+        _ => bail!("usage: cargo xtask <demo|test|dist|bench>"),
+    }
+}
+
+/// Build everything, then run every test in the workspace.
+fn test(extra: &[String]) -> Result<()> {
+    util::ensure_packages(&[("nbdinfo", "libnbd-bin"), ("nbdcopy", "libnbd-bin"), ("qemu-img", "qemu-utils")])?;
+    util::cargo(&["build", "--workspace", "--all-targets"])?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo(&args)
+}
+
+/// Build a release tarball: bin/floe, bin/floe-sim-san, lib/floe/plugins.
+fn dist() -> Result<std::path::PathBuf> {
+    util::cargo(&["build", "--release", "-p", "floe", "-p", "floe-sim-san", "-p", "floe-plugin-array", "-p", "floe-plugin-disk", "-p", "floe-plugin-null"])?;
+    let root = util::root();
+    let version = env!("CARGO_PKG_VERSION");
+    let name = format!("floe-{version}-{}-linux", std::env::consts::ARCH);
+    let stage = root.join("target/dist").join(&name);
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(stage.join("bin"))?;
+    std::fs::create_dir_all(stage.join("lib/floe/plugins"))?;
+    let rel = root.join("target/release");
+    for b in ["floe", "floe-sim-san"] {
+        std::fs::copy(rel.join(b), stage.join("bin").join(b))?;
+    }
+    for p in ["array", "disk", "null"] {
+        let f = format!("libfloe_plugin_{p}.so");
+        std::fs::copy(rel.join(&f), stage.join("lib/floe/plugins").join(&f))?;
+    }
+    std::fs::copy(root.join("README.md"), stage.join("README.md"))?;
+    let tarball = root.join("target/dist").join(format!("{name}.tar.gz"));
+    util::run(std::process::Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(root.join("target/dist")).arg(&name))?;
+    // Prove it runs from wherever it is unpacked.
+    let check = std::env::temp_dir().join(format!("floe-dist-check-{}", std::process::id()));
+    std::fs::create_dir_all(&check)?;
+    util::run(std::process::Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&check))?;
+    let out = std::process::Command::new(check.join(&name).join("bin/floe")).arg("plugins").env_remove("FLOE_PLUGIN_DIR").output()?;
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    std::fs::remove_dir_all(&check)?;
+    for p in ["array", "disk", "null"] {
+        if !listed.contains(&format!("lib/floe/plugins/libfloe_plugin_{p}.so")) {
+            bail!("the unpacked tarball does not find plugin {p}:\n{listed}");
+        }
+    }
+    println!("{}", tarball.display());
+    Ok(tarball)
+}
