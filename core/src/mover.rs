@@ -15,25 +15,25 @@
 
 use crate::abi::{MediaReader, MediaWriter};
 use crate::agent::AgentClient;
-use crate::device::{DeviceResolver, RestoreTarget};
+use crate::device::{BlockDevice, DeviceResolver, RestoreTarget};
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::{apply_remap, validate_item};
 use crate::model::{
     now_secs, ExtentKind, FrozenImage, ImageMap, Item, ItemHeader, ItemId, ItemTrailer, MapExtent,
     SetHeader, SetId, SetRecord,
 };
-use crate::plan::{plan_window, windows, DeviceRead, Fill, PlanOptions};
+use crate::plan::{plan_window, windows, Fill, PlanOptions, WindowPlan};
 use crate::sys::{AlignedBuf, ALIGN};
 use crate::units::{Bytes, DeviceOffset, ItemOffset};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
 
 /// How the mover works. The CLI flattens these (`floe backup --help`).
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct MoverOptions {
     /// Bytes of an item read and verified as one portion.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "16M"))]
+    #[cfg_attr(feature = "cli", arg(long, default_value = "32M"))]
     pub window: Bytes,
     /// Device reads in flight at once.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 4))]
@@ -46,7 +46,7 @@ pub struct MoverOptions {
     #[cfg_attr(feature = "cli", arg(long, default_value = "64K"))]
     pub coalesce_gap: Bytes,
     /// Longest single device read.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "2M"))]
+    #[cfg_attr(feature = "cli", arg(long, default_value = "4M"))]
     pub max_read: Bytes,
     /// Check the config id again after each read. Only tests that prove the
     /// check matters turn it off.
@@ -60,11 +60,11 @@ pub struct MoverOptions {
 impl Default for MoverOptions {
     fn default() -> Self {
         MoverOptions {
-            window: Bytes(16 * 1024 * 1024),
+            window: Bytes(32 * 1024 * 1024),
             parallel: 4,
             max_remaps: 32,
             coalesce_gap: Bytes(64 * 1024),
-            max_read: Bytes(2 * 1024 * 1024),
+            max_read: Bytes(4 * 1024 * 1024),
             recheck_after_read: true,
             label: String::new(),
         }
@@ -130,7 +130,7 @@ struct Counters {
 
 enum Msg {
     Begin(ItemHeader),
-    Window(AlignedBuf, usize),
+    Window(Vec<Segment>, usize),
     End { config: crate::model::ConfigId, remaps: u32 },
     Done(Counters),
     Failed(Error),
@@ -175,115 +175,49 @@ fn remap_item(
     Ok(remap.extents.len())
 }
 
-/// Read one window's plan into `buf` (which has the window's length).
-fn read_window(plan: &crate::plan::WindowPlan, buf: &mut [u8], resolver: &DeviceResolver, item: &ItemId, parallel: usize) -> Result<u64> {
-    for f in &plan.fills {
-        match f {
-            Fill::Zeros(at, len) => {
-                let (a, l) = (to_usize(*at)?, to_usize(*len)?);
-                buf[a..a + l].fill(0);
-            }
-            Fill::Inline(at, bytes) => {
-                let a = to_usize(*at)?;
-                buf[a..a + bytes.len()].copy_from_slice(bytes);
-            }
-        }
-    }
-    // Direct reads land in the window buffer; the others go through a
-    // bounce buffer. Hand out disjoint slices of the window for the first.
-    let is_direct = |r: &DeviceRead| {
-        r.targets.len() == 1
-            && r.targets[0].from == 0
-            && r.targets[0].len == r.length.0
-            && r.targets[0].to % ALIGN as u64 == 0
-    };
-    let mut direct: Vec<(usize, u64)> = plan
-        .reads
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| is_direct(r))
-        .map(|(i, r)| (i, r.targets[0].to))
-        .collect();
-    direct.sort_by_key(|&(_, to)| to);
-    let mut slices: Vec<(usize, &mut [u8])> = Vec::with_capacity(direct.len());
-    let mut rest: &mut [u8] = buf;
-    let mut consumed = 0u64;
-    for (i, to) in direct {
-        let skip = to_usize(to - consumed)?;
-        let len = to_usize(plan.reads[i].length.0)?;
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
-        let (mine, tail) = tail.split_at_mut(len);
-        slices.push((i, mine));
-        rest = tail;
-        consumed = to + len as u64;
-    }
-    enum Job<'a> {
-        Direct(usize, &'a mut [u8]),
-        Bounce(usize),
-    }
-    let mut jobs: Vec<Job<'_>> = slices.into_iter().map(|(i, s)| Job::Direct(i, s)).collect();
-    jobs.extend(
-        plan.reads
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| !is_direct(r))
-            .map(|(i, _)| Job::Bounce(i)),
-    );
-    jobs.reverse(); // pop() then takes them in physical order
-    let bytes: u64 = plan.reads.iter().map(|r| r.length.0).sum();
-    let queue = Mutex::new(jobs);
-    let bounced: Mutex<Vec<(usize, AlignedBuf)>> = Mutex::new(Vec::new());
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let work = || loop {
-        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
-            return;
-        }
-        let Some(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else { return };
-        let r = match job {
-            Job::Direct(i, slice) => {
-                let read = &plan.reads[i];
-                resolver.resolve(&read.device).and_then(|d| d.read_at(slice, read.offset))
-            }
-            Job::Bounce(i) => {
-                let read = &plan.reads[i];
-                let mut b = AlignedBuf::new(usize::try_from(read.length.0).unwrap_or(0));
-                let r = resolver.resolve(&read.device).and_then(|d| d.read_at(&mut b, read.offset));
-                if r.is_ok() {
-                    bounced.lock().unwrap_or_else(|p| p.into_inner()).push((i, b));
-                }
-                r
-            }
-        };
-        if let Err(e) = r {
-            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.item(item));
-            return;
-        }
-    };
-    let threads = parallel.max(1).min(plan.reads.len());
-    if threads <= 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(work);
-            }
-        });
-    }
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    for (i, b) in bounced.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        for t in &plan.reads[i].targets {
-            let (from, to, len) = (to_usize(t.from)?, to_usize(t.to)?, to_usize(t.len)?);
-            buf[to..to + len].copy_from_slice(&b[from..from + len]);
-        }
-    }
-    Ok(bytes)
-}
-
 fn to_usize(v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::new(ErrorKind::InvalidMap, format!("{v} does not fit in memory")))
 }
+
+/// A piece of a verified window, in logical order.
+enum Segment {
+    /// Bytes `[from, from+len)` of a read buffer.
+    Buf(Arc<AlignedBuf>, usize, usize),
+    /// Zeros (hole or zero extent).
+    Zeros(usize),
+    /// Bytes carried in the map.
+    Inline(Vec<u8>),
+}
+
+/// One device read for the pool.
+struct Job {
+    window: u64,
+    index: usize,
+    device: Arc<dyn BlockDevice>,
+    offset: DeviceOffset,
+    len: usize,
+}
+
+struct Done {
+    window: u64,
+    index: usize,
+    result: Result<AlignedBuf>,
+}
+
+/// A window whose reads are in flight.
+struct Pending {
+    seq: u64,
+    lo: ItemOffset,
+    plan: WindowPlan,
+    config: crate::model::ConfigId,
+    bufs: Vec<Option<AlignedBuf>>,
+    outstanding: usize,
+    error: Option<Error>,
+}
+
+/// Windows in flight at once: reads of the next window overlap the check
+/// that validates the current one.
+const LOOKAHEAD: usize = 2;
 
 struct Reader<'a> {
     agent: &'a mut AgentClient,
@@ -291,7 +225,9 @@ struct Reader<'a> {
     resolver: &'a DeviceResolver,
     opts: &'a MoverOptions,
     tx: SyncSender<Msg>,
-    free: Receiver<AlignedBuf>,
+    jobs: Sender<Job>,
+    done: Receiver<Done>,
+    next_seq: u64,
     counters: Counters,
 }
 
@@ -308,60 +244,193 @@ impl Reader<'_> {
             if self.tx.send(Msg::Begin(header)).is_err() {
                 return Ok(());
             }
-            let mut item_remaps = 0u32;
-            for (lo, len) in windows(item.size, self.opts.window) {
-                let mut buf = self
-                    .free
-                    .try_recv()
-                    .unwrap_or_else(|_| AlignedBuf::new(to_usize(self.opts.window.0).unwrap_or(0)));
-                buf.set_len(to_usize(len.0)?);
-                item_remaps += self.window(&mut item, lo, len, &mut buf)?;
-                let n = buf.len();
-                if self.tx.send(Msg::Window(buf, n)).is_err() {
-                    return Ok(());
-                }
-            }
-            if self.tx.send(Msg::End { config: item.config.clone(), remaps: item_remaps }).is_err() {
+            let remaps = self.item(&mut item)?;
+            if self.tx.send(Msg::End { config: item.config.clone(), remaps }).is_err() {
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    /// Steps 1–3 for one window; the number of remaps applied.
-    fn window(&mut self, item: &mut Item, lo: ItemOffset, len: Bytes, buf: &mut AlignedBuf) -> Result<u32> {
+    fn submit(&mut self, item: &Item, lo: ItemOffset, len: Bytes) -> Result<Pending> {
+        let plan = plan_window(item, lo, len, &self.opts.plan())?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for (index, r) in plan.reads.iter().enumerate() {
+            let device = self.resolver.resolve(&r.device).map_err(|e| e.item(&item.id))?;
+            let job = Job { window: seq, index, device, offset: r.offset, len: to_usize(r.length.0)? };
+            self.jobs
+                .send(job)
+                .map_err(|_| Error::new(ErrorKind::Io, "the read pool stopped"))?;
+        }
+        Ok(Pending {
+            seq,
+            lo,
+            bufs: (0..plan.reads.len()).map(|_| None).collect(),
+            outstanding: plan.reads.len(),
+            plan,
+            config: item.config.clone(),
+            error: None,
+        })
+    }
+
+    /// Steps 1–3 for every window of an item, with reads of the next
+    /// window in flight while the current one is checked; the number of
+    /// remaps applied.
+    fn item(&mut self, item: &mut Item) -> Result<u32> {
+        let wins = windows(item.size, self.opts.window);
         let mut remaps = 0u32;
+        let mut window_remaps = 0u32;
+        // 1. check before the first read of the item.
         let (_, valid) = self.agent.check(&self.image.id, &item.id, &item.config)?;
         if !valid {
             remap_item(self.agent, self.image, item, self.resolver)?;
             remaps += 1;
         }
+        let mut next = 0usize;
+        let mut inflight: std::collections::VecDeque<(usize, Pending)> = std::collections::VecDeque::new();
         loop {
-            let plan = plan_window(item, lo, len, &self.opts.plan())?;
-            self.counters.bytes_read += read_window(&plan, buf, self.resolver, &item.id, self.opts.parallel)?;
-            if !self.opts.recheck_after_read {
-                break;
+            while inflight.len() < LOOKAHEAD && next < wins.len() {
+                let (lo, len) = wins[next];
+                inflight.push_back((next, self.submit(item, lo, len)?));
+                next += 1;
             }
-            let (_, valid) = self.agent.check(&self.image.id, &item.id, &item.config)?;
-            if valid {
-                break;
+            let Some((front_index, _)) = inflight.front() else { break };
+            let front_index = *front_index;
+            // 2. wait for the front window's reads.
+            while inflight.front().is_some_and(|(_, p)| p.outstanding > 0) {
+                let d = self
+                    .done
+                    .recv()
+                    .map_err(|_| Error::new(ErrorKind::Io, "the read pool stopped"))?;
+                if let Some((_, p)) = inflight.iter_mut().find(|(_, p)| p.seq == d.window) {
+                    p.outstanding -= 1;
+                    match d.result {
+                        Ok(b) => p.bufs[d.index] = Some(b),
+                        Err(e) => {
+                            p.error.get_or_insert(e.item(&item.id));
+                        }
+                    }
+                }
+                // else: a read of a discarded window; drop it.
             }
-            // The map changed while we read: these bytes prove nothing.
-            self.counters.rereads += 1;
-            if remaps >= self.opts.max_remaps {
-                return Err(Error::new(
-                    ErrorKind::Unstable,
-                    format!(
-                        "the map kept changing: {remaps} remaps of the window at {lo} without a stable read"
-                    ),
-                )
-                .item(&item.id));
+            let (_, front) = inflight.pop_front().expect("front exists");
+            // 3. check again, after the read.
+            let valid = if self.opts.recheck_after_read {
+                self.agent.check(&self.image.id, &item.id, &front.config)?.1
+            } else {
+                true
+            };
+            if !valid {
+                // The map changed while we read: these bytes prove nothing,
+                // nor do those of the windows read after them.
+                self.counters.rereads += 1;
+                if window_remaps >= self.opts.max_remaps {
+                    return Err(Error::new(
+                        ErrorKind::Unstable,
+                        format!(
+                            "the map kept changing: {window_remaps} remaps of the window at {} without a stable read",
+                            front.lo
+                        ),
+                    )
+                    .item(&item.id));
+                }
+                remap_item(self.agent, self.image, item, self.resolver)?;
+                remaps += 1;
+                window_remaps += 1;
+                inflight.clear();
+                next = front_index;
+                continue;
             }
-            remap_item(self.agent, self.image, item, self.resolver)?;
-            remaps += 1;
+            if let Some(e) = front.error {
+                return Err(e);
+            }
+            window_remaps = 0;
+            self.counters.bytes_read += front.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
+            let (segments, len) = assemble(front.plan, front.bufs, wins[front_index].1)?;
+            if self.tx.send(Msg::Window(segments, len)).is_err() {
+                return Ok(remaps);
+            }
         }
         self.counters.remaps += remaps;
         Ok(remaps)
+    }
+}
+
+/// Turn a window's completed reads and fills into segments in logical
+/// order. Reads that land whole and alone are passed on without a copy.
+fn assemble(plan: WindowPlan, bufs: Vec<Option<AlignedBuf>>, len: Bytes) -> Result<(Vec<Segment>, usize)> {
+    let mut parts: Vec<(u64, Segment)> = Vec::new();
+    for (read, buf) in plan.reads.iter().zip(bufs) {
+        let buf = Arc::new(buf.ok_or_else(|| Error::new(ErrorKind::Io, "a read finished without its buffer"))?);
+        for t in &read.targets {
+            parts.push((t.to, Segment::Buf(buf.clone(), to_usize(t.from)?, to_usize(t.len)?)));
+        }
+    }
+    for f in plan.fills {
+        match f {
+            Fill::Zeros(at, n) => parts.push((at, Segment::Zeros(to_usize(n)?))),
+            Fill::Inline(at, bytes) => parts.push((at, Segment::Inline(bytes))),
+        }
+    }
+    parts.sort_by_key(|(at, _)| *at);
+    let mut pos = 0u64;
+    for (at, seg) in &parts {
+        if *at != pos {
+            return Err(Error::new(ErrorKind::InvalidMap, format!("window pieces do not tile it at {pos}")));
+        }
+        pos += match seg {
+            Segment::Buf(_, _, n) | Segment::Zeros(n) => *n as u64,
+            Segment::Inline(b) => b.len() as u64,
+        };
+    }
+    if pos != len.0 {
+        return Err(Error::new(ErrorKind::InvalidMap, format!("window pieces cover {pos} of {len} bytes")));
+    }
+    Ok((parts.into_iter().map(|(_, s)| s).collect(), to_usize(len.0)?))
+}
+
+/// Read buffers handed back by the writer, reused so that O_DIRECT reads
+/// do not fault in fresh pages for every window.
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<AlignedBuf>>);
+
+impl BufferPool {
+    /// Keep at most this many idle buffers.
+    const KEEP: usize = 32;
+
+    fn get(&self, len: usize) -> AlignedBuf {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match free.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = free.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    fn put(&self, b: AlignedBuf) {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < Self::KEEP {
+            free.push(b);
+        }
+    }
+}
+
+/// A read-pool worker: read jobs until the job channel closes.
+fn read_worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, pool: &BufferPool) {
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let mut buf = pool.get(job.len);
+        let result = job.device.read_at(&mut buf, job.offset).map(|()| buf);
+        if done.send(Done { window: job.window, index: job.index, result }).is_err() {
+            return;
+        }
     }
 }
 
@@ -456,10 +525,28 @@ fn write_items(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Counters> {
     let (tx, rx) = sync_channel::<Msg>(2);
-    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(4);
+    let (job_tx, job_rx) = channel::<Job>();
+    let (done_tx, done_rx) = channel::<Done>();
+    let pool = BufferPool::default();
+    let job_rx = Arc::new(Mutex::new(job_rx));
     std::thread::scope(|s| {
+        for _ in 0..opts.parallel.max(1) {
+            let (jobs, done, pool) = (job_rx.clone(), done_tx.clone(), &pool);
+            s.spawn(move || read_worker(jobs, done, pool));
+        }
+        drop(done_tx);
         let reader = s.spawn(move || {
-            let mut r = Reader { agent, image, resolver, opts, tx, free: free_rx, counters: Counters::default() };
+            let mut r = Reader {
+                agent,
+                image,
+                resolver,
+                opts,
+                tx,
+                jobs: job_tx,
+                done: done_rx,
+                next_seq: 0,
+                counters: Counters::default(),
+            };
             match r.run(map.items) {
                 Ok(()) => {
                     let _ = r.tx.send(Msg::Done(std::mem::take(&mut r.counters)));
@@ -468,8 +555,10 @@ fn write_items(
                     let _ = r.tx.send(Msg::Failed(e));
                 }
             }
+            // Dropping r closes the job channel: the workers end.
         });
-        let mut current: Option<(ItemHeader, blake3::Hasher, u64, u32)> = None;
+        let zeros = vec![0u8; 1 << 20];
+        let mut current: Option<(ItemHeader, blake3::Hasher, u64)> = None;
         let outcome = loop {
             let Ok(msg) = rx.recv() else {
                 break Err(Error::new(ErrorKind::Io, "the read thread ended without a result"));
@@ -479,23 +568,50 @@ fn write_items(
                     if let Err(e) = media.begin_item(&h) {
                         break Err(e.item(&h.item));
                     }
-                    current = Some((h, blake3::Hasher::new(), 0, 0));
+                    current = Some((h, blake3::Hasher::new(), 0));
                 }
-                Msg::Window(buf, n) => {
-                    let Some((h, hasher, done, _)) = current.as_mut() else {
+                Msg::Window(segments, n) => {
+                    let Some((h, hasher, done)) = current.as_mut() else {
                         break Err(Error::new(ErrorKind::Io, "window outside an item"));
                     };
-                    let data = &buf[..n];
-                    hasher.update(data);
-                    if let Err(e) = media.write(data) {
+                    let mut write = |data: &[u8]| -> Result<()> {
+                        hasher.update(data);
+                        media.write(data)
+                    };
+                    let mut failed = None;
+                    for seg in segments {
+                        let r = match &seg {
+                            Segment::Buf(b, from, len) => write(&b[*from..*from + *len]),
+                            Segment::Zeros(len) => {
+                                let mut left = *len;
+                                let mut r = Ok(());
+                                while left > 0 && r.is_ok() {
+                                    let k = left.min(zeros.len());
+                                    r = write(&zeros[..k]);
+                                    left -= k;
+                                }
+                                r
+                            }
+                            Segment::Inline(bytes) => write(bytes),
+                        };
+                        if let Segment::Buf(b, _, _) = seg {
+                            if let Ok(b) = Arc::try_unwrap(b) {
+                                pool.put(b);
+                            }
+                        }
+                        if let Err(e) = r {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
                         break Err(e.item(&h.item));
                     }
                     *done += n as u64;
                     progress(&Progress::Written { item: h.item.clone(), done: Bytes(*done), size: h.size });
-                    let _ = free_tx.try_send(buf);
                 }
                 Msg::End { config, remaps } => {
-                    let Some((h, hasher, done, _)) = current.take() else {
+                    let Some((h, hasher, done)) = current.take() else {
                         break Err(Error::new(ErrorKind::Io, "item end outside an item"));
                     };
                     if remaps > 0 {

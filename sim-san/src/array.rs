@@ -964,3 +964,116 @@ fn target_map(st: &State, name: &str) -> TargetMap {
         extents: coalesce(st, t, 0..t.map.len() as u64),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn array(luns: usize) -> (tempfile::TempDir, Array) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Array::new(dir.path(), 1).unwrap();
+        for i in 0..luns {
+            a.create_lun(&format!("lun{i}"), Bytes(16 << 20)).unwrap();
+        }
+        (dir, a)
+    }
+
+    fn all(a: &Array, t: &str) -> Vec<u8> {
+        a.read(t, DeviceOffset(0), Bytes(a.size(t).unwrap())).unwrap()
+    }
+
+    #[test]
+    fn writing_the_origin_remaps_the_snapshot_and_keeps_its_bytes() {
+        let (_d, a) = array(2);
+        a.create_volume("v", Bytes(1 << 20), 4, None).unwrap();
+        a.workload("v", 1, 50, Bytes(65536)).unwrap();
+        let before = all(&a, "v");
+        let snap = a.snapshot(&["v".into()], "s").unwrap().remove(0);
+        let m0 = a.map(&snap).unwrap();
+        a.write_pattern("v", DeviceOffset(100_000), Bytes(70_000), 9).unwrap();
+        let m1 = a.map(&snap).unwrap();
+        assert_eq!(m1.generation, 2, "one write, one new generation");
+        assert_ne!(m0.extents, m1.extents);
+        assert_eq!(all(&a, &snap), before, "snapshot bytes never change");
+        assert_ne!(all(&a, "v"), before);
+        let changed = a.remap(&snap, 1).unwrap();
+        let covered: u64 = changed.extents.iter().map(|e| e.length.0).sum();
+        assert_eq!(covered, 2 * CHUNK, "bytes 100000..170000 touch chunks 1 and 2");
+        assert!(a.remap(&snap, 2).unwrap().extents.is_empty());
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn migration_copies_switches_and_scribbles_the_old_place() {
+        let (_d, a) = array(1);
+        a.create_volume("v", Bytes(4 * CHUNK), 4, None).unwrap();
+        a.write_pattern("v", DeviceOffset(0), Bytes(4 * CHUNK), 3).unwrap();
+        let before = all(&a, "v");
+        let old = a.map("v").unwrap().extents[0].clone();
+        assert_eq!(a.migrate("v", DeviceOffset(CHUNK), Bytes(CHUNK)).unwrap(), 2);
+        assert_eq!(all(&a, "v"), before);
+        let path = a.lun_path("lun0").unwrap();
+        let f = File::open(path).unwrap();
+        let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap()];
+        f.read_exact_at(&mut buf, old.lun_offset.0 + CHUNK).unwrap();
+        assert_ne!(&buf[..], &before[usize::try_from(CHUNK).unwrap()..usize::try_from(2 * CHUNK).unwrap()], "the old place was scribbled");
+        a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn raw_luns_are_never_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Array::new(dir.path(), 1).unwrap();
+        a.create_lun_in("raw", Bytes(16 << 20), false).unwrap();
+        let e = a.create_volume("v", Bytes(CHUNK), 1, None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoSpace);
+        a.create_lun("pool", Bytes(CHUNK * 2)).unwrap();
+        a.create_volume("v", Bytes(CHUNK), 1, None).unwrap();
+        assert!(a.map("v").unwrap().extents.iter().all(|e| e.lun == "pool"));
+    }
+
+    #[test]
+    fn injected_errors_fail_reads_of_their_range_only() {
+        let (_d, a) = array(1);
+        a.inject_error("lun0", DeviceOffset(8192), Bytes(4096), Some(1)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(a.nbd_read(0, 0, &mut buf), Ok(()));
+        assert_eq!(a.nbd_read(0, 8192, &mut buf), Err(libc::EIO));
+        assert_eq!(a.nbd_read(0, 8192, &mut buf), Ok(()), "count=1 fails once");
+        assert_eq!(a.nbd_read(0, 16 << 20, &mut buf), Err(libc::EINVAL));
+    }
+
+    proptest! {
+        /// Any sequence of writes, snapshots, migrations and deletions keeps
+        /// every snapshot's bytes, and the reference counts right.
+        #[test]
+        fn snapshots_never_change(ops in proptest::collection::vec((0u8..4, 0u64..16, 1u64..8, any::<u64>()), 1..40)) {
+            let (_d, a) = array(2);
+            a.create_volume("v", Bytes(16 * CHUNK), 3, None).unwrap();
+            a.workload("v", 7, 20, Bytes(CHUNK)).unwrap();
+            let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+            for (i, (op, at, len, seed)) in ops.into_iter().enumerate() {
+                let len = len.min(16 - at);
+                match op {
+                    0 => {
+                        let name = a.snapshot(&["v".into()], &i.to_string()).unwrap().remove(0);
+                        snaps.push((name.clone(), all(&a, &name)));
+                    }
+                    1 => a.write_pattern("v", DeviceOffset(at * CHUNK + 512), Bytes(len * CHUNK - 512), seed).unwrap(),
+                    2 => if let Some((s, _)) = snaps.get(usize::try_from(seed % 4).unwrap()) {
+                        a.migrate(s, DeviceOffset(at * CHUNK), Bytes(len * CHUNK)).unwrap();
+                    },
+                    _ => if !snaps.is_empty() && seed % 3 == 0 {
+                        let (s, _) = snaps.remove(0);
+                        a.delete(&s).unwrap();
+                    },
+                }
+                for (s, bytes) in &snaps {
+                    prop_assert!(&all(&a, s) == bytes, "snapshot {} changed", s);
+                }
+                prop_assert_eq!(a.check_invariants(), Ok(()));
+            }
+        }
+    }
+}

@@ -532,3 +532,43 @@ impl Client {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn array() -> (tempfile::TempDir, Array) {
+        let d = tempfile::tempdir().unwrap();
+        let a = Array::new(d.path(), 1).unwrap();
+        (d, a)
+    }
+
+    #[test]
+    fn versions_and_malformed_requests_are_answered_with_errors() {
+        let (_d, a) = array();
+        let r = handle_line(&a, r#"{"v":2,"op":"hello"}"#);
+        assert!(!r.ok);
+        assert!(r.error.unwrap().message.contains("version 2 requested, this sim-san speaks 1"));
+        let r = handle_line(&a, r#"{"v":1,"op":"no_such_op"}"#);
+        assert_eq!(r.error.unwrap().code, ErrorCode::Protocol);
+        let r = handle_line(&a, r#"{"v":1,"op":"create_lun","name":"l","size":65536}"#);
+        assert!(r.ok, "{r:?}");
+        let r = handle_line(&a, r#"{"v":1,"op":"map","target":"nope"}"#);
+        assert_eq!(r.error.unwrap().code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(unhex(&hex(&[0, 1, 254, 255])).unwrap(), vec![0, 1, 254, 255]);
+        assert!(unhex("abc").is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn the_request_decoder_never_panics(line in "\\PC{0,200}") {
+            let (_d, a) = array();
+            let _ = handle_line(&a, &line);
+        }
+    }
+}

@@ -54,14 +54,14 @@ fn two_volumes_with_app_writes_and_migrations_restore_to_the_frozen_bytes() {
             ev(Trigger::AfterRead(6), migrate("vol0@*", 4 * MIB, 3 * MIB)),
             ev(Trigger::BeforeRead(14), write("vol1", 2 * MIB, 5 * MIB, 91)),
             ev(Trigger::AfterRead(20), migrate("vol1@*", 0, 8 * MIB)),
-            ev(Trigger::BeforeQuery(30), migrate("vol1@*", 6 * MIB, MIB)),
+            ev(Trigger::BeforeQuery(16), migrate("vol1@*", 6 * MIB, MIB)),
         ],
     });
     let report = lab.backup(&["array:vol0", "array:vol1"], &opts(MIB, 3)).expect("backup");
     let stats = lab.san.array.stats();
     assert_eq!(stats.events_pending, 0, "every scheduled remap fired: {stats:?}");
-    assert!(report.remaps >= 4, "remaps were applied: {report:?}");
-    assert!(report.rereads >= 1, "a read was discarded after a late remap: {report:?}");
+    assert!(report.remaps >= 3, "remaps were applied: {:?}", (report.remaps, report.rereads));
+    assert!(report.rereads >= 1, "a read was discarded after a late remap: {:?}", (report.remaps, report.rereads));
     let set = &report.set.header.set;
     assert_same_bytes(&lab.restore_to_file(set, "vol0").expect("restore vol0"), &frozen0, "vol0");
     assert_same_bytes(&lab.restore_to_file(set, "vol1").expect("restore vol1"), &frozen1, "vol1");
@@ -92,7 +92,9 @@ fn the_check_after_the_read_is_what_catches_a_remap_between_check_and_read() {
     let frozen = lab.read_target("vol0");
 
     lab.call(Op::Schedule { events: schedule() });
-    let careless = MoverOptions { recheck_after_read: false, ..opts(4 * MIB, 1) };
+    // One window, read in four 1 MiB reads: the event lands before the second.
+    let one_window = MoverOptions { max_read: Bytes(MIB), ..opts(4 * MIB, 1) };
+    let careless = MoverOptions { recheck_after_read: false, ..one_window.clone() };
     let bad = lab.backup(&["array:vol0"], &careless).expect("backup without recheck");
     assert!(
         lab.restore_to_file(&bad.set.header.set, "vol0").expect("restore") != frozen,
@@ -101,7 +103,7 @@ fn the_check_after_the_read_is_what_catches_a_remap_between_check_and_read() {
 
     let frozen = lab.read_target("vol0"); // the careless run's writes changed it
     lab.call(Op::Schedule { events: schedule() });
-    let good = lab.backup(&["array:vol0"], &opts(4 * MIB, 1)).expect("backup");
+    let good = lab.backup(&["array:vol0"], &one_window).expect("backup");
     assert_eq!(good.rereads, 1);
     assert_same_bytes(&lab.restore_to_file(&good.set.header.set, "vol0").expect("restore"), &frozen, "vol0");
 }
