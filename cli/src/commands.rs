@@ -157,12 +157,16 @@ fn media_plugin(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
 
 fn media_writer(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaWriter>> {
     let (name, cfg) = media_plugin(spec)?;
-    Ok(reg.require(&name, Interface::MediaWriter)?.media_writer(&cfg)?)
+    Ok(reg
+        .require(&name, Interface::MediaWriter)?
+        .media_writer(&cfg)?)
 }
 
 fn media_reader(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaReader>> {
     let (name, cfg) = media_plugin(spec)?;
-    Ok(reg.require(&name, Interface::MediaReader)?.media_reader(&cfg)?)
+    Ok(reg
+        .require(&name, Interface::MediaReader)?
+        .media_reader(&cfg)?)
 }
 
 fn bar(total: u64) -> Option<ProgressBar> {
@@ -171,9 +175,11 @@ fn bar(total: u64) -> Option<ProgressBar> {
     }
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template("{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     Some(pb)
 }
@@ -200,14 +206,21 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
             m.insert(key.to_string(), v.into());
         }
     }
-    let opts = AgentOptions { plugin_config, host: a.host.unwrap_or_else(hostname), max_frame: None };
+    let opts = AgentOptions {
+        plugin_config,
+        host: a.host.unwrap_or_else(hostname),
+        max_frame: None,
+    };
     let agent = Arc::new(Agent::new(reg, opts));
     if a.stdio {
         agent.serve(std::io::stdin().lock(), std::io::stdout().lock())?;
         return Ok(());
     }
-    let addr = a.listen.ok_or_else(|| anyhow!("say --listen ADDR or --stdio"))?;
-    let l = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = a
+        .listen
+        .ok_or_else(|| anyhow!("say --listen ADDR or --stdio"))?;
+    let l =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     eprintln!("floe agent: listening on {}", l.local_addr()?);
     agent.listen(l)?;
     Ok(())
@@ -267,12 +280,26 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
         }
         Progress::Remapped { item, remaps } => {
             if let Some(pb) = &pb {
-                pb.println(format!("{item}: map changed during the backup, {remaps} remap(s) applied"));
+                pb.println(format!(
+                    "{item}: map changed during the backup, {remaps} remap(s) applied"
+                ));
             }
         }
     };
-    let report = backup(&mut client, &a.sources, &resolver, media.as_mut(), &a.mover, &mut progress)
-        .with_context(|| format!("backup of {} failed; nothing was recorded as complete", a.sources.join(" ")))?;
+    let report = backup(
+        &mut client,
+        &a.sources,
+        &resolver,
+        media.as_mut(),
+        &a.mover,
+        &mut progress,
+    )
+    .with_context(|| {
+        format!(
+            "backup of {} failed; nothing was recorded as complete",
+            a.sources.join(" ")
+        )
+    })?;
     if a.json {
         println!(
             "{}",
@@ -285,10 +312,19 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("set {} committed ({} items, {} bytes, {} remaps, {} re-reads)",
-            report.set.header.set, report.set.items.len(), report.bytes_written, report.remaps, report.rereads);
+        println!(
+            "set {} committed ({} items, {} bytes, {} remaps, {} re-reads)",
+            report.set.header.set,
+            report.set.items.len(),
+            report.bytes_written,
+            report.remaps,
+            report.rereads
+        );
         for i in &report.set.items {
-            println!("  {:<12} {:>14} bytes  blake3 {}  remaps {}", i.header.item, i.trailer.length.0, i.trailer.blake3, i.trailer.remaps);
+            println!(
+                "  {:<12} {:>14} bytes  blake3 {}  remaps {}",
+                i.header.item, i.trailer.length.0, i.trailer.blake3, i.trailer.remaps
+            );
         }
     }
     Ok(())
@@ -304,7 +340,10 @@ fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
         let item = ItemId::new(item);
         if a.dry_run {
             let rec = reader.open_item(&set, &item)?;
-            println!("would restore {item} ({} bytes, blake3 {}) to {target}", rec.trailer.length, rec.trailer.blake3);
+            println!(
+                "would restore {item} ({} bytes, blake3 {}) to {target}",
+                rec.trailer.length, rec.trailer.blake3
+            );
             continue;
         }
         let mut tgt = open_target(target)?;
@@ -317,7 +356,10 @@ fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
         };
         let r = restore_item(reader.as_mut(), &set, &item, tgt.as_mut(), &mut progress)
             .with_context(|| format!("restore of {item} to {target} failed"))?;
-        println!("restored {item} to {target}: {} bytes, blake3 {} (verified)", r.bytes, r.blake3);
+        println!(
+            "restored {item} to {target}: {} bytes, blake3 {} (verified)",
+            r.bytes, r.blake3
+        );
     }
     Ok(())
 }
@@ -331,9 +373,19 @@ fn run_list(reg: Arc<PluginRegistry>, a: ListArgs) -> anyhow::Result<()> {
     }
     for s in &sets {
         let bytes: u64 = s.items.iter().map(|i| i.trailer.length.0).sum();
-        println!("{}  {} items  {} bytes  from {}  sources {}", s.header.set, s.items.len(), bytes, s.header.agent, s.header.sources.join(","));
+        println!(
+            "{}  {} items  {} bytes  from {}  sources {}",
+            s.header.set,
+            s.items.len(),
+            bytes,
+            s.header.agent,
+            s.header.sources.join(",")
+        );
         for i in &s.items {
-            println!("    {:<12} {:>14} bytes  blake3 {}", i.header.item, i.trailer.length.0, i.trailer.blake3);
+            println!(
+                "    {:<12} {:>14} bytes  blake3 {}",
+                i.header.item, i.trailer.length.0, i.trailer.blake3
+            );
         }
     }
     Ok(())
@@ -350,7 +402,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins => {
             let reg = registry(&cli.plugin_dirs);
             for p in reg.plugins() {
-                println!("{:<8} {:<8} {:?}  {}", p.info.name, p.info.version, p.info.interfaces, p.path.display());
+                println!(
+                    "{:<8} {:<8} {:?}  {}",
+                    p.info.name,
+                    p.info.version,
+                    p.info.interfaces,
+                    p.path.display()
+                );
             }
             for r in &reg.refused {
                 println!("refused: {r}");

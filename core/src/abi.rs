@@ -257,7 +257,10 @@ fn err_text(e: &Error) -> RString {
 fn err_from_text(plugin: &str, op: &str, text: &RString) -> Error {
     match serde_json::from_str::<WireError>(text.as_str()) {
         Ok(w) => Error::from(w),
-        Err(_) => Error::new(ErrorKind::Plugin, format!("plugin {plugin} failed {op}: {text}")),
+        Err(_) => Error::new(
+            ErrorKind::Plugin,
+            format!("plugin {plugin} failed {op}: {text}"),
+        ),
     }
 }
 
@@ -310,7 +313,9 @@ impl FreezerAbi for FreezerExport {
         })
     }
     fn release(&mut self, image: RStr<'_>) -> RResult<(), RString> {
-        guard("release", || self.0.release(&from_json(image.as_str(), "image")?))
+        guard("release", || {
+            self.0.release(&from_json(image.as_str(), "image")?)
+        })
     }
 }
 
@@ -332,7 +337,8 @@ struct ValidityExport(Box<dyn ValidityIndicator>);
 impl ValidityAbi for ValidityExport {
     fn config_id(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
         json_out("config id", || {
-            let (img, item): (FrozenImage, ItemId) = from_json(args.as_str(), "config id arguments")?;
+            let (img, item): (FrozenImage, ItemId) =
+                from_json(args.as_str(), "config id arguments")?;
             self.0.config_id(&img, &item)
         })
     }
@@ -341,16 +347,24 @@ impl ValidityAbi for ValidityExport {
 struct MediaWriterExport(Box<dyn MediaWriter>);
 impl MediaWriterAbi for MediaWriterExport {
     fn begin_set(&mut self, header: RStr<'_>) -> RResult<(), RString> {
-        guard("begin set", || self.0.begin_set(&from_json(header.as_str(), "set header")?))
+        guard("begin set", || {
+            self.0.begin_set(&from_json(header.as_str(), "set header")?)
+        })
     }
     fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString> {
-        guard("begin item", || self.0.begin_item(&from_json(header.as_str(), "item header")?))
+        guard("begin item", || {
+            self.0
+                .begin_item(&from_json(header.as_str(), "item header")?)
+        })
     }
     fn write(&mut self, data: RSlice<'_, u8>) -> RResult<(), RString> {
         guard("write", || self.0.write(data.as_slice()))
     }
     fn end_item(&mut self, trailer: RStr<'_>) -> RResult<RString, RString> {
-        json_out("end item", || self.0.end_item(&from_json(trailer.as_str(), "item trailer")?))
+        json_out("end item", || {
+            self.0
+                .end_item(&from_json(trailer.as_str(), "item trailer")?)
+        })
     }
     fn commit(&mut self) -> RResult<RString, RString> {
         json_out("commit", || self.0.commit())
@@ -396,31 +410,46 @@ extern "C" fn info_fn<P: Plugin>() -> RString {
 extern "C" fn new_freezer_fn<P: Plugin>(c: RStr<'_>) -> RResult<FreezerBox, RString> {
     guard("new freezer", || {
         let f = P::freezer(&parse_config(c)?)?;
-        Ok(FreezerAbi_TO::from_value(FreezerExport(f), sabi_trait::TD_Opaque))
+        Ok(FreezerAbi_TO::from_value(
+            FreezerExport(f),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 extern "C" fn new_mapper_fn<P: Plugin>(c: RStr<'_>) -> RResult<MapperBox, RString> {
     guard("new mapper", || {
         let m = P::mapper(&parse_config(c)?)?;
-        Ok(MapperAbi_TO::from_value(MapperExport(m), sabi_trait::TD_Opaque))
+        Ok(MapperAbi_TO::from_value(
+            MapperExport(m),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 extern "C" fn new_validity_fn<P: Plugin>(c: RStr<'_>) -> RResult<ValidityBox, RString> {
     guard("new validity indicator", || {
         let v = P::validity(&parse_config(c)?)?;
-        Ok(ValidityAbi_TO::from_value(ValidityExport(v), sabi_trait::TD_Opaque))
+        Ok(ValidityAbi_TO::from_value(
+            ValidityExport(v),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 extern "C" fn new_media_writer_fn<P: Plugin>(c: RStr<'_>) -> RResult<MediaWriterBox, RString> {
     guard("new media writer", || {
         let w = P::media_writer(&parse_config(c)?)?;
-        Ok(MediaWriterAbi_TO::from_value(MediaWriterExport(w), sabi_trait::TD_Opaque))
+        Ok(MediaWriterAbi_TO::from_value(
+            MediaWriterExport(w),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 extern "C" fn new_media_reader_fn<P: Plugin>(c: RStr<'_>) -> RResult<MediaReaderBox, RString> {
     guard("new media reader", || {
         let r = P::media_reader(&parse_config(c)?)?;
-        Ok(MediaReaderAbi_TO::from_value(MediaReaderExport(r), sabi_trait::TD_Opaque))
+        Ok(MediaReaderAbi_TO::from_value(
+            MediaReaderExport(r),
+            sabi_trait::TD_Opaque,
+        ))
     })
 }
 
@@ -509,7 +538,9 @@ impl Mapper for LoadedMapper {
         back(&self.0, "map", r)
     }
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
-        let r = self.1.remap(to_json(&(image, item, since))?.as_str().into());
+        let r = self
+            .1
+            .remap(to_json(&(image, item, since))?.as_str().into());
         back(&self.0, "remap", r)
     }
 }

@@ -39,19 +39,25 @@ pub struct Agent {
 }
 
 fn frozen<'a>(images: &'a mut HashMap<ImageId, Frozen>, id: &ImageId) -> Result<&'a mut Frozen> {
-    images
-        .get_mut(id)
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no frozen image {id} on this agent")))
+    images.get_mut(id).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no frozen image {id} on this agent"),
+        )
+    })
 }
 
 /// The plugin a source names: `array:vol0` → `array`.
 pub fn source_plugin(source: &str) -> Result<(&str, &str)> {
-    source.split_once(':').filter(|(p, r)| !p.is_empty() && !r.is_empty()).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Config,
-            format!("source {source:?} is not PLUGIN:NAME (e.g. array:vol0)"),
-        )
-    })
+    source
+        .split_once(':')
+        .filter(|(p, r)| !p.is_empty() && !r.is_empty())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("source {source:?} is not PLUGIN:NAME (e.g. array:vol0)"),
+            )
+        })
 }
 
 impl Agent {
@@ -82,9 +88,18 @@ impl Agent {
             }
         }
         let cfg = self.config(plugin);
-        let mut freezer = self.plugins.require(plugin, Interface::Freezer)?.freezer(&cfg)?;
-        let mut mapper = self.plugins.require(plugin, Interface::Mapper)?.mapper(&cfg)?;
-        let validity = self.plugins.require(plugin, Interface::Validity)?.validity(&cfg)?;
+        let mut freezer = self
+            .plugins
+            .require(plugin, Interface::Freezer)?
+            .freezer(&cfg)?;
+        let mut mapper = self
+            .plugins
+            .require(plugin, Interface::Mapper)?
+            .mapper(&cfg)?;
+        let validity = self
+            .plugins
+            .require(plugin, Interface::Validity)?
+            .validity(&cfg)?;
         let image = freezer.freeze(sources).map_err(|e| e.op("freeze"))?;
         let map = match mapper.map(&image) {
             Ok(m) => m,
@@ -99,7 +114,15 @@ impl Agent {
                 return Err(e);
             }
         }
-        Ok((Frozen { image, freezer, mapper, validity }, map))
+        Ok((
+            Frozen {
+                image,
+                freezer,
+                mapper,
+                validity,
+            },
+            map,
+        ))
     }
 
     fn answer(&self, images: &mut HashMap<ImageId, Frozen>, req: Request) -> Result<Response> {
@@ -111,7 +134,10 @@ impl Agent {
                         format!("mover speaks protocol {protocol}, agent speaks {VERSION}"),
                     ));
                 }
-                Response::Hello { protocol: VERSION, host: self.opts.host.clone() }
+                Response::Hello {
+                    protocol: VERSION,
+                    host: self.opts.host.clone(),
+                }
             }
             Request::Freeze { sources } => {
                 let (frozen, map) = self.freeze(&sources)?;
@@ -119,15 +145,25 @@ impl Agent {
                 images.insert(image.id.clone(), frozen);
                 Response::Frozen { image, map }
             }
-            Request::CheckConfig { image, item, config } => {
+            Request::CheckConfig {
+                image,
+                item,
+                config,
+            } => {
                 let f = frozen(images, &image)?;
-                let current = f.validity.config_id(&f.image, &item).map_err(|e| e.item(&item))?;
+                let current = f
+                    .validity
+                    .config_id(&f.image, &item)
+                    .map_err(|e| e.item(&item))?;
                 let valid = current == config;
                 Response::Config { current, valid }
             }
             Request::Remap { image, item, since } => {
                 let f = frozen(images, &image)?;
-                let remap = f.mapper.remap(&f.image, &item, &since).map_err(|e| e.item(&item).op("remap"))?;
+                let remap = f
+                    .mapper
+                    .remap(&f.image, &item, &since)
+                    .map_err(|e| e.item(&item).op("remap"))?;
                 Response::Remapped { remap }
             }
             Request::Release { image } => {
@@ -196,8 +232,16 @@ pub struct AgentClient {
 impl AgentClient {
     /// Say hello over a byte stream.
     pub fn new(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<AgentClient> {
-        let mut c = AgentClient { r, w, host: String::new(), max: DEFAULT_MAX_FRAME };
-        match c.call(Request::Hello { protocol: VERSION, peer: "floe-mover".into() })? {
+        let mut c = AgentClient {
+            r,
+            w,
+            host: String::new(),
+            max: DEFAULT_MAX_FRAME,
+        };
+        match c.call(Request::Hello {
+            protocol: VERSION,
+            peer: "floe-mover".into(),
+        })? {
             Response::Hello { host, .. } => c.host = host,
             other => return Err(unexpected(&other)),
         }
@@ -225,15 +269,26 @@ impl AgentClient {
 
     /// Freeze sources.
     pub fn freeze(&mut self, sources: &[String]) -> Result<(FrozenImage, ImageMap)> {
-        match self.call(Request::Freeze { sources: sources.to_vec() })? {
+        match self.call(Request::Freeze {
+            sources: sources.to_vec(),
+        })? {
             Response::Frozen { image, map } => Ok((image, map)),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Is `config` still valid? The current config id and the answer.
-    pub fn check(&mut self, image: &ImageId, item: &ItemId, config: &ConfigId) -> Result<(ConfigId, bool)> {
-        match self.call(Request::CheckConfig { image: image.clone(), item: item.clone(), config: config.clone() })? {
+    pub fn check(
+        &mut self,
+        image: &ImageId,
+        item: &ItemId,
+        config: &ConfigId,
+    ) -> Result<(ConfigId, bool)> {
+        match self.call(Request::CheckConfig {
+            image: image.clone(),
+            item: item.clone(),
+            config: config.clone(),
+        })? {
             Response::Config { current, valid } => Ok((current, valid)),
             other => Err(unexpected(&other)),
         }
@@ -241,7 +296,11 @@ impl AgentClient {
 
     /// The extents that changed since `since`.
     pub fn remap(&mut self, image: &ImageId, item: &ItemId, since: &ConfigId) -> Result<Remap> {
-        match self.call(Request::Remap { image: image.clone(), item: item.clone(), since: since.clone() })? {
+        match self.call(Request::Remap {
+            image: image.clone(),
+            item: item.clone(),
+            since: since.clone(),
+        })? {
             Response::Remapped { remap } => Ok(remap),
             other => Err(unexpected(&other)),
         }
@@ -249,7 +308,9 @@ impl AgentClient {
 
     /// Release the image.
     pub fn release(&mut self, image: &ImageId) -> Result<()> {
-        match self.call(Request::Release { image: image.clone() })? {
+        match self.call(Request::Release {
+            image: image.clone(),
+        })? {
             Response::Released => Ok(()),
             other => Err(unexpected(&other)),
         }
@@ -257,5 +318,8 @@ impl AgentClient {
 }
 
 fn unexpected(r: &Response) -> Error {
-    Error::new(ErrorKind::Protocol, format!("unexpected answer from the agent: {r:?}"))
+    Error::new(
+        ErrorKind::Protocol,
+        format!("unexpected answer from the agent: {r:?}"),
+    )
 }

@@ -58,13 +58,21 @@ impl DirectFile {
                     .path(path)
                     .source(e)
             })?;
-        let meta = file.metadata().map_err(|e| Error::io("stat", e).device(&id).path(path))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat", e).device(&id).path(path))?;
         let size = if meta.file_type().is_block_device() {
-            block_device_size(&file).map_err(|e| Error::io("BLKGETSIZE64", e).device(&id).path(path))?
+            block_device_size(&file)
+                .map_err(|e| Error::io("BLKGETSIZE64", e).device(&id).path(path))?
         } else {
             meta.len()
         };
-        Ok(DirectFile { id, path: path.to_path_buf(), file, size })
+        Ok(DirectFile {
+            id,
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
     }
 }
 
@@ -125,10 +133,13 @@ pub struct NbdDevice {
 fn nbd_connect(id: &DeviceId, addr: &str, export: &str) -> Result<(NbdConn, u64)> {
     let url = format!("nbd://{addr}/{export}");
     let s = TcpStream::connect(addr).map_err(|e| {
-        Error::new(ErrorKind::UnknownDevice, format!("cannot reach NBD server {url}"))
-            .op("connect")
-            .device(id)
-            .source(e)
+        Error::new(
+            ErrorKind::UnknownDevice,
+            format!("cannot reach NBD server {url}"),
+        )
+        .op("connect")
+        .device(id)
+        .source(e)
     })?;
     // Without TCP_NODELAY, Nagle and delayed ACKs cost ~50 ms a request.
     let _ = s.set_nodelay(true);
@@ -180,7 +191,10 @@ impl BlockDevice for NbdDevice {
             .and_then(|_| conn.read_exact(buf));
         match r {
             Ok(()) => {
-                self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+                self.pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(conn);
                 Ok(())
             }
             // The connection is dropped: after an error its stream may be
@@ -206,7 +220,11 @@ pub fn parse_location(s: &str) -> Result<Location> {
         if addr.is_empty() {
             return Err(Error::new(ErrorKind::Config, format!("no host in {s:?}")));
         }
-        let addr = if addr.contains(':') { addr.to_string() } else { format!("{addr}:10809") };
+        let addr = if addr.contains(':') {
+            addr.to_string()
+        } else {
+            format!("{addr}:10809")
+        };
         Ok(Location::Nbd(addr, export.to_string()))
     } else if s.contains("://") {
         Err(Error::new(
@@ -230,7 +248,11 @@ pub struct DeviceResolver {
 impl DeviceResolver {
     /// A resolver with a table and an optional SAN (`host:port`).
     pub fn new(table: HashMap<DeviceId, Location>, san: Option<String>) -> DeviceResolver {
-        DeviceResolver { table, san, open: Mutex::new(HashMap::new()) }
+        DeviceResolver {
+            table,
+            san,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The device for `id`, opened once and shared.
@@ -240,7 +262,9 @@ impl DeviceResolver {
         }
         let dev: Arc<dyn BlockDevice> = match (self.table.get(id), &self.san) {
             (Some(Location::Path(p)), _) => Arc::new(DirectFile::open(id.clone(), p)?),
-            (Some(Location::Nbd(addr, export)), _) => Arc::new(NbdDevice::connect(id.clone(), addr, export)?),
+            (Some(Location::Nbd(addr, export)), _) => {
+                Arc::new(NbdDevice::connect(id.clone(), addr, export)?)
+            }
             (None, Some(addr)) => Arc::new(NbdDevice::connect(id.clone(), addr, id.as_str())?),
             (None, None) => {
                 return Err(Error::new(
@@ -284,9 +308,11 @@ impl RestoreTarget for FileTarget {
         })
     }
     fn flush(&mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("fsync", e).with_kind(ErrorKind::WriteFailed).path(&self.path))
+        self.file.sync_all().map_err(|e| {
+            Error::io("fsync", e)
+                .with_kind(ErrorKind::WriteFailed)
+                .path(&self.path)
+        })
     }
     fn size(&self) -> Option<Bytes> {
         self.fixed.map(Bytes)
@@ -305,15 +331,22 @@ impl RestoreTarget for NbdTarget {
             .seek(SeekFrom::Start(offset.0))
             .and_then(|_| self.conn.write_all(data))
             .map_err(|e| {
-                Error::new(ErrorKind::WriteFailed, format!("write to {} failed", self.url))
-                    .op("write")
-                    .range(offset, Bytes(data.len() as u64))
-                    .source(e)
+                Error::new(
+                    ErrorKind::WriteFailed,
+                    format!("write to {} failed", self.url),
+                )
+                .op("write")
+                .range(offset, Bytes(data.len() as u64))
+                .source(e)
             })
     }
     fn flush(&mut self) -> Result<()> {
         self.conn.flush().map_err(|e| {
-            Error::new(ErrorKind::WriteFailed, format!("flush of {} failed", self.url)).source(e)
+            Error::new(
+                ErrorKind::WriteFailed,
+                format!("flush of {} failed", self.url),
+            )
+            .source(e)
         })
     }
     fn size(&self) -> Option<Bytes> {
@@ -331,10 +364,19 @@ pub fn open_target(spec: &str) -> Result<Box<dyn RestoreTarget>> {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .map_err(|e| Error::io("open restore target", e).with_kind(ErrorKind::WriteFailed).path(&path))?;
-            let meta = file.metadata().map_err(|e| Error::io("stat", e).path(&path))?;
+                .map_err(|e| {
+                    Error::io("open restore target", e)
+                        .with_kind(ErrorKind::WriteFailed)
+                        .path(&path)
+                })?;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io("stat", e).path(&path))?;
             let fixed = if meta.file_type().is_block_device() {
-                Some(block_device_size(&file).map_err(|e| Error::io("BLKGETSIZE64", e).path(&path))?)
+                Some(
+                    block_device_size(&file)
+                        .map_err(|e| Error::io("BLKGETSIZE64", e).path(&path))?,
+                )
             } else {
                 None
             };
@@ -343,7 +385,11 @@ pub fn open_target(spec: &str) -> Result<Box<dyn RestoreTarget>> {
         Location::Nbd(addr, export) => {
             let id = DeviceId::new(format!("nbd://{addr}/{export}"));
             let (conn, size) = nbd_connect(&id, &addr, &export)?;
-            Ok(Box::new(NbdTarget { url: id.0, conn, size }))
+            Ok(Box::new(NbdTarget {
+                url: id.0,
+                conn,
+                size,
+            }))
         }
     }
 }

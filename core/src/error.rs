@@ -132,9 +132,12 @@ impl fmt::Display for Context {
     }
 }
 
-/// The error type of floe-core.
+/// The error type of floe-core (boxed: errors are rare, results are hot).
 #[derive(Debug)]
-pub struct Error {
+pub struct Error(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     kind: ErrorKind,
     message: String,
     context: Context,
@@ -147,104 +150,106 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` saying `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
+        Error(Box::new(Inner {
             kind,
             message: message.into(),
             context: Context::default(),
             source: None,
-        }
+        }))
     }
 
     /// The OS error `source` of an I/O operation, classified by errno.
     pub fn io(op: &str, source: std::io::Error) -> Self {
         let kind = match source.raw_os_error() {
-            Some(28) => ErrorKind::MediaFull,        // ENOSPC
+            Some(28) => ErrorKind::MediaFull,                // ENOSPC
             Some(30) | Some(13) => ErrorKind::MediaReadOnly, // EROFS, EACCES
             _ => ErrorKind::Io,
         };
-        Error::new(kind, format!("{op} failed")).op(op).source(source)
+        Error::new(kind, format!("{op} failed"))
+            .op(op)
+            .source(source)
     }
 
     /// The stable kind.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The context.
     pub fn context(&self) -> &Context {
-        &self.context
+        &self.0.context
     }
 
     /// The message, without context or source.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// Change the kind (e.g. an I/O error on a source device is `ReadFailed`).
     pub fn with_kind(mut self, kind: ErrorKind) -> Self {
-        self.kind = kind;
+        self.0.kind = kind;
         self
     }
 
     /// Set the operation.
     pub fn op(mut self, op: impl Into<String>) -> Self {
-        self.context.op = Some(op.into());
+        self.0.context.op = Some(op.into());
         self
     }
 
     /// Set the item, unless one is already set.
     pub fn item(mut self, item: &ItemId) -> Self {
-        self.context.item.get_or_insert_with(|| item.clone());
+        self.0.context.item.get_or_insert_with(|| item.clone());
         self
     }
 
     /// Set the device.
     pub fn device(mut self, device: &DeviceId) -> Self {
-        self.context.device = Some(device.clone());
+        self.0.context.device = Some(device.clone());
         self
     }
 
     /// Set the device offset and length.
     pub fn range(mut self, offset: DeviceOffset, length: Bytes) -> Self {
-        self.context.offset = Some(offset);
-        self.context.length = Some(length);
+        self.0.context.offset = Some(offset);
+        self.0.context.length = Some(length);
         self
     }
 
     /// Set the path.
     pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.context.path = Some(path.into());
+        self.0.context.path = Some(path.into());
         self
     }
 
     /// Set the source.
     pub fn source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(source));
+        self.0.source = Some(Box::new(source));
         self
     }
 
     /// The error as it crosses a process or plugin boundary.
     pub fn to_wire(&self) -> WireError {
-        let mut message = self.message.clone();
-        if let Some(source) = &self.source {
+        let mut message = self.0.message.clone();
+        if let Some(source) = &self.0.source {
             message = format!("{message}: {source}");
         }
         WireError {
-            kind: self.kind,
+            kind: self.0.kind,
             message,
-            context: self.context.clone(),
+            context: self.0.context.clone(),
         }
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} [{}]", self.message, self.kind.name())?;
-        let ctx = self.context.to_string();
+        write!(f, "{} [{}]", self.0.message, self.0.kind.name())?;
+        let ctx = self.0.context.to_string();
         if !ctx.is_empty() {
             write!(f, " ({ctx})")?;
         }
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.0.source {
             write!(f, ": {source}")?;
         }
         Ok(())
@@ -253,7 +258,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
+        self.0.source
             .as_ref()
             .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
     }
@@ -273,11 +278,11 @@ pub struct WireError {
 
 impl From<WireError> for Error {
     fn from(w: WireError) -> Self {
-        Error {
+        Error(Box::new(Inner {
             kind: w.kind,
             message: w.message,
             context: w.context,
             source: None,
-        }
+        }))
     }
 }

@@ -24,5 +24,4 @@ pub mod mover;
 #[cfg(feature = "engine")]
 pub mod sys;
 
-
 pub use error::{Error, ErrorKind, Result};

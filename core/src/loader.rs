@@ -14,8 +14,8 @@
 
 use crate::abi::{
     constructor_error, Freezer, Interface, LoadedFreezer, LoadedMapper, LoadedMediaReader,
-    LoadedMediaWriter, LoadedValidity, Mapper, MediaReader, MediaWriter, PluginInfo,
-    PluginModRef, ValidityIndicator, ABI_VERSION, ABI_VERSION_SYMBOL,
+    LoadedMediaWriter, LoadedValidity, Mapper, MediaReader, MediaWriter, PluginInfo, PluginModRef,
+    ValidityIndicator, ABI_VERSION, ABI_VERSION_SYMBOL,
 };
 use crate::error::{Error, ErrorKind, Result};
 use abi_stable::std_types::{RErr, ROk};
@@ -40,7 +40,11 @@ fn cfg_text(config: &serde_json::Value) -> String {
 impl LoadedPlugin {
     /// Load one plugin file.
     pub fn load(path: &Path) -> Result<LoadedPlugin> {
-        let load_err = |msg: String| Error::new(ErrorKind::PluginLoad, msg).op("load plugin").path(path);
+        let load_err = |msg: String| {
+            Error::new(ErrorKind::PluginLoad, msg)
+                .op("load plugin")
+                .path(path)
+        };
         let version = {
             // SAFETY: loading a library runs its initializers; plugins are
             // trusted code installed by the operator. The symbol is read
@@ -48,8 +52,8 @@ impl LoadedPlugin {
             // exports it with.
             let lib = unsafe { libloading::Library::new(path) }
                 .map_err(|e| load_err(format!("cannot load plugin {}: {e}", path.display())))?;
-            let f: libloading::Symbol<'_, extern "C" fn() -> u32> = unsafe { lib.get(ABI_VERSION_SYMBOL) }
-                .map_err(|_| {
+            let f: libloading::Symbol<'_, extern "C" fn() -> u32> =
+                unsafe { lib.get(ABI_VERSION_SYMBOL) }.map_err(|_| {
                     load_err(format!(
                         "{} is not a Floe plugin: it has no floe_plugin_abi_version symbol",
                         path.display()
@@ -73,7 +77,10 @@ impl LoadedPlugin {
             .map_err(|e| {
                 Error::new(
                     ErrorKind::AbiMismatch,
-                    format!("plugin {} does not match this floe's plugin ABI: {e}", path.display()),
+                    format!(
+                        "plugin {} does not match this floe's plugin ABI: {e}",
+                        path.display()
+                    ),
                 )
                 .op("load plugin")
                 .path(path)
@@ -89,9 +96,17 @@ impl LoadedPlugin {
             )
             .path(path));
         }
-        let info: PluginInfo = serde_json::from_str((module.info())().as_str())
-            .map_err(|e| load_err(format!("plugin {} describes itself badly: {e}", path.display())))?;
-        Ok(LoadedPlugin { path: path.to_path_buf(), info, module })
+        let info: PluginInfo = serde_json::from_str((module.info())().as_str()).map_err(|e| {
+            load_err(format!(
+                "plugin {} describes itself badly: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(LoadedPlugin {
+            path: path.to_path_buf(),
+            info,
+            module,
+        })
     }
 
     /// Its name.
@@ -104,7 +119,12 @@ impl LoadedPlugin {
         self.info.interfaces.contains(&i)
     }
 
-    fn wrap<T, B>(&self, what: &str, r: abi_stable::std_types::RResult<B, abi_stable::std_types::RString>, f: impl FnOnce(String, B) -> T) -> Result<T> {
+    fn wrap<T, B>(
+        &self,
+        what: &str,
+        r: abi_stable::std_types::RResult<B, abi_stable::std_types::RString>,
+        f: impl FnOnce(String, B) -> T,
+    ) -> Result<T> {
         match r {
             ROk(b) => Ok(f(self.info.name.clone(), b)),
             RErr(e) => Err(constructor_error(&self.info.name, what, &e)),
@@ -114,27 +134,37 @@ impl LoadedPlugin {
     /// A new freezer.
     pub fn freezer(&self, config: &serde_json::Value) -> Result<Box<dyn Freezer>> {
         let r = (self.module.new_freezer())(cfg_text(config).as_str().into());
-        self.wrap("new freezer", r, |n, b| Box::new(LoadedFreezer(n, b)) as Box<dyn Freezer>)
+        self.wrap("new freezer", r, |n, b| {
+            Box::new(LoadedFreezer(n, b)) as Box<dyn Freezer>
+        })
     }
     /// A new mapper.
     pub fn mapper(&self, config: &serde_json::Value) -> Result<Box<dyn Mapper>> {
         let r = (self.module.new_mapper())(cfg_text(config).as_str().into());
-        self.wrap("new mapper", r, |n, b| Box::new(LoadedMapper(n, b)) as Box<dyn Mapper>)
+        self.wrap("new mapper", r, |n, b| {
+            Box::new(LoadedMapper(n, b)) as Box<dyn Mapper>
+        })
     }
     /// A new validity indicator.
     pub fn validity(&self, config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
         let r = (self.module.new_validity())(cfg_text(config).as_str().into());
-        self.wrap("new validity indicator", r, |n, b| Box::new(LoadedValidity(n, b)) as Box<dyn ValidityIndicator>)
+        self.wrap("new validity indicator", r, |n, b| {
+            Box::new(LoadedValidity(n, b)) as Box<dyn ValidityIndicator>
+        })
     }
     /// A new media writer.
     pub fn media_writer(&self, config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
         let r = (self.module.new_media_writer())(cfg_text(config).as_str().into());
-        self.wrap("new media writer", r, |n, b| Box::new(LoadedMediaWriter(n, b)) as Box<dyn MediaWriter>)
+        self.wrap("new media writer", r, |n, b| {
+            Box::new(LoadedMediaWriter(n, b)) as Box<dyn MediaWriter>
+        })
     }
     /// A new media reader.
     pub fn media_reader(&self, config: &serde_json::Value) -> Result<Box<dyn MediaReader>> {
         let r = (self.module.new_media_reader())(cfg_text(config).as_str().into());
-        self.wrap("new media reader", r, |n, b| Box::new(LoadedMediaReader(n, b)) as Box<dyn MediaReader>)
+        self.wrap("new media reader", r, |n, b| {
+            Box::new(LoadedMediaReader(n, b)) as Box<dyn MediaReader>
+        })
     }
 }
 
@@ -153,7 +183,10 @@ impl PluginRegistry {
         if let Ok(v) = std::env::var("FLOE_PLUGIN_DIR") {
             dirs.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
         }
-        if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        if let Some(exe_dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+        {
             dirs.push(exe_dir.join("../lib/floe/plugins"));
             dirs.push(exe_dir.clone());
             // test binaries live in target/<profile>/deps
@@ -172,7 +205,9 @@ impl PluginRegistry {
     pub fn load_dirs(dirs: &[PathBuf]) -> PluginRegistry {
         let mut reg = PluginRegistry::default();
         for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             let mut files: Vec<PathBuf> = entries
                 .flatten()
                 .map(|e| e.path())

@@ -94,7 +94,10 @@ pub fn validate_item(item: &Item) -> Result<()> {
             return Err(invalid(
                 item,
                 if e.logical.0 < pos {
-                    format!("extent at logical offset {} overlaps the one before", e.logical)
+                    format!(
+                        "extent at logical offset {} overlaps the one before",
+                        e.logical
+                    )
                 } else {
                     format!("gap in the map from {pos} to {}", e.logical)
                 },
@@ -139,8 +142,8 @@ pub fn clip(item: &Item, e: &MapExtent, lo: u64, hi: u64) -> Result<MapExtent> {
         }
         ExtentKind::Inline(bytes) => {
             let a = usize::try_from(delta).map_err(|_| invalid(item, "inline too big".into()))?;
-            let b = usize::try_from(hi - start)
-                .map_err(|_| invalid(item, "inline too big".into()))?;
+            let b =
+                usize::try_from(hi - start).map_err(|_| invalid(item, "inline too big".into()))?;
             ExtentKind::Inline(bytes[a..b].to_vec())
         }
         ExtentKind::Hole => ExtentKind::Hole,
@@ -255,11 +258,20 @@ mod tests {
         let gap = item(vec![data(0, 4096, "a", 0), data(8192, 4096, "b", 8)], 12288);
         let e = validate_item(&gap).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidMap);
-        assert!(e.to_string().contains("gap in the map from 4096 to 8192"), "{e}");
+        assert!(
+            e.to_string().contains("gap in the map from 4096 to 8192"),
+            "{e}"
+        );
         let overlap = item(vec![data(0, 4096, "a", 0), data(2048, 4096, "b", 8)], 6144);
-        assert!(validate_item(&overlap).unwrap_err().to_string().contains("overlaps"));
+        assert!(validate_item(&overlap)
+            .unwrap_err()
+            .to_string()
+            .contains("overlaps"));
         let short = item(vec![data(0, 4096, "a", 0)], 8192);
-        assert!(validate_item(&short).unwrap_err().to_string().contains("covers 4096"));
+        assert!(validate_item(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("covers 4096"));
         let mut bad_len = data(0, 4096, "a", 0);
         bad_len.length = Bytes(1024);
         let e = validate_item(&item(vec![bad_len], 1024)).unwrap_err();

@@ -35,8 +35,15 @@ impl MediaWriter for NullMediaWriter {
             .current
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Media, "end_item without begin_item"))?;
-        let position = MediaPosition { medium: "null".into(), locator: "discarded".into() };
-        self.items.push(ItemRecord { header, trailer: trailer.clone(), position: position.clone() });
+        let position = MediaPosition {
+            medium: "null".into(),
+            locator: "discarded".into(),
+        };
+        self.items.push(ItemRecord {
+            header,
+            trailer: trailer.clone(),
+            position: position.clone(),
+        });
         Ok(position)
     }
     fn commit(&mut self) -> Result<SetRecord> {
@@ -44,7 +51,11 @@ impl MediaWriter for NullMediaWriter {
             .header
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Media, "commit without begin_set"))?;
-        Ok(SetRecord { header, items: std::mem::take(&mut self.items), committed_at: now_secs() })
+        Ok(SetRecord {
+            header,
+            items: std::mem::take(&mut self.items),
+            committed_at: now_secs(),
+        })
     }
     fn abort(&mut self) -> Result<()> {
         self.header = None;
@@ -65,7 +76,11 @@ pub struct CountingMediaWriter<W: MediaWriter> {
 impl<W: MediaWriter> CountingMediaWriter<W> {
     /// Wrap a writer.
     pub fn new(inner: W) -> Self {
-        CountingMediaWriter { inner, bytes: 0, items: 0 }
+        CountingMediaWriter {
+            inner,
+            bytes: 0,
+            items: 0,
+        }
     }
     /// The wrapped writer.
     pub fn into_inner(self) -> W {

@@ -46,7 +46,7 @@ pub struct MoverOptions {
     #[cfg_attr(feature = "cli", arg(long, default_value = "64K"))]
     pub coalesce_gap: Bytes,
     /// Longest single device read.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "4M"))]
+    #[cfg_attr(feature = "cli", arg(long, default_value = "8M"))]
     pub max_read: Bytes,
     /// Check the config id again after each read. Only tests that prove the
     /// check matters turn it off.
@@ -64,7 +64,7 @@ impl Default for MoverOptions {
             parallel: 4,
             max_remaps: 32,
             coalesce_gap: Bytes(64 * 1024),
-            max_read: Bytes(4 * 1024 * 1024),
+            max_read: Bytes(8 * 1024 * 1024),
             recheck_after_read: true,
             label: String::new(),
         }
@@ -74,7 +74,11 @@ impl Default for MoverOptions {
 impl MoverOptions {
     /// How reads are shaped.
     pub fn plan(&self) -> PlanOptions {
-        PlanOptions { align: ALIGN as u64, coalesce_gap: self.coalesce_gap.0, max_read: self.max_read.0.max(ALIGN as u64) }
+        PlanOptions {
+            align: ALIGN as u64,
+            coalesce_gap: self.coalesce_gap.0,
+            max_read: self.max_read.0.max(ALIGN as u64),
+        }
     }
 }
 
@@ -131,7 +135,10 @@ struct Counters {
 enum Msg {
     Begin(ItemHeader),
     Window(Vec<Segment>, usize),
-    End { config: crate::model::ConfigId, remaps: u32 },
+    End {
+        config: crate::model::ConfigId,
+        remaps: u32,
+    },
     Done(Counters),
     Failed(Error),
 }
@@ -141,10 +148,19 @@ pub fn check_devices(item: &Item, extents: &[MapExtent], resolver: &DeviceResolv
     for e in extents {
         if let ExtentKind::Data(c) = &e.kind {
             let p = &c.physical;
-            let dev = resolver.resolve(&p.device).map_err(|err| err.item(&item.id))?;
-            let start = p.block_size.offset(p.start).unwrap_or(DeviceOffset(u64::MAX));
+            let dev = resolver
+                .resolve(&p.device)
+                .map_err(|err| err.item(&item.id))?;
+            let start = p
+                .block_size
+                .offset(p.start)
+                .unwrap_or(DeviceOffset(u64::MAX));
             let len = p.block_size.bytes(p.count).unwrap_or(Bytes(u64::MAX));
-            if start.0.checked_add(len.0).is_none_or(|end| end > dev.size().0) {
+            if start
+                .0
+                .checked_add(len.0)
+                .is_none_or(|end| end > dev.size().0)
+            {
                 return Err(Error::new(
                     ErrorKind::ExtentOutOfRange,
                     format!(
@@ -176,7 +192,8 @@ fn remap_item(
 }
 
 fn to_usize(v: u64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::new(ErrorKind::InvalidMap, format!("{v} does not fit in memory")))
+    usize::try_from(v)
+        .map_err(|_| Error::new(ErrorKind::InvalidMap, format!("{v} does not fit in memory")))
 }
 
 /// A piece of a verified window, in logical order.
@@ -245,7 +262,14 @@ impl Reader<'_> {
                 return Ok(());
             }
             let remaps = self.item(&mut item)?;
-            if self.tx.send(Msg::End { config: item.config.clone(), remaps }).is_err() {
+            if self
+                .tx
+                .send(Msg::End {
+                    config: item.config.clone(),
+                    remaps,
+                })
+                .is_err()
+            {
                 return Ok(());
             }
         }
@@ -257,8 +281,17 @@ impl Reader<'_> {
         let seq = self.next_seq;
         self.next_seq += 1;
         for (index, r) in plan.reads.iter().enumerate() {
-            let device = self.resolver.resolve(&r.device).map_err(|e| e.item(&item.id))?;
-            let job = Job { window: seq, index, device, offset: r.offset, len: to_usize(r.length.0)? };
+            let device = self
+                .resolver
+                .resolve(&r.device)
+                .map_err(|e| e.item(&item.id))?;
+            let job = Job {
+                window: seq,
+                index,
+                device,
+                offset: r.offset,
+                len: to_usize(r.length.0)?,
+            };
             self.jobs
                 .send(job)
                 .map_err(|_| Error::new(ErrorKind::Io, "the read pool stopped"))?;
@@ -288,14 +321,17 @@ impl Reader<'_> {
             remaps += 1;
         }
         let mut next = 0usize;
-        let mut inflight: std::collections::VecDeque<(usize, Pending)> = std::collections::VecDeque::new();
+        let mut inflight: std::collections::VecDeque<(usize, Pending)> =
+            std::collections::VecDeque::new();
         loop {
             while inflight.len() < LOOKAHEAD && next < wins.len() {
                 let (lo, len) = wins[next];
                 inflight.push_back((next, self.submit(item, lo, len)?));
                 next += 1;
             }
-            let Some((front_index, _)) = inflight.front() else { break };
+            let Some((front_index, _)) = inflight.front() else {
+                break;
+            };
             let front_index = *front_index;
             // 2. wait for the front window's reads.
             while inflight.front().is_some_and(|(_, p)| p.outstanding > 0) {
@@ -359,12 +395,21 @@ impl Reader<'_> {
 
 /// Turn a window's completed reads and fills into segments in logical
 /// order. Reads that land whole and alone are passed on without a copy.
-fn assemble(plan: WindowPlan, bufs: Vec<Option<AlignedBuf>>, len: Bytes) -> Result<(Vec<Segment>, usize)> {
+fn assemble(
+    plan: WindowPlan,
+    bufs: Vec<Option<AlignedBuf>>,
+    len: Bytes,
+) -> Result<(Vec<Segment>, usize)> {
     let mut parts: Vec<(u64, Segment)> = Vec::new();
     for (read, buf) in plan.reads.iter().zip(bufs) {
-        let buf = Arc::new(buf.ok_or_else(|| Error::new(ErrorKind::Io, "a read finished without its buffer"))?);
+        let buf = Arc::new(
+            buf.ok_or_else(|| Error::new(ErrorKind::Io, "a read finished without its buffer"))?,
+        );
         for t in &read.targets {
-            parts.push((t.to, Segment::Buf(buf.clone(), to_usize(t.from)?, to_usize(t.len)?)));
+            parts.push((
+                t.to,
+                Segment::Buf(buf.clone(), to_usize(t.from)?, to_usize(t.len)?),
+            ));
         }
     }
     for f in plan.fills {
@@ -377,7 +422,10 @@ fn assemble(plan: WindowPlan, bufs: Vec<Option<AlignedBuf>>, len: Bytes) -> Resu
     let mut pos = 0u64;
     for (at, seg) in &parts {
         if *at != pos {
-            return Err(Error::new(ErrorKind::InvalidMap, format!("window pieces do not tile it at {pos}")));
+            return Err(Error::new(
+                ErrorKind::InvalidMap,
+                format!("window pieces do not tile it at {pos}"),
+            ));
         }
         pos += match seg {
             Segment::Buf(_, _, n) | Segment::Zeros(n) => *n as u64,
@@ -385,9 +433,15 @@ fn assemble(plan: WindowPlan, bufs: Vec<Option<AlignedBuf>>, len: Bytes) -> Resu
         };
     }
     if pos != len.0 {
-        return Err(Error::new(ErrorKind::InvalidMap, format!("window pieces cover {pos} of {len} bytes")));
+        return Err(Error::new(
+            ErrorKind::InvalidMap,
+            format!("window pieces cover {pos} of {len} bytes"),
+        ));
     }
-    Ok((parts.into_iter().map(|(_, s)| s).collect(), to_usize(len.0)?))
+    Ok((
+        parts.into_iter().map(|(_, s)| s).collect(),
+        to_usize(len.0)?,
+    ))
 }
 
 /// Read buffers handed back by the writer, reused so that O_DIRECT reads
@@ -428,7 +482,14 @@ fn read_worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, pool: &Buffe
         };
         let mut buf = pool.get(job.len);
         let result = job.device.read_at(&mut buf, job.offset).map(|()| buf);
-        if done.send(Done { window: job.window, index: job.index, result }).is_err() {
+        if done
+            .send(Done {
+                window: job.window,
+                index: job.index,
+                result,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -446,14 +507,19 @@ pub fn backup(
 ) -> Result<BackupReport> {
     let started_at = now_secs();
     let (image, map) = agent.freeze(sources)?;
-    let result = move_image(agent, sources, &image, map, resolver, media, opts, progress, started_at);
+    let result = move_image(
+        agent, sources, &image, map, resolver, media, opts, progress, started_at,
+    );
     let released = agent.release(&image.id);
     match (result, released) {
         (Ok(r), Ok(())) => Ok(r),
         (Ok(r), Err(e)) => {
             // The set is durable and complete; the agent failed to let the
             // image go. Say so, but the backup stands.
-            eprintln!("floe: warning: the agent could not release image {}: {e}", image.id);
+            eprintln!(
+                "floe: warning: the agent could not release image {}: {e}",
+                image.id
+            );
             Ok(r)
         }
         (Err(e), _) => Err(e),
@@ -561,7 +627,10 @@ fn write_items(
         let mut current: Option<(ItemHeader, blake3::Hasher, u64)> = None;
         let outcome = loop {
             let Ok(msg) = rx.recv() else {
-                break Err(Error::new(ErrorKind::Io, "the read thread ended without a result"));
+                break Err(Error::new(
+                    ErrorKind::Io,
+                    "the read thread ended without a result",
+                ));
             };
             match msg {
                 Msg::Begin(h) => {
@@ -608,14 +677,21 @@ fn write_items(
                         break Err(e.item(&h.item));
                     }
                     *done += n as u64;
-                    progress(&Progress::Written { item: h.item.clone(), done: Bytes(*done), size: h.size });
+                    progress(&Progress::Written {
+                        item: h.item.clone(),
+                        done: Bytes(*done),
+                        size: h.size,
+                    });
                 }
                 Msg::End { config, remaps } => {
                     let Some((h, hasher, done)) = current.take() else {
                         break Err(Error::new(ErrorKind::Io, "item end outside an item"));
                     };
                     if remaps > 0 {
-                        progress(&Progress::Remapped { item: h.item.clone(), remaps });
+                        progress(&Progress::Remapped {
+                            item: h.item.clone(),
+                            remaps,
+                        });
                     }
                     let trailer = ItemTrailer {
                         length: Bytes(done),
@@ -660,7 +736,10 @@ pub fn restore_item(
         if size.0 < record.header.size.0 {
             return Err(Error::new(
                 ErrorKind::WriteFailed,
-                format!("restore target holds {size} bytes, item {item} needs {}", record.header.size),
+                format!(
+                    "restore target holds {size} bytes, item {item} needs {}",
+                    record.header.size
+                ),
             )
             .item(item));
         }
@@ -673,9 +752,15 @@ pub fn restore_item(
             break;
         }
         hasher.update(&chunk);
-        target.write_at(&chunk, DeviceOffset(pos)).map_err(|e| e.item(item))?;
+        target
+            .write_at(&chunk, DeviceOffset(pos))
+            .map_err(|e| e.item(item))?;
         pos += chunk.len() as u64;
-        progress(&Progress::Written { item: item.clone(), done: Bytes(pos), size: record.header.size });
+        progress(&Progress::Written {
+            item: item.clone(),
+            done: Bytes(pos),
+            size: record.header.size,
+        });
     }
     target.flush().map_err(|e| e.item(item))?;
     let sum = hasher.finalize().to_hex().to_string();
@@ -689,5 +774,8 @@ pub fn restore_item(
         )
         .item(item));
     }
-    Ok(RestoreReport { bytes: pos, blake3: sum })
+    Ok(RestoreReport {
+        bytes: pos,
+        blake3: sum,
+    })
 }

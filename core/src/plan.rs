@@ -206,7 +206,10 @@ mod tests {
     }
 
     fn item(extents: Vec<MapExtent>) -> Item {
-        let size = extents.last().map(|e| e.logical.0 + e.length.0).unwrap_or(0);
+        let size = extents
+            .last()
+            .map(|e| e.logical.0 + e.length.0)
+            .unwrap_or(0);
         Item {
             id: ItemId::new("v"),
             kind: ItemKind::Volume,
@@ -237,8 +240,16 @@ mod tests {
         assert_eq!(
             plan.reads[0].targets,
             vec![
-                Target { from: 0, to: 8192, len: 4096 },
-                Target { from: 4096, to: 12288, len: 4096 }
+                Target {
+                    from: 0,
+                    to: 8192,
+                    len: 4096
+                },
+                Target {
+                    from: 4096,
+                    to: 12288,
+                    len: 4096
+                }
             ]
         );
         assert_eq!(plan.reads[1].offset, DeviceOffset(1 << 20));
@@ -252,9 +263,26 @@ mod tests {
         let plan = plan_window(&it, ItemOffset(512), Bytes(1024), &PlanOptions::default()).unwrap();
         assert_eq!(plan.reads.len(), 2);
         assert_eq!(plan.reads[0].device, DeviceId::new("a"));
-        assert_eq!((plan.reads[0].offset, plan.reads[0].length), (DeviceOffset(0), Bytes(4096)));
-        assert_eq!(plan.reads[0].targets, vec![Target { from: 1024, to: 0, len: 512 }]);
-        assert_eq!(plan.reads[1].targets, vec![Target { from: 512, to: 512, len: 512 }]);
+        assert_eq!(
+            (plan.reads[0].offset, plan.reads[0].length),
+            (DeviceOffset(0), Bytes(4096))
+        );
+        assert_eq!(
+            plan.reads[0].targets,
+            vec![Target {
+                from: 1024,
+                to: 0,
+                len: 512
+            }]
+        );
+        assert_eq!(
+            plan.reads[1].targets,
+            vec![Target {
+                from: 512,
+                to: 512,
+                len: 512
+            }]
+        );
     }
 
     #[test]
@@ -262,20 +290,44 @@ mod tests {
         let it = item(vec![data(0, 4096, "a", 0), data(4096, 4096, "a", 10 << 20)]);
         let plan = plan_window(&it, ItemOffset(0), Bytes(8192), &PlanOptions::default()).unwrap();
         assert_eq!(plan.reads.len(), 2);
-        let opts = PlanOptions { max_read: 4096, coalesce_gap: 1 << 30, align: 4096 };
+        let opts = PlanOptions {
+            max_read: 4096,
+            coalesce_gap: 1 << 30,
+            align: 4096,
+        };
         let it = item(vec![data(0, 4096, "a", 0), data(4096, 4096, "a", 4096)]);
-        assert_eq!(plan_window(&it, ItemOffset(0), Bytes(8192), &opts).unwrap().reads.len(), 2);
+        assert_eq!(
+            plan_window(&it, ItemOffset(0), Bytes(8192), &opts)
+                .unwrap()
+                .reads
+                .len(),
+            2
+        );
         // one long extent is split too
         let it = item(vec![data(0, 3 * 4096, "a", 0)]);
         let plan = plan_window(&it, ItemOffset(0), Bytes(3 * 4096), &opts).unwrap();
         assert_eq!(plan.reads.len(), 3);
-        assert_eq!(plan.reads[2].targets, vec![Target { from: 0, to: 8192, len: 4096 }]);
+        assert_eq!(
+            plan.reads[2].targets,
+            vec![Target {
+                from: 0,
+                to: 8192,
+                len: 4096
+            }]
+        );
     }
 
     #[test]
     fn windows_cover_the_item() {
         let w = windows(Bytes(10), Bytes(4));
-        assert_eq!(w, vec![(ItemOffset(0), Bytes(4)), (ItemOffset(4), Bytes(4)), (ItemOffset(8), Bytes(2))]);
+        assert_eq!(
+            w,
+            vec![
+                (ItemOffset(0), Bytes(4)),
+                (ItemOffset(4), Bytes(4)),
+                (ItemOffset(8), Bytes(2))
+            ]
+        );
         assert!(windows(Bytes(0), Bytes(4)).is_empty());
     }
 }

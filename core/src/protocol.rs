@@ -177,7 +177,8 @@ pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>> {
         ));
     }
     let len = decode_header(&h, max)?;
-    let len = usize::try_from(len).map_err(|_| Error::new(ErrorKind::FrameTooLarge, "frame too large"))?;
+    let len = usize::try_from(len)
+        .map_err(|_| Error::new(ErrorKind::FrameTooLarge, "frame too large"))?;
     let mut payload = vec![0u8; len];
     let got = read_full(r, &mut payload)?;
     if got < len {
@@ -220,10 +221,14 @@ mod tests {
 
     #[test]
     fn round_trip_and_errors() {
-        let msg = Request::Freeze { sources: vec!["array:vol0".into()] };
+        let msg = Request::Freeze {
+            sources: vec!["array:vol0".into()],
+        };
         let mut buf = Vec::new();
         write_message(&mut buf, &msg).unwrap();
-        let back: Request = read_message(&mut buf.as_slice(), DEFAULT_MAX_FRAME).unwrap().unwrap();
+        let back: Request = read_message(&mut buf.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
         assert_eq!(back, msg);
 
         let e = read_message::<Request>(&mut &buf[..buf.len() - 3], DEFAULT_MAX_FRAME).unwrap_err();
@@ -231,18 +236,30 @@ mod tests {
         assert!(e.to_string().contains("truncated frame"), "{e}");
 
         let e = read_message::<Request>(&mut &buf[..5], DEFAULT_MAX_FRAME).unwrap_err();
-        assert!(e.to_string().contains("truncated frame header: 5 of 12"), "{e}");
+        assert!(
+            e.to_string().contains("truncated frame header: 5 of 12"),
+            "{e}"
+        );
 
         let e = read_message::<Request>(&mut buf.as_slice(), 8).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::FrameTooLarge);
-        assert!(e.to_string().contains("exceeds the limit of 8 bytes"), "{e}");
+        assert!(
+            e.to_string().contains("exceeds the limit of 8 bytes"),
+            "{e}"
+        );
 
         let mut bad = buf.clone();
         bad[5] = 9;
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
-        assert!(e.to_string().contains("protocol version 9, this build speaks 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("protocol version 9, this build speaks 1"),
+            "{e}"
+        );
 
-        assert!(read_message::<Request>(&mut &[][..], DEFAULT_MAX_FRAME).unwrap().is_none());
+        assert!(read_message::<Request>(&mut &[][..], DEFAULT_MAX_FRAME)
+            .unwrap()
+            .is_none());
     }
 
     proptest! {

@@ -91,9 +91,9 @@ impl std::str::FromStr for Bytes {
             Some('T' | 't') => (&s[..s.len() - 1], 40),
             _ => (s, 0),
         };
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("bad size {s:?}: expected a number with an optional K, M, G or T"))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("bad size {s:?}: expected a number with an optional K, M, G or T")
+        })?;
         n.checked_mul(1u64 << shift)
             .map(Bytes)
             .ok_or_else(|| format!("size {s:?} overflows"))

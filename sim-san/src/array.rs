@@ -137,7 +137,12 @@ impl State {
             if let Some((n, _)) = self
                 .targets
                 .iter()
-                .filter(|(_, t)| t.kind == Kind::Snapshot { origin: origin.to_string() })
+                .filter(|(_, t)| {
+                    t.kind
+                        == Kind::Snapshot {
+                            origin: origin.to_string(),
+                        }
+                })
                 .max_by_key(|(_, t)| t.created)
             {
                 return n.clone();
@@ -195,9 +200,10 @@ impl Array {
                 format!("cannot create array directory {}: {e}", dir.display()),
             )
         })?;
-        let id = blake3::hash(format!("{}:{seed}:{}", dir.display(), std::process::id()).as_bytes())
-            .to_hex()[..16]
-            .to_string();
+        let id =
+            blake3::hash(format!("{}:{seed}:{}", dir.display(), std::process::id()).as_bytes())
+                .to_hex()[..16]
+                .to_string();
         Ok(Array {
             dir: dir.to_path_buf(),
             id,
@@ -267,7 +273,12 @@ impl Array {
             .truncate(true)
             .open(&path)
             .and_then(|f| f.set_len(size).map(|()| f))
-            .map_err(|e| err(ErrorCode::Io, format!("cannot create {}: {e}", path.display())))?;
+            .map_err(|e| {
+                err(
+                    ErrorCode::Io,
+                    format!("cannot create {}: {e}", path.display()),
+                )
+            })?;
         let lun = Lun {
             name: name.to_string(),
             pool,
@@ -336,7 +347,10 @@ impl Array {
                         .position(|l| &l.name == n)
                         .ok_or_else(|| err(ErrorCode::NotFound, format!("no LUN {n}")))?;
                     if !st.luns[i].pool {
-                        return Err(err(ErrorCode::Invalid, format!("LUN {n} is raw, not in the pool")));
+                        return Err(err(
+                            ErrorCode::Invalid,
+                            format!("LUN {n} is raw, not in the pool"),
+                        ));
                     }
                     Ok(i)
                 })
@@ -358,7 +372,8 @@ impl Array {
                 .copied()
                 .filter(|&i| !st.luns[i].free.is_empty())
                 .collect();
-            let lun = candidates[usize::try_from(st.rng.below(candidates.len() as u64)).unwrap_or(0)];
+            let lun =
+                candidates[usize::try_from(st.rng.below(candidates.len() as u64)).unwrap_or(0)];
             let want = run.min(chunks - map.len() as u64);
             for c in take_run(&mut st.luns[lun].free, want) {
                 map.push(Phys { lun, chunk: c });
@@ -386,7 +401,10 @@ impl Array {
             .filter(|&i| st.luns[i].pool && !st.luns[i].free.is_empty())
             .collect();
         if candidates.is_empty() {
-            return Err(err(ErrorCode::NoSpace, "snapshot reserve exhausted: no free chunk"));
+            return Err(err(
+                ErrorCode::NoSpace,
+                "snapshot reserve exhausted: no free chunk",
+            ));
         }
         let lun = candidates[usize::try_from(st.rng.below(candidates.len() as u64)).unwrap_or(0)];
         let chunk = st.luns[lun].free.pop_first().unwrap_or(0);
@@ -496,7 +514,10 @@ impl Array {
             let lun = &st.luns[p.lun];
             let s = usize::try_from(pos - offset).unwrap_or(0);
             lun.file
-                .write_all_at(&data[s..s + usize::try_from(n).unwrap_or(0)], p.chunk * CHUNK + within)
+                .write_all_at(
+                    &data[s..s + usize::try_from(n).unwrap_or(0)],
+                    p.chunk * CHUNK + within,
+                )
                 .map_err(|e| err(ErrorCode::Io, format!("write {}: {e}", lun.name)))?;
             pos += n;
         }
@@ -504,8 +525,15 @@ impl Array {
     }
 
     /// Write `length` pseudo-random bytes from `seed` at `offset`.
-    pub fn write_pattern(&self, target: &str, offset: DeviceOffset, length: Bytes, seed: u64) -> R<()> {
-        let mut buf = vec![0u8; usize::try_from(length.0).map_err(|_| err(ErrorCode::Invalid, "too long"))?];
+    pub fn write_pattern(
+        &self,
+        target: &str,
+        offset: DeviceOffset,
+        length: Bytes,
+        seed: u64,
+    ) -> R<()> {
+        let mut buf =
+            vec![0u8; usize::try_from(length.0).map_err(|_| err(ErrorCode::Invalid, "too long"))?];
         Rng::new(seed).fill(&mut buf);
         self.write(target, offset, &buf)
     }
@@ -536,7 +564,8 @@ impl Array {
         let t = Self::target(&st, target)?;
         let (offset, length) = (offset.0, length.0);
         Self::check_range(t, target, offset, length)?;
-        let mut out = vec![0u8; usize::try_from(length).map_err(|_| err(ErrorCode::Invalid, "too long"))?];
+        let mut out =
+            vec![0u8; usize::try_from(length).map_err(|_| err(ErrorCode::Invalid, "too long"))?];
         let mut pos = offset;
         while pos < offset + length {
             let within = pos % CHUNK;
@@ -545,7 +574,10 @@ impl Array {
             let s = usize::try_from(pos - offset).unwrap_or(0);
             let lun = &st.luns[p.lun];
             lun.file
-                .read_exact_at(&mut out[s..s + usize::try_from(n).unwrap_or(0)], p.chunk * CHUNK + within)
+                .read_exact_at(
+                    &mut out[s..s + usize::try_from(n).unwrap_or(0)],
+                    p.chunk * CHUNK + within,
+                )
                 .map_err(|e| err(ErrorCode::Io, format!("read {}: {e}", lun.name)))?;
             pos += n;
         }
@@ -553,7 +585,12 @@ impl Array {
     }
 
     /// BLAKE3 of a target's bytes (all of them by default).
-    pub fn checksum(&self, target: &str, offset: Option<DeviceOffset>, length: Option<Bytes>) -> R<String> {
+    pub fn checksum(
+        &self,
+        target: &str,
+        offset: Option<DeviceOffset>,
+        length: Option<Bytes>,
+    ) -> R<String> {
         let size = self.size(target)?;
         let off = offset.map_or(0, |o| o.0);
         let len = length.map_or(size.saturating_sub(off), |l| l.0);
@@ -605,11 +642,12 @@ impl Array {
     /// Delete a volume or snapshot; chunks no one maps are freed.
     pub fn delete(&self, name: &str) -> R<()> {
         let mut st = self.write_state();
-        if let Some(dep) = st
-            .targets
-            .iter()
-            .find(|(_, t)| t.kind == Kind::Snapshot { origin: name.to_string() })
-        {
+        if let Some(dep) = st.targets.iter().find(|(_, t)| {
+            t.kind
+                == Kind::Snapshot {
+                    origin: name.to_string(),
+                }
+        }) {
             return Err(err(
                 ErrorCode::Busy,
                 format!("volume {name} has snapshot {}", dep.0),
@@ -693,7 +731,13 @@ impl Array {
 
     /// Make reads of `[offset, offset+length)` of a LUN fail with EIO
     /// (`count` times, or until cleared).
-    pub fn inject_error(&self, lun: &str, offset: DeviceOffset, length: Bytes, count: Option<u32>) -> R<()> {
+    pub fn inject_error(
+        &self,
+        lun: &str,
+        offset: DeviceOffset,
+        length: Bytes,
+        count: Option<u32>,
+    ) -> R<()> {
         let mut st = self.write_state();
         let l = lun_mut(&mut st, lun)?;
         l.errors.push(Fault {
@@ -705,7 +749,13 @@ impl Array {
     }
 
     /// Delay reads of a LUN range.
-    pub fn inject_latency(&self, lun: &str, offset: DeviceOffset, length: Bytes, millis: u64) -> R<()> {
+    pub fn inject_latency(
+        &self,
+        lun: &str,
+        offset: DeviceOffset,
+        length: Bytes,
+        millis: u64,
+    ) -> R<()> {
         let mut st = self.write_state();
         let l = lun_mut(&mut st, lun)?;
         l.latency.push(Latency {
@@ -765,11 +815,20 @@ impl Array {
             // deleted snapshot) is skipped: the schedule is a workload, not
             // a contract.
             let _ = match e.action {
-                crate::control::Action::Migrate { target, offset, length } => {
+                crate::control::Action::Migrate {
+                    target,
+                    offset,
+                    length,
+                } => {
                     let target = st.resolve(&target);
                     Self::migrate_locked(&mut st, &target, offset.0, length.0).map(|_| ())
                 }
-                crate::control::Action::Write { target, offset, length, seed } => {
+                crate::control::Action::Write {
+                    target,
+                    offset,
+                    length,
+                    seed,
+                } => {
                     let mut buf = vec![0u8; usize::try_from(length.0).unwrap_or(0)];
                     Rng::new(seed).fill(&mut buf);
                     Self::write_locked(&mut st, &target, offset.0, &buf)
@@ -785,7 +844,12 @@ impl Array {
 
     /// Serve an NBD read of a LUN: faults, latency, the scheduler's
     /// before/after-read events, and the read itself.
-    pub fn nbd_read(&self, lun: usize, offset: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
+    pub fn nbd_read(
+        &self,
+        lun: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), i32> {
         let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         self.fire(|t| matches!(t, Trigger::BeforeRead(k) if *k == n));
         let len = buf.len() as u64;
@@ -833,7 +897,10 @@ impl Array {
     pub fn nbd_write(&self, lun: usize, offset: u64, data: &[u8]) -> std::result::Result<(), i32> {
         let st = self.write_state();
         let l = st.luns.get(lun).ok_or(libc::ENXIO)?;
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > l.size) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > l.size)
+        {
             return Err(libc::ENOSPC);
         }
         l.file
@@ -845,7 +912,9 @@ impl Array {
     pub fn nbd_flush(&self, lun: usize) -> std::result::Result<(), i32> {
         let st = self.read_state();
         let l = st.luns.get(lun).ok_or(libc::ENXIO)?;
-        l.file.sync_data().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        l.file
+            .sync_data()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
     }
 
     /// Check the reference counts against the maps (for tests).
@@ -862,7 +931,10 @@ impl Array {
         }
         for p in counted.keys() {
             if st.luns[p.lun].free.contains(&p.chunk) {
-                return Err(format!("chunk {} of LUN {} is mapped and free", p.chunk, p.lun));
+                return Err(format!(
+                    "chunk {} of LUN {} is mapped and free",
+                    p.chunk, p.lun
+                ));
             }
         }
         Ok(())
@@ -917,7 +989,10 @@ fn take_run(free: &mut BTreeSet<u64>, want: u64) -> Vec<u64> {
         let s = start.unwrap_or(0);
         (s..s + want).collect()
     } else {
-        free.iter().copied().take(usize::try_from(want).unwrap_or(0)).collect()
+        free.iter()
+            .copied()
+            .take(usize::try_from(want).unwrap_or(0))
+            .collect()
     };
     for c in &run {
         free.remove(c);
@@ -980,7 +1055,8 @@ mod tests {
     }
 
     fn all(a: &Array, t: &str) -> Vec<u8> {
-        a.read(t, DeviceOffset(0), Bytes(a.size(t).unwrap())).unwrap()
+        a.read(t, DeviceOffset(0), Bytes(a.size(t).unwrap()))
+            .unwrap()
     }
 
     #[test]
@@ -991,7 +1067,8 @@ mod tests {
         let before = all(&a, "v");
         let snap = a.snapshot(&["v".into()], "s").unwrap().remove(0);
         let m0 = a.map(&snap).unwrap();
-        a.write_pattern("v", DeviceOffset(100_000), Bytes(70_000), 9).unwrap();
+        a.write_pattern("v", DeviceOffset(100_000), Bytes(70_000), 9)
+            .unwrap();
         let m1 = a.map(&snap).unwrap();
         assert_eq!(m1.generation, 2, "one write, one new generation");
         assert_ne!(m0.extents, m1.extents);
@@ -999,7 +1076,11 @@ mod tests {
         assert_ne!(all(&a, "v"), before);
         let changed = a.remap(&snap, 1).unwrap();
         let covered: u64 = changed.extents.iter().map(|e| e.length.0).sum();
-        assert_eq!(covered, 2 * CHUNK, "bytes 100000..170000 touch chunks 1 and 2");
+        assert_eq!(
+            covered,
+            2 * CHUNK,
+            "bytes 100000..170000 touch chunks 1 and 2"
+        );
         assert!(a.remap(&snap, 2).unwrap().extents.is_empty());
         a.check_invariants().unwrap();
     }
@@ -1008,16 +1089,24 @@ mod tests {
     fn migration_copies_switches_and_scribbles_the_old_place() {
         let (_d, a) = array(1);
         a.create_volume("v", Bytes(4 * CHUNK), 4, None).unwrap();
-        a.write_pattern("v", DeviceOffset(0), Bytes(4 * CHUNK), 3).unwrap();
+        a.write_pattern("v", DeviceOffset(0), Bytes(4 * CHUNK), 3)
+            .unwrap();
         let before = all(&a, "v");
         let old = a.map("v").unwrap().extents[0].clone();
-        assert_eq!(a.migrate("v", DeviceOffset(CHUNK), Bytes(CHUNK)).unwrap(), 2);
+        assert_eq!(
+            a.migrate("v", DeviceOffset(CHUNK), Bytes(CHUNK)).unwrap(),
+            2
+        );
         assert_eq!(all(&a, "v"), before);
         let path = a.lun_path("lun0").unwrap();
         let f = File::open(path).unwrap();
         let mut buf = vec![0u8; usize::try_from(CHUNK).unwrap()];
         f.read_exact_at(&mut buf, old.lun_offset.0 + CHUNK).unwrap();
-        assert_ne!(&buf[..], &before[usize::try_from(CHUNK).unwrap()..usize::try_from(2 * CHUNK).unwrap()], "the old place was scribbled");
+        assert_ne!(
+            &buf[..],
+            &before[usize::try_from(CHUNK).unwrap()..usize::try_from(2 * CHUNK).unwrap()],
+            "the old place was scribbled"
+        );
         a.check_invariants().unwrap();
     }
 
@@ -1036,7 +1125,8 @@ mod tests {
     #[test]
     fn injected_errors_fail_reads_of_their_range_only() {
         let (_d, a) = array(1);
-        a.inject_error("lun0", DeviceOffset(8192), Bytes(4096), Some(1)).unwrap();
+        a.inject_error("lun0", DeviceOffset(8192), Bytes(4096), Some(1))
+            .unwrap();
         let mut buf = vec![0u8; 4096];
         assert_eq!(a.nbd_read(0, 0, &mut buf), Ok(()));
         assert_eq!(a.nbd_read(0, 8192, &mut buf), Err(libc::EIO));

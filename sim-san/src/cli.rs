@@ -80,7 +80,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Serve(a) => {
             let san = SimSan::start(&a.dir, a.seed, &a.nbd, &a.control)?;
             let mut luns = Vec::new();
-            for (spec, pool) in a.luns.iter().map(|s| (s, true)).chain(a.raw_luns.iter().map(|s| (s, false))) {
+            for (spec, pool) in a
+                .luns
+                .iter()
+                .map(|s| (s, true))
+                .chain(a.raw_luns.iter().map(|s| (s, false)))
+            {
                 let (name, size) = spec
                     .split_once('=')
                     .ok_or_else(|| anyhow::anyhow!("--lun wants NAME=SIZE, got {spec:?}"))?;

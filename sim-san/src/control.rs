@@ -369,21 +369,47 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
         _ => {}
     }
     Ok(match op {
-        Op::Hello => json!({"array": array.id(), "version": CONTROL_VERSION, "chunk": crate::array::CHUNK}),
-        Op::CreateLun { name, size, pool } => to_value(array.create_lun_in(&name, size, pool.unwrap_or(true))?),
-        Op::ListLuns => to_value(array.luns()),
-        Op::CreateVolume { name, size, max_run_chunks, luns } => {
-            to_value(array.create_volume(&name, size, max_run_chunks.unwrap_or(16), luns.as_deref())?)
+        Op::Hello => {
+            json!({"array": array.id(), "version": CONTROL_VERSION, "chunk": crate::array::CHUNK})
         }
-        Op::Write { target, offset, length, seed } => {
+        Op::CreateLun { name, size, pool } => {
+            to_value(array.create_lun_in(&name, size, pool.unwrap_or(true))?)
+        }
+        Op::ListLuns => to_value(array.luns()),
+        Op::CreateVolume {
+            name,
+            size,
+            max_run_chunks,
+            luns,
+        } => to_value(array.create_volume(
+            &name,
+            size,
+            max_run_chunks.unwrap_or(16),
+            luns.as_deref(),
+        )?),
+        Op::Write {
+            target,
+            offset,
+            length,
+            seed,
+        } => {
             array.write_pattern(&target, offset, length, seed)?;
             json!({})
         }
-        Op::Workload { target, seed, writes, max_length } => {
+        Op::Workload {
+            target,
+            seed,
+            writes,
+            max_length,
+        } => {
             array.workload(&target, seed, writes, max_length)?;
             json!({})
         }
-        Op::Read { target, offset, length } => {
+        Op::Read {
+            target,
+            offset,
+            length,
+        } => {
             if length.0 > 16 * 1024 * 1024 {
                 return Err(ArrayError {
                     code: ErrorCode::Invalid,
@@ -392,23 +418,43 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
             }
             json!({"hex": hex(&array.read(&target, offset, length)?)})
         }
-        Op::Checksum { target, offset, length } => {
+        Op::Checksum {
+            target,
+            offset,
+            length,
+        } => {
             json!({"blake3": array.checksum(&target, offset, length)?})
         }
-        Op::Snapshot { volumes, suffix } => json!({"snapshots": array.snapshot(&volumes, &suffix)?}),
+        Op::Snapshot { volumes, suffix } => {
+            json!({"snapshots": array.snapshot(&volumes, &suffix)?})
+        }
         Op::Delete { target } => {
             array.delete(&target)?;
             json!({})
         }
-        Op::Migrate { target, offset, length } => json!({"generation": array.migrate(&target, offset, length)?}),
+        Op::Migrate {
+            target,
+            offset,
+            length,
+        } => json!({"generation": array.migrate(&target, offset, length)?}),
         Op::Map { target } => to_value(array.map(&target)?),
         Op::Generation { target } => json!({"generation": array.generation(&target)?}),
         Op::Remap { target, since } => to_value(array.remap(&target, since)?),
-        Op::InjectError { lun, offset, length, count } => {
+        Op::InjectError {
+            lun,
+            offset,
+            length,
+            count,
+        } => {
             array.inject_error(&lun, offset, length, count)?;
             json!({})
         }
-        Op::InjectLatency { lun, offset, length, millis } => {
+        Op::InjectLatency {
+            lun,
+            offset,
+            length,
+            millis,
+        } => {
             array.inject_latency(&lun, offset, length, millis)?;
             json!({})
         }
@@ -423,7 +469,10 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
         }
         Op::Stats => to_value(array.stats()),
         Op::Check => {
-            array.check_invariants().map_err(|m| ArrayError { code: ErrorCode::Invalid, message: m })?;
+            array.check_invariants().map_err(|m| ArrayError {
+                code: ErrorCode::Invalid,
+                message: m,
+            })?;
             json!({})
         }
     })
@@ -446,8 +495,18 @@ pub fn handle_line(array: &Array, line: &str) -> Response {
         Ok(r) => execute(array, r.op),
     };
     match result {
-        Ok(v) => Response { v: CONTROL_VERSION, ok: true, result: Some(v), error: None },
-        Err(e) => Response { v: CONTROL_VERSION, ok: false, result: None, error: Some(e) },
+        Ok(v) => Response {
+            v: CONTROL_VERSION,
+            ok: true,
+            result: Some(v),
+            error: None,
+        },
+        Err(e) => Response {
+            v: CONTROL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(e),
+        },
     }
 }
 
@@ -487,7 +546,9 @@ impl Client {
             message: format!("cannot reach sim-san control API at {addr}: {e}"),
         })?;
         let _ = s.set_nodelay(true);
-        Ok(Client { reader: BufReader::new(s) })
+        Ok(Client {
+            reader: BufReader::new(s),
+        })
     }
 
     /// Send one operation; the result value.
@@ -496,7 +557,11 @@ impl Client {
             code: ErrorCode::Io,
             message: format!("sim-san control connection: {e}"),
         };
-        let mut line = serde_json::to_vec(&Request { v: CONTROL_VERSION, op }).map_err(|e| ArrayError {
+        let mut line = serde_json::to_vec(&Request {
+            v: CONTROL_VERSION,
+            op,
+        })
+        .map_err(|e| ArrayError {
             code: ErrorCode::Protocol,
             message: e.to_string(),
         })?;
@@ -549,7 +614,11 @@ mod tests {
         let (_d, a) = array();
         let r = handle_line(&a, r#"{"v":2,"op":"hello"}"#);
         assert!(!r.ok);
-        assert!(r.error.unwrap().message.contains("version 2 requested, this sim-san speaks 1"));
+        assert!(r
+            .error
+            .unwrap()
+            .message
+            .contains("version 2 requested, this sim-san speaks 1"));
         let r = handle_line(&a, r#"{"v":1,"op":"no_such_op"}"#);
         assert_eq!(r.error.unwrap().code, ErrorCode::Protocol);
         let r = handle_line(&a, r#"{"v":1,"op":"create_lun","name":"l","size":65536}"#);
@@ -560,7 +629,10 @@ mod tests {
 
     #[test]
     fn hex_round_trips() {
-        assert_eq!(unhex(&hex(&[0, 1, 254, 255])).unwrap(), vec![0, 1, 254, 255]);
+        assert_eq!(
+            unhex(&hex(&[0, 1, 254, 255])).unwrap(),
+            vec![0, 1, 254, 255]
+        );
         assert!(unhex("abc").is_none());
     }
 

@@ -46,7 +46,11 @@ impl SimSan {
                 std::thread::spawn(move || control::serve_connection(a, conn));
             }
         });
-        Ok(SimSan { array, nbd_addr, control_addr })
+        Ok(SimSan {
+            array,
+            nbd_addr,
+            control_addr,
+        })
     }
 
     /// A control client for this simulator.

@@ -70,9 +70,12 @@ impl Lab {
     /// keeps snapshots after release when `keep` is set.
     pub fn start(seed: u64, luns: &[(&str, u64)], keep: bool) -> Lab {
         let dir = tempfile::tempdir().expect("tempdir");
-        let san = SimSan::start(&dir.path().join("san"), seed, "127.0.0.1:0", "127.0.0.1:0").expect("start sim-san");
+        let san = SimSan::start(&dir.path().join("san"), seed, "127.0.0.1:0", "127.0.0.1:0")
+            .expect("start sim-san");
         for (name, size) in luns {
-            san.array.create_lun(name, floe_core::units::Bytes(*size)).expect("create LUN");
+            san.array
+                .create_lun(name, floe_core::units::Bytes(*size))
+                .expect("create LUN");
         }
         let mut plugin_config = HashMap::new();
         plugin_config.insert(
@@ -81,12 +84,20 @@ impl Lab {
         );
         let agent = Arc::new(Agent::new(
             plugins(),
-            AgentOptions { plugin_config, host: "apphost".into(), max_frame: None },
+            AgentOptions {
+                plugin_config,
+                host: "apphost".into(),
+                max_frame: None,
+            },
         ));
         let l = TcpListener::bind("127.0.0.1:0").expect("bind agent");
         let agent_addr = l.local_addr().expect("addr").to_string();
         std::thread::spawn(move || agent.listen(l));
-        Lab { san, agent_addr, dir }
+        Lab {
+            san,
+            agent_addr,
+            dir,
+        }
     }
 
     /// A control client.
@@ -130,7 +141,14 @@ impl Lab {
         let mut agent = AgentClient::connect_tcp(&self.agent_addr)?;
         let mut media = Self::disk_writer(&self.media_dir());
         let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-        backup(&mut agent, &sources, &self.resolver(), media.as_mut(), opts, &mut |_| {})
+        backup(
+            &mut agent,
+            &sources,
+            &self.resolver(),
+            media.as_mut(),
+            opts,
+            &mut |_| {},
+        )
     }
 
     /// Restore an item of a set to a file; its bytes.
@@ -139,7 +157,13 @@ impl Lab {
         let _ = std::fs::remove_file(&path);
         let mut target = open_target(path.to_str().expect("utf-8 path"))?;
         let mut reader = Self::disk_reader(&self.media_dir());
-        restore_item(reader.as_mut(), set, &ItemId::new(item), target.as_mut(), &mut |_| {})?;
+        restore_item(
+            reader.as_mut(),
+            set,
+            &ItemId::new(item),
+            target.as_mut(),
+            &mut |_| {},
+        )?;
         Ok(std::fs::read(&path).expect("read restored image"))
     }
 
@@ -148,7 +172,11 @@ impl Lab {
         let size = self.san.array.size(target).expect("target size");
         self.san
             .array
-            .read(target, floe_core::units::DeviceOffset(0), floe_core::units::Bytes(size))
+            .read(
+                target,
+                floe_core::units::DeviceOffset(0),
+                floe_core::units::Bytes(size),
+            )
             .expect("read target")
     }
 }
@@ -191,7 +219,9 @@ pub enum Script {
 /// application host could send. Returns its address.
 pub fn scripted_agent(script: Script) -> String {
     use floe_core::model::{FrozenImage, FrozenItem};
-    use floe_core::protocol::{encode_frame, read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION};
+    use floe_core::protocol::{
+        encode_frame, read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION,
+    };
     use std::io::Write;
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr").to_string();
@@ -201,7 +231,10 @@ pub fn scripted_agent(script: Script) -> String {
         let mut w = s;
         while let Ok(Some(req)) = read_message::<Request>(&mut r, DEFAULT_MAX_FRAME) {
             let resp = match (&script, req) {
-                (_, Request::Hello { .. }) => Response::Hello { protocol: VERSION, host: "crafted".into() },
+                (_, Request::Hello { .. }) => Response::Hello {
+                    protocol: VERSION,
+                    host: "crafted".into(),
+                },
                 (Script::TruncatedFrame, Request::Freeze { .. }) => {
                     let frame = encode_frame(br#"{"type":"released"}"#).expect("frame");
                     let _ = w.write_all(&frame[..frame.len() / 2]);
@@ -215,19 +248,32 @@ pub fn scripted_agent(script: Script) -> String {
                             .items
                             .iter()
                             .zip(sources)
-                            .map(|(i, s)| FrozenItem { id: i.id.clone(), source: s, handle: serde_json::Value::Null })
+                            .map(|(i, s)| FrozenItem {
+                                id: i.id.clone(),
+                                source: s,
+                                handle: serde_json::Value::Null,
+                            })
                             .collect(),
                         frozen_at: 0,
                     },
                     map: map.clone(),
                 },
                 (Script::Map(map), Request::CheckConfig { item, .. }) => Response::Config {
-                    current: map.items.iter().find(|i| i.id == item).map(|i| i.config.clone()).unwrap_or_default_config(),
+                    current: map
+                        .items
+                        .iter()
+                        .find(|i| i.id == item)
+                        .map(|i| i.config.clone())
+                        .unwrap_or_default_config(),
                     valid: true,
                 },
                 (_, Request::Release { .. }) => Response::Released,
                 (_, other) => Response::Error {
-                    error: floe_core::Error::new(floe_core::ErrorKind::Protocol, format!("scripted agent got {other:?}")).to_wire(),
+                    error: floe_core::Error::new(
+                        floe_core::ErrorKind::Protocol,
+                        format!("scripted agent got {other:?}"),
+                    )
+                    .to_wire(),
                 },
             };
             if write_message(&mut w, &resp).is_err() {

@@ -18,16 +18,29 @@ impl SimSanProcess {
     fn start(luns: &[&str], raw: &[&str]) -> SimSanProcess {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(build_dir().join("floe-sim-san"));
-        cmd.args(["serve", "--dir", dir.path().to_str().unwrap(), "--nbd", "127.0.0.1:0", "--control", "127.0.0.1:0"]);
+        cmd.args([
+            "serve",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--nbd",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ]);
         for l in luns {
             cmd.args(["--lun", l]);
         }
         for l in raw {
             cmd.args(["--raw-lun", l]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start floe-sim-san");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start floe-sim-san");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).expect("ready line");
         SimSanProcess {
             child,
@@ -42,7 +55,11 @@ impl SimSanProcess {
             .args(["ctl", "--control", &self.control, req])
             .output()
             .unwrap();
-        assert!(out.status.success(), "ctl {req}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctl {req}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -55,23 +72,43 @@ impl Drop for SimSanProcess {
 }
 
 fn floe(args: &[&str]) -> Output {
-    Command::new(floe_bin()).args(args).output().expect("run floe")
+    Command::new(floe_bin())
+        .args(args)
+        .output()
+        .expect("run floe")
 }
 
 fn agent_spec(san: &SimSanProcess) -> String {
-    format!("exec:{} agent --stdio --plugin-opt array.control={}", floe_bin().display(), san.control)
+    format!(
+        "exec:{} agent --stdio --plugin-opt array.control={}",
+        floe_bin().display(),
+        san.control
+    )
 }
 
 fn backup(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
     let agent = agent_spec(san);
     let nbd = format!("nbd://{}", san.nbd);
-    let mut args = vec!["backup", "--agent", &agent, "--san", &nbd, "--source", "array:vol0", "--media", media, "--json"];
+    let mut args = vec![
+        "backup",
+        "--agent",
+        &agent,
+        "--san",
+        &nbd,
+        "--source",
+        "array:vol0",
+        "--media",
+        media,
+        "--json",
+    ];
     args.extend_from_slice(extra);
     floe(&args)
 }
 
 fn setup(san: &SimSanProcess, size: u64) {
-    san.ctl(&format!(r#"{{"op":"create_volume","name":"vol0","size":{size},"max_run_chunks":4}}"#));
+    san.ctl(&format!(
+        r#"{{"op":"create_volume","name":"vol0","size":{size},"max_run_chunks":4}}"#
+    ));
     san.ctl(r#"{"op":"workload","target":"vol0","seed":8,"writes":400,"max_length":262144}"#);
 }
 
@@ -81,9 +118,15 @@ fn every_command_explains_itself_with_an_example() {
         let out = floe(&[cmd, "--help"]);
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("Example"), "floe {cmd} --help has no example:\n{text}");
+        assert!(
+            text.contains("Example"),
+            "floe {cmd} --help has no example:\n{text}"
+        );
     }
-    let out = Command::new(build_dir().join("floe-sim-san")).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(build_dir().join("floe-sim-san"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Example"));
 }
 
@@ -91,27 +134,58 @@ fn every_command_explains_itself_with_an_example() {
 fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
     let san = SimSanProcess::start(&["lun0=64M", "lun1=64M"], &["restore0=64M"]);
     setup(&san, 16 << 20);
-    let want = san.ctl(r#"{"op":"checksum","target":"vol0"}"#)["blake3"].as_str().unwrap().to_string();
+    let want = san.ctl(r#"{"op":"checksum","target":"vol0"}"#)["blake3"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let media_dir = tempfile::tempdir().unwrap();
     let media = format!("disk:{}", media_dir.path().display());
     let out = backup(&san, &media, &["--window", "1M", "--parallel", "3"]);
-    assert!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let set = report["set"]["header"]["set"].as_str().unwrap().to_string();
-    assert_eq!(report["set"]["items"][0]["trailer"]["blake3"].as_str(), Some(want.as_str()));
+    assert_eq!(
+        report["set"]["items"][0]["trailer"]["blake3"].as_str(),
+        Some(want.as_str())
+    );
 
     let out = floe(&["list", "--media", &media]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&set));
 
     let target = format!("vol0=nbd://{}/restore0", san.nbd);
-    let out = floe(&["restore", "--media", &media, "--set", &set, "--to", &target, "--dry-run"]);
+    let out = floe(&[
+        "restore",
+        "--media",
+        &media,
+        "--set",
+        &set,
+        "--to",
+        &target,
+        "--dry-run",
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("would restore vol0"));
     let out = floe(&["restore", "--media", &media, "--set", &set, "--to", &target]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // restore0 is a LUN, not a volume: read its backing file.
     let restored = san.ctl(r#"{"op":"list_luns"}"#);
-    let path = restored.as_array().unwrap().iter().find(|l| l["name"] == "restore0").unwrap()["path"].as_str().unwrap().to_string();
+    let path = restored
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "restore0")
+        .unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(blake3::hash(&bytes[..16 << 20]).to_hex().to_string(), want);
 }
@@ -123,16 +197,27 @@ fn a_read_error_exits_non_zero_and_records_nothing() {
     let map = san.ctl(r#"{"op":"map","target":"vol0"}"#);
     let e = &map["extents"][0];
     let off = e["lun_offset"].as_u64().unwrap() + e["length"].as_u64().unwrap() / 2 / 4096 * 4096;
-    san.ctl(&format!(r#"{{"op":"inject_error","lun":"lun0","offset":{off},"length":4096}}"#));
+    san.ctl(&format!(
+        r#"{{"op":"inject_error","lun":"lun0","offset":{off},"length":4096}}"#
+    ));
     let media_dir = tempfile::tempdir().unwrap();
     let media = format!("disk:{}", media_dir.path().display());
     let out = backup(&san, &media, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[read_failed]") && err.contains("item vol0") && err.contains(e["wwn"].as_str().unwrap()), "{err}");
+    assert!(
+        err.contains("[read_failed]")
+            && err.contains("item vol0")
+            && err.contains(e["wwn"].as_str().unwrap()),
+        "{err}"
+    );
     assert!(err.contains("nothing was recorded as complete"), "{err}");
     let out = floe(&["list", "--media", &media]);
-    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// A tmpfs mounted for a test and unmounted when dropped.
@@ -141,7 +226,11 @@ struct Mount(PathBuf);
 impl Mount {
     fn tmpfs(dir: &Path, opts: &str) -> Option<Mount> {
         std::fs::create_dir_all(dir).ok()?;
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs", dir.to_str()?]).status().ok()?.success();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs", dir.to_str()?])
+            .status()
+            .ok()?
+            .success();
         ok.then(|| Mount(dir.to_path_buf()))
     }
 }
@@ -155,21 +244,34 @@ impl Drop for Mount {
 #[test]
 fn full_and_read_only_media_fail_clearly_and_record_nothing() {
     if !is_root() {
-        return skip("full_and_read_only_media_fail_clearly_and_record_nothing", "needs root to mount a small and a read-only tmpfs");
+        return skip(
+            "full_and_read_only_media_fail_clearly_and_record_nothing",
+            "needs root to mount a small and a read-only tmpfs",
+        );
     }
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
     setup(&san, 16 << 20);
     let scratch = tempfile::tempdir().unwrap();
 
     let Some(full) = Mount::tmpfs(&scratch.path().join("full"), "size=4m") else {
-        return skip("full_and_read_only_media_fail_clearly_and_record_nothing", "mount -t tmpfs failed");
+        return skip(
+            "full_and_read_only_media_fail_clearly_and_record_nothing",
+            "mount -t tmpfs failed",
+        );
     };
     let media = format!("disk:{}", full.0.display());
     let out = backup(&san, &media, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[media_full]") && err.contains("item vol0"), "{err}");
-    assert_eq!(std::fs::read_dir(&full.0).unwrap().count(), 0, "the partial set was removed");
+    assert!(
+        err.contains("[media_full]") && err.contains("item vol0"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&full.0).unwrap().count(),
+        0,
+        "the partial set was removed"
+    );
 
     let ro = Mount::tmpfs(&scratch.path().join("ro"), "ro,size=4m").expect("read-only tmpfs");
     let out = backup(&san, &format!("disk:{}", ro.0.display()), &[]);

@@ -20,36 +20,66 @@ fn lab_with_data() -> (Lab, std::path::PathBuf) {
 #[test]
 fn nbdinfo_lists_real_export_names_and_sizes() {
     if !have("nbdinfo") {
-        return skip("nbdinfo_lists_real_export_names_and_sizes", "nbdinfo (Debian libnbd-bin) is not installed");
+        return skip(
+            "nbdinfo_lists_real_export_names_and_sizes",
+            "nbdinfo (Debian libnbd-bin) is not installed",
+        );
     }
     let (lab, _) = lab_with_data();
-    let out = Command::new("nbdinfo").args(["--list", "--json", &format!("nbd://{}", lab.san.nbd_addr)]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nbdinfo")
+        .args(["--list", "--json", &format!("nbd://{}", lab.san.nbd_addr)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let exports = v["exports"].as_array().unwrap();
-    let names: Vec<&str> = exports.iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = exports
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["lun0", "lun1"]);
     assert_eq!(exports[1]["export-size"].as_u64(), Some(8 * MIB));
     // One export, asked for by name: its description is the LUN's WWN.
-    let out = Command::new("nbdinfo").args(["--json", &format!("nbd://{}/lun0", lab.san.nbd_addr)]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nbdinfo")
+        .args(["--json", &format!("nbd://{}/lun0", lab.san.nbd_addr)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let wwn = &lab.san.array.luns()[0].wwn;
-    assert_eq!(v["exports"][0]["description"].as_str(), Some(wwn.as_str()), "{v}");
+    assert_eq!(
+        v["exports"][0]["description"].as_str(),
+        Some(wwn.as_str()),
+        "{v}"
+    );
     assert_eq!(v["exports"][0]["export-size"].as_u64(), Some(16 * MIB));
 }
 
 #[test]
 fn nbdcopy_reads_exactly_the_backing_file() {
     if !have("nbdcopy") {
-        return skip("nbdcopy_reads_exactly_the_backing_file", "nbdcopy (Debian libnbd-bin) is not installed");
+        return skip(
+            "nbdcopy_reads_exactly_the_backing_file",
+            "nbdcopy (Debian libnbd-bin) is not installed",
+        );
     }
     let (lab, backing) = lab_with_data();
     let out_path = lab.dir.path().join("copy.img");
     // By WWN, as the mover addresses LUNs.
     let wwn = lab.san.array.luns()[0].wwn.clone();
     let st = Command::new("nbdcopy")
-        .args([&format!("nbd://{}/{wwn}", lab.san.nbd_addr), out_path.to_str().unwrap()])
+        .args([
+            &format!("nbd://{}/{wwn}", lab.san.nbd_addr),
+            out_path.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());
@@ -61,26 +91,50 @@ fn nbdcopy_reads_exactly_the_backing_file() {
 #[test]
 fn qemu_img_converts_an_export() {
     if !have("qemu-img") {
-        return skip("qemu_img_converts_an_export", "qemu-img (Debian qemu-utils) is not installed");
+        return skip(
+            "qemu_img_converts_an_export",
+            "qemu-img (Debian qemu-utils) is not installed",
+        );
     }
     let (lab, backing) = lab_with_data();
     let out_path = lab.dir.path().join("qemu.img");
     let st = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &format!("nbd://{}/lun0", lab.san.nbd_addr), out_path.to_str().unwrap()])
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("nbd://{}/lun0", lab.san.nbd_addr),
+            out_path.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());
-    floe_tests::assert_same_bytes(&std::fs::read(&out_path).unwrap(), &std::fs::read(&backing).unwrap(), "qemu-img convert");
+    floe_tests::assert_same_bytes(
+        &std::fs::read(&out_path).unwrap(),
+        &std::fs::read(&backing).unwrap(),
+        "qemu-img convert",
+    );
 }
 
 #[test]
 fn an_unknown_export_is_refused_by_name() {
     if !have("nbdinfo") {
-        return skip("an_unknown_export_is_refused_by_name", "nbdinfo (Debian libnbd-bin) is not installed");
+        return skip(
+            "an_unknown_export_is_refused_by_name",
+            "nbdinfo (Debian libnbd-bin) is not installed",
+        );
     }
     let (lab, _) = lab_with_data();
-    let out = Command::new("nbdinfo").arg(format!("nbd://{}/nosuch", lab.san.nbd_addr)).output().unwrap();
+    let out = Command::new("nbdinfo")
+        .arg(format!("nbd://{}/nosuch", lab.san.nbd_addr))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("nosuch") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("nosuch") && err.contains("No such file"),
+        "{err}"
+    );
 }

@@ -10,7 +10,11 @@ use floe_tests::build_dir;
 
 fn fixture() -> std::path::PathBuf {
     let p = build_dir().join("libfloe_fixture_abi_mismatch.so");
-    assert!(p.exists(), "{} is missing: build the workspace first (`cargo xtask test` does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo xtask test` does)",
+        p.display()
+    );
     p
 }
 
@@ -24,11 +28,21 @@ fn a_plugin_built_for_another_abi_version_is_refused_naming_file_and_versions() 
     let msg = err.to_string();
     let ours = floe_core::abi::ABI_VERSION;
     assert!(msg.contains(&plugin.display().to_string()), "{msg}");
-    assert!(msg.contains(&format!("ABI version {}", ours + 1000)), "{msg}");
-    assert!(msg.contains(&format!("this floe speaks ABI version {ours}")), "{msg}");
+    assert!(
+        msg.contains(&format!("ABI version {}", ours + 1000)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("this floe speaks ABI version {ours}")),
+        "{msg}"
+    );
 
     // In a directory, it is refused and the others still load.
-    std::fs::copy(build_dir().join("libfloe_plugin_disk.so"), dir.path().join("libfloe_plugin_disk.so")).unwrap();
+    std::fs::copy(
+        build_dir().join("libfloe_plugin_disk.so"),
+        dir.path().join("libfloe_plugin_disk.so"),
+    )
+    .unwrap();
     let reg = PluginRegistry::load_dirs(&[dir.path().to_path_buf()]);
     assert!(reg.get("disk").is_some());
     assert!(reg.get("mismatch").is_none());
@@ -41,7 +55,10 @@ fn a_plugin_built_for_another_abi_version_is_refused_naming_file_and_versions() 
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("libfloe_plugin_mismatch.so was built for Floe plugin ABI version"), "{text}");
+    assert!(
+        text.contains("libfloe_plugin_mismatch.so was built for Floe plugin ABI version"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -65,9 +82,23 @@ fn one_item(w: &mut dyn MediaWriter, set: &str, data: &[u8]) -> SetRecord {
         started_at: 0,
     })
     .unwrap();
-    w.begin_item(&ItemHeader { item: ItemId::new("v"), kind: ItemKind::Volume, size: Bytes(data.len() as u64), config: ConfigId::new("c"), meta: Default::default() }).unwrap();
+    w.begin_item(&ItemHeader {
+        item: ItemId::new("v"),
+        kind: ItemKind::Volume,
+        size: Bytes(data.len() as u64),
+        config: ConfigId::new("c"),
+        meta: Default::default(),
+    })
+    .unwrap();
     w.write(data).unwrap();
-    w.end_item(&ItemTrailer { length: Bytes(data.len() as u64), blake3: blake3::hash(data).to_hex().to_string(), config: ConfigId::new("c"), remaps: 0, captured_after_freeze: false }).unwrap();
+    w.end_item(&ItemTrailer {
+        length: Bytes(data.len() as u64),
+        blake3: blake3::hash(data).to_hex().to_string(),
+        config: ConfigId::new("c"),
+        remaps: 0,
+        captured_after_freeze: false,
+    })
+    .unwrap();
     w.commit().unwrap()
 }
 
@@ -81,17 +112,40 @@ fn two_plugins_of_one_interface_load_side_by_side() {
         std::fs::copy(build_dir().join(&name), dir.path().join(&name)).unwrap();
     }
     let reg = PluginRegistry::load_dirs(&[dir.path().to_path_buf()]);
-    assert!(reg.refused.is_empty(), "{:?}", reg.refused.iter().map(|e| e.to_string()).collect::<Vec<_>>());
-    let writers: Vec<&str> = reg.plugins().iter().filter(|p| p.provides(Interface::MediaWriter)).map(|p| p.name()).collect();
+    assert!(
+        reg.refused.is_empty(),
+        "{:?}",
+        reg.refused
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    );
+    let writers: Vec<&str> = reg
+        .plugins()
+        .iter()
+        .filter(|p| p.provides(Interface::MediaWriter))
+        .map(|p| p.name())
+        .collect();
     assert_eq!(writers, vec!["disk", "null"]);
 
     let media = dir.path().join("media");
-    let mut disk = reg.get("disk").unwrap().media_writer(&serde_json::json!({"dir": media})).unwrap();
-    let mut null = reg.get("null").unwrap().media_writer(&serde_json::json!({})).unwrap();
+    let mut disk = reg
+        .get("disk")
+        .unwrap()
+        .media_writer(&serde_json::json!({"dir": media}))
+        .unwrap();
+    let mut null = reg
+        .get("null")
+        .unwrap()
+        .media_writer(&serde_json::json!({}))
+        .unwrap();
     let a = one_item(disk.as_mut(), "a", b"disk bytes");
     let b = one_item(null.as_mut(), "b", b"null bytes");
     assert_eq!(a.items[0].position.locator, "items/000000.img");
     assert_eq!(b.items[0].position.medium, "null");
-    assert_eq!(std::fs::read(media.join("a/items/000000.img")).unwrap(), b"disk bytes");
+    assert_eq!(
+        std::fs::read(media.join("a/items/000000.img")).unwrap(),
+        b"disk bytes"
+    );
     assert!(!media.join("b").exists(), "null keeps nothing");
 }

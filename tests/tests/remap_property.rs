@@ -23,7 +23,13 @@ const MIB: u64 = 1 << 20;
 
 fn lab() -> &'static Lab {
     static LAB: OnceLock<Lab> = OnceLock::new();
-    LAB.get_or_init(|| Lab::start(7, &[("lun0", 96 * MIB), ("lun1", 96 * MIB), ("lun2", 96 * MIB)], false))
+    LAB.get_or_init(|| {
+        Lab::start(
+            7,
+            &[("lun0", 96 * MIB), ("lun1", 96 * MIB), ("lun2", 96 * MIB)],
+            false,
+        )
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -36,8 +42,17 @@ struct VolumeSpec {
 
 #[derive(Clone, Debug)]
 enum Act {
-    MigrateSnapshot { vol: usize, chunk: u64, chunks: u64 },
-    WriteOrigin { vol: usize, sector: u64, sectors: u64, seed: u64 },
+    MigrateSnapshot {
+        vol: usize,
+        chunk: u64,
+        chunks: u64,
+    },
+    WriteOrigin {
+        vol: usize,
+        sector: u64,
+        sectors: u64,
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -53,15 +68,35 @@ struct Case {
 }
 
 fn volume_spec() -> impl Strategy<Value = VolumeSpec> {
-    (8u64..96, 1u64..12, proptest::sample::subsequence(vec![0usize, 1, 2], 1..=3), 0u32..150)
-        .prop_map(|(chunks, max_run, luns, writes)| VolumeSpec { chunks, max_run, luns, writes })
+    (
+        8u64..96,
+        1u64..12,
+        proptest::sample::subsequence(vec![0usize, 1, 2], 1..=3),
+        0u32..150,
+    )
+        .prop_map(|(chunks, max_run, luns, writes)| VolumeSpec {
+            chunks,
+            max_run,
+            luns,
+            writes,
+        })
 }
 
 fn act(vols: usize) -> impl Strategy<Value = Act> {
     prop_oneof![
-        (0..vols, 0u64..96, 1u64..24).prop_map(|(vol, chunk, chunks)| Act::MigrateSnapshot { vol, chunk, chunks }),
-        (0..vols, 0u64..96 * 128, 1u64..1024, any::<u64>())
-            .prop_map(|(vol, sector, sectors, seed)| Act::WriteOrigin { vol, sector, sectors, seed }),
+        (0..vols, 0u64..96, 1u64..24).prop_map(|(vol, chunk, chunks)| Act::MigrateSnapshot {
+            vol,
+            chunk,
+            chunks
+        }),
+        (0..vols, 0u64..96 * 128, 1u64..1024, any::<u64>()).prop_map(
+            |(vol, sector, sectors, seed)| Act::WriteOrigin {
+                vol,
+                sector,
+                sectors,
+                seed
+            }
+        ),
     ]
 }
 
@@ -72,22 +107,29 @@ fn case() -> impl Strategy<Value = Case> {
             Just(volumes),
             any::<u64>(),
             proptest::collection::vec((0u8..3, 1u64..48, act(n)), 0..10),
-            prop_oneof![Just(64 * 1024u64), Just(256 * 1024), Just(MIB), Just(4 * MIB)],
+            prop_oneof![
+                Just(64 * 1024u64),
+                Just(256 * 1024),
+                Just(MIB),
+                Just(4 * MIB)
+            ],
             1usize..=4,
             prop_oneof![Just(64 * 1024u64), Just(256 * 1024), Just(2 * MIB)],
             prop_oneof![Just(0u64), Just(64 * 1024)],
             proptest::option::weighted(0.2, (0usize..3, 0u64..96 * MIB / 4096)),
         )
-            .prop_map(|(volumes, seed, events, window, parallel, max_read, coalesce_gap, fault)| Case {
-                seed,
-                volumes,
-                events,
-                window,
-                parallel,
-                max_read,
-                coalesce_gap,
-                fault,
-            })
+            .prop_map(
+                |(volumes, seed, events, window, parallel, max_read, coalesce_gap, fault)| Case {
+                    seed,
+                    volumes,
+                    events,
+                    window,
+                    parallel,
+                    max_read,
+                    coalesce_gap,
+                    fault,
+                },
+            )
     })
 }
 
@@ -112,7 +154,12 @@ fn run(c: &Case) -> Result<(), TestCaseError> {
             max_run_chunks: Some(v.max_run),
             luns: Some(v.luns.iter().map(|l| format!("lun{l}")).collect()),
         });
-        lab.call(Op::Workload { target: names[i].clone(), seed: c.seed ^ i as u64, writes: v.writes, max_length: Bytes(128 * 1024) });
+        lab.call(Op::Workload {
+            target: names[i].clone(),
+            seed: c.seed ^ i as u64,
+            writes: v.writes,
+            max_length: Bytes(128 * 1024),
+        });
     }
     // The snapshot point is the freeze; until then nothing moves.
     let frozen: Vec<Vec<u8>> = names.iter().map(|v| lab.read_target(v)).collect();
@@ -136,7 +183,12 @@ fn run(c: &Case) -> Result<(), TestCaseError> {
                         length: Bytes(len * CHUNK),
                     }
                 }
-                Act::WriteOrigin { vol, sector, sectors, seed } => {
+                Act::WriteOrigin {
+                    vol,
+                    sector,
+                    sectors,
+                    seed,
+                } => {
                     let total = sizes[*vol] / 512;
                     let start = sector % total;
                     let len = (*sectors).min(total - start);
@@ -153,9 +205,17 @@ fn run(c: &Case) -> Result<(), TestCaseError> {
         .collect();
     lab.call(Op::Schedule { events });
     if let Some((l, block)) = c.fault {
-        lab.call(Op::InjectError { lun: format!("lun{l}"), offset: DeviceOffset(block * 4096), length: Bytes(4096), count: Some(1) });
+        lab.call(Op::InjectError {
+            lun: format!("lun{l}"),
+            offset: DeviceOffset(block * 4096),
+            length: Bytes(4096),
+            count: Some(1),
+        });
     }
-    let sets_before = Lab::disk_reader(&lab.media_dir()).list_sets().map(|s| s.len()).unwrap_or(0);
+    let sets_before = Lab::disk_reader(&lab.media_dir())
+        .list_sets()
+        .map(|s| s.len())
+        .unwrap_or(0);
     let opts = MoverOptions {
         window: Bytes(c.window),
         parallel: c.parallel,
@@ -172,15 +232,29 @@ fn run(c: &Case) -> Result<(), TestCaseError> {
             REMAPS.fetch_add(u64::from(report.remaps), Ordering::Relaxed);
             REREADS.fetch_add(u64::from(report.rereads), Ordering::Relaxed);
             for (i, v) in names.iter().enumerate() {
-                let got = lab.restore_to_file(&report.set.header.set, v).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let got = lab
+                    .restore_to_file(&report.set.header.set, v)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 assert_same_bytes(&got, &frozen[i], v);
             }
         }
         Err(e) => {
-            prop_assert!(c.fault.is_some(), "backup failed without an injected fault: {e}");
+            prop_assert!(
+                c.fault.is_some(),
+                "backup failed without an injected fault: {e}"
+            );
             prop_assert_eq!(e.kind(), ErrorKind::ReadFailed, "{}", e);
-            prop_assert!(e.context().item.is_some() && e.context().device.is_some() && e.context().offset.is_some(), "{}", e);
-            let sets_after = Lab::disk_reader(&lab.media_dir()).list_sets().map(|s| s.len()).unwrap_or(0);
+            prop_assert!(
+                e.context().item.is_some()
+                    && e.context().device.is_some()
+                    && e.context().offset.is_some(),
+                "{}",
+                e
+            );
+            let sets_after = Lab::disk_reader(&lab.media_dir())
+                .list_sets()
+                .map(|s| s.len())
+                .unwrap_or(0);
             prop_assert_eq!(sets_after, sets_before, "a failed backup recorded a set");
         }
     }
@@ -212,12 +286,18 @@ fn the_generated_schedules_do_remap_in_every_window() {
     // would be passing vacuously.
     use proptest::strategy::ValueTree;
     use proptest::test_runner::{Config, TestRng, TestRunner};
-    let mut runner = TestRunner::new_with_rng(Config::default(), TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha));
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),
+    );
     let mut remaps = 0;
     let mut rereads = 0;
     for _ in 0..30 {
         let c = case().new_tree(&mut runner).expect("case").current();
-        let before = (REMAPS.load(Ordering::SeqCst), REREADS.load(Ordering::SeqCst));
+        let before = (
+            REMAPS.load(Ordering::SeqCst),
+            REREADS.load(Ordering::SeqCst),
+        );
         run(&c).expect("case passes");
         remaps += REMAPS.load(Ordering::SeqCst) - before.0;
         rereads += REREADS.load(Ordering::SeqCst) - before.1;

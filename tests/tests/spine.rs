@@ -11,12 +11,26 @@ use floe_tests::{assert_same_bytes, scripted_agent, Lab, Script};
 const MIB: u64 = 1 << 20;
 
 fn opts(window: u64, parallel: usize) -> MoverOptions {
-    MoverOptions { window: Bytes(window), parallel, ..MoverOptions::default() }
+    MoverOptions {
+        window: Bytes(window),
+        parallel,
+        ..MoverOptions::default()
+    }
 }
 
 fn volume(lab: &Lab, name: &str, size: u64, seed: u64) {
-    lab.call(Op::CreateVolume { name: name.into(), size: Bytes(size), max_run_chunks: Some(3), luns: None });
-    lab.call(Op::Workload { target: name.into(), seed, writes: 300, max_length: Bytes(256 * 1024) });
+    lab.call(Op::CreateVolume {
+        name: name.into(),
+        size: Bytes(size),
+        max_run_chunks: Some(3),
+        luns: None,
+    });
+    lab.call(Op::Workload {
+        target: name.into(),
+        seed,
+        writes: 300,
+        max_length: Bytes(256 * 1024),
+    });
 }
 
 fn ev(trigger: Trigger, action: Action) -> Event {
@@ -24,18 +38,29 @@ fn ev(trigger: Trigger, action: Action) -> Event {
 }
 
 fn migrate(target: &str, offset: u64, length: u64) -> Action {
-    Action::Migrate { target: target.into(), offset: DeviceOffset(offset), length: Bytes(length) }
+    Action::Migrate {
+        target: target.into(),
+        offset: DeviceOffset(offset),
+        length: Bytes(length),
+    }
 }
 
 fn write(target: &str, offset: u64, length: u64, seed: u64) -> Action {
-    Action::Write { target: target.into(), offset: DeviceOffset(offset), length: Bytes(length), seed }
+    Action::Write {
+        target: target.into(),
+        offset: DeviceOffset(offset),
+        length: Bytes(length),
+        seed,
+    }
 }
 
 fn sets(lab: &Lab) -> Vec<SetRecord> {
     if !lab.media_dir().exists() {
         return Vec::new();
     }
-    Lab::disk_reader(&lab.media_dir()).list_sets().expect("list sets")
+    Lab::disk_reader(&lab.media_dir())
+        .list_sets()
+        .expect("list sets")
 }
 
 #[test]
@@ -57,22 +82,51 @@ fn two_volumes_with_app_writes_and_migrations_restore_to_the_frozen_bytes() {
             ev(Trigger::BeforeQuery(16), migrate("vol1@*", 6 * MIB, MIB)),
         ],
     });
-    let report = lab.backup(&["array:vol0", "array:vol1"], &opts(MIB, 3)).expect("backup");
+    let report = lab
+        .backup(&["array:vol0", "array:vol1"], &opts(MIB, 3))
+        .expect("backup");
     let stats = lab.san.array.stats();
-    assert_eq!(stats.events_pending, 0, "every scheduled remap fired: {stats:?}");
-    assert!(report.remaps >= 3, "remaps were applied: {:?}", (report.remaps, report.rereads));
-    assert!(report.rereads >= 1, "a read was discarded after a late remap: {:?}", (report.remaps, report.rereads));
+    assert_eq!(
+        stats.events_pending, 0,
+        "every scheduled remap fired: {stats:?}"
+    );
+    assert!(
+        report.remaps >= 3,
+        "remaps were applied: {:?}",
+        (report.remaps, report.rereads)
+    );
+    assert!(
+        report.rereads >= 1,
+        "a read was discarded after a late remap: {:?}",
+        (report.remaps, report.rereads)
+    );
     let set = &report.set.header.set;
-    assert_same_bytes(&lab.restore_to_file(set, "vol0").expect("restore vol0"), &frozen0, "vol0");
-    assert_same_bytes(&lab.restore_to_file(set, "vol1").expect("restore vol1"), &frozen1, "vol1");
+    assert_same_bytes(
+        &lab.restore_to_file(set, "vol0").expect("restore vol0"),
+        &frozen0,
+        "vol0",
+    );
+    assert_same_bytes(
+        &lab.restore_to_file(set, "vol1").expect("restore vol1"),
+        &frozen1,
+        "vol1",
+    );
     // The origin did change: the backup is of the frozen image, not of now.
     assert!(lab.read_target("vol0") != frozen0);
     // Released: the snapshots are gone, the array is consistent.
-    assert!(lab.ctl().call(Op::Map { target: "vol0@*".into() }).is_err());
+    assert!(lab
+        .ctl()
+        .call(Op::Map {
+            target: "vol0@*".into()
+        })
+        .is_err());
     lab.call(Op::Check);
     let listed = sets(&lab);
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].items[0].trailer.blake3, blake3::hash(&frozen0).to_hex().to_string());
+    assert_eq!(
+        listed[0].items[0].trailer.blake3,
+        blake3::hash(&frozen0).to_hex().to_string()
+    );
 }
 
 #[test]
@@ -93,11 +147,21 @@ fn the_check_after_the_read_is_what_catches_a_remap_between_check_and_read() {
 
     lab.call(Op::Schedule { events: schedule() });
     // One window, read in four 1 MiB reads: the event lands before the second.
-    let one_window = MoverOptions { max_read: Bytes(MIB), ..opts(4 * MIB, 1) };
-    let careless = MoverOptions { recheck_after_read: false, ..one_window.clone() };
-    let bad = lab.backup(&["array:vol0"], &careless).expect("backup without recheck");
+    let one_window = MoverOptions {
+        max_read: Bytes(MIB),
+        ..opts(4 * MIB, 1)
+    };
+    let careless = MoverOptions {
+        recheck_after_read: false,
+        ..one_window.clone()
+    };
+    let bad = lab
+        .backup(&["array:vol0"], &careless)
+        .expect("backup without recheck");
     assert!(
-        lab.restore_to_file(&bad.set.header.set, "vol0").expect("restore") != frozen,
+        lab.restore_to_file(&bad.set.header.set, "vol0")
+            .expect("restore")
+            != frozen,
         "without the second check the stale read must show"
     );
 
@@ -105,15 +169,24 @@ fn the_check_after_the_read_is_what_catches_a_remap_between_check_and_read() {
     lab.call(Op::Schedule { events: schedule() });
     let good = lab.backup(&["array:vol0"], &one_window).expect("backup");
     assert_eq!(good.rereads, 1);
-    assert_same_bytes(&lab.restore_to_file(&good.set.header.set, "vol0").expect("restore"), &frozen, "vol0");
+    assert_same_bytes(
+        &lab.restore_to_file(&good.set.header.set, "vol0")
+            .expect("restore"),
+        &frozen,
+        "vol0",
+    );
 }
 
 #[test]
 fn a_san_read_error_fails_the_backup_naming_item_device_and_offset() {
     let lab = Lab::start(3, &[("lun0", 32 * MIB)], false);
     volume(&lab, "vol0", 4 * MIB, 4);
-    let map: floe_sim_san::control::TargetMap =
-        lab.ctl().call_as(Op::Map { target: "vol0".into() }).expect("map");
+    let map: floe_sim_san::control::TargetMap = lab
+        .ctl()
+        .call_as(Op::Map {
+            target: "vol0".into(),
+        })
+        .expect("map");
     let victim = &map.extents[map.extents.len() / 2];
     lab.call(Op::InjectError {
         lun: victim.lun.clone(),
@@ -121,18 +194,25 @@ fn a_san_read_error_fails_the_backup_naming_item_device_and_offset() {
         length: Bytes(4096),
         count: None,
     });
-    let err = lab.backup(&["array:vol0"], &opts(MIB, 2)).expect_err("a read error must fail the backup");
+    let err = lab
+        .backup(&["array:vol0"], &opts(MIB, 2))
+        .expect_err("a read error must fail the backup");
     assert_eq!(err.kind(), ErrorKind::ReadFailed, "{err}");
     let ctx = err.context();
     assert_eq!(ctx.item, Some(ItemId::new("vol0")), "{err}");
     assert_eq!(ctx.device, Some(DeviceId::new(victim.wwn.clone())), "{err}");
     let off = ctx.offset.expect("offset").0;
     let len = ctx.length.expect("length").0;
-    assert!(off <= victim.lun_offset.0 && victim.lun_offset.0 < off + len, "{err}");
+    assert!(
+        off <= victim.lun_offset.0 && victim.lun_offset.0 < off + len,
+        "{err}"
+    );
     assert!(err.to_string().contains("EIO"), "{err}");
     assert!(sets(&lab).is_empty(), "nothing recorded as complete");
     assert_eq!(
-        std::fs::read_dir(lab.media_dir()).map(|d| d.count()).unwrap_or(0),
+        std::fs::read_dir(lab.media_dir())
+            .map(|d| d.count())
+            .unwrap_or(0),
         0,
         "the partial set was removed"
     );
@@ -183,24 +263,38 @@ fn an_extent_past_the_end_of_its_device_is_refused_before_any_read() {
     let lab = Lab::start(1, &[("lun0", 8 * MIB)], false);
     let l = lun(&lab);
     let reads_before = lab.san.array.stats().reads;
-    let map = ImageMap { image: ImageId::new("img"), items: vec![crafted_item(&l.wwn, 8 * MIB / 512 - 8, 16)] };
+    let map = ImageMap {
+        image: ImageId::new("img"),
+        items: vec![crafted_item(&l.wwn, 8 * MIB / 512 - 8, 16)],
+    };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::ExtentOutOfRange, "{err}");
     assert_eq!(err.context().item, Some(ItemId::new("evil")));
     assert_eq!(err.context().device, Some(DeviceId::new(l.wwn.clone())));
     assert_eq!(err.context().offset, Some(DeviceOffset(8 * MIB - 4096)));
-    assert_eq!(lab.san.array.stats().reads, reads_before, "no read was made");
+    assert_eq!(
+        lab.san.array.stats().reads,
+        reads_before,
+        "no read was made"
+    );
     assert!(sets(&lab).is_empty());
 }
 
 #[test]
 fn an_unknown_device_is_refused_naming_item_and_device() {
     let lab = Lab::start(1, &[("lun0", 8 * MIB)], false);
-    let map = ImageMap { image: ImageId::new("img"), items: vec![crafted_item("naa.6001405000000000000000000deadbeef", 0, 8)] };
+    let map = ImageMap {
+        image: ImageId::new("img"),
+        items: vec![crafted_item("naa.6001405000000000000000000deadbeef", 0, 8)],
+    };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::UnknownDevice, "{err}");
     assert_eq!(err.context().item, Some(ItemId::new("evil")));
-    assert!(err.to_string().contains("naa.6001405000000000000000000deadbeef"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("naa.6001405000000000000000000deadbeef"),
+        "{err}"
+    );
     assert!(sets(&lab).is_empty());
 }
 
@@ -210,10 +304,17 @@ fn a_malformed_map_is_refused() {
     let l = lun(&lab);
     let mut item = crafted_item(&l.wwn, 0, 8);
     item.size = Bytes(8192); // the map covers only 4096 bytes
-    let map = ImageMap { image: ImageId::new("img"), items: vec![item] };
+    let map = ImageMap {
+        image: ImageId::new("img"),
+        items: vec![item],
+    };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::InvalidMap, "{err}");
-    assert!(err.to_string().contains("map covers 4096 bytes but the item is 8192 bytes"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("map covers 4096 bytes but the item is 8192 bytes"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -243,7 +344,11 @@ fn an_oversized_frame_to_the_agent_is_refused_without_reading_it() {
     match resp {
         floe_core::protocol::Response::Error { error } => {
             assert_eq!(error.kind, ErrorKind::FrameTooLarge);
-            assert!(error.message.contains("4294967295 bytes exceeds the limit"), "{}", error.message);
+            assert!(
+                error.message.contains("4294967295 bytes exceeds the limit"),
+                "{}",
+                error.message
+            );
         }
         other => panic!("expected an error, got {other:?}"),
     }

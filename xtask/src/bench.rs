@@ -21,7 +21,11 @@ fn drop_caches() {
 fn timed(name: &str, cmd: &mut Command) -> Result<f64> {
     drop_caches();
     let t = Instant::now();
-    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().with_context(|| format!("run {name}"))?;
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("run {name}"))?;
     let secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
         bail!("{name} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -30,7 +34,7 @@ fn timed(name: &str, cmd: &mut Command) -> Result<f64> {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let mut size_mib = 1024u64;
+    let mut size_mib = 2048u64;
     let mut rounds = 3usize;
     let mut floe_opts: Vec<String> = Vec::new();
     let mut it = args.iter();
@@ -38,28 +42,59 @@ pub fn run(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--size-mib" => size_mib = it.next().context("--size-mib N")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
-            "--floe-opts" => floe_opts = it.next().context("--floe-opts \"OPTIONS\"")?.split_whitespace().map(String::from).collect(),
-            other => bail!("unknown bench option {other} (--size-mib N, --rounds N, --floe-opts \"...\")"),
+            "--floe-opts" => {
+                floe_opts = it
+                    .next()
+                    .context("--floe-opts \"OPTIONS\"")?
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            }
+            other => bail!(
+                "unknown bench option {other} (--size-mib N, --rounds N, --floe-opts \"...\")"
+            ),
         }
     }
     util::ensure_packages(&[("nbdcopy", "libnbd-bin")])?;
-    util::cargo(&["build", "--release", "-p", "floe", "-p", "floe-sim-san", "-p", "floe-plugin-array", "-p", "floe-plugin-null"])?;
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "floe",
+        "-p",
+        "floe-sim-san",
+        "-p",
+        "floe-plugin-array",
+        "-p",
+        "floe-plugin-null",
+    ])?;
     let bin = util::root().join("target/release");
     let work = util::root().join("target/bench-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let size = size_mib * MIB;
-    let (_san, ready) = start_sim_san(&bin, &work.join("san"), &[format!("lun0={size_mib}M")], &[])?;
+    let (_san, ready) =
+        start_sim_san(&bin, &work.join("san"), &[format!("lun0={size_mib}M")], &[])?;
     let control = ready["control"].as_str().context("control")?.to_string();
     let nbd = ready["nbd"].as_str().context("nbd")?.to_string();
     let mut c = Client::connect(&control)?;
     // One volume filling the LUN, laid out in order, so every tool reads
     // exactly the same bytes; random data, written through the array.
-    c.call(Op::CreateVolume { name: "bench".into(), size: Bytes(size), max_run_chunks: Some(size / (64 * 1024)), luns: None })?;
+    c.call(Op::CreateVolume {
+        name: "bench".into(),
+        size: Bytes(size),
+        max_run_chunks: Some(size / (64 * 1024)),
+        luns: None,
+    })?;
     let mut off = 0;
     while off < size {
         let n = (64 * MIB).min(size - off);
-        c.call(Op::Write { target: "bench".into(), offset: DeviceOffset(off), length: Bytes(n), seed: off })?;
+        c.call(Op::Write {
+            target: "bench".into(),
+            offset: DeviceOffset(off),
+            length: Bytes(n),
+            seed: off,
+        })?;
         off += n;
     }
     let luns = c.call(Op::ListLuns)?;
@@ -69,44 +104,102 @@ pub fn run(args: &[String]) -> Result<()> {
     let (_agent, agent) = start_agent(&bin, &control, false)?;
     let floe = bin.join("floe");
     let mut best = [f64::MAX; 4];
-    let names = ["dd iflag=direct bs=4M (local file)", "floe mover, local O_DIRECT", "nbdcopy (sim-san NBD)", "floe mover, sim-san NBD"];
+    let names = [
+        "dd iflag=direct bs=4M (local file)",
+        "floe mover, local O_DIRECT",
+        "nbdcopy (sim-san NBD)",
+        "floe mover, sim-san NBD",
+    ];
     for round in 0..rounds {
         let runs: [Box<dyn Fn() -> Result<f64>>; 4] = [
-            Box::new(|| timed("dd", Command::new("dd").arg(format!("if={path}")).args(["of=/dev/null", "bs=4M", "iflag=direct"]))),
+            Box::new(|| {
+                timed(
+                    "dd",
+                    Command::new("dd").arg(format!("if={path}")).args([
+                        "of=/dev/null",
+                        "bs=4M",
+                        "iflag=direct",
+                    ]),
+                )
+            }),
             Box::new(|| {
                 timed(
                     "floe local",
-                    Command::new(&floe).args(["backup", "--agent", &agent, "--source", "array:bench", "--media", "null:", "--device", &format!("{wwn}={path}")]).args(&floe_opts),
+                    Command::new(&floe)
+                        .args([
+                            "backup",
+                            "--agent",
+                            &agent,
+                            "--source",
+                            "array:bench",
+                            "--media",
+                            "null:",
+                            "--device",
+                            &format!("{wwn}={path}"),
+                        ])
+                        .args(&floe_opts),
                 )
             }),
-            Box::new(|| timed("nbdcopy", Command::new("nbdcopy").args([&format!("nbd://{nbd}/lun0"), "null:"]))),
+            Box::new(|| {
+                timed(
+                    "nbdcopy",
+                    Command::new("nbdcopy").args([&format!("nbd://{nbd}/lun0"), "null:"]),
+                )
+            }),
             Box::new(|| {
                 timed(
                     "floe nbd",
-                    Command::new(&floe).args(["backup", "--agent", &agent, "--source", "array:bench", "--media", "null:", "--san", &format!("nbd://{nbd}")]).args(&floe_opts),
+                    Command::new(&floe)
+                        .args([
+                            "backup",
+                            "--agent",
+                            &agent,
+                            "--source",
+                            "array:bench",
+                            "--media",
+                            "null:",
+                            "--san",
+                            &format!("nbd://{nbd}"),
+                        ])
+                        .args(&floe_opts),
                 )
             }),
         ];
         for (i, r) in runs.iter().enumerate() {
             let s = r()?;
             best[i] = best[i].min(s);
-            eprintln!("round {round}: {:<36} {:>8.1} MB/s", names[i], size as f64 / s / 1e6);
+            eprintln!(
+                "round {round}: {:<36} {:>8.1} MB/s",
+                names[i],
+                size as f64 / s / 1e6
+            );
         }
     }
     let mbs: Vec<f64> = best.iter().map(|s| size as f64 / s / 1e6).collect();
-    println!("\nvolume of {size_mib} MiB, best of {rounds} rounds, page cache dropped before each run");
+    println!(
+        "\nvolume of {size_mib} MiB, best of {rounds} rounds, page cache dropped before each run"
+    );
     for (n, m) in names.iter().zip(&mbs) {
         println!("  {n:<36} {m:>8.1} MB/s");
     }
-    println!("  ratio floe local / dd        {:.2}  (target >= 0.9)", mbs[1] / mbs[0]);
-    println!("  ratio floe nbd / nbdcopy     {:.2}  (target >= 0.8)", mbs[3] / mbs[2]);
+    println!(
+        "  ratio floe local / dd        {:.2}  (target >= 0.9)",
+        mbs[1] / mbs[0]
+    );
+    println!(
+        "  ratio floe nbd / nbdcopy     {:.2}  (target >= 0.8)",
+        mbs[3] / mbs[2]
+    );
     let json = serde_json::json!({
         "size_bytes": size, "rounds": rounds,
         "dd_mbs": mbs[0], "floe_local_mbs": mbs[1], "nbdcopy_mbs": mbs[2], "floe_nbd_mbs": mbs[3],
         "ratio_local": mbs[1] / mbs[0], "ratio_nbd": mbs[3] / mbs[2],
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;
-    std::fs::write(util::root().join("target/bench/volume.json"), serde_json::to_vec_pretty(&json)?)?;
+    std::fs::write(
+        util::root().join("target/bench/volume.json"),
+        serde_json::to_vec_pretty(&json)?,
+    )?;
     drop(_agent);
     drop(_san);
     let _ = std::fs::remove_dir_all(&work);

@@ -26,7 +26,11 @@ fn main() -> Result<()> {
 
 /// Build everything, then run every test in the workspace.
 fn test(extra: &[String]) -> Result<()> {
-    util::ensure_packages(&[("nbdinfo", "libnbd-bin"), ("nbdcopy", "libnbd-bin"), ("qemu-img", "qemu-utils")])?;
+    util::ensure_packages(&[
+        ("nbdinfo", "libnbd-bin"),
+        ("nbdcopy", "libnbd-bin"),
+        ("qemu-img", "qemu-utils"),
+    ])?;
     util::cargo(&["build", "--workspace", "--all-targets"])?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
@@ -35,7 +39,20 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// Build a release tarball: bin/floe, bin/floe-sim-san, lib/floe/plugins.
 fn dist() -> Result<std::path::PathBuf> {
-    util::cargo(&["build", "--release", "-p", "floe", "-p", "floe-sim-san", "-p", "floe-plugin-array", "-p", "floe-plugin-disk", "-p", "floe-plugin-null"])?;
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "floe",
+        "-p",
+        "floe-sim-san",
+        "-p",
+        "floe-plugin-array",
+        "-p",
+        "floe-plugin-disk",
+        "-p",
+        "floe-plugin-null",
+    ])?;
     let root = util::root();
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("floe-{version}-{}-linux", std::env::consts::ARCH);
@@ -53,12 +70,28 @@ fn dist() -> Result<std::path::PathBuf> {
     }
     std::fs::copy(root.join("README.md"), stage.join("README.md"))?;
     let tarball = root.join("target/dist").join(format!("{name}.tar.gz"));
-    util::run(std::process::Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(root.join("target/dist")).arg(&name))?;
+    util::run(
+        std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(root.join("target/dist"))
+            .arg(&name),
+    )?;
     // Prove it runs from wherever it is unpacked.
     let check = std::env::temp_dir().join(format!("floe-dist-check-{}", std::process::id()));
     std::fs::create_dir_all(&check)?;
-    util::run(std::process::Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&check))?;
-    let out = std::process::Command::new(check.join(&name).join("bin/floe")).arg("plugins").env_remove("FLOE_PLUGIN_DIR").output()?;
+    util::run(
+        std::process::Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&check),
+    )?;
+    let out = std::process::Command::new(check.join(&name).join("bin/floe"))
+        .arg("plugins")
+        .env_remove("FLOE_PLUGIN_DIR")
+        .output()?;
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
     std::fs::remove_dir_all(&check)?;
     for p in ["array", "disk", "null"] {

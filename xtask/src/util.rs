@@ -7,12 +7,17 @@ use std::process::{Child, Command, Stdio};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Run a command, failing on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed: {st}");
     }
@@ -34,19 +39,28 @@ pub fn have(cmd: &str) -> bool {
 
 /// Install the Debian packages that provide missing commands.
 pub fn ensure_packages(needs: &[(&str, &str)]) -> Result<()> {
-    let mut missing: Vec<&str> = needs.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    let mut missing: Vec<&str> = needs
+        .iter()
+        .filter(|(c, _)| !have(c))
+        .map(|(_, p)| *p)
+        .collect();
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     if !have("apt-get") {
-        eprintln!("xtask: cannot install {missing:?}: no apt-get; tests needing them will skip loudly");
+        eprintln!(
+            "xtask: cannot install {missing:?}: no apt-get; tests needing them will skip loudly"
+        );
         return Ok(());
     }
     eprintln!("xtask: installing {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// A child process killed (by its own pid) when dropped.
@@ -60,16 +74,29 @@ impl Drop for Proc {
 }
 
 /// Start floe-sim-san from `bin`; the process and its ready line.
-pub fn start_sim_san(bin: &Path, dir: &Path, luns: &[String], raw_luns: &[String]) -> Result<(Proc, serde_json::Value)> {
+pub fn start_sim_san(
+    bin: &Path,
+    dir: &Path,
+    luns: &[String],
+    raw_luns: &[String],
+) -> Result<(Proc, serde_json::Value)> {
     let mut cmd = Command::new(bin.join("floe-sim-san"));
-    cmd.args(["serve", "--dir"]).arg(dir).args(["--nbd", "127.0.0.1:0", "--control", "127.0.0.1:0"]);
+    cmd.args(["serve", "--dir"]).arg(dir).args([
+        "--nbd",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+    ]);
     for l in luns {
         cmd.args(["--lun", l]);
     }
     for l in raw_luns {
         cmd.args(["--raw-lun", l]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().context("start floe-sim-san")?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start floe-sim-san")?;
     let out = child.stdout.take().context("stdout")?;
     let proc = Proc(child);
     let mut line = String::new();

@@ -52,9 +52,19 @@ impl Conn {
         let array = hello
             .get("array")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::new(ErrorKind::Plugin, format!("sim-san at {addr} did not say its array id")))?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Plugin,
+                    format!("sim-san at {addr} did not say its array id"),
+                )
+            })?
             .to_string();
-        Ok(Conn { addr, client, array, keep })
+        Ok(Conn {
+            addr,
+            client,
+            array,
+            keep,
+        })
     }
 
     fn make_config(&self, snapshot: &str, generation: u64) -> ConfigId {
@@ -69,7 +79,10 @@ impl Conn {
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Config,
-                    format!("config id {c} is not one of snapshot {snapshot} on array {} ({})", self.array, self.addr),
+                    format!(
+                        "config id {c} is not one of snapshot {snapshot} on array {} ({})",
+                        self.array, self.addr
+                    ),
                 )
             })
     }
@@ -80,8 +93,19 @@ fn snapshot_of(image: &FrozenImage, item: &ItemId) -> Result<String> {
         .items
         .iter()
         .find(|i| &i.id == item)
-        .and_then(|i| i.handle.get("snapshot").and_then(|s| s.as_str()).map(str::to_string))
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("item {item} is not in image {}", image.id)).item(item))
+        .and_then(|i| {
+            i.handle
+                .get("snapshot")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        })
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("item {item} is not in image {}", image.id),
+            )
+            .item(item)
+        })
 }
 
 fn extents(m: &TargetMap, list: &[MapExtentInfo]) -> Vec<MapExtent> {
@@ -92,8 +116,16 @@ fn extents(m: &TargetMap, list: &[MapExtentInfo]) -> Vec<MapExtent> {
             length: e.length,
             kind: ExtentKind::Data(ExtentChain {
                 layers: vec![
-                    Layer { kind: LayerKind::Volume, object: m.target.clone(), offset: Bytes(e.offset.0) },
-                    Layer { kind: LayerKind::Lun, object: e.lun.clone(), offset: Bytes(e.lun_offset.0) },
+                    Layer {
+                        kind: LayerKind::Volume,
+                        object: m.target.clone(),
+                        offset: Bytes(e.offset.0),
+                    },
+                    Layer {
+                        kind: LayerKind::Lun,
+                        object: e.lun.clone(),
+                        offset: Bytes(e.lun_offset.0),
+                    },
                 ],
                 physical: PhysicalExtent {
                     device: DeviceId::new(e.wwn.clone()),
@@ -125,7 +157,10 @@ impl Freezer for Conn {
         );
         let r = self
             .client
-            .call(Op::Snapshot { volumes: volumes.clone(), suffix: suffix.clone() })
+            .call(Op::Snapshot {
+                volumes: volumes.clone(),
+                suffix: suffix.clone(),
+            })
             .map_err(|e| san_err("snapshot", e))?;
         let snaps: Vec<String> = serde_json::from_value(r["snapshots"].clone())
             .map_err(|e| Error::new(ErrorKind::Plugin, format!("bad snapshot answer: {e}")))?;
@@ -167,7 +202,9 @@ impl Mapper for Conn {
             let snap = snapshot_of(image, &fi.id)?;
             let m: TargetMap = self
                 .client
-                .call_as(Op::Map { target: snap.clone() })
+                .call_as(Op::Map {
+                    target: snap.clone(),
+                })
                 .map_err(|e| san_err("map", e).item(&fi.id))?;
             let mut meta = BTreeMap::new();
             meta.insert("snapshot".into(), snap.clone());
@@ -182,7 +219,10 @@ impl Mapper for Conn {
                 meta,
             });
         }
-        Ok(ImageMap { image: image.id.clone(), items })
+        Ok(ImageMap {
+            image: image.id.clone(),
+            items,
+        })
     }
 
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
@@ -190,9 +230,16 @@ impl Mapper for Conn {
         let generation = self.parse_config(&snap, since)?;
         let m: TargetMap = self
             .client
-            .call_as(Op::Remap { target: snap.clone(), since: generation })
+            .call_as(Op::Remap {
+                target: snap.clone(),
+                since: generation,
+            })
             .map_err(|e| san_err("remap", e).item(item))?;
-        Ok(Remap { item: item.clone(), config: self.make_config(&snap, m.generation), extents: extents(&m, &m.extents) })
+        Ok(Remap {
+            item: item.clone(),
+            config: self.make_config(&snap, m.generation),
+            extents: extents(&m, &m.extents),
+        })
     }
 }
 
@@ -201,9 +248,13 @@ impl ValidityIndicator for Conn {
         let snap = snapshot_of(image, item)?;
         let r = self
             .client
-            .call(Op::Generation { target: snap.clone() })
+            .call(Op::Generation {
+                target: snap.clone(),
+            })
             .map_err(|e| san_err("generation", e).item(item))?;
-        let g = r["generation"].as_u64().ok_or_else(|| Error::new(ErrorKind::Plugin, "bad generation answer"))?;
+        let g = r["generation"]
+            .as_u64()
+            .ok_or_else(|| Error::new(ErrorKind::Plugin, "bad generation answer"))?;
         Ok(self.make_config(&snap, g))
     }
 }

@@ -43,15 +43,24 @@ pub struct Manifest {
 /// Decode and check a manifest.
 pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<SetRecord> {
     let m: Manifest = serde_json::from_slice(bytes).map_err(|e| {
-        Error::new(ErrorKind::Media, "malformed set manifest").path(path).source(e)
+        Error::new(ErrorKind::Media, "malformed set manifest")
+            .path(path)
+            .source(e)
     })?;
     if m.magic != MAGIC {
-        return Err(Error::new(ErrorKind::Media, format!("not a Floe disk set: magic {:?}", m.magic)).path(path));
+        return Err(Error::new(
+            ErrorKind::Media,
+            format!("not a Floe disk set: magic {:?}", m.magic),
+        )
+        .path(path));
     }
     if m.version != VERSION {
         return Err(Error::new(
             ErrorKind::Media,
-            format!("disk set format version {} is not supported (this build reads {VERSION})", m.version),
+            format!(
+                "disk set format version {} is not supported (this build reads {VERSION})",
+                m.version
+            ),
         )
         .path(path));
     }
@@ -59,7 +68,12 @@ pub fn decode_manifest(bytes: &[u8], path: &Path) -> Result<SetRecord> {
         if it.position.locator != item_file(i) {
             return Err(Error::new(
                 ErrorKind::Media,
-                format!("item {} points at {:?}, expected {:?}", it.header.item, it.position.locator, item_file(i)),
+                format!(
+                    "item {} points at {:?}, expected {:?}",
+                    it.header.item,
+                    it.position.locator,
+                    item_file(i)
+                ),
             )
             .path(path));
         }
@@ -80,7 +94,9 @@ fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 fn fsync_dir(p: &Path) -> Result<()> {
-    File::open(p).and_then(|f| f.sync_all()).map_err(|e| media_err("fsync directory", p, e))
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| media_err("fsync directory", p, e))
 }
 
 fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
@@ -88,7 +104,12 @@ fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
         .get("dir")
         .and_then(|v| v.as_str())
         .map(PathBuf::from)
-        .ok_or_else(|| Error::new(ErrorKind::Config, "disk media needs a directory (disk:/path)"))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "disk media needs a directory (disk:/path)",
+            )
+        })
 }
 
 struct Open {
@@ -109,7 +130,12 @@ pub struct DiskWriter {
 impl DiskWriter {
     /// A writer to `dir`.
     pub fn new(dir: PathBuf) -> DiskWriter {
-        DiskWriter { dir, set: None, items: Vec::new(), current: None }
+        DiskWriter {
+            dir,
+            set: None,
+            items: Vec::new(),
+            current: None,
+        }
     }
 
     fn partial(&self) -> Result<&PathBuf> {
@@ -122,16 +148,28 @@ impl DiskWriter {
 
 impl MediaWriter for DiskWriter {
     fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
-        if header.set.as_str().is_empty() || header.set.as_str().contains('/') || header.set.as_str().starts_with('.') {
-            return Err(Error::new(ErrorKind::Config, format!("bad set id {:?}", header.set)));
+        if header.set.as_str().is_empty()
+            || header.set.as_str().contains('/')
+            || header.set.as_str().starts_with('.')
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("bad set id {:?}", header.set),
+            ));
         }
-        std::fs::create_dir_all(&self.dir).map_err(|e| media_err("create media directory", &self.dir, e))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| media_err("create media directory", &self.dir, e))?;
         if self.dir.join(header.set.as_str()).exists() {
-            return Err(Error::new(ErrorKind::Media, format!("set {} exists on this media", header.set)).path(&self.dir));
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("set {} exists on this media", header.set),
+            )
+            .path(&self.dir));
         }
         let partial = self.dir.join(format!(".{}.partial", header.set));
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(partial.join("items")).map_err(|e| media_err("create set directory", &partial, e))?;
+        std::fs::create_dir_all(partial.join("items"))
+            .map_err(|e| media_err("create set directory", &partial, e))?;
         self.set = Some((header.clone(), partial));
         self.items.clear();
         Ok(())
@@ -144,12 +182,20 @@ impl MediaWriter for DiskWriter {
             .create_new(true)
             .open(&path)
             .map_err(|e| media_err("create item file", &path, e))?;
-        self.current = Some(Open { header: header.clone(), file, path, pos: 0 });
+        self.current = Some(Open {
+            header: header.clone(),
+            file,
+            path,
+            pos: 0,
+        });
         Ok(())
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        let cur = self.current.as_mut().ok_or_else(|| Error::new(ErrorKind::Media, "write outside an item"))?;
+        let cur = self
+            .current
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "write outside an item"))?;
         let mut off = 0usize;
         while off < data.len() {
             let n = SPARSE_BLOCK.min(data.len() - off);
@@ -157,9 +203,10 @@ impl MediaWriter for DiskWriter {
             let at = cur.pos + off as u64;
             let aligned = at % SPARSE_BLOCK as u64 == 0 && n == SPARSE_BLOCK;
             if !(aligned && piece.iter().all(|&b| b == 0)) {
-                cur.file
-                    .write_all_at(piece, at)
-                    .map_err(|e| media_err("write item", &cur.path, e).range(floe_core::units::DeviceOffset(at), Bytes(n as u64)))?;
+                cur.file.write_all_at(piece, at).map_err(|e| {
+                    media_err("write item", &cur.path, e)
+                        .range(floe_core::units::DeviceOffset(at), Bytes(n as u64))
+                })?;
             }
             off += n;
         }
@@ -168,30 +215,58 @@ impl MediaWriter for DiskWriter {
     }
 
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
-        let cur = self.current.take().ok_or_else(|| Error::new(ErrorKind::Media, "end_item outside an item"))?;
+        let cur = self
+            .current
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "end_item outside an item"))?;
         if trailer.length.0 != cur.pos {
             return Err(Error::new(
                 ErrorKind::Media,
-                format!("item {} trailer says {} bytes, {} were written", cur.header.item, trailer.length, cur.pos),
+                format!(
+                    "item {} trailer says {} bytes, {} were written",
+                    cur.header.item, trailer.length, cur.pos
+                ),
             ));
         }
-        cur.file.set_len(cur.pos).map_err(|e| media_err("truncate item", &cur.path, e))?;
-        cur.file.sync_all().map_err(|e| media_err("fsync item", &cur.path, e))?;
+        cur.file
+            .set_len(cur.pos)
+            .map_err(|e| media_err("truncate item", &cur.path, e))?;
+        cur.file
+            .sync_all()
+            .map_err(|e| media_err("fsync item", &cur.path, e))?;
         let position = MediaPosition {
             medium: self.dir.display().to_string(),
             locator: item_file(self.items.len()),
         };
-        self.items.push(ItemRecord { header: cur.header, trailer: trailer.clone(), position: position.clone() });
+        self.items.push(ItemRecord {
+            header: cur.header,
+            trailer: trailer.clone(),
+            position: position.clone(),
+        });
         Ok(position)
     }
 
     fn commit(&mut self) -> Result<SetRecord> {
         if self.current.is_some() {
-            return Err(Error::new(ErrorKind::Media, "commit with an item still open"));
+            return Err(Error::new(
+                ErrorKind::Media,
+                "commit with an item still open",
+            ));
         }
-        let (header, partial) = self.set.take().ok_or_else(|| Error::new(ErrorKind::Media, "commit without a set"))?;
-        let record = SetRecord { header, items: std::mem::take(&mut self.items), committed_at: now_secs() };
-        let manifest = Manifest { magic: MAGIC.into(), version: VERSION, record: record.clone() };
+        let (header, partial) = self
+            .set
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "commit without a set"))?;
+        let record = SetRecord {
+            header,
+            items: std::mem::take(&mut self.items),
+            committed_at: now_secs(),
+        };
+        let manifest = Manifest {
+            magic: MAGIC.into(),
+            version: VERSION,
+            record: record.clone(),
+        };
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::new(ErrorKind::Media, "cannot encode manifest").source(e))?;
         let mpath = partial.join("set.json");
@@ -199,14 +274,16 @@ impl MediaWriter for DiskWriter {
             let _ = std::fs::remove_dir_all(partial);
             e
         };
-        let f = File::create(&mpath).map_err(|e| fail(media_err("create manifest", &mpath, e), &partial))?;
+        let f = File::create(&mpath)
+            .map_err(|e| fail(media_err("create manifest", &mpath, e), &partial))?;
         f.write_all_at(&bytes, 0)
             .and_then(|()| f.sync_all())
             .map_err(|e| fail(media_err("write manifest", &mpath, e), &partial))?;
         fsync_dir(&partial.join("items")).map_err(|e| fail(e, &partial))?;
         fsync_dir(&partial).map_err(|e| fail(e, &partial))?;
         let fin = self.dir.join(record.header.set.as_str());
-        std::fs::rename(&partial, &fin).map_err(|e| fail(media_err("rename set into place", &fin, e), &partial))?;
+        std::fs::rename(&partial, &fin)
+            .map_err(|e| fail(media_err("rename set into place", &fin, e), &partial))?;
         fsync_dir(&self.dir)?;
         Ok(record)
     }
@@ -215,7 +292,8 @@ impl MediaWriter for DiskWriter {
         self.current = None;
         self.items.clear();
         if let Some((_, partial)) = self.set.take() {
-            std::fs::remove_dir_all(&partial).map_err(|e| media_err("remove partial set", &partial, e))?;
+            std::fs::remove_dir_all(&partial)
+                .map_err(|e| media_err("remove partial set", &partial, e))?;
         }
         Ok(())
     }
@@ -239,7 +317,12 @@ impl DiskReader {
         }
         let path = self.dir.join(set.as_str()).join("set.json");
         let bytes = std::fs::read(&path).map_err(|e| {
-            Error::new(ErrorKind::NotFound, format!("no set {set} on media {}", self.dir.display())).path(&path).source(e)
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no set {set} on media {}", self.dir.display()),
+            )
+            .path(&path)
+            .source(e)
         })?;
         decode_manifest(&bytes, &path)
     }
@@ -247,7 +330,8 @@ impl DiskReader {
 
 impl MediaReader for DiskReader {
     fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| media_err("list media directory", &self.dir, e))?;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| media_err("list media directory", &self.dir, e))?;
         let mut sets = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -266,14 +350,22 @@ impl MediaReader for DiskReader {
             .items
             .into_iter()
             .find(|i| &i.header.item == item)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item))?;
+            .ok_or_else(|| {
+                Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
+            })?;
         let path = self.dir.join(set.as_str()).join(&rec.position.locator);
         let f = File::open(&path).map_err(|e| media_err("open item", &path, e))?;
-        let len = f.metadata().map_err(|e| media_err("stat item", &path, e))?.len();
+        let len = f
+            .metadata()
+            .map_err(|e| media_err("stat item", &path, e))?
+            .len();
         if len != rec.trailer.length.0 {
             return Err(Error::new(
                 ErrorKind::ChecksumMismatch,
-                format!("item file holds {len} bytes, the set recorded {}", rec.trailer.length),
+                format!(
+                    "item file holds {len} bytes, the set recorded {}",
+                    rec.trailer.length
+                ),
             )
             .item(item)
             .path(&path));
@@ -283,13 +375,20 @@ impl MediaReader for DiskReader {
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<u8>> {
-        let (f, path, pos, len) = self.open.as_mut().ok_or_else(|| Error::new(ErrorKind::Media, "no item open"))?;
+        let (f, path, pos, len) = self
+            .open
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "no item open"))?;
         let n = usize::try_from((*len - *pos).min(max as u64)).unwrap_or(max);
         let mut buf = vec![0u8; n];
         let mut got = 0;
         while got < n {
             match f.read(&mut buf[got..]) {
-                Ok(0) => return Err(Error::new(ErrorKind::Media, "item file ended early").path(path.as_path())),
+                Ok(0) => {
+                    return Err(
+                        Error::new(ErrorKind::Media, "item file ended early").path(path.as_path())
+                    )
+                }
                 Ok(k) => got += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(media_err("read item", path, e)),
@@ -340,7 +439,13 @@ mod tests {
     }
 
     fn item(name: &str, size: u64) -> ItemHeader {
-        ItemHeader { item: ItemId::new(name), kind: ItemKind::Volume, size: Bytes(size), config: ConfigId::new("c"), meta: Default::default() }
+        ItemHeader {
+            item: ItemId::new(name),
+            kind: ItemKind::Volume,
+            size: Bytes(size),
+            config: ConfigId::new("c"),
+            meta: Default::default(),
+        }
     }
 
     fn trailer(data: &[u8]) -> ItemTrailer {
@@ -365,7 +470,10 @@ mod tests {
         w.write(&data[100_000..]).unwrap();
         w.end_item(&trailer(&data)).unwrap();
         let mut r = DiskReader::new(dir.path().to_path_buf());
-        assert!(r.list_sets().unwrap().is_empty(), "an uncommitted set must not be listed");
+        assert!(
+            r.list_sets().unwrap().is_empty(),
+            "an uncommitted set must not be listed"
+        );
         w.commit().unwrap();
         let sets = r.list_sets().unwrap();
         assert_eq!(sets.len(), 1);
@@ -391,7 +499,9 @@ mod tests {
         w.write(b"0123456789").unwrap();
         w.abort().unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        let e = DiskReader::new(dir.path().to_path_buf()).open_item(&SetId::new("s2"), &ItemId::new("v")).unwrap_err();
+        let e = DiskReader::new(dir.path().to_path_buf())
+            .open_item(&SetId::new("s2"), &ItemId::new("v"))
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
     }
 
