@@ -87,7 +87,10 @@ impl BlockDevice for DirectFile {
         self.path.display().to_string()
     }
     fn read_at(&self, buf: &mut [u8], offset: DeviceOffset) -> Result<()> {
-        if buf.as_ptr() as usize % ALIGN != 0 || buf.len() % 512 != 0 || offset.0 % 512 != 0 {
+        if !(buf.as_ptr() as usize).is_multiple_of(ALIGN)
+            || !buf.len().is_multiple_of(512)
+            || !offset.0.is_multiple_of(512)
+        {
             let mut bounce = AlignedBuf::new(buf.len().div_ceil(ALIGN) * ALIGN);
             let start = offset.0 / 512 * 512;
             let skip = usize::try_from(offset.0 - start).unwrap_or(0);

@@ -48,7 +48,7 @@ pub fn check_extent(item: &Item, e: &MapExtent) -> Result<u64> {
                 invalid(item, format!("{} of {} overflows", p.count, p.block_size))
             })?;
             p.block_size
-                .bytes(Blocks(p.start.0.checked_add(p.count.0).unwrap_or(u64::MAX)))
+                .bytes(Blocks(p.start.0.saturating_add(p.count.0)))
                 .ok_or_else(|| {
                     invalid(
                         item,
@@ -123,7 +123,7 @@ pub fn clip(item: &Item, e: &MapExtent, lo: u64, hi: u64) -> Result<MapExtent> {
     let kind = match &e.kind {
         ExtentKind::Data(chain) => {
             let bs = u64::from(chain.physical.block_size.0);
-            if delta % bs != 0 || len % bs != 0 {
+            if !delta.is_multiple_of(bs) || !len.is_multiple_of(bs) {
                 return Err(invalid(
                     item,
                     format!(

@@ -255,7 +255,7 @@ impl Array {
         if name.is_empty() || name.contains('/') {
             return Err(err(ErrorCode::Invalid, format!("bad LUN name {name:?}")));
         }
-        if size == 0 || size % CHUNK != 0 {
+        if size == 0 || !size.is_multiple_of(CHUNK) {
             return Err(err(
                 ErrorCode::Invalid,
                 format!("LUN size {size} is not a positive multiple of {CHUNK}"),
@@ -326,7 +326,7 @@ impl Array {
         luns: Option<&[String]>,
     ) -> R<TargetMap> {
         let size = size.0;
-        if size == 0 || size % CHUNK != 0 {
+        if size == 0 || !size.is_multiple_of(CHUNK) {
             return Err(err(
                 ErrorCode::Invalid,
                 format!("volume size {size} is not a positive multiple of {CHUNK}"),

@@ -104,7 +104,7 @@ pub fn run() -> Result<()> {
             let mut c = Client::connect(&control)?;
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let (vol, size) = if i % 2 == 0 {
+                let (vol, size) = if i.is_multiple_of(2) {
                     ("vol0", 96 * MIB)
                 } else {
                     ("vol1", 64 * MIB)
@@ -163,8 +163,8 @@ pub fn run() -> Result<()> {
 
     let mut ok = true;
     println!(
-        "\n{:<6} {:<66} {:<66} {}",
-        "item", "frozen image (snapshot) blake3", "restored LUN blake3", ""
+        "\n{:<6} {:<66} {:<66} ",
+        "item", "frozen image (snapshot) blake3", "restored LUN blake3"
     );
     for (i, (vol, lun, size)) in [
         ("vol0", "restore0", 96 * MIB),

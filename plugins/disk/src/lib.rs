@@ -201,7 +201,7 @@ impl MediaWriter for DiskWriter {
             let n = SPARSE_BLOCK.min(data.len() - off);
             let piece = &data[off..off + n];
             let at = cur.pos + off as u64;
-            let aligned = at % SPARSE_BLOCK as u64 == 0 && n == SPARSE_BLOCK;
+            let aligned = at.is_multiple_of(SPARSE_BLOCK as u64) && n == SPARSE_BLOCK;
             if !(aligned && piece.iter().all(|&b| b == 0)) {
                 cur.file.write_all_at(piece, at).map_err(|e| {
                     media_err("write item", &cur.path, e)
