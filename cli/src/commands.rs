@@ -338,8 +338,9 @@ fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
             .split_once('=')
             .ok_or_else(|| anyhow!("--to wants ITEM=TARGET, got {t:?}"))?;
         let item = ItemId::new(item);
+        // Find the item before touching the target.
+        let rec = reader.open_item(&set, &item)?;
         if a.dry_run {
-            let rec = reader.open_item(&set, &item)?;
             println!(
                 "would restore {item} ({} bytes, blake3 {}) to {target}",
                 rec.trailer.length, rec.trailer.blake3

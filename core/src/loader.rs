@@ -45,22 +45,17 @@ impl LoadedPlugin {
                 .op("load plugin")
                 .path(path)
         };
-        let version = {
-            // SAFETY: loading a library runs its initializers; plugins are
-            // trusted code installed by the operator. The symbol is read
-            // as `extern "C" fn() -> u32`, the type every Floe plugin
-            // exports it with.
-            let lib = unsafe { libloading::Library::new(path) }
-                .map_err(|e| load_err(format!("cannot load plugin {}: {e}", path.display())))?;
-            let f: libloading::Symbol<'_, extern "C" fn() -> u32> =
-                unsafe { lib.get(ABI_VERSION_SYMBOL) }.map_err(|_| {
-                    load_err(format!(
-                        "{} is not a Floe plugin: it has no floe_plugin_abi_version symbol",
-                        path.display()
-                    ))
-                })?;
-            f()
-        };
+        let version = crate::sys::plugin_abi_version(path).map_err(|e| {
+            load_err(match e {
+                crate::sys::PluginSymbolError::Load(msg) => {
+                    format!("cannot load plugin {}: {msg}", path.display())
+                }
+                crate::sys::PluginSymbolError::NoSymbol => format!(
+                    "{} is not a Floe plugin: it has no floe_plugin_abi_version symbol",
+                    path.display()
+                ),
+            })
+        })?;
         if version != ABI_VERSION {
             return Err(Error::new(
                 ErrorKind::AbiMismatch,

@@ -1,5 +1,5 @@
-//! The unsafe corner: O_DIRECT-aligned buffers and the block-device size
-//! ioctl.
+//! The unsafe corner: O_DIRECT-aligned buffers, the block-device size
+//! ioctl, and reading a plugin's ABI version symbol.
 //!
 //! Kernel ABI used (include/uapi/linux/fs.h):
 //! `#define BLKGETSIZE64 _IOR(0x12,114,size_t)` — returns the device size in
@@ -98,6 +98,33 @@ pub fn block_device_size(f: &File) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(size)
+}
+
+/// Why a plugin's version symbol could not be read.
+#[derive(Debug)]
+pub enum PluginSymbolError {
+    /// dlopen failed.
+    Load(String),
+    /// The library has no `floe_plugin_abi_version`.
+    NoSymbol,
+}
+
+/// Load the library at `path` and call its `floe_plugin_abi_version`.
+///
+/// Floe plugin ABI (docs/formats/plugin-abi.md): every plugin exports
+/// `extern "C" fn floe_plugin_abi_version() -> u32`.
+pub fn plugin_abi_version(path: &std::path::Path) -> Result<u32, PluginSymbolError> {
+    // SAFETY: loading a library runs its initializers; plugins are code the
+    // operator installed in a plugin directory, trusted like the binary.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| PluginSymbolError::Load(e.to_string()))?;
+    // SAFETY: the symbol is declared with exactly the type every Floe
+    // plugin exports it with (export_plugin! generates it); the library
+    // stays loaded while the function is called.
+    let f: libloading::Symbol<'_, extern "C" fn() -> u32> =
+        unsafe { lib.get(crate::abi::ABI_VERSION_SYMBOL) }
+            .map_err(|_| PluginSymbolError::NoSymbol)?;
+    Ok(f())
 }
 
 #[cfg(test)]

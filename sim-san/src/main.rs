@@ -10,6 +10,12 @@ struct Cli {
     command: floe_sim_san::cli::Command,
 }
 
-fn main() -> anyhow::Result<()> {
-    floe_sim_san::cli::run(Cli::parse().command)
+fn main() -> std::process::ExitCode {
+    match floe_sim_san::cli::run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("floe-sim-san: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

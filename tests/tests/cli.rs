@@ -218,6 +218,24 @@ fn a_read_error_exits_non_zero_and_records_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Restoring a set that does not exist fails and leaves no target behind.
+    let target = media_dir.path().join("never.img");
+    let out = floe(&[
+        "restore",
+        "--media",
+        &media,
+        "--set",
+        "nosuch",
+        "--to",
+        &format!("vol0={}", target.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no set nosuch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!target.exists());
 }
 
 /// A tmpfs mounted for a test and unmounted when dropped.
