@@ -15,7 +15,7 @@
 use crate::abi::{
     constructor_error, Freezer, Interface, LoadedFreezer, LoadedMapper, LoadedMediaReader,
     LoadedMediaWriter, LoadedValidity, Mapper, MediaReader, MediaWriter, PluginInfo, PluginModRef,
-    ValidityIndicator, ABI_VERSION, ABI_VERSION_SYMBOL,
+    ValidityIndicator, ABI_VERSION,
 };
 use crate::error::{Error, ErrorKind, Result};
 use abi_stable::std_types::{RErr, ROk};
