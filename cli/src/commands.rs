@@ -32,14 +32,15 @@ enum Command {
     /// Run the agent on the application host: freeze, map, answer config
     /// checks and remaps, release.
     ///
-    /// Example: floe agent --listen 127.0.0.1:7070 --plugin-opt array.control=127.0.0.1:10810
-    /// Example: ssh apphost floe agent --stdio
+    /// Example: floe agent --listen 127.0.0.1:7070 --allow-source 'array:*'
+    ///          --plugin-opt array.control=127.0.0.1:10810
+    /// Example: ssh apphost floe agent --stdio --allow-source 'array:vol*'
     Agent(AgentArgs),
     /// Back up sources through an agent, reading the shared storage
     /// directly, to media.
     ///
     /// Example: floe backup --agent 127.0.0.1:7070 --san nbd://127.0.0.1:10809
-    ///          --source array:vol0 --source array:vol1 --media disk:/backup
+    ///          --allow-device naa.6001405… --source array:vol0 --media disk:/backup
     Backup(BackupArgs),
     /// Restore items of a set to image files, block devices or NBD exports.
     ///
@@ -75,6 +76,10 @@ struct AgentArgs {
     /// The host name to report (default: this host's name).
     #[arg(long)]
     host: Option<String>,
+    /// A source this agent may back up, as a pattern (`*`, `?`):
+    /// array:vol* (repeatable). Nothing else is frozen or mapped.
+    #[arg(long = "allow-source", value_name = "PATTERN", required = true)]
+    allow_sources: Vec<String>,
 }
 
 #[derive(Args)]
@@ -102,6 +107,13 @@ struct BackupArgs {
     /// Where a device is: ID=PATH or ID=nbd://HOST:PORT/EXPORT (repeatable).
     #[arg(long = "device", value_name = "ID=LOCATION")]
     devices: Vec<String>,
+    /// A device (by identity, e.g. a WWN) this agent's maps may make the
+    /// mover read (repeatable). Anything else is refused before any read.
+    #[arg(long = "allow-device", value_name = "ID")]
+    allow_devices: Vec<String>,
+    /// Read whatever devices the agent's map names (no allow-list).
+    #[arg(long, conflicts_with = "allow_devices")]
+    allow_any_device: bool,
     #[command(flatten)]
     mover: MoverOptions,
     /// Print the result as JSON.
@@ -210,6 +222,7 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
         plugin_config,
         host: a.host.unwrap_or_else(hostname),
         max_frame: None,
+        allow_sources: a.allow_sources,
     };
     let agent = Arc::new(Agent::new(reg, opts));
     if a.stdio {
@@ -259,6 +272,13 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
         },
     };
     let resolver = DeviceResolver::new(table, san);
+    let resolver = match (a.allow_any_device, a.allow_devices.is_empty()) {
+        (true, _) => resolver,
+        (false, false) => resolver.with_allow_list(a.allow_devices.iter().map(DeviceId::new)),
+        (false, true) => bail!(
+            "say which devices this agent may have the mover read: --allow-device ID (repeatable), or --allow-any-device"
+        ),
+    };
     let mut media = media_writer(&reg, &a.media.media)?;
     let mut client = connect_agent(&a.agent)?;
     let mut pb: Option<ProgressBar> = None;

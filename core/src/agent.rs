@@ -23,6 +23,32 @@ pub struct AgentOptions {
     pub host: String,
     /// Largest frame accepted.
     pub max_frame: Option<u32>,
+    /// Sources this agent may freeze and map, as patterns (`*` matches any
+    /// run of characters, `?` one): `array:vol*`. Nothing else is served.
+    pub allow_sources: Vec<String>,
+}
+
+/// Does `text` match the glob `pattern` (`*`, `?`)?
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 struct Frozen {
@@ -80,6 +106,17 @@ impl Agent {
             .ok_or_else(|| Error::new(ErrorKind::Config, "nothing to back up: no sources"))?;
         let (plugin, _) = source_plugin(first)?;
         for s in sources {
+            if !self.opts.allow_sources.iter().any(|p| glob_match(p, s)) {
+                return Err(Error::new(
+                    ErrorKind::Denied,
+                    format!(
+                        "source {s} is not under this agent's allowed sources ({})",
+                        self.opts.allow_sources.join(", ")
+                    ),
+                )
+                .op("freeze")
+                .agent(&self.opts.host));
+            }
             if source_plugin(s)?.0 != plugin {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -322,4 +359,20 @@ fn unexpected(r: &Response) -> Error {
         ErrorKind::Protocol,
         format!("unexpected answer from the agent: {r:?}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("array:vol*", "array:vol0"));
+        assert!(glob_match("array:*", "array:x"));
+        assert!(glob_match("array:vol?", "array:vol1"));
+        assert!(!glob_match("array:vol?", "array:vol10"));
+        assert!(!glob_match("array:vol*", "array:secret"));
+        assert!(!glob_match("array:vol*", "disk:vol0"));
+        assert!(glob_match("*", ""));
+    }
 }

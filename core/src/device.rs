@@ -5,15 +5,18 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::DeviceId;
+use crate::nbd_client::{negotiate, ExportInfo};
 use crate::sys::{block_device_size, AlignedBuf, ALIGN};
 use crate::units::{Bytes, DeviceOffset};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A device the mover reads from.
 pub trait BlockDevice: Send + Sync {
@@ -123,19 +126,36 @@ impl BlockDevice for DirectFile {
 
 type NbdConn = nbd::client::NbdClient<TcpStream>;
 
-/// An NBD export, read through a pool of connections (one request in
-/// flight per connection; several connections for parallel reads).
-pub struct NbdDevice {
-    id: DeviceId,
-    addr: String,
-    export: String,
-    size: u64,
-    pool: Mutex<Vec<NbdConn>>,
+/// How NBD connections behave.
+#[derive(Clone, Copy, Debug)]
+pub struct NbdOptions {
+    /// Reconnect attempts after a dropped connection, per read.
+    pub retries: u32,
+    /// First backoff; doubled per attempt, at most 2 s.
+    pub backoff: Duration,
+    /// A request that takes longer than this counts as a dropped
+    /// connection.
+    pub timeout: Duration,
 }
 
-fn nbd_connect(id: &DeviceId, addr: &str, export: &str) -> Result<(NbdConn, u64)> {
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            retries: 5,
+            backoff: Duration::from_millis(50),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn nbd_connect(
+    id: &DeviceId,
+    addr: &str,
+    export: &str,
+    timeout: Duration,
+) -> Result<(NbdConn, ExportInfo)> {
     let url = format!("nbd://{addr}/{export}");
-    let s = TcpStream::connect(addr).map_err(|e| {
+    let mut s = TcpStream::connect(addr).map_err(|e| {
         Error::new(
             ErrorKind::UnknownDevice,
             format!("cannot reach NBD server {url}"),
@@ -146,30 +166,79 @@ fn nbd_connect(id: &DeviceId, addr: &str, export: &str) -> Result<(NbdConn, u64)
     })?;
     // Without TCP_NODELAY, Nagle and delayed ACKs cost ~50 ms a request.
     let _ = s.set_nodelay(true);
-    let e = nbd::client::handshake(&s, export.as_bytes()).map_err(|e| {
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let info = negotiate(&mut s, export).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            ErrorKind::UnknownDevice
+        } else {
+            ErrorKind::ReadFailed
+        };
         Error::new(
-            ErrorKind::UnknownDevice,
-            format!("NBD server refused export {export:?} ({url}): no such device on the SAN"),
+            kind,
+            format!("NBD server {url} refused export {export:?}: no such device on the SAN"),
         )
         .op("connect")
         .device(id)
         .source(e)
     })?;
-    let size = e.size;
-    Ok((nbd::client::NbdClient::new(s, &e), size))
+    Ok((nbd::client::NbdClient::new(s, &info.to_crate()), info))
+}
+
+/// Did the transport fail (reconnect and retry), rather than the server
+/// report an error for the request (fail)?
+fn transport_failure(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::UnexpectedEof
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::TimedOut
+            | K::WouldBlock
+            | K::InvalidData
+    )
+}
+
+/// An NBD export, read through a pool of connections (one request in
+/// flight per connection; several connections for parallel reads).
+/// A dropped connection is reconnected with bounded exponential backoff;
+/// an error the server reports (EIO) fails the read at once.
+pub struct NbdDevice {
+    id: DeviceId,
+    addr: String,
+    export: String,
+    info: ExportInfo,
+    opts: NbdOptions,
+    pool: Mutex<Vec<NbdConn>>,
+    reconnects: AtomicU64,
 }
 
 impl NbdDevice {
     /// Connect to `export` at `addr` (host:port).
-    pub fn connect(id: DeviceId, addr: &str, export: &str) -> Result<NbdDevice> {
-        let (c, size) = nbd_connect(&id, addr, export)?;
+    pub fn connect(id: DeviceId, addr: &str, export: &str, opts: NbdOptions) -> Result<NbdDevice> {
+        let (c, info) = nbd_connect(&id, addr, export, opts.timeout)?;
         Ok(NbdDevice {
             id,
             addr: addr.to_string(),
             export: export.to_string(),
-            size,
+            info,
+            opts,
             pool: Mutex::new(vec![c]),
+            reconnects: AtomicU64::new(0),
         })
+    }
+
+    /// What the server said the export is (its description is the array's
+    /// device identity).
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Connections re-established after a drop.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 }
 
@@ -178,33 +247,71 @@ impl BlockDevice for NbdDevice {
         &self.id
     }
     fn size(&self) -> Bytes {
-        Bytes(self.size)
+        Bytes(self.info.size)
     }
     fn location(&self) -> String {
         format!("nbd://{}/{}", self.addr, self.export)
     }
     fn read_at(&self, buf: &mut [u8], offset: DeviceOffset) -> Result<()> {
-        let conn = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut conn = match conn {
-            Some(c) => c,
-            None => nbd_connect(&self.id, &self.addr, &self.export)?.0,
-        };
-        let r = conn
-            .seek(SeekFrom::Start(offset.0))
-            .and_then(|_| conn.read_exact(buf));
-        match r {
-            Ok(()) => {
-                self.pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(conn);
-                Ok(())
+        let mut attempt = 0u32;
+        loop {
+            let conn = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match nbd_connect(&self.id, &self.addr, &self.export, self.opts.timeout) {
+                    Ok((c, _)) => c,
+                    Err(e) if attempt < self.opts.retries => {
+                        attempt += 1;
+                        std::thread::sleep(backoff(self.opts.backoff, attempt));
+                        let _ = e;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e
+                            .with_kind(ErrorKind::ReadFailed)
+                            .range(offset, Bytes(buf.len() as u64)))
+                    }
+                },
+            };
+            let r = conn
+                .seek(SeekFrom::Start(offset.0))
+                .and_then(|_| conn.read_exact(buf));
+            match r {
+                Ok(()) => {
+                    self.pool
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(conn);
+                    return Ok(());
+                }
+                // The connection is dropped either way: after an error its
+                // stream may be out of step.
+                Err(e) if transport_failure(&e) && attempt < self.opts.retries => {
+                    attempt += 1;
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(backoff(self.opts.backoff, attempt));
+                }
+                Err(e) if transport_failure(&e) => {
+                    return Err(Error::new(
+                        ErrorKind::ReadFailed,
+                        format!(
+                            "the NBD connection kept failing: gave up after {} reconnects",
+                            self.opts.retries
+                        ),
+                    )
+                    .op("read")
+                    .device(&self.id)
+                    .range(offset, Bytes(buf.len() as u64))
+                    .source(e))
+                }
+                Err(e) => return Err(read_error(&self.id, offset.0, buf.len(), e)),
             }
-            // The connection is dropped: after an error its stream may be
-            // out of step.
-            Err(e) => Err(read_error(&self.id, offset.0, buf.len(), e)),
         }
     }
+}
+
+fn backoff(first: Duration, attempt: u32) -> Duration {
+    (first * 2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(2))
 }
 
 /// Where a device identity resolves to.
@@ -242,20 +349,44 @@ pub fn parse_location(s: &str) -> Result<Location> {
 /// Resolves device identities to devices the mover may read: an explicit
 /// table (`--device ID=LOCATION`), else exports of the SAN's NBD server
 /// named by the identity (`--san nbd://host:port`).
+///
+/// Least privilege: with an allow-list, an identity not on it is refused
+/// before anything is opened. Every device is opened read-only. An NBD
+/// export that describes itself (sim-san gives its WWN) must describe
+/// itself as the identity the map names; through the SAN this description
+/// is required, through the table (where the operator vouches for the
+/// mapping) it is checked when the server gives one.
 pub struct DeviceResolver {
     table: HashMap<DeviceId, Location>,
     san: Option<String>,
+    allow: Option<HashSet<DeviceId>>,
+    nbd: NbdOptions,
     open: Mutex<HashMap<DeviceId, Arc<dyn BlockDevice>>>,
 }
 
 impl DeviceResolver {
-    /// A resolver with a table and an optional SAN (`host:port`).
+    /// A resolver with a table and an optional SAN (`host:port`), allowing
+    /// any device it can find.
     pub fn new(table: HashMap<DeviceId, Location>, san: Option<String>) -> DeviceResolver {
         DeviceResolver {
             table,
             san,
+            allow: None,
+            nbd: NbdOptions::default(),
             open: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Only these devices may be read.
+    pub fn with_allow_list(mut self, allow: impl IntoIterator<Item = DeviceId>) -> Self {
+        self.allow = Some(allow.into_iter().collect());
+        self
+    }
+
+    /// NBD connection behaviour.
+    pub fn with_nbd_options(mut self, nbd: NbdOptions) -> Self {
+        self.nbd = nbd;
+        self
     }
 
     /// The device for `id`, opened once and shared.
@@ -263,12 +394,28 @@ impl DeviceResolver {
         if let Some(d) = self.open.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(d.clone());
         }
+        if let Some(allow) = &self.allow {
+            if !allow.contains(id) {
+                return Err(Error::new(
+                    ErrorKind::Denied,
+                    "device is not on this mover's allow-list for the agent: refused before any read",
+                )
+                .op("open device")
+                .device(id));
+            }
+        }
         let dev: Arc<dyn BlockDevice> = match (self.table.get(id), &self.san) {
             (Some(Location::Path(p)), _) => Arc::new(DirectFile::open(id.clone(), p)?),
             (Some(Location::Nbd(addr, export)), _) => {
-                Arc::new(NbdDevice::connect(id.clone(), addr, export)?)
+                let d = NbdDevice::connect(id.clone(), addr, export, self.nbd)?;
+                check_identity(id, &d, false)?;
+                Arc::new(d)
             }
-            (None, Some(addr)) => Arc::new(NbdDevice::connect(id.clone(), addr, id.as_str())?),
+            (None, Some(addr)) => {
+                let d = NbdDevice::connect(id.clone(), addr, id.as_str(), self.nbd)?;
+                check_identity(id, &d, true)?;
+                Arc::new(d)
+            }
             (None, None) => {
                 return Err(Error::new(
                     ErrorKind::UnknownDevice,
@@ -282,6 +429,25 @@ impl DeviceResolver {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), dev.clone());
         Ok(dev)
+    }
+}
+
+fn check_identity(id: &DeviceId, d: &NbdDevice, required: bool) -> Result<()> {
+    match &d.info().description {
+        Some(desc) if desc == id.as_str() => Ok(()),
+        Some(desc) => Err(Error::new(
+            ErrorKind::IdentityMismatch,
+            format!("{} identifies itself as {desc:?}, not as the device the map names", d.location()),
+        )
+        .op("verify device identity")
+        .device(id)),
+        None if required => Err(Error::new(
+            ErrorKind::IdentityMismatch,
+            format!("{} does not say which device it is; map it explicitly with --device to vouch for it", d.location()),
+        )
+        .op("verify device identity")
+        .device(id)),
+        None => Ok(()),
     }
 }
 
@@ -387,11 +553,11 @@ pub fn open_target(spec: &str) -> Result<Box<dyn RestoreTarget>> {
         }
         Location::Nbd(addr, export) => {
             let id = DeviceId::new(format!("nbd://{addr}/{export}"));
-            let (conn, size) = nbd_connect(&id, &addr, &export)?;
+            let (conn, info) = nbd_connect(&id, &addr, &export, NbdOptions::default().timeout)?;
             Ok(Box::new(NbdTarget {
                 url: id.0,
                 conn,
-                size,
+                size: info.size,
             }))
         }
     }

@@ -23,6 +23,10 @@ pub enum ErrorKind {
     UnknownDevice,
     /// An extent that reaches past the end of its device.
     ExtentOutOfRange,
+    /// A device (or source) this side is not allowed to touch.
+    Denied,
+    /// A device whose own identity differs from the one the map names.
+    IdentityMismatch,
     /// The operating system failed a read of a source device (EIO, ...).
     ReadFailed,
     /// The operating system failed a write of a restore target.
@@ -64,6 +68,8 @@ impl ErrorKind {
             ErrorKind::InvalidMap => "invalid_map",
             ErrorKind::UnknownDevice => "unknown_device",
             ErrorKind::ExtentOutOfRange => "extent_out_of_range",
+            ErrorKind::Denied => "denied",
+            ErrorKind::IdentityMismatch => "identity_mismatch",
             ErrorKind::ReadFailed => "read_failed",
             ErrorKind::WriteFailed => "write_failed",
             ErrorKind::MediaFull => "media_full",
@@ -90,6 +96,9 @@ pub struct Context {
     /// The operation (`read`, `write`, `freeze`, `remap`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op: Option<String>,
+    /// The agent (application host) involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// The item being worked on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item: Option<ItemId>,
@@ -112,6 +121,9 @@ impl fmt::Display for Context {
         let mut parts = Vec::new();
         if let Some(op) = &self.op {
             parts.push(format!("op {op}"));
+        }
+        if let Some(agent) = &self.agent {
+            parts.push(format!("agent {agent}"));
         }
         if let Some(item) = &self.item {
             parts.push(format!("item {item}"));
@@ -200,6 +212,15 @@ impl Error {
     /// Set the item, unless one is already set.
     pub fn item(mut self, item: &ItemId) -> Self {
         self.0.context.item.get_or_insert_with(|| item.clone());
+        self
+    }
+
+    /// Set the agent, unless one is already set.
+    pub fn agent(mut self, agent: &str) -> Self {
+        self.0
+            .context
+            .agent
+            .get_or_insert_with(|| agent.to_string());
         self
     }
 

@@ -22,6 +22,8 @@ pub mod loader;
 #[cfg(feature = "engine")]
 pub mod mover;
 #[cfg(feature = "engine")]
+pub mod nbd_client;
+#[cfg(feature = "engine")]
 pub mod sys;
 
 pub use error::{Error, ErrorKind, Result};

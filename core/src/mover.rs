@@ -186,8 +186,8 @@ fn remap_item(
     resolver: &DeviceResolver,
 ) -> Result<usize> {
     let remap = agent.remap(&image.id, &item.id, &item.config)?;
-    check_devices(item, &remap.extents, resolver)?;
-    *item = apply_remap(item, &remap)?;
+    check_devices(item, &remap.extents, resolver).map_err(|e| e.agent(&agent.host))?;
+    *item = apply_remap(item, &remap).map_err(|e| e.agent(&agent.host))?;
     Ok(remap.extents.len())
 }
 
@@ -539,8 +539,8 @@ fn move_image(
     started_at: u64,
 ) -> Result<BackupReport> {
     for item in &map.items {
-        validate_item(item)?;
-        check_devices(item, &item.extents, resolver)?;
+        validate_item(item).map_err(|e| e.agent(&agent.host))?;
+        check_devices(item, &item.extents, resolver).map_err(|e| e.agent(&agent.host))?;
     }
     progress(&Progress::Frozen {
         items: map.items.len(),

@@ -102,8 +102,12 @@ struct Lun {
     file: File,
     free: BTreeSet<u64>,
     errors: Vec<Fault>,
+    disconnects: Vec<Fault>,
     latency: Vec<Latency>,
 }
+
+/// What `nbd_read` returns when a fault says to drop the connection.
+pub const DISCONNECT: i32 = -1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Kind {
@@ -288,6 +292,7 @@ impl Array {
             file,
             free: (0..size / CHUNK).collect(),
             errors: Vec::new(),
+            disconnects: Vec::new(),
             latency: Vec::new(),
         };
         let info = lun_info(&lun);
@@ -748,6 +753,25 @@ impl Array {
         Ok(())
     }
 
+    /// Drop the NBD connection of reads of `[offset, offset+length)` of a
+    /// LUN (`count` times, or until cleared), as a flaky SAN path would.
+    pub fn inject_disconnect(
+        &self,
+        lun: &str,
+        offset: DeviceOffset,
+        length: Bytes,
+        count: Option<u32>,
+    ) -> R<()> {
+        let mut st = self.write_state();
+        let l = lun_mut(&mut st, lun)?;
+        l.disconnects.push(Fault {
+            offset: offset.0,
+            length: length.0,
+            remaining: count,
+        });
+        Ok(())
+    }
+
     /// Delay reads of a LUN range.
     pub fn inject_latency(
         &self,
@@ -771,6 +795,7 @@ impl Array {
         let mut st = self.write_state();
         for l in &mut st.luns {
             l.errors.clear();
+            l.disconnects.clear();
             l.latency.clear();
         }
     }
@@ -860,16 +885,22 @@ impl Array {
                 return Err(libc::EINVAL);
             }
             let overlaps = |o: u64, l2: u64| o < offset + len && offset < o + l2;
-            let mut eio = false;
-            for f in &mut l.errors {
-                if overlaps(f.offset, f.length) && f.remaining != Some(0) {
-                    eio = true;
-                    if let Some(r) = &mut f.remaining {
-                        *r -= 1;
+            let hit = |faults: &mut Vec<Fault>| {
+                let mut any = false;
+                for f in faults.iter_mut() {
+                    if overlaps(f.offset, f.length) && f.remaining != Some(0) {
+                        any = true;
+                        if let Some(r) = &mut f.remaining {
+                            *r -= 1;
+                        }
                     }
                 }
+                any
+            };
+            if hit(&mut l.disconnects) {
+                return Err(DISCONNECT);
             }
-            if eio {
+            if hit(&mut l.errors) {
                 return Err(libc::EIO);
             }
             l.latency

@@ -281,6 +281,18 @@ pub enum Op {
         #[serde(default)]
         count: Option<u32>,
     },
+    /// Drop the NBD connection on reads of a LUN range.
+    InjectDisconnect {
+        /// LUN name or WWN.
+        lun: String,
+        /// Offset.
+        offset: DeviceOffset,
+        /// Length.
+        length: Bytes,
+        /// How many reads are cut off (default: all until cleared).
+        #[serde(default)]
+        count: Option<u32>,
+    },
     /// Delay reads of a LUN range.
     InjectLatency {
         /// LUN name or WWN.
@@ -447,6 +459,15 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
             count,
         } => {
             array.inject_error(&lun, offset, length, count)?;
+            json!({})
+        }
+        Op::InjectDisconnect {
+            lun,
+            offset,
+            length,
+            count,
+        } => {
+            array.inject_disconnect(&lun, offset, length, count)?;
             json!({})
         }
         Op::InjectLatency {

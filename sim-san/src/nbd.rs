@@ -225,6 +225,7 @@ fn transmission(array: &Array, s: &mut TcpStream, e: &ExportInfo) -> std::io::Re
                 }
                 buf.resize(16 + ulen, 0);
                 match array.nbd_read(e.lun, offset, &mut buf[16..]) {
+                    Err(crate::array::DISCONNECT) => return Ok(()),
                     Ok(()) => {
                         reply_header(&mut buf[..16], 0, handle);
                         s.write_all(&buf)?;

@@ -88,6 +88,7 @@ impl Lab {
                 plugin_config,
                 host: "apphost".into(),
                 max_frame: None,
+                allow_sources: vec!["array:*".into()],
             },
         ));
         let l = TcpListener::bind("127.0.0.1:0").expect("bind agent");

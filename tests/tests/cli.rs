@@ -80,7 +80,7 @@ fn floe(args: &[&str]) -> Output {
 
 fn agent_spec(san: &SimSanProcess) -> String {
     format!(
-        "exec:{} agent --stdio --plugin-opt array.control={}",
+        "exec:{} agent --stdio --allow-source 'array:vol*' --plugin-opt array.control={}",
         floe_bin().display(),
         san.control
     )
@@ -100,6 +100,7 @@ fn backup(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
         "--media",
         media,
         "--json",
+        "--allow-any-device",
     ];
     args.extend_from_slice(extra);
     floe(&args)

@@ -51,6 +51,13 @@ pub fn run() -> Result<()> {
     let control = ready["control"].as_str().context("control")?.to_string();
     let nbd = ready["nbd"].as_str().context("nbd")?.to_string();
     println!("sim-san: NBD on {nbd}, control on {control}; pool LUNs lun0..lun2, raw LUNs restore0, restore1");
+    let pool_wwns: Vec<String> = ready["luns"]
+        .as_array()
+        .context("luns")?
+        .iter()
+        .filter(|l| l["pool"] == true)
+        .filter_map(|l| l["wwn"].as_str().map(str::to_string))
+        .collect();
     let mut c = Client::connect(&control)?;
     for (vol, size, seed) in [("vol0", 96 * MIB, 1u64), ("vol1", 64 * MIB, 2)] {
         c.call(Op::CreateVolume {
@@ -140,6 +147,12 @@ pub fn run() -> Result<()> {
         .arg("--media")
         .arg(format!("disk:{}", media.display()))
         .args(["--window", "4M", "--json", "--label", "demo"])
+        // Least privilege: the mover reads only the pool LUNs, by WWN.
+        .args(
+            pool_wwns
+                .iter()
+                .flat_map(|w| ["--allow-device".to_string(), w.clone()]),
+        )
         .output()?;
     stop.store(true, Ordering::SeqCst);
     app.join()

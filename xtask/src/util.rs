@@ -108,7 +108,14 @@ pub fn start_sim_san(
 /// Start a floe agent listening on loopback; the process and its address.
 pub fn start_agent(bin: &Path, control: &str, keep: bool) -> Result<(Proc, String)> {
     let mut child = Command::new(bin.join("floe"))
-        .args(["agent", "--listen", "127.0.0.1:0", "--plugin-opt"])
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-source",
+            "array:*",
+            "--plugin-opt",
+        ])
         .arg(format!("array.control={control}"))
         .arg("--plugin-opt")
         .arg(format!("array.keep={keep}"))
