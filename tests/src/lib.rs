@@ -12,6 +12,7 @@ use floe_core::mover::{backup, restore_item, BackupReport, MoverOptions};
 use floe_sim_san::control::{Client, Op};
 use floe_sim_san::SimSan;
 use std::collections::HashMap;
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -310,4 +311,73 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
         blake3::hash(want).to_hex(),
         first
     );
+}
+
+/// A sim-san process, killed (by its pid) when dropped.
+pub struct SimSanProcess {
+    child: std::process::Child,
+    /// NBD address.
+    pub nbd: String,
+    /// Control API address.
+    pub control: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SimSanProcess {
+    /// Start with pool LUNs and raw LUNs (`NAME=SIZE`).
+    pub fn start(luns: &[&str], raw: &[&str]) -> SimSanProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(build_dir().join("floe-sim-san"));
+        cmd.args([
+            "serve",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--nbd",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ]);
+        for l in luns {
+            cmd.args(["--lun", l]);
+        }
+        for l in raw {
+            cmd.args(["--raw-lun", l]);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start floe-sim-san");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("ready line");
+        SimSanProcess {
+            child,
+            nbd: v["nbd"].as_str().unwrap().to_string(),
+            control: v["control"].as_str().unwrap().to_string(),
+            _dir: dir,
+        }
+    }
+
+    /// Send a control request (JSON without `v`).
+    pub fn ctl(&self, req: &str) -> serde_json::Value {
+        let out = std::process::Command::new(build_dir().join("floe-sim-san"))
+            .args(["ctl", "--control", &self.control, req])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {req}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for SimSanProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

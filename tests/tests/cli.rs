@@ -1,75 +1,9 @@
 //! The `floe` and `floe-sim-san` binaries as an operator runs them: separate
 //! processes, exit codes, messages, and media that fail.
 
-use floe_tests::{build_dir, floe_bin, is_root, skip};
-use std::io::{BufRead, BufReader};
+use floe_tests::{build_dir, floe_bin, is_root, skip, SimSanProcess};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-
-/// A sim-san process, killed (by its pid) when dropped.
-struct SimSanProcess {
-    child: Child,
-    nbd: String,
-    control: String,
-    _dir: tempfile::TempDir,
-}
-
-impl SimSanProcess {
-    fn start(luns: &[&str], raw: &[&str]) -> SimSanProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(build_dir().join("floe-sim-san"));
-        cmd.args([
-            "serve",
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--nbd",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-        ]);
-        for l in luns {
-            cmd.args(["--lun", l]);
-        }
-        for l in raw {
-            cmd.args(["--raw-lun", l]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start floe-sim-san");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).expect("ready line");
-        SimSanProcess {
-            child,
-            nbd: v["nbd"].as_str().unwrap().to_string(),
-            control: v["control"].as_str().unwrap().to_string(),
-            _dir: dir,
-        }
-    }
-
-    fn ctl(&self, req: &str) -> serde_json::Value {
-        let out = Command::new(build_dir().join("floe-sim-san"))
-            .args(["ctl", "--control", &self.control, req])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {req}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for SimSanProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::process::{Command, Output};
 
 fn floe(args: &[&str]) -> Output {
     Command::new(floe_bin())

@@ -1,0 +1,614 @@
+//! Trust and faults: least privilege on both sides, and every fault of the
+//! SAN, the network and the agent ends in a documented outcome — never in a
+//! backup that looks complete but is not.
+
+use floe_core::agent::{Agent, AgentClient, AgentOptions};
+use floe_core::device::{DeviceResolver, Location, NbdOptions};
+use floe_core::model::*;
+use floe_core::mover::{backup, BackupReport, MoverOptions};
+use floe_core::units::{BlockSize, Blocks, Bytes, DeviceOffset, ItemOffset};
+use floe_core::ErrorKind;
+use floe_sim_san::control::{Op, TargetMap};
+use floe_tests::{
+    assert_same_bytes, floe_bin, have, is_root, plugins, scripted_agent, skip, Lab, Script,
+    SimSanProcess,
+};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn lab_with_volume(size: u64) -> (Lab, Vec<u8>, TargetMap) {
+    let lab = Lab::start(21, &[("lun0", 32 * MIB), ("lun1", 32 * MIB)], false);
+    lab.call(Op::CreateVolume {
+        name: "vol0".into(),
+        size: Bytes(size),
+        max_run_chunks: Some(4),
+        luns: Some(vec!["lun0".into()]),
+    });
+    lab.call(Op::Workload {
+        target: "vol0".into(),
+        seed: 3,
+        writes: 200,
+        max_length: Bytes(256 * 1024),
+    });
+    let frozen = lab.read_target("vol0");
+    let map = lab
+        .ctl()
+        .call_as(Op::Map {
+            target: "vol0".into(),
+        })
+        .expect("map");
+    (lab, frozen, map)
+}
+
+fn run(
+    lab: &Lab,
+    resolver: &DeviceResolver,
+    opts: &MoverOptions,
+) -> floe_core::Result<BackupReport> {
+    let mut agent = AgentClient::connect_tcp(&lab.agent_addr)?;
+    let mut media = Lab::disk_writer(&lab.media_dir());
+    backup(
+        &mut agent,
+        &["array:vol0".to_string()],
+        resolver,
+        media.as_mut(),
+        opts,
+        &mut |_| {},
+    )
+}
+
+fn no_sets(lab: &Lab) -> bool {
+    !lab.media_dir().exists()
+        || Lab::disk_reader(&lab.media_dir())
+            .list_sets()
+            .expect("list")
+            .is_empty()
+}
+
+fn small_reads() -> MoverOptions {
+    MoverOptions {
+        window: Bytes(MIB),
+        max_read: Bytes(256 * 1024),
+        ..MoverOptions::default()
+    }
+}
+
+#[test]
+fn a_dropped_nbd_connection_is_reconnected_and_the_backup_completes() {
+    let (lab, frozen, map) = lab_with_volume(4 * MIB);
+    let e = &map.extents[0];
+    lab.call(Op::InjectDisconnect {
+        lun: "lun0".into(),
+        offset: e.lun_offset,
+        length: Bytes(64 * 1024),
+        count: Some(3),
+    });
+    let report =
+        run(&lab, &lab.resolver(), &small_reads()).expect("backup survives three disconnects");
+    assert_same_bytes(
+        &lab.restore_to_file(&report.set.header.set, "vol0")
+            .expect("restore"),
+        &frozen,
+        "vol0",
+    );
+}
+
+#[test]
+fn a_connection_that_keeps_dropping_fails_after_bounded_retries() {
+    let (lab, _, map) = lab_with_volume(4 * MIB);
+    let e = &map.extents[0];
+    lab.call(Op::InjectDisconnect {
+        lun: "lun0".into(),
+        offset: e.lun_offset,
+        length: Bytes(4096),
+        count: None,
+    });
+    let resolver = lab.resolver().with_nbd_options(NbdOptions {
+        retries: 3,
+        backoff: Duration::from_millis(10),
+        ..NbdOptions::default()
+    });
+    let t = Instant::now();
+    let err = run(&lab, &resolver, &small_reads()).expect_err("must give up");
+    assert!(t.elapsed() < Duration::from_secs(20), "retries are bounded");
+    assert_eq!(err.kind(), ErrorKind::ReadFailed, "{err}");
+    assert!(
+        err.to_string().contains("gave up after 3 reconnects"),
+        "{err}"
+    );
+    assert_eq!(err.context().item, Some(ItemId::new("vol0")), "{err}");
+    assert!(no_sets(&lab));
+}
+
+#[test]
+fn a_slow_san_is_slow_but_exact() {
+    let (lab, frozen, _) = lab_with_volume(2 * MIB);
+    lab.call(Op::InjectLatency {
+        lun: "lun0".into(),
+        offset: DeviceOffset(0),
+        length: Bytes(32 * MIB),
+        millis: 30,
+    });
+    let t = Instant::now();
+    let report = run(&lab, &lab.resolver(), &small_reads()).expect("backup");
+    assert!(
+        t.elapsed() >= Duration::from_millis(30 * 2),
+        "the latency was in the path"
+    );
+    assert_same_bytes(
+        &lab.restore_to_file(&report.set.header.set, "vol0")
+            .expect("restore"),
+        &frozen,
+        "vol0",
+    );
+}
+
+#[test]
+fn a_device_not_on_the_allow_list_is_refused_before_any_read_naming_agent_item_device() {
+    let (lab, _, map) = lab_with_volume(2 * MIB);
+    let other = lab.san.array.luns()[1].wwn.clone();
+    let resolver = lab.resolver().with_allow_list([DeviceId::new(other)]);
+    lab.call(Op::Schedule { events: vec![] }); // resets the read counter
+    let err = run(&lab, &resolver, &MoverOptions::default()).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
+    assert_eq!(err.context().agent.as_deref(), Some("apphost"), "{err}");
+    assert_eq!(err.context().item, Some(ItemId::new("vol0")), "{err}");
+    assert_eq!(
+        err.context().device,
+        Some(DeviceId::new(map.extents[0].wwn.clone())),
+        "{err}"
+    );
+    assert_eq!(lab.san.array.stats().reads, 0, "not one read");
+    assert!(no_sets(&lab));
+    // The snapshot was released all the same.
+    assert!(lab
+        .ctl()
+        .call(Op::Map {
+            target: "vol0@*".into()
+        })
+        .is_err());
+}
+
+#[test]
+fn a_device_whose_own_identity_differs_from_the_map_is_refused() {
+    let lab = Lab::start(1, &[("lun0", 8 * MIB)], false);
+    let claimed = "naa.6001405000000000000000000c1a1ed";
+    let item = Item {
+        id: ItemId::new("evil"),
+        kind: ItemKind::Volume,
+        size: Bytes(4096),
+        config: ConfigId::new("c"),
+        extents: vec![MapExtent {
+            logical: ItemOffset(0),
+            length: Bytes(4096),
+            kind: ExtentKind::Data(ExtentChain {
+                layers: vec![],
+                physical: PhysicalExtent {
+                    device: DeviceId::new(claimed),
+                    start: Blocks(0),
+                    count: Blocks(8),
+                    block_size: BlockSize::SECTOR,
+                },
+            }),
+        }],
+        meta: Default::default(),
+    };
+    let addr = scripted_agent(Script::Map(ImageMap {
+        image: ImageId::new("i"),
+        items: vec![item],
+    }));
+    // The operator (wrongly) says the claimed device is lun0; lun0 says
+    // otherwise on the wire.
+    let mut table = HashMap::new();
+    table.insert(
+        DeviceId::new(claimed),
+        Location::Nbd(lab.san.nbd_addr.to_string(), "lun0".into()),
+    );
+    let resolver = DeviceResolver::new(table, None);
+    let mut agent = AgentClient::connect_tcp(&addr).unwrap();
+    let mut media = Lab::disk_writer(&lab.media_dir());
+    let err = backup(
+        &mut agent,
+        &["crafted:evil".into()],
+        &resolver,
+        media.as_mut(),
+        &MoverOptions::default(),
+        &mut |_| {},
+    )
+    .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::IdentityMismatch, "{err}");
+    assert!(
+        err.to_string().contains(&lab.san.array.luns()[0].wwn),
+        "{err}"
+    );
+    assert_eq!(err.context().agent.as_deref(), Some("crafted"), "{err}");
+    assert_eq!(err.context().item, Some(ItemId::new("evil")), "{err}");
+    assert_eq!(lab.san.array.stats().reads, 0);
+}
+
+#[test]
+fn the_agent_refuses_sources_outside_its_allowed_roots() {
+    let lab = Lab::start(1, &[("lun0", 16 * MIB)], false);
+    for v in ["public0", "secret"] {
+        lab.call(Op::CreateVolume {
+            name: v.into(),
+            size: Bytes(MIB),
+            max_run_chunks: None,
+            luns: None,
+        });
+    }
+    let mut plugin_config = HashMap::new();
+    plugin_config.insert(
+        "array".to_string(),
+        serde_json::json!({"control": lab.san.control_addr.to_string()}),
+    );
+    let agent = Arc::new(Agent::new(
+        plugins(),
+        AgentOptions {
+            plugin_config,
+            host: "strict".into(),
+            max_frame: None,
+            allow_sources: vec!["array:public*".into()],
+        },
+    ));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || agent.listen(l));
+    let mut client = AgentClient::connect_tcp(&addr).unwrap();
+    let err = client
+        .freeze(&["array:public0".into(), "array:secret".into()])
+        .expect_err("denied");
+    assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
+    assert!(
+        err.to_string()
+            .contains("source array:secret is not under this agent's allowed sources"),
+        "{err}"
+    );
+    assert!(
+        lab.ctl()
+            .call(Op::Map {
+                target: "public0@*".into()
+            })
+            .is_err(),
+        "nothing was frozen"
+    );
+    let (image, _) = client.freeze(&["array:public0".into()]).expect("allowed");
+    client.release(&image.id).unwrap();
+}
+
+#[test]
+fn the_agent_killed_mid_backup_fails_the_backup_and_records_nothing() {
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    san.ctl(r#"{"op":"create_volume","name":"vol0","size":16777216}"#);
+    san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":40}"#);
+    let mut agent = Command::new(floe_bin())
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-source",
+            "array:*",
+            "--plugin-opt",
+        ])
+        .arg(format!("array.control={}", san.control))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(agent.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let media = tempfile::tempdir().unwrap();
+    let mover = Command::new(floe_bin())
+        .args([
+            "backup",
+            "--agent",
+            &addr,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+            "--source",
+            "array:vol0",
+        ])
+        .args([
+            "--media",
+            &format!("disk:{}", media.path().display()),
+            "--max-read",
+            "256K",
+            "--window",
+            "1M",
+            "--parallel",
+            "1",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    agent.kill().unwrap(); // our own child, by pid
+    agent.wait().unwrap();
+    let out = mover.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing was recorded as complete"), "{err}");
+    assert!(
+        err.contains("[remote]") || err.contains("[protocol]"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(media.path()).unwrap().count(),
+        0,
+        "no set, no partial set"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An nbdkit serving a file, killed (by pid) when dropped.
+struct Nbdkit(std::process::Child, String);
+
+impl Nbdkit {
+    fn start(file: &std::path::Path, filter: &[&str]) -> Nbdkit {
+        let port = free_port();
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()]);
+        for f in filter.iter().filter(|a| a.starts_with("--filter")) {
+            cmd.arg(f);
+        }
+        cmd.arg("file").arg(file);
+        for a in filter.iter().filter(|a| !a.starts_with("--filter")) {
+            cmd.arg(a);
+        }
+        let child = cmd.stderr(Stdio::null()).spawn().expect("nbdkit");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nbdkit(child, addr)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbdkit_case(filter: &[&str]) -> (floe_core::Result<BackupReport>, Vec<u8>, Lab) {
+    let lab = Lab::start(1, &[("lun0", 8 * MIB)], false);
+    let file = lab.dir.path().join("disk.img");
+    let mut data = vec![0u8; usize::try_from(4 * MIB).unwrap()];
+    floe_sim_san::array::Rng::new(5).fill(&mut data);
+    std::fs::write(&file, &data).unwrap();
+    let kit = Nbdkit::start(&file, filter);
+    let id = "naa.60014050000000000000000000bdc17";
+    let item = Item {
+        id: ItemId::new("disk"),
+        kind: ItemKind::Volume,
+        size: Bytes(4 * MIB),
+        config: ConfigId::new("c"),
+        extents: vec![MapExtent {
+            logical: ItemOffset(0),
+            length: Bytes(4 * MIB),
+            kind: ExtentKind::Data(ExtentChain {
+                layers: vec![],
+                physical: PhysicalExtent {
+                    device: DeviceId::new(id),
+                    start: Blocks(0),
+                    count: Blocks(4 * MIB / 512),
+                    block_size: BlockSize::SECTOR,
+                },
+            }),
+        }],
+        meta: Default::default(),
+    };
+    let addr = scripted_agent(Script::Map(ImageMap {
+        image: ImageId::new("i"),
+        items: vec![item],
+    }));
+    let mut table = HashMap::new();
+    table.insert(
+        DeviceId::new(id),
+        Location::Nbd(kit.1.clone(), String::new()),
+    );
+    let resolver = DeviceResolver::new(table, None).with_nbd_options(NbdOptions {
+        retries: 1,
+        backoff: Duration::from_millis(10),
+        ..NbdOptions::default()
+    });
+    let mut agent = AgentClient::connect_tcp(&addr).unwrap();
+    let mut media = Lab::disk_writer(&lab.media_dir());
+    let r = backup(
+        &mut agent,
+        &["crafted:disk".into()],
+        &resolver,
+        media.as_mut(),
+        &small_reads(),
+        &mut |_| {},
+    );
+    (r, data, lab)
+}
+
+#[test]
+fn eio_from_nbdkits_error_filter_fails_the_backup_naming_the_device() {
+    if !have("nbdkit") {
+        return skip(
+            "eio_from_nbdkits_error_filter_fails_the_backup_naming_the_device",
+            "nbdkit is not installed",
+        );
+    }
+    let (r, _, lab) = nbdkit_case(&["--filter=error", "error-pread=EIO", "error-pread-rate=100%"]);
+    let err = r.expect_err("EIO must fail the backup");
+    assert_eq!(err.kind(), ErrorKind::ReadFailed, "{err}");
+    assert_eq!(
+        err.context().device,
+        Some(DeviceId::new("naa.60014050000000000000000000bdc17"))
+    );
+    assert!(
+        err.context().offset.is_some() && err.to_string().contains("EIO"),
+        "{err}"
+    );
+    assert!(no_sets(&lab));
+}
+
+#[test]
+fn nbdkits_delay_filter_is_slow_but_exact() {
+    if !have("nbdkit") {
+        return skip(
+            "nbdkits_delay_filter_is_slow_but_exact",
+            "nbdkit is not installed",
+        );
+    }
+    let (r, data, lab) = nbdkit_case(&["--filter=delay", "rdelay=20ms"]);
+    let report = r.expect("backup");
+    assert_same_bytes(
+        &lab.restore_to_file(&report.set.header.set, "disk").unwrap(),
+        &data,
+        "disk",
+    );
+}
+
+/// nbdfuse + a loop device over a sim-san LUN: a real kernel block device
+/// whose reads go through sim-san. Cleaned up when dropped.
+struct KernelPath {
+    fuse: std::process::Child,
+    mnt: std::path::PathBuf,
+    loopdev: String,
+}
+
+impl KernelPath {
+    fn start(nbd: &str, export: &str, mnt: &std::path::Path) -> Option<KernelPath> {
+        std::fs::create_dir_all(mnt).ok()?;
+        let fuse = Command::new("nbdfuse")
+            .arg(mnt)
+            .arg(format!("nbd://{nbd}/{export}"))
+            .spawn()
+            .ok()?;
+        let file = mnt.join("nbd");
+        let mut kp = KernelPath {
+            fuse,
+            mnt: mnt.to_path_buf(),
+            loopdev: String::new(),
+        };
+        for _ in 0..100 {
+            if file.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = Command::new("losetup")
+            .args(["--direct-io=on", "--read-only", "-f", "--show"])
+            .arg(&file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        kp.loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Some(kp)
+    }
+}
+
+impl Drop for KernelPath {
+    fn drop(&mut self) {
+        if !self.loopdev.is_empty() {
+            let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+        }
+        // Detaching a loop device is asynchronous: wait until the FUSE
+        // file is no longer busy, and unmount lazily if it stays busy.
+        let mut unmounted = false;
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                unmounted = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = self.fuse.kill();
+        let _ = self.fuse.wait();
+    }
+}
+
+#[test]
+fn kernel_eio_through_nbdfuse_and_a_loop_device_fails_the_backup_precisely() {
+    let name = "kernel_eio_through_nbdfuse_and_a_loop_device_fails_the_backup_precisely";
+    if !is_root() || !have("nbdfuse") || !std::path::Path::new("/dev/fuse").exists() {
+        return skip(name, "needs root, nbdfuse (libnbd-bin) and /dev/fuse");
+    }
+    let (lab, frozen, map) = lab_with_volume(4 * MIB);
+    let lun = lab.san.array.luns().remove(0);
+    let Some(kp) = KernelPath::start(
+        &lab.san.nbd_addr.to_string(),
+        "lun0",
+        &lab.dir.path().join("fuse"),
+    ) else {
+        return skip(name, "nbdfuse or losetup failed");
+    };
+    let mut table = HashMap::new();
+    table.insert(
+        DeviceId::new(lun.wwn.clone()),
+        Location::Path(kp.loopdev.clone().into()),
+    );
+    let resolver =
+        DeviceResolver::new(table, None).with_allow_list([DeviceId::new(lun.wwn.clone())]);
+    // Through the kernel, O_DIRECT, exact.
+    let report = run(&lab, &resolver, &small_reads()).expect("backup through the loop device");
+    drop(resolver); // closes the loop device
+    assert_same_bytes(
+        &lab.restore_to_file(&report.set.header.set, "vol0").unwrap(),
+        &frozen,
+        "vol0",
+    );
+    // A bad sector on the SAN is a kernel EIO at exactly that place.
+    let bad = map.extents[0].lun_offset.0 + 128 * 1024;
+    lab.call(Op::InjectError {
+        lun: "lun0".into(),
+        offset: DeviceOffset(bad),
+        length: Bytes(4096),
+        count: None,
+    });
+    let resolver = DeviceResolver::new(
+        [(
+            DeviceId::new(lun.wwn.clone()),
+            Location::Path(kp.loopdev.clone().into()),
+        )]
+        .into_iter()
+        .collect(),
+        None,
+    );
+    let err = run(&lab, &resolver, &small_reads()).expect_err("EIO");
+    assert_eq!(err.kind(), ErrorKind::ReadFailed, "{err}");
+    assert_eq!(err.context().device, Some(DeviceId::new(lun.wwn.clone())));
+    let (off, len) = (
+        err.context().offset.unwrap().0,
+        err.context().length.unwrap().0,
+    );
+    assert!(off <= bad && bad < off + len, "{err}");
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+    drop(resolver);
+    drop(kp);
+}
