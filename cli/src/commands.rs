@@ -91,10 +91,13 @@ struct MediaArgs {
 
 #[derive(Args)]
 struct BackupArgs {
-    /// The agent: HOST:PORT (TCP), or exec:COMMAND (speak over the
-    /// command's stdin/stdout, e.g. exec:ssh apphost floe agent --stdio).
+    /// The agent: ssh://[USER@]HOST[:PORT] (runs `floe agent --stdio`
+    /// there over OpenSSH), HOST:PORT (TCP), or exec:COMMAND (speak over
+    /// the command's stdin/stdout).
     #[arg(long)]
     agent: String,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// A source to back up, PLUGIN:NAME (repeatable): array:vol0.
     #[arg(long = "source", required = true)]
     sources: Vec<String>,
@@ -121,6 +124,75 @@ struct BackupArgs {
     json: bool,
 }
 
+/// How `--agent ssh://…` reaches the agent.
+#[derive(Args)]
+struct SshArgs {
+    /// Private key for ssh (`ssh -i`).
+    #[arg(long, value_name = "FILE")]
+    ssh_identity: Option<PathBuf>,
+    /// known_hosts file that pins the agent's host key (default: ssh's).
+    #[arg(long, value_name = "FILE")]
+    ssh_known_hosts: Option<PathBuf>,
+    /// Extra ssh option (`ssh -o OPTION`, repeatable).
+    #[arg(long = "ssh-opt", value_name = "OPTION")]
+    ssh_opts: Vec<String>,
+    /// The floe binary on the agent's host.
+    #[arg(long, default_value = "floe")]
+    remote_floe: String,
+    /// Arguments for `floe agent --stdio` on the agent's host, e.g.
+    /// "--allow-source array:* --plugin-opt array.control=HOST:PORT".
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    remote_agent_args: String,
+}
+
+/// The ssh command line for `ssh://[user@]host[:port]`.
+fn ssh_command(url: &str, a: &SshArgs) -> anyhow::Result<Vec<String>> {
+    let rest = url
+        .strip_prefix("ssh://")
+        .ok_or_else(|| anyhow!("not an ssh:// URL: {url}"))?;
+    let (userhost, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.contains('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    if userhost.is_empty() || userhost.contains('/') {
+        bail!("bad agent URL {url:?}: want ssh://[USER@]HOST[:PORT]");
+    }
+    let mut cmd = vec![
+        "ssh".to_string(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-T".into(),
+    ];
+    if let Some(p) = port {
+        let p: u16 = p.parse().map_err(|_| anyhow!("bad port in {url:?}"))?;
+        cmd.extend(["-p".into(), p.to_string()]);
+    }
+    if let Some(i) = &a.ssh_identity {
+        cmd.extend([
+            "-i".into(),
+            i.display().to_string(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+        ]);
+    }
+    if let Some(k) = &a.ssh_known_hosts {
+        cmd.extend([
+            "-o".into(),
+            format!("UserKnownHostsFile={}", k.display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+        ]);
+    }
+    for o in &a.ssh_opts {
+        cmd.extend(["-o".into(), o.clone()]);
+    }
+    cmd.push(userhost.to_string());
+    cmd.push("--".into());
+    let remote = format!("{} agent --stdio {}", a.remote_floe, a.remote_agent_args);
+    cmd.push(remote.trim().to_string());
+    Ok(cmd)
+}
+
 #[derive(Args)]
 struct RestoreArgs {
     #[command(flatten)]
@@ -135,6 +207,44 @@ struct RestoreArgs {
     /// Show what would be restored, write nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ssh() -> SshArgs {
+        SshArgs {
+            ssh_identity: Some("/k".into()),
+            ssh_known_hosts: Some("/kh".into()),
+            ssh_opts: vec![],
+            remote_floe: "/opt/floe/bin/floe".into(),
+            remote_agent_args: "--allow-source array:*".into(),
+        }
+    }
+
+    #[test]
+    fn ssh_urls_become_ssh_command_lines() {
+        let c = ssh_command("ssh://root@app:2222", &ssh()).unwrap();
+        assert_eq!(&c[..4], &["ssh", "-o", "BatchMode=yes", "-T"]);
+        assert!(c.windows(2).any(|w| w == ["-p", "2222"]));
+        assert!(c.windows(2).any(|w| w == ["-i", "/k"]));
+        assert!(c
+            .windows(2)
+            .any(|w| w == ["-o", "StrictHostKeyChecking=yes"]));
+        assert_eq!(
+            c[c.len() - 3..],
+            [
+                "root@app",
+                "--",
+                "/opt/floe/bin/floe agent --stdio --allow-source array:*"
+            ]
+        );
+        let c = ssh_command("ssh://app", &ssh()).unwrap();
+        assert!(!c.contains(&"-p".to_string()));
+        assert!(ssh_command("ssh://app:x", &ssh()).is_err());
+        assert!(ssh_command("ssh://", &ssh()).is_err());
+    }
 }
 
 #[derive(Args)]
@@ -239,15 +349,20 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect_agent(spec: &str) -> anyhow::Result<AgentClient> {
-    if let Some(cmd) = spec.strip_prefix("exec:") {
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
+fn connect_agent(spec: &str, ssh: &SshArgs) -> anyhow::Result<AgentClient> {
+    let argv: Option<Vec<String>> = if spec.starts_with("ssh://") {
+        Some(ssh_command(spec, ssh)?)
+    } else {
+        spec.strip_prefix("exec:")
+            .map(|cmd| vec!["sh".to_string(), "-c".into(), cmd.to_string()])
+    };
+    if let Some(argv) = argv {
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start agent command {cmd:?}"))?;
+            .with_context(|| format!("cannot start agent command {argv:?}"))?;
         let w = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
         let r = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         return Ok(AgentClient::new(Box::new(r), Box::new(w))?);
@@ -280,7 +395,7 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
         ),
     };
     let mut media = media_writer(&reg, &a.media.media)?;
-    let mut client = connect_agent(&a.agent)?;
+    let mut client = connect_agent(&a.agent, &a.ssh)?;
     let mut pb: Option<ProgressBar> = None;
     let mut base = 0u64;
     let mut last_item: Option<ItemId> = None;

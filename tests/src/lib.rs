@@ -204,7 +204,11 @@ pub fn is_root() -> bool {
 /// True when `cmd` is on PATH.
 pub fn have(cmd: &str) -> bool {
     std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .chain(["/usr/sbin".into(), "/sbin".into()])
+                .any(|d| d.join(cmd).is_file())
+        })
         .unwrap_or(false)
 }
 
