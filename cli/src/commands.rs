@@ -41,7 +41,7 @@ enum Command {
     ///
     /// Example: floe backup --agent 127.0.0.1:7070 --san nbd://127.0.0.1:10809
     ///          --allow-device naa.6001405… --source array:vol0 --media disk:/backup
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Restore items of a set to image files, block devices or NBD exports.
     ///
     /// Example: floe restore --media disk:/backup --set SET
@@ -532,7 +532,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::SimSan(c) => floe_sim_san::cli::run(c),
         Command::Agent(a) => agent(registry(&cli.plugin_dirs), a),
-        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), a),
+        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), *a),
         Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a),
         Command::List(a) => run_list(registry(&cli.plugin_dirs), a),
         Command::Plugins => {
