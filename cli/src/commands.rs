@@ -63,7 +63,10 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
     /// Listen for movers on this TCP address.
     #[arg(long, conflicts_with = "stdio")]
     listen: Option<String>,
@@ -80,6 +83,34 @@ struct AgentArgs {
     /// array:vol* (repeatable). Nothing else is frozen or mapped.
     #[arg(long = "allow-source", value_name = "PATTERN", required = true)]
     allow_sources: Vec<String>,
+    /// Serve mutual TLS with the key pair NAME.crt/NAME.key in this
+    /// directory (made by `floe agent init`).
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    tls_dir: Option<PathBuf>,
+    /// The key pair's name in --tls-dir.
+    #[arg(long, default_value = "agent")]
+    tls_name: String,
+    /// A mover certificate fingerprint (SHA256:…) this agent trusts
+    /// (repeatable); with --tls-dir, no other mover gets through.
+    #[arg(long = "trust-mover", value_name = "FINGERPRINT")]
+    trust_movers: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Make a key pair for mutual TLS (DIR/NAME.crt, DIR/NAME.key) and
+    /// print its fingerprint, to pin on the other side. Movers make theirs
+    /// the same way, with --name mover.
+    ///
+    /// Example: floe agent init --dir /etc/floe
+    Init {
+        /// Where to put the key pair.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Its name.
+        #[arg(long, default_value = "agent")]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -92,8 +123,9 @@ struct MediaArgs {
 #[derive(Args)]
 struct BackupArgs {
     /// The agent: ssh://[USER@]HOST[:PORT] (runs `floe agent --stdio`
-    /// there over OpenSSH), HOST:PORT (TCP), or exec:COMMAND (speak over
-    /// the command's stdin/stdout).
+    /// there over OpenSSH), tls://HOST:PORT (mutual TLS, pinned),
+    /// HOST:PORT (plain TCP), or exec:COMMAND (speak over the command's
+    /// stdin/stdout).
     #[arg(long)]
     agent: String,
     #[command(flatten)]
@@ -124,7 +156,7 @@ struct BackupArgs {
     json: bool,
 }
 
-/// How `--agent ssh://…` reaches the agent.
+/// How `--agent ssh://…` and `--agent tls://…` reach the agent.
 #[derive(Args)]
 struct SshArgs {
     /// Private key for ssh (`ssh -i`).
@@ -139,6 +171,16 @@ struct SshArgs {
     /// The floe binary on the agent's host.
     #[arg(long, default_value = "floe")]
     remote_floe: String,
+    /// With --agent tls://HOST:PORT: the mover's key pair directory.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The mover's key pair's name in --tls-dir.
+    #[arg(long, default_value = "mover")]
+    tls_name: String,
+    /// With --agent tls://…: the agent certificate fingerprint (SHA256:…)
+    /// to accept (repeatable).
+    #[arg(long = "agent-fingerprint", value_name = "FINGERPRINT")]
+    agent_fingerprints: Vec<String>,
     /// Arguments for `floe agent --stdio` on the agent's host, e.g.
     /// "--allow-source array:* --plugin-opt array.control=HOST:PORT".
     #[arg(long, default_value = "", allow_hyphen_values = true)]
@@ -218,6 +260,9 @@ mod tests {
             ssh_identity: Some("/k".into()),
             ssh_known_hosts: Some("/kh".into()),
             ssh_opts: vec![],
+            tls_dir: None,
+            tls_name: "mover".into(),
+            agent_fingerprints: vec![],
             remote_floe: "/opt/floe/bin/floe".into(),
             remote_agent_args: "--allow-source array:*".into(),
         }
@@ -313,6 +358,15 @@ fn hostname() -> String {
 }
 
 fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
+    if let Some(AgentAction::Init { dir, name }) = &a.action {
+        let fp = floe_core::tls::init(dir, name)?;
+        println!("{fp}");
+        eprintln!(
+            "key pair {name} written to {}; pin this fingerprint on the other side",
+            dir.display()
+        );
+        return Ok(());
+    }
     let mut plugin_config: HashMap<String, serde_json::Value> = HashMap::new();
     for o in &a.plugin_opts {
         let (k, v) = o
@@ -344,6 +398,13 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("say --listen ADDR or --stdio"))?;
     let l =
         std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(dir) = &a.tls_dir {
+        let me = floe_core::tls::Identity::load(dir, &a.tls_name)?;
+        let cfg = floe_core::tls::server_config(me, &a.trust_movers)?;
+        eprintln!("floe agent: listening (mutual TLS) on {}", l.local_addr()?);
+        agent.listen_tls(l, cfg)?;
+        return Ok(());
+    }
     eprintln!("floe agent: listening on {}", l.local_addr()?);
     agent.listen(l)?;
     Ok(())
@@ -366,6 +427,15 @@ fn connect_agent(spec: &str, ssh: &SshArgs) -> anyhow::Result<AgentClient> {
         let w = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
         let r = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         return Ok(AgentClient::new(Box::new(r), Box::new(w))?);
+    }
+    if let Some(addr) = spec.strip_prefix("tls://") {
+        let dir = ssh
+            .tls_dir
+            .as_ref()
+            .ok_or_else(|| anyhow!("--agent tls://… needs --tls-dir with the mover's key pair"))?;
+        let me = floe_core::tls::Identity::load(dir, &ssh.tls_name)?;
+        let cfg = floe_core::tls::client_config(me, &ssh.agent_fingerprints)?;
+        return Ok(AgentClient::connect_tls(addr, cfg)?);
     }
     let addr = spec.strip_prefix("tcp://").unwrap_or(spec);
     Ok(AgentClient::connect_tcp(addr)?)

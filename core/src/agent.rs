@@ -257,6 +257,35 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Accept movers over mutual TLS, one thread each, forever. A mover
+    /// whose certificate is not trusted never gets a frame through.
+    pub fn listen_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cfg: Arc<rustls::ServerConfig>,
+    ) -> Result<()> {
+        for conn in listener.incoming() {
+            let conn = conn.map_err(|e| Error::io("accept", e))?;
+            let _ = conn.set_nodelay(true);
+            let (me, cfg) = (self.clone(), cfg.clone());
+            std::thread::spawn(move || {
+                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                match crate::tls::accept(cfg, conn) {
+                    Ok(s) => {
+                        let (r, w) = crate::tls::split(s);
+                        if let Err(e) = me.serve(r, w) {
+                            eprintln!("floe agent: connection from {peer} ended: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("floe agent: refused {peer}: {e}"),
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The mover's side: a connection to an agent.
 pub struct AgentClient {
     r: Box<dyn Read + Send>,
@@ -293,6 +322,13 @@ impl AgentClient {
         let _ = s.set_nodelay(true);
         let r = s.try_clone().map_err(|e| Error::io("clone socket", e))?;
         AgentClient::new(Box::new(r), Box::new(s))
+    }
+
+    /// Connect over mutual TLS (`host:port`).
+    pub fn connect_tls(addr: &str, cfg: Arc<rustls::ClientConfig>) -> Result<AgentClient> {
+        let s = crate::tls::connect(cfg, addr)?;
+        let (r, w) = crate::tls::split(s);
+        AgentClient::new(Box::new(r), Box::new(w))
     }
 
     fn call(&mut self, req: Request) -> Result<Response> {

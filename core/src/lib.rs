@@ -25,5 +25,7 @@ pub mod mover;
 pub mod nbd_client;
 #[cfg(feature = "engine")]
 pub mod sys;
+#[cfg(feature = "engine")]
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};
