@@ -7,7 +7,7 @@ use floe_core::agent::{Agent, AgentClient, AgentOptions};
 use floe_core::device::{open_target, parse_location, DeviceResolver, Location};
 use floe_core::loader::PluginRegistry;
 use floe_core::model::{DeviceId, ItemId, SetId};
-use floe_core::mover::{backup, restore_item, MoverOptions, Progress};
+use floe_core::mover::{backup, restore_item, resume, MoverOptions, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -83,6 +83,10 @@ struct AgentArgs {
     /// array:vol* (repeatable). Nothing else is frozen or mapped.
     #[arg(long = "allow-source", value_name = "PATTERN", required = true)]
     allow_sources: Vec<String>,
+    /// Seconds a frozen image waits for its mover to come back (to resume)
+    /// after the mover vanished without releasing it. Not with --stdio.
+    #[arg(long, default_value_t = 900)]
+    image_lease: u64,
     /// Serve mutual TLS with the key pair NAME.crt/NAME.key in this
     /// directory (made by `floe agent init`).
     #[arg(long, value_name = "DIR", requires = "listen")]
@@ -131,8 +135,13 @@ struct BackupArgs {
     #[command(flatten)]
     ssh: SshArgs,
     /// A source to back up, PLUGIN:NAME (repeatable): array:vol0.
-    #[arg(long = "source", required = true)]
+    #[arg(long = "source", required_unless_present = "resume")]
     sources: Vec<String>,
+    /// Resume set SET, whose mover died: back up only its items that are
+    /// not durable yet, from the same frozen image (which the agent keeps
+    /// for its --image-lease).
+    #[arg(long, value_name = "SET", conflicts_with = "sources")]
+    resume: Option<String>,
     #[command(flatten)]
     media: MediaArgs,
     /// The SAN's NBD server: devices not in the table are its exports,
@@ -387,10 +396,12 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
         host: a.host.unwrap_or_else(hostname),
         max_frame: None,
         allow_sources: a.allow_sources,
+        image_lease: std::time::Duration::from_secs(a.image_lease),
     };
     let agent = Arc::new(Agent::new(reg, opts));
     if a.stdio {
-        agent.serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+        // The agent ends with the stream: nothing can wait for a lease.
+        agent.serve_with_lease(std::io::stdin().lock(), std::io::stdout().lock(), false)?;
         return Ok(());
     }
     let addr = a
@@ -470,6 +481,13 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
     let mut base = 0u64;
     let mut last_item: Option<ItemId> = None;
     let mut progress = |p: &Progress| match p {
+        Progress::Begun { set, resumed } => {
+            if *resumed > 0 {
+                eprintln!("floe: resuming set {set}: {resumed} item(s) already on the media");
+            } else {
+                eprintln!("floe: set {set} begun (if this mover dies, `floe backup --resume {set}` continues it)");
+            }
+        }
         Progress::Frozen { bytes, .. } => pb = bar(bytes.0),
         Progress::Written { item, done, size } => {
             if let Some(pb) = &pb {
@@ -491,20 +509,31 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let report = backup(
-        &mut client,
-        &a.sources,
-        &resolver,
-        media.as_mut(),
-        &a.mover,
-        &mut progress,
-    )
-    .with_context(|| {
-        format!(
-            "backup of {} failed; nothing was recorded as complete",
-            a.sources.join(" ")
+    let report = match &a.resume {
+        Some(set) => resume(
+            &mut client,
+            &SetId::new(set.clone()),
+            &resolver,
+            media.as_mut(),
+            &a.mover,
+            &mut progress,
         )
-    })?;
+        .with_context(|| format!("resume of set {set} failed; nothing was recorded as complete"))?,
+        None => backup(
+            &mut client,
+            &a.sources,
+            &resolver,
+            media.as_mut(),
+            &a.mover,
+            &mut progress,
+        )
+        .with_context(|| {
+            format!(
+                "backup of {} failed; nothing was recorded as complete",
+                a.sources.join(" ")
+            )
+        })?,
+    };
     if a.json {
         println!(
             "{}",

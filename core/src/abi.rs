@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -65,6 +65,10 @@ pub trait ValidityIndicator: Send {
 pub trait MediaWriter: Send {
     /// Start a set.
     fn begin_set(&mut self, header: &SetHeader) -> Result<()>;
+    /// Reopen a set that was begun and not committed (its writer died):
+    /// its header and the items that are durable on the media. Writing
+    /// continues with the next item.
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord>;
     /// Start an item of the set.
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()>;
     /// Append bytes to the current item.
@@ -181,6 +185,8 @@ pub trait ValidityAbi: Send {
 pub trait MediaWriterAbi: Send {
     /// JSON [`SetHeader`].
     fn begin_set(&mut self, header: RStr<'_>) -> RResult<(), RString>;
+    /// JSON [`SetId`] → JSON [`SetRecord`] (durable items so far).
+    fn resume_set(&mut self, set: RStr<'_>) -> RResult<RString, RString>;
     /// JSON [`ItemHeader`].
     fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString>;
     /// Raw bytes.
@@ -349,6 +355,11 @@ impl MediaWriterAbi for MediaWriterExport {
     fn begin_set(&mut self, header: RStr<'_>) -> RResult<(), RString> {
         guard("begin set", || {
             self.0.begin_set(&from_json(header.as_str(), "set header")?)
+        })
+    }
+    fn resume_set(&mut self, set: RStr<'_>) -> RResult<RString, RString> {
+        json_out("resume set", || {
+            self.0.resume_set(&from_json(set.as_str(), "set id")?)
         })
     }
     fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString> {
@@ -556,6 +567,10 @@ impl MediaWriter for LoadedMediaWriter {
     fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
         let r = self.1.begin_set(to_json(header)?.as_str().into());
         back_unit(&self.0, "begin set", r)
+    }
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
+        let r = self.1.resume_set(to_json(set)?.as_str().into());
+        back(&self.0, "resume set", r)
     }
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
         let r = self.1.begin_item(to_json(header)?.as_str().into());

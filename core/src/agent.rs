@@ -23,6 +23,10 @@ pub struct AgentOptions {
     pub host: String,
     /// Largest frame accepted.
     pub max_frame: Option<u32>,
+    /// How long a frozen image outlives the mover that froze it, when that
+    /// mover vanishes without releasing it (so a restarted mover can
+    /// `attach` and resume). Zero releases at once.
+    pub image_lease: std::time::Duration,
     /// Sources this agent may freeze and map, as patterns (`*` matches any
     /// run of characters, `?` one): `array:vol*`. Nothing else is served.
     pub allow_sources: Vec<String>,
@@ -62,6 +66,8 @@ struct Frozen {
 pub struct Agent {
     plugins: Arc<PluginRegistry>,
     opts: AgentOptions,
+    /// Images whose mover vanished, and since when.
+    orphans: std::sync::Mutex<HashMap<ImageId, (Frozen, std::time::Instant)>>,
 }
 
 fn frozen<'a>(images: &'a mut HashMap<ImageId, Frozen>, id: &ImageId) -> Result<&'a mut Frozen> {
@@ -89,7 +95,52 @@ pub fn source_plugin(source: &str) -> Result<(&str, &str)> {
 impl Agent {
     /// An agent using these plugins.
     pub fn new(plugins: Arc<PluginRegistry>, opts: AgentOptions) -> Agent {
-        Agent { plugins, opts }
+        Agent {
+            plugins,
+            opts,
+            orphans: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn orphans(&self) -> std::sync::MutexGuard<'_, HashMap<ImageId, (Frozen, std::time::Instant)>> {
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Release orphaned images whose lease ran out.
+    pub fn reap(&self) {
+        let expired: Vec<Frozen> = {
+            let mut o = self.orphans();
+            let ids: Vec<ImageId> = o
+                .iter()
+                .filter(|(_, (_, since))| since.elapsed() >= self.opts.image_lease)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| o.remove(&id).map(|(f, _)| f))
+                .collect()
+        };
+        for mut f in expired {
+            if let Err(e) = f.freezer.release(&f.image) {
+                eprintln!(
+                    "floe agent: cannot release orphaned image {}: {e}",
+                    f.image.id
+                );
+            }
+        }
+    }
+
+    fn start_reaper(self: &Arc<Self>) {
+        if self.opts.image_lease.is_zero() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            match me.upgrade() {
+                Some(a) => a.reap(),
+                None => return,
+            }
+        });
     }
 
     fn config(&self, plugin: &str) -> serde_json::Value {
@@ -182,6 +233,30 @@ impl Agent {
                 images.insert(image.id.clone(), frozen);
                 Response::Frozen { image, map }
             }
+            Request::Attach { image } => {
+                self.reap();
+                let (mut frozen, _) = self.orphans().remove(&image).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("frozen image {image} is not waiting on this agent (released, or its lease ran out)"),
+                    )
+                    .agent(&self.opts.host)
+                })?;
+                let map = match frozen.mapper.map(&frozen.image) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.orphans()
+                            .insert(image, (frozen, std::time::Instant::now()));
+                        return Err(e.op("map"));
+                    }
+                };
+                let resp = Response::Frozen {
+                    image: frozen.image.clone(),
+                    map,
+                };
+                images.insert(image, frozen);
+                resp
+            }
             Request::CheckConfig {
                 image,
                 item,
@@ -213,8 +288,15 @@ impl Agent {
     }
 
     /// Serve one mover on a byte stream until it hangs up; frozen images it
-    /// did not release are released then.
-    pub fn serve(&self, mut r: impl Read, mut w: impl Write) -> Result<()> {
+    /// did not release are released then, or kept for the image lease.
+    pub fn serve(&self, r: impl Read, w: impl Write) -> Result<()> {
+        self.serve_with_lease(r, w, !self.opts.image_lease.is_zero())
+    }
+
+    /// Serve one mover; `lease` says whether images it leaves behind wait
+    /// for the lease (a daemon) or are released at once (`--stdio`, where
+    /// the agent ends with the stream).
+    pub fn serve_with_lease(&self, mut r: impl Read, mut w: impl Write, lease: bool) -> Result<()> {
         let mut images: HashMap<ImageId, Frozen> = HashMap::new();
         let max = self.opts.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
         let result = loop {
@@ -234,14 +316,19 @@ impl Agent {
                 break Err(e);
             }
         };
-        for (_, mut f) in images.drain() {
-            let _ = f.freezer.release(&f.image);
+        for (id, mut f) in images.drain() {
+            if lease {
+                self.orphans().insert(id, (f, std::time::Instant::now()));
+            } else {
+                let _ = f.freezer.release(&f.image);
+            }
         }
         result
     }
 
     /// Accept movers on a TCP listener, one thread each, forever.
     pub fn listen(self: Arc<Self>, listener: TcpListener) -> Result<()> {
+        self.start_reaper();
         for conn in listener.incoming() {
             let conn = conn.map_err(|e| Error::io("accept", e))?;
             let _ = conn.set_nodelay(true);
@@ -344,6 +431,16 @@ impl AgentClient {
     pub fn freeze(&mut self, sources: &[String]) -> Result<(FrozenImage, ImageMap)> {
         match self.call(Request::Freeze {
             sources: sources.to_vec(),
+        })? {
+            Response::Frozen { image, map } => Ok((image, map)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Take over a frozen image a previous mover left (to resume).
+    pub fn attach(&mut self, image: &ImageId) -> Result<(FrozenImage, ImageMap)> {
+        match self.call(Request::Attach {
+            image: image.clone(),
         })? {
             Response::Frozen { image, map } => Ok((image, map)),
             other => Err(unexpected(&other)),

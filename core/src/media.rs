@@ -4,7 +4,7 @@
 use crate::abi::MediaWriter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
-    now_secs, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetRecord,
+    now_secs, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetId, SetRecord,
 };
 
 /// A media writer that stores nothing: for `--dry-run` and for measuring
@@ -22,6 +22,12 @@ impl MediaWriter for NullMediaWriter {
         self.header = Some(header.clone());
         self.items.clear();
         Ok(())
+    }
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("the null media keeps nothing: set {set} cannot be resumed"),
+        ))
     }
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
         self.current = Some(header.clone());
@@ -92,6 +98,9 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
     fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
         self.inner.begin_set(header)
     }
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
+        self.inner.resume_set(set)
+    }
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
         self.inner.begin_item(header)
     }
@@ -116,6 +125,9 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
 impl MediaWriter for Box<dyn MediaWriter> {
     fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
         (**self).begin_set(header)
+    }
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
+        (**self).resume_set(set)
     }
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
         (**self).begin_item(header)

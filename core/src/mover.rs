@@ -85,6 +85,13 @@ impl MoverOptions {
 /// What the mover reports while it works.
 #[derive(Clone, Debug)]
 pub enum Progress {
+    /// The set is begun on the media (or reopened to resume).
+    Begun {
+        /// Its id (to `--resume` it if this mover dies).
+        set: SetId,
+        /// Items already durable from an earlier run.
+        resumed: usize,
+    },
     /// The image is frozen and mapped.
     Frozen {
         /// Items.
@@ -507,9 +514,61 @@ pub fn backup(
 ) -> Result<BackupReport> {
     let started_at = now_secs();
     let (image, map) = agent.freeze(sources)?;
-    let result = move_image(
-        agent, sources, &image, map, resolver, media, opts, progress, started_at,
-    );
+    let start = Start::New {
+        sources: sources.to_vec(),
+        started_at,
+    };
+    finish(agent, start, image, map, resolver, media, opts, progress)
+}
+
+/// Resume a set whose mover died: reopen it on the media, take over its
+/// frozen image on the agent (which keeps it for its image lease), and
+/// back up only the items that are not durable yet.
+pub fn resume(
+    agent: &mut AgentClient,
+    set: &SetId,
+    resolver: &DeviceResolver,
+    media: &mut dyn MediaWriter,
+    opts: &MoverOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BackupReport> {
+    let record = media.resume_set(set)?;
+    let (image, map) = agent.attach(&record.header.image).inspect_err(|_| {
+        let _ = media.abort();
+    })?;
+    finish(
+        agent,
+        Start::Resume(record),
+        image,
+        map,
+        resolver,
+        media,
+        opts,
+        progress,
+    )
+}
+
+/// How a set starts.
+enum Start {
+    New {
+        sources: Vec<String>,
+        started_at: u64,
+    },
+    Resume(SetRecord),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    agent: &mut AgentClient,
+    start: Start,
+    image: FrozenImage,
+    map: ImageMap,
+    resolver: &DeviceResolver,
+    media: &mut dyn MediaWriter,
+    opts: &MoverOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BackupReport> {
+    let result = move_image(agent, start, &image, map, resolver, media, opts, progress);
     let released = agent.release(&image.id);
     match (result, released) {
         (Ok(r), Ok(())) => Ok(r),
@@ -529,34 +588,69 @@ pub fn backup(
 #[allow(clippy::too_many_arguments)]
 fn move_image(
     agent: &mut AgentClient,
-    sources: &[String],
+    start: Start,
     image: &FrozenImage,
-    map: ImageMap,
+    mut map: ImageMap,
     resolver: &DeviceResolver,
     media: &mut dyn MediaWriter,
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
-    started_at: u64,
 ) -> Result<BackupReport> {
+    let fail = |media: &mut dyn MediaWriter, e: Error| {
+        let _ = media.abort();
+        e
+    };
+    let resumed = match &start {
+        Start::Resume(record) => {
+            if record.header.image != image.id {
+                return Err(fail(
+                    media,
+                    Error::new(
+                        ErrorKind::Protocol,
+                        format!(
+                            "the agent attached image {}, the set is of image {}",
+                            image.id, record.header.image
+                        ),
+                    ),
+                ));
+            }
+            let done: Vec<&ItemId> = record.items.iter().map(|i| &i.header.item).collect();
+            map.items.retain(|i| !done.contains(&&i.id));
+            record.items.len()
+        }
+        Start::New { .. } => 0,
+    };
     for item in &map.items {
-        validate_item(item).map_err(|e| e.agent(&agent.host))?;
-        check_devices(item, &item.extents, resolver).map_err(|e| e.agent(&agent.host))?;
+        let checked =
+            validate_item(item).and_then(|()| check_devices(item, &item.extents, resolver));
+        if let Err(e) = checked {
+            return Err(fail(media, e.agent(&agent.host)));
+        }
     }
     progress(&Progress::Frozen {
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),
     });
-    let set = SetId::new(format!("{}-{}", image.id, started_at));
-    let header = SetHeader {
-        set: set.clone(),
-        label: opts.label.clone(),
-        agent: agent.host.clone(),
-        sources: sources.to_vec(),
-        image: image.id.clone(),
-        frozen_at: image.frozen_at,
-        started_at,
+    let set = match start {
+        Start::New {
+            sources,
+            started_at,
+        } => {
+            let header = SetHeader {
+                set: SetId::new(format!("{}-{}", image.id, started_at)),
+                label: opts.label.clone(),
+                agent: agent.host.clone(),
+                sources,
+                image: image.id.clone(),
+                frozen_at: image.frozen_at,
+                started_at,
+            };
+            media.begin_set(&header)?;
+            header.set
+        }
+        Start::Resume(record) => record.header.set,
     };
-    media.begin_set(&header)?;
+    progress(&Progress::Begun { set, resumed });
     match write_items(agent, image, map, resolver, media, opts, progress) {
         Ok(counters) => match media.commit() {
             Ok(record) => {
@@ -569,15 +663,9 @@ fn move_image(
                     bytes_written,
                 })
             }
-            Err(e) => {
-                let _ = media.abort();
-                Err(e)
-            }
+            Err(e) => Err(fail(media, e)),
         },
-        Err(e) => {
-            let _ = media.abort();
-            Err(e)
-        }
+        Err(e) => Err(fail(media, e)),
     }
 }
 

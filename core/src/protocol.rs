@@ -37,6 +37,12 @@ pub enum Request {
         /// Sources (`array:vol0`, ...).
         sources: Vec<String>,
     },
+    /// Take over a frozen image whose mover vanished (to resume its
+    /// backup); answered like `Freeze`, with the current map.
+    Attach {
+        /// The image.
+        image: ImageId,
+    },
     /// Is this item's map still valid for `config`?
     CheckConfig {
         /// The image.

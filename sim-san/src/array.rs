@@ -806,6 +806,7 @@ impl Array {
         s.events = events.into_iter().map(|e| (e, false)).collect();
         s.fired = 0;
         self.reads.store(0, Ordering::SeqCst);
+        self.bytes_read.store(0, Ordering::SeqCst);
         self.queries.store(0, Ordering::SeqCst);
     }
 

@@ -90,6 +90,7 @@ impl Lab {
                 host: "apphost".into(),
                 max_frame: None,
                 allow_sources: vec!["array:*".into()],
+                image_lease: std::time::Duration::ZERO,
             },
         ));
         let l = TcpListener::bind("127.0.0.1:0").expect("bind agent");

@@ -255,6 +255,7 @@ fn the_agent_refuses_sources_outside_its_allowed_roots() {
             host: "strict".into(),
             max_frame: None,
             allow_sources: vec!["array:public*".into()],
+            image_lease: Duration::ZERO,
         },
     ));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -611,4 +612,264 @@ fn kernel_eio_through_nbdfuse_and_a_loop_device_fails_the_backup_precisely() {
     assert!(err.to_string().contains("Input/output error"), "{err}");
     drop(resolver);
     drop(kp);
+}
+
+/// A floe agent daemon (TCP), killed by pid when dropped; its address.
+fn agent_daemon(san: &SimSanProcess, lease_secs: u64) -> (AgentDaemon, String) {
+    let mut agent = Command::new(floe_bin())
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-source",
+            "array:*",
+            "--image-lease",
+            &lease_secs.to_string(),
+        ])
+        .arg("--plugin-opt")
+        .arg(format!("array.control={}", san.control))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(agent.stderr.take().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    std::thread::spawn(move || for _ in r.lines() {});
+    (
+        AgentDaemon(agent),
+        line.trim().rsplit(' ').next().unwrap().to_string(),
+    )
+}
+
+struct AgentDaemon(std::process::Child);
+
+impl Drop for AgentDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start a mover, wait until its set has `items` durable items, kill it;
+/// the set id.
+fn kill_mover_after(
+    san: &SimSanProcess,
+    agent: &str,
+    media: &std::path::Path,
+    sources: &[&str],
+    items: usize,
+) -> String {
+    let mut cmd = Command::new(floe_bin());
+    cmd.args([
+        "backup",
+        "--agent",
+        agent,
+        "--san",
+        &format!("nbd://{}", san.nbd),
+        "--allow-any-device",
+    ])
+    .arg("--media")
+    .arg(format!("disk:{}", media.display()))
+    .args(["--max-read", "256K", "--window", "1M", "--parallel", "1"]);
+    for s in sources {
+        cmd.args(["--source", s]);
+    }
+    let mut mover = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let mut r = BufReader::new(mover.stderr.take().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let set = line
+        .split_whitespace()
+        .nth(2)
+        .expect("set id in the begun line")
+        .to_string();
+    let journal = media.join(format!(".{set}.partial")).join("journal.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = std::fs::read(&journal)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|j| j["items"].as_array().map_or(0, Vec::len))
+            .unwrap_or(0);
+        if n >= items {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mover never finished {items} item(s): {line}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mover.kill().unwrap(); // SIGKILL, our own child
+    mover.wait().unwrap();
+    set
+}
+
+#[test]
+fn a_mover_killed_mid_backup_resumes_from_the_last_durable_item() {
+    let san = SimSanProcess::start(&["lun0=128M"], &[]);
+    let sizes = [("vol0", 4u64 << 20), ("vol1", 8 << 20), ("vol2", 8 << 20)];
+    let mut frozen = Vec::new();
+    for (i, (v, size)) in sizes.iter().enumerate() {
+        san.ctl(&format!(
+            r#"{{"op":"create_volume","name":"{v}","size":{size}}}"#
+        ));
+        san.ctl(&format!(
+            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":100,"max_length":262144}}"#
+        ));
+        frozen.push(
+            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":134217728,"millis":15}"#);
+    let (_agent, addr) = agent_daemon(&san, 60);
+    let media = tempfile::tempdir().unwrap();
+    let set = kill_mover_after(
+        &san,
+        &addr,
+        media.path(),
+        &["array:vol0", "array:vol1", "array:vol2"],
+        1,
+    );
+
+    // The application writes on; the frozen image must not care.
+    san.ctl(r#"{"op":"write","target":"vol1","offset":0,"length":4194304,"seed":99}"#);
+    san.ctl(r#"{"op":"clear_faults"}"#);
+    san.ctl(r#"{"op":"schedule","events":[]}"#); // reset the read counters
+    let out = Command::new(floe_bin())
+        .args([
+            "backup",
+            "--agent",
+            &addr,
+            "--resume",
+            &set,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+            "--json",
+        ])
+        .arg("--media")
+        .arg(format!("disk:{}", media.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resuming set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = report["set"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    for (i, (v, _)) in sizes.iter().enumerate() {
+        assert_eq!(items[i]["header"]["item"].as_str(), Some(*v));
+        assert_eq!(
+            items[i]["trailer"]["blake3"].as_str(),
+            Some(frozen[i].as_str()),
+            "{v}"
+        );
+    }
+    // vol1 + vol2 are 16 MiB; vol0 (4 MiB) must not be read again. Allow one
+    // read of the killed mover that the array was still serving.
+    let read = san.ctl(r#"{"op":"stats"}"#)["bytes_read"].as_u64().unwrap();
+    assert!(
+        read <= (16 << 20) + (1 << 20),
+        "the finished item was read again: {read} bytes read on resume"
+    );
+    // Restorable, byte for byte.
+    let target = media.path().join("vol0.img");
+    let out = Command::new(floe_bin())
+        .args([
+            "restore",
+            "--media",
+            &format!("disk:{}", media.path().display()),
+            "--set",
+            &set,
+        ])
+        .arg("--to")
+        .arg(format!("vol0={}", target.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        blake3::hash(&std::fs::read(&target).unwrap())
+            .to_hex()
+            .to_string(),
+        frozen[0]
+    );
+    // The agent released the image after the resumed backup.
+    let ctl = san.ctl(r#"{"op":"list_luns"}"#);
+    assert!(ctl.is_array());
+    let snap = Command::new(floe_tests::build_dir().join("floe-sim-san"))
+        .args([
+            "ctl",
+            "--control",
+            &san.control,
+            r#"{"op":"map","target":"vol1@*"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(!snap.status.success(), "the snapshot is gone");
+}
+
+#[test]
+fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    for v in ["vol0", "vol1"] {
+        san.ctl(&format!(
+            r#"{{"op":"create_volume","name":"{v}","size":4194304}}"#
+        ));
+    }
+    san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":15}"#);
+    let (_agent, addr) = agent_daemon(&san, 1);
+    let media = tempfile::tempdir().unwrap();
+    let set = kill_mover_after(&san, &addr, media.path(), &["array:vol0", "array:vol1"], 1);
+    std::thread::sleep(Duration::from_millis(2500)); // the lease (1 s) runs out; the reaper releases
+    let out = Command::new(floe_bin())
+        .args([
+            "backup",
+            "--agent",
+            &addr,
+            "--resume",
+            &set,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+        ])
+        .arg("--media")
+        .arg(format!("disk:{}", media.path().display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not waiting on this agent"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(media.path()).unwrap().count(),
+        0,
+        "the partial set was removed"
+    );
+    let snap = Command::new(floe_tests::build_dir().join("floe-sim-san"))
+        .args([
+            "ctl",
+            "--control",
+            &san.control,
+            r#"{"op":"map","target":"vol0@*"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !snap.status.success(),
+        "the orphaned snapshot was released when its lease ran out"
+    );
 }

@@ -29,6 +29,53 @@ pub const VERSION: u32 = 1;
 /// Zero runs of at least this many aligned bytes are left as holes.
 const SPARSE_BLOCK: usize = 64 * 1024;
 
+/// The journal of a set being written.
+const JOURNAL: &str = "journal.json";
+/// Journal magic.
+pub const JOURNAL_MAGIC: &str = "floe-disk-journal";
+
+/// What a partial set says about itself: enough to resume it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// [`JOURNAL_MAGIC`].
+    pub magic: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// The set's header.
+    pub header: SetHeader,
+    /// Items durable so far, in order.
+    pub items: Vec<ItemRecord>,
+}
+
+/// Decode and check a journal.
+pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
+    let j: Journal = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(ErrorKind::Media, "malformed set journal")
+            .path(path)
+            .source(e)
+    })?;
+    if j.magic != JOURNAL_MAGIC || j.version != VERSION {
+        return Err(Error::new(
+            ErrorKind::Media,
+            format!(
+                "not a Floe disk journal of version {VERSION}: {:?} version {}",
+                j.magic, j.version
+            ),
+        )
+        .path(path));
+    }
+    for (i, it) in j.items.iter().enumerate() {
+        if it.position.locator != item_file(i) {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("journal item {i} points at {:?}", it.position.locator),
+            )
+            .path(path));
+        }
+    }
+    Ok(j)
+}
+
 /// The manifest file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -138,6 +185,32 @@ impl DiskWriter {
         }
     }
 
+    /// Record the set's header and durable items in the partial set, so a
+    /// writer that dies can be resumed: write a temporary file, fsync it,
+    /// rename it over the journal, fsync the directory.
+    fn write_journal(&self) -> Result<()> {
+        let (header, partial) = self
+            .set
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Media, "no set begun"))?;
+        let j = Journal {
+            magic: JOURNAL_MAGIC.into(),
+            version: VERSION,
+            header: header.clone(),
+            items: self.items.clone(),
+        };
+        let bytes = serde_json::to_vec(&j)
+            .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+        let tmp = partial.join(format!("{JOURNAL}.tmp"));
+        let f = File::create(&tmp).map_err(|e| media_err("create journal", &tmp, e))?;
+        f.write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| media_err("write journal", &tmp, e))?;
+        let path = partial.join(JOURNAL);
+        std::fs::rename(&tmp, &path).map_err(|e| media_err("rename journal", &path, e))?;
+        fsync_dir(partial)
+    }
+
     fn partial(&self) -> Result<&PathBuf> {
         self.set
             .as_ref()
@@ -172,7 +245,67 @@ impl MediaWriter for DiskWriter {
             .map_err(|e| media_err("create set directory", &partial, e))?;
         self.set = Some((header.clone(), partial));
         self.items.clear();
-        Ok(())
+        self.write_journal()
+    }
+
+    fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
+        if set.as_str().is_empty() || set.as_str().contains('/') || set.as_str().starts_with('.') {
+            return Err(Error::new(ErrorKind::Config, format!("bad set id {set:?}")));
+        }
+        if self.dir.join(set.as_str()).exists() {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("set {set} is already committed: nothing to resume"),
+            ));
+        }
+        let partial = self.dir.join(format!(".{set}.partial"));
+        let jpath = partial.join(JOURNAL);
+        let bytes = std::fs::read(&jpath).map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no interrupted set {set} on media {}", self.dir.display()),
+            )
+            .path(&jpath)
+            .source(e)
+        })?;
+        let journal = decode_journal(&bytes, &jpath)?;
+        // Items after the journal's last durable one are leftovers of the
+        // item being written when the writer died.
+        let items_dir = partial.join("items");
+        for e in std::fs::read_dir(&items_dir)
+            .map_err(|e| media_err("list items", &items_dir, e))?
+            .flatten()
+        {
+            let name = format!("items/{}", e.file_name().to_string_lossy());
+            if !journal.items.iter().any(|i| i.position.locator == name) {
+                std::fs::remove_file(e.path())
+                    .map_err(|err| media_err("remove unfinished item", &e.path(), err))?;
+            }
+        }
+        for it in &journal.items {
+            let p = partial.join(&it.position.locator);
+            let len = std::fs::metadata(&p)
+                .map_err(|e| media_err("stat item", &p, e))?
+                .len();
+            if len != it.trailer.length.0 {
+                return Err(Error::new(
+                    ErrorKind::Media,
+                    format!(
+                        "journaled item {} holds {len} bytes, not {}",
+                        it.header.item, it.trailer.length
+                    ),
+                )
+                .path(p));
+            }
+        }
+        self.set = Some((journal.header.clone(), partial));
+        self.items = journal.items.clone();
+        self.current = None;
+        Ok(SetRecord {
+            header: journal.header,
+            items: journal.items,
+            committed_at: 0,
+        })
     }
 
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
@@ -243,6 +376,8 @@ impl MediaWriter for DiskWriter {
             trailer: trailer.clone(),
             position: position.clone(),
         });
+        // The item is durable; only now does the journal name it.
+        self.write_journal()?;
         Ok(position)
     }
 
@@ -269,6 +404,7 @@ impl MediaWriter for DiskWriter {
         };
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::new(ErrorKind::Media, "cannot encode manifest").source(e))?;
+        let _ = std::fs::remove_file(partial.join(JOURNAL));
         let mpath = partial.join("set.json");
         let fail = |e: Error, partial: &Path| {
             let _ = std::fs::remove_dir_all(partial);
@@ -514,7 +650,43 @@ mod tests {
         assert!(e.to_string().contains("version 9 is not supported"), "{e}");
     }
 
+    #[test]
+    fn a_set_whose_writer_died_resumes_with_its_durable_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DiskWriter::new(dir.path().to_path_buf());
+        w.begin_set(&header("s3")).unwrap();
+        w.begin_item(&item("a", 5)).unwrap();
+        w.write(b"AAAAA").unwrap();
+        w.end_item(&trailer(b"AAAAA")).unwrap();
+        w.begin_item(&item("b", 5)).unwrap();
+        w.write(b"BB").unwrap();
+        drop(w); // the writer dies inside item b
+        let mut r = DiskReader::new(dir.path().to_path_buf());
+        assert!(r.list_sets().unwrap().is_empty());
+        let mut w = DiskWriter::new(dir.path().to_path_buf());
+        let rec = w.resume_set(&SetId::new("s3")).unwrap();
+        assert_eq!(rec.items.len(), 1);
+        assert_eq!(rec.items[0].header.item, ItemId::new("a"));
+        w.begin_item(&item("b", 5)).unwrap();
+        w.write(b"BBBBB").unwrap();
+        w.end_item(&trailer(b"BBBBB")).unwrap();
+        let done = w.commit().unwrap();
+        assert_eq!(done.items.len(), 2);
+        r.open_item(&SetId::new("s3"), &ItemId::new("b")).unwrap();
+        assert_eq!(r.read(100).unwrap(), b"BBBBB");
+        assert!(!dir.path().join("s3").join(JOURNAL).exists());
+        let e = DiskWriter::new(dir.path().to_path_buf())
+            .resume_set(&SetId::new("s3"))
+            .unwrap_err();
+        assert!(e.to_string().contains("already committed"), "{e}");
+    }
+
     proptest! {
+        #[test]
+        fn journal_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_journal(&bytes, Path::new("x"));
+        }
+
         #[test]
         fn manifest_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_manifest(&bytes, Path::new("x"));
