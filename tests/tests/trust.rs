@@ -873,3 +873,97 @@ fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
         "the orphaned snapshot was released when its lease ran out"
     );
 }
+
+#[test]
+fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+        san.ctl(&format!(
+            r#"{{"op":"create_volume","name":"{v}","size":4194304}}"#
+        ));
+        san.ctl(&format!(
+            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":50,"max_length":262144}}"#
+        ));
+    }
+    let want: Vec<String> = ["vol0", "vol1"]
+        .iter()
+        .map(|v| {
+            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let (_agent, addr) = agent_daemon(&san, 60);
+    let media = tempfile::tempdir().unwrap();
+    let backup = |extra: &[&str], failpoint: Option<&str>| {
+        let mut cmd = Command::new(floe_bin());
+        cmd.args([
+            "backup",
+            "--agent",
+            &addr,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+            "--json",
+        ])
+        .arg("--media")
+        .arg(format!("disk:{}", media.path().display()))
+        .args(extra);
+        if let Some(f) = failpoint {
+            cmd.env("FLOE_FAILPOINT", f);
+        }
+        cmd.output().unwrap()
+    };
+    // The mover dies after every item and the manifest are durable, just
+    // before the rename that makes the set visible.
+    let out = backup(
+        &["--source", "array:vol0", "--source", "array:vol1"],
+        Some("disk-commit-before-rename"),
+    );
+    assert!(!out.status.success(), "the failpoint killed the mover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failpoint disk-commit-before-rename"), "{err}");
+    let list = Command::new(floe_bin())
+        .args([
+            "list",
+            "--media",
+            &format!("disk:{}", media.path().display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success() && list.stdout.is_empty(),
+        "no set is visible: {}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    // Nothing was lost: the interrupted set resumes and commits.
+    let set = err
+        .lines()
+        .find_map(|l| l.strip_prefix("floe: set "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let out = backup(&["--resume", &set], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(
+            report["set"]["items"][i]["trailer"]["blake3"].as_str(),
+            Some(w.as_str())
+        );
+    }
+    let list = Command::new(floe_bin())
+        .args([
+            "list",
+            "--media",
+            &format!("disk:{}", media.path().display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&set));
+}

@@ -20,7 +20,8 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("dist") => dist().map(|_| ()),
         Some("bench") => bench::run(&args[1..]),
-        _ => bail!("usage: cargo xtask <demo|test|dist|bench>"),
+        Some("fuzz") => fuzz(args.get(1).map_or(Ok(60), |s| s.parse())?),
+        _ => bail!("usage: cargo xtask <demo|test|dist|bench|fuzz [SECONDS]>"),
     }
 }
 
@@ -34,7 +35,58 @@ fn test(extra: &[String]) -> Result<()> {
     util::cargo(&["build", "--workspace", "--all-targets"])?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    util::cargo(&args)?;
+    // A short fuzz run of every decoder that takes bytes from a peer.
+    fuzz(
+        std::env::var("FLOE_FUZZ_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    )
+}
+
+/// The fuzz targets (fuzz/fuzz_targets).
+const FUZZ_TARGETS: &[&str] = &[
+    "protocol_frames",
+    "image_maps",
+    "media_records",
+    "nbd_negotiation",
+    "control_requests",
+];
+
+/// Run every fuzz target for `seconds`, with the committed seeds. cargo-fuzz
+/// wants nightly; these machines have stable only, so RUSTC_BOOTSTRAP lets
+/// stable rustc take libFuzzer's -Z flags (no sanitizer: `-s none`).
+fn fuzz(seconds: u64) -> Result<()> {
+    if !util::have_cargo_subcommand("fuzz") {
+        eprintln!("xtask: installing cargo-fuzz");
+        util::cargo(&["install", "cargo-fuzz", "--locked"])?;
+    }
+    let dir = util::root().join("fuzz");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for t in FUZZ_TARGETS {
+        let corpus = dir.join("target/corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let mut cmd = std::process::Command::new(&cargo);
+        cmd.current_dir(&dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", t, "-s", "none"])
+            .arg(&corpus);
+        let seeds = dir.join("seeds").join(t);
+        if seeds.exists() {
+            cmd.arg(&seeds);
+        }
+        cmd.arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=2048");
+        eprintln!("xtask: fuzzing {t} for {seconds} s");
+        util::run(&mut cmd)?;
+    }
+    println!(
+        "fuzz: {} targets ran {seconds} s each without a crash",
+        FUZZ_TARGETS.len()
+    );
+    Ok(())
 }
 
 /// Build a release tarball: bin/floe, bin/floe-sim-san, lib/floe/plugins.

@@ -41,6 +41,16 @@ pub fn have(cmd: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Is `cargo SUB` available (a `cargo-SUB` on PATH or in ~/.cargo/bin)?
+pub fn have_cargo_subcommand(sub: &str) -> bool {
+    let bin = format!("cargo-{sub}");
+    have(&bin)
+        || std::env::var_os("HOME")
+            .is_some_and(|h| Path::new(&h).join(".cargo/bin").join(&bin).is_file())
+        || std::env::var_os("CARGO_HOME")
+            .is_some_and(|h| Path::new(&h).join("bin").join(&bin).is_file())
+}
+
 /// Install the Debian packages that provide missing commands.
 pub fn ensure_packages(needs: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = needs

@@ -140,6 +140,16 @@ fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// Crash injection for tests: when `FLOE_FAILPOINT` names this point, the
+/// process dies here at once (as a power cut or kill -9 would), leaving the
+/// media exactly as far as it got.
+fn failpoint(name: &str) {
+    if std::env::var("FLOE_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("floe: failpoint {name}: dying now");
+        std::process::abort();
+    }
+}
+
 fn fsync_dir(p: &Path) -> Result<()> {
     File::open(p)
         .and_then(|f| f.sync_all())
@@ -260,15 +270,29 @@ impl MediaWriter for DiskWriter {
         }
         let partial = self.dir.join(format!(".{set}.partial"));
         let jpath = partial.join(JOURNAL);
-        let bytes = std::fs::read(&jpath).map_err(|e| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no interrupted set {set} on media {}", self.dir.display()),
-            )
-            .path(&jpath)
-            .source(e)
-        })?;
-        let journal = decode_journal(&bytes, &jpath)?;
+        let journal = match std::fs::read(&jpath) {
+            Ok(bytes) => decode_journal(&bytes, &jpath)?,
+            // Died inside commit, after the manifest replaced the journal
+            // and before the rename: the manifest lists every item.
+            Err(e) => {
+                let mpath = partial.join("set.json");
+                let bytes = std::fs::read(&mpath).map_err(|_| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("no interrupted set {set} on media {}", self.dir.display()),
+                    )
+                    .path(&jpath)
+                    .source(e)
+                })?;
+                let record = decode_manifest(&bytes, &mpath)?;
+                Journal {
+                    magic: JOURNAL_MAGIC.into(),
+                    version: VERSION,
+                    header: record.header,
+                    items: record.items,
+                }
+            }
+        };
         // Items after the journal's last durable one are leftovers of the
         // item being written when the writer died.
         let items_dir = partial.join("items");
@@ -418,6 +442,7 @@ impl MediaWriter for DiskWriter {
         fsync_dir(&partial.join("items")).map_err(|e| fail(e, &partial))?;
         fsync_dir(&partial).map_err(|e| fail(e, &partial))?;
         let fin = self.dir.join(record.header.set.as_str());
+        failpoint("disk-commit-before-rename");
         std::fs::rename(&partial, &fin)
             .map_err(|e| fail(media_err("rename set into place", &fin, e), &partial))?;
         fsync_dir(&self.dir)?;
