@@ -43,7 +43,7 @@ fn read_error(dev: &DeviceId, offset: u64, len: usize, e: std::io::Error) -> Err
 pub struct DirectFile {
     id: DeviceId,
     path: PathBuf,
-    file: File,
+    pub(crate) file: File,
     size: u64,
 }
 
@@ -405,7 +405,11 @@ impl DeviceResolver {
             }
         }
         let dev: Arc<dyn BlockDevice> = match (self.table.get(id), &self.san) {
-            (Some(Location::Path(p)), _) => Arc::new(DirectFile::open(id.clone(), p)?),
+            (Some(Location::Path(p)), _) => {
+                let d = DirectFile::open(id.clone(), p)?;
+                check_local_identity(id, p, &d.file)?;
+                Arc::new(d)
+            }
             (Some(Location::Nbd(addr, export)), _) => {
                 let d = NbdDevice::connect(id.clone(), addr, export, self.nbd)?;
                 check_identity(id, &d, false)?;
@@ -430,6 +434,67 @@ impl DeviceResolver {
             .insert(id.clone(), dev.clone());
         Ok(dev)
     }
+}
+
+/// What a local block device says it is, from sysfs: its WWN
+/// (`device/wwid`, SCSI/NVMe disks) and, for a loop device, its backing
+/// file.
+fn local_identity(file: &File) -> Option<(Option<String>, Option<String>)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let read = |p: &str| {
+        std::fs::read_to_string(sys.join(p))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    Some((
+        read("device/wwid").or_else(|| read("wwid")),
+        read("loop/backing_file"),
+    ))
+}
+
+/// Normalize a WWN for comparison: sysfs says `naa.6001405…`, `eui.…` or
+/// `t10.…`; maps may say the same in another case.
+fn same_wwn(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+/// A local block device that identifies itself must identify itself as the
+/// device the map names: a disk by its WWN, a loop device (for `file:` ids)
+/// by its backing file. A device that says nothing is the operator's word.
+fn check_local_identity(id: &DeviceId, path: &Path, file: &File) -> Result<()> {
+    let Some((wwid, backing)) = local_identity(file) else {
+        return Ok(());
+    };
+    let mismatch = |what: String| {
+        Err(Error::new(
+            ErrorKind::IdentityMismatch,
+            format!(
+                "{} identifies itself as {what}, not as the device the map names",
+                path.display()
+            ),
+        )
+        .op("verify device identity")
+        .device(id))
+    };
+    if let Some(w) = wwid {
+        if !same_wwn(&w, id.as_str()) {
+            return mismatch(format!("WWN {w:?}"));
+        }
+    }
+    if let (Some(b), Some(f)) = (backing, id.as_str().strip_prefix("file:")) {
+        if Path::new(&b) != Path::new(f) {
+            return mismatch(format!("a loop device over {b:?}"));
+        }
+    }
+    Ok(())
 }
 
 fn check_identity(id: &DeviceId, d: &NbdDevice, required: bool) -> Result<()> {
@@ -560,5 +625,33 @@ pub fn open_target(spec: &str) -> Result<Box<dyn RestoreTarget>> {
                 size: info.size,
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wwns_compare_without_case() {
+        assert!(same_wwn("naa.6001405ABC", "naa.6001405abc"));
+        assert!(!same_wwn("naa.6001405abc", "naa.6001405abd"));
+    }
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(
+            parse_location("nbd://h:1/x").unwrap(),
+            Location::Nbd("h:1".into(), "x".into())
+        );
+        assert_eq!(
+            parse_location("nbd://h/x").unwrap(),
+            Location::Nbd("h:10809".into(), "x".into())
+        );
+        assert_eq!(
+            parse_location("/dev/sdb").unwrap(),
+            Location::Path("/dev/sdb".into())
+        );
+        assert!(parse_location("iscsi://h/x").is_err());
     }
 }

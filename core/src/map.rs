@@ -361,6 +361,34 @@ mod tests {
             }
         }
 
+        /// A valid map broken in any of the ways a bad agent could break it
+        /// is refused: overlap, gap, zero length, overflow, huge counts.
+        #[test]
+        fn every_kind_of_broken_map_is_refused(
+            blocks in 2u64..64,
+            how in 0u8..6,
+            at in 0usize..4,
+        ) {
+            let n = usize::try_from(blocks.min(4)).unwrap();
+            let each = blocks / u64::try_from(n).unwrap();
+            let mut extents: Vec<_> = (0..n)
+                .map(|i| { let i = u64::try_from(i).unwrap(); data(i * each * 512, each * 512, "d", 100 * i) })
+                .collect();
+            let size = each * u64::try_from(n).unwrap() * 512;
+            let k = at % n;
+            match how {
+                0 => extents[k].logical = ItemOffset(extents[k].logical.0 + 512), // gap / overlap
+                1 if k > 0 => extents[k].logical = ItemOffset(extents[k].logical.0 - 512),
+                1 => extents[k].logical = ItemOffset(512),
+                2 => extents[k].length = Bytes(0),
+                3 => extents[k].logical = ItemOffset(u64::MAX - 10),
+                4 => if let ExtentKind::Data(c) = &mut extents[k].kind { c.physical.count = Blocks(u64::MAX / 2) },
+                _ => if let ExtentKind::Data(c) = &mut extents[k].kind { c.physical.start = Blocks(u64::MAX - 1) },
+            }
+            let e = validate_item(&item(extents, size)).unwrap_err();
+            prop_assert_eq!(e.kind(), ErrorKind::InvalidMap);
+        }
+
         /// Arbitrary (often invalid) maps never panic the validator.
         #[test]
         fn validator_never_panics(

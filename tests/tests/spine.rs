@@ -269,6 +269,7 @@ fn an_extent_past_the_end_of_its_device_is_refused_before_any_read() {
     };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::ExtentOutOfRange, "{err}");
+    assert_eq!(err.context().agent.as_deref(), Some("crafted"), "{err}");
     assert_eq!(err.context().item, Some(ItemId::new("evil")));
     assert_eq!(err.context().device, Some(DeviceId::new(l.wwn.clone())));
     assert_eq!(err.context().offset, Some(DeviceOffset(8 * MIB - 4096)));
@@ -289,6 +290,7 @@ fn an_unknown_device_is_refused_naming_item_and_device() {
     };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::UnknownDevice, "{err}");
+    assert_eq!(err.context().agent.as_deref(), Some("crafted"), "{err}");
     assert_eq!(err.context().item, Some(ItemId::new("evil")));
     assert!(
         err.to_string()

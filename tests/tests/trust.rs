@@ -967,3 +967,47 @@ fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
         .unwrap();
     assert!(String::from_utf8_lossy(&list.stdout).contains(&set));
 }
+
+#[test]
+fn a_local_device_that_says_it_is_something_else_is_refused() {
+    let name = "a_local_device_that_says_it_is_something_else_is_refused";
+    if !is_root() || !have("losetup") {
+        return skip(name, "needs root and losetup to attach a loop device");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a.img"), d.path().join("b.img"));
+    for f in [&a, &b] {
+        std::fs::write(f, vec![7u8; 1 << 20]).unwrap();
+    }
+    let out = Command::new("losetup")
+        .args(["--read-only", "-f", "--show"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return skip(name, "losetup could not attach a loop device");
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let resolve = |id: String| {
+        let table = [(
+            DeviceId::new(id.clone()),
+            Location::Path(dev.clone().into()),
+        )]
+        .into_iter()
+        .collect();
+        DeviceResolver::new(table, None)
+            .resolve(&DeviceId::new(id))
+            .map(|_| ())
+    };
+    let err = resolve(format!("file:{}", b.display())).expect_err("the loop device is over a.img");
+    assert_eq!(err.kind(), ErrorKind::IdentityMismatch, "{err}");
+    assert!(err.to_string().contains("a.img"), "{err}");
+    resolve(format!("file:{}", a.display())).expect("the loop device is over a.img");
+}
