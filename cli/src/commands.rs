@@ -4,6 +4,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use floe_core::abi::{Interface, MediaReader, MediaWriter};
 use floe_core::agent::{Agent, AgentClient, AgentOptions};
+use floe_core::catalog::Catalog;
 use floe_core::device::{open_target, parse_location, DeviceResolver, Location};
 use floe_core::loader::PluginRegistry;
 use floe_core::model::{DeviceId, ItemId, SetId};
@@ -23,6 +24,10 @@ pub struct Cli {
     /// Extra plugin directories (searched before the defaults).
     #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// The catalog database (default: $FLOE_CATALOG, else
+    /// ~/.local/share/floe/catalog.db).
+    #[arg(long, global = true, value_name = "FILE")]
+    catalog: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,10 +52,31 @@ enum Command {
     /// Example: floe restore --media disk:/backup --set SET
     ///          --to vol0=nbd://127.0.0.1:10809/restore0 --to vol1=/tmp/vol1.img
     Restore(RestoreArgs),
-    /// List the sets on media.
+    /// List the sets in the catalog (or, with --media, on media).
     ///
+    /// Example: floe list
     /// Example: floe list --media disk:/backup
     List(ListArgs),
+    /// Show one set from the catalog: its header, items, checksums and
+    /// where each item is.
+    ///
+    /// Example: floe show array-floe-1795306347-4403-0-1795306347
+    Show {
+        /// The set.
+        set: String,
+    },
+    /// List the items of a set from the catalog.
+    ///
+    /// Example: floe ls array-floe-1795306347-4403-0-1795306347
+    Ls {
+        /// The set.
+        set: String,
+    },
+    /// Maintain the catalog.
+    ///
+    /// Example: floe catalog rebuild --media disk:/backup
+    #[command(subcommand)]
+    Catalog(CatalogAction),
     /// List the plugins found, and the files refused.
     ///
     /// Example: floe plugins
@@ -303,11 +329,24 @@ mod tests {
 
 #[derive(Args)]
 struct ListArgs {
-    #[command(flatten)]
-    media: MediaArgs,
+    /// Scan this media (PLUGIN:PATH) instead of reading the catalog.
+    #[arg(long)]
+    media: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum CatalogAction {
+    /// Make the catalog's view of a media equal what is on it (after the
+    /// catalog was lost, or a set committed to media missed it).
+    ///
+    /// Example: floe catalog rebuild --media disk:/backup
+    Rebuild {
+        #[command(flatten)]
+        media: MediaArgs,
+    },
 }
 
 fn registry(extra: &[PathBuf]) -> Arc<PluginRegistry> {
@@ -452,7 +491,18 @@ fn connect_agent(spec: &str, ssh: &SshArgs) -> anyhow::Result<AgentClient> {
     Ok(AgentClient::connect_tcp(addr)?)
 }
 
-fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
+fn run_backup(
+    reg: Arc<PluginRegistry>,
+    a: BackupArgs,
+    catalog: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    // Open the catalog first: a backup that could not be catalogued should
+    // fail before it reads anything.
+    let mut cat = if a.media.media.starts_with("null:") {
+        None
+    } else {
+        Some(open_catalog(catalog)?)
+    };
     let mut table = HashMap::new();
     for d in &a.devices {
         let (id, loc) = d
@@ -534,6 +584,15 @@ fn run_backup(reg: Arc<PluginRegistry>, a: BackupArgs) -> anyhow::Result<()> {
             )
         })?,
     };
+    // The catalog commit is last: the set is durable on media already.
+    if let Some(cat) = cat.as_mut() {
+        cat.record(&a.media.media, &report.set).with_context(|| {
+            format!(
+                "set {} is complete on {} but could not be catalogued; `floe catalog rebuild --media {}` adds it",
+                report.set.header.set, a.media.media, a.media.media
+            )
+        })?;
+    }
     if a.json {
         println!(
             "{}",
@@ -599,9 +658,33 @@ fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_list(reg: Arc<PluginRegistry>, a: ListArgs) -> anyhow::Result<()> {
-    let mut reader = media_reader(&reg, &a.media.media)?;
-    let sets = reader.list_sets()?;
+fn catalog_path(cli: Option<&PathBuf>) -> PathBuf {
+    cli.cloned()
+        .or_else(|| std::env::var_os("FLOE_CATALOG").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let home =
+                std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+            home.join(".local/share/floe/catalog.db")
+        })
+}
+
+fn open_catalog(cli: Option<&PathBuf>) -> anyhow::Result<Catalog> {
+    Ok(Catalog::open(&catalog_path(cli))?)
+}
+
+fn run_list(
+    reg: Arc<PluginRegistry>,
+    a: ListArgs,
+    catalog: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let sets = match &a.media {
+        Some(m) => media_reader(&reg, m)?.list_sets()?,
+        None => open_catalog(catalog)?
+            .sets()?
+            .into_iter()
+            .map(|e| e.record)
+            .collect(),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&sets)?);
         return Ok(());
@@ -631,9 +714,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::SimSan(c) => floe_sim_san::cli::run(c),
         Command::Agent(a) => agent(registry(&cli.plugin_dirs), a),
-        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), *a),
+        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), *a, cli.catalog.as_ref()),
         Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a),
-        Command::List(a) => run_list(registry(&cli.plugin_dirs), a),
+        Command::List(a) => run_list(registry(&cli.plugin_dirs), a, cli.catalog.as_ref()),
+        Command::Show { set } => {
+            let e = open_catalog(cli.catalog.as_ref())?.set(&SetId::new(set))?;
+            println!("{}", serde_json::to_string_pretty(&e)?);
+            Ok(())
+        }
+        Command::Ls { set } => {
+            let e = open_catalog(cli.catalog.as_ref())?.set(&SetId::new(set))?;
+            for i in &e.record.items {
+                println!(
+                    "{:<8} {:<16} {:>14} bytes  blake3 {}  {} {}",
+                    format!("{:?}", i.header.kind).to_lowercase(),
+                    i.header.item.as_str(),
+                    i.trailer.length.0,
+                    i.trailer.blake3,
+                    e.media,
+                    i.position.locator
+                );
+            }
+            Ok(())
+        }
+        Command::Catalog(CatalogAction::Rebuild { media }) => {
+            let reg = registry(&cli.plugin_dirs);
+            let mut reader = media_reader(&reg, &media.media)?;
+            let n = open_catalog(cli.catalog.as_ref())?.rebuild(&media.media, reader.as_mut())?;
+            println!("catalog rebuilt from {}: {n} set(s)", media.media);
+            Ok(())
+        }
         Command::Plugins => {
             let reg = registry(&cli.plugin_dirs);
             for p in reg.plugins() {

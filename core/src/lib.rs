@@ -16,6 +16,8 @@ pub mod units;
 #[cfg(feature = "engine")]
 pub mod agent;
 #[cfg(feature = "engine")]
+pub mod catalog;
+#[cfg(feature = "engine")]
 pub mod device;
 #[cfg(feature = "engine")]
 pub mod loader;

@@ -38,6 +38,18 @@ pub fn floe_bin() -> PathBuf {
     p
 }
 
+/// A `floe` command whose catalog is a fresh file of its own (tests never
+/// touch the user's catalog; tests about the catalog pass `--catalog`).
+pub fn floe_cmd() -> std::process::Command {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("floe-test-catalogs-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut c = std::process::Command::new(floe_bin());
+    c.env("FLOE_CATALOG", dir.join(format!("catalog-{n}.db")));
+    c
+}
+
 /// The plugins of the build tree, loaded once.
 pub fn plugins() -> Arc<PluginRegistry> {
     static REG: OnceLock<Arc<PluginRegistry>> = OnceLock::new();

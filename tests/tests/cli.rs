@@ -1,15 +1,12 @@
 //! The `floe` and `floe-sim-san` binaries as an operator runs them: separate
 //! processes, exit codes, messages, and media that fail.
 
-use floe_tests::{build_dir, floe_bin, is_root, skip, SimSanProcess};
+use floe_tests::{build_dir, floe_bin, floe_cmd, is_root, skip, SimSanProcess};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn floe(args: &[&str]) -> Output {
-    Command::new(floe_bin())
-        .args(args)
-        .output()
-        .expect("run floe")
+    floe_cmd().args(args).output().expect("run floe")
 }
 
 fn agent_spec(san: &SimSanProcess) -> String {

@@ -7,7 +7,7 @@
 use floe_core::units::Bytes;
 use floe_sim_san::control::Op;
 use floe_sim_san::SimSan;
-use floe_tests::{floe_bin, have, is_root, skip};
+use floe_tests::{floe_bin, floe_cmd, have, is_root, skip};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -194,7 +194,7 @@ fn backup_through_an_agent_reached_over_ssh_on_another_host() {
         san.control_addr
     );
     let backup = |known_hosts: &Path| {
-        Command::new(floe_bin())
+        floe_cmd()
             .args([
                 "backup",
                 "--agent",

@@ -1,14 +1,14 @@
 //! The agent daemon over mutual TLS: both sides pin each other's
 //! certificate fingerprint, like ssh's known_hosts.
 
-use floe_tests::{floe_bin, SimSanProcess};
+use floe_tests::{floe_cmd, SimSanProcess};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
 fn init(dir: &Path, name: &str) -> String {
-    let out = Command::new(floe_bin())
+    let out = floe_cmd()
         .args([
             "agent",
             "init",
@@ -57,7 +57,7 @@ fn mutual_tls_with_pinned_fingerprints_both_ways() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the private key is the owner's alone");
-    let again = Command::new(floe_bin())
+    let again = floe_cmd()
         .args(["agent", "init", "--dir", agent_dir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -74,7 +74,7 @@ fn mutual_tls_with_pinned_fingerprints_both_ways() {
         .unwrap()
         .to_string();
 
-    let mut child = Command::new(floe_bin())
+    let mut child = floe_cmd()
         .args([
             "agent",
             "--listen",
@@ -100,7 +100,7 @@ fn mutual_tls_with_pinned_fingerprints_both_ways() {
 
     let media = d.path().join("media");
     let backup = |key_dir: &Path, pin: &str| -> Output {
-        Command::new(floe_bin())
+        floe_cmd()
             .args([
                 "backup",
                 "--agent",
@@ -154,7 +154,7 @@ fn mutual_tls_with_pinned_fingerprints_both_ways() {
     );
 
     // Plain TCP to the TLS port gets no protocol frames.
-    let out = Command::new(floe_bin())
+    let out = floe_cmd()
         .args([
             "backup",
             "--agent",
@@ -170,7 +170,7 @@ fn mutual_tls_with_pinned_fingerprints_both_ways() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let sets = Command::new(floe_bin())
+    let sets = floe_cmd()
         .args(["list", "--media", &format!("disk:{}", media.display())])
         .output()
         .unwrap();

@@ -10,7 +10,7 @@ use floe_core::units::{BlockSize, Blocks, Bytes, DeviceOffset, ItemOffset};
 use floe_core::ErrorKind;
 use floe_sim_san::control::{Op, TargetMap};
 use floe_tests::{
-    assert_same_bytes, floe_bin, have, is_root, plugins, scripted_agent, skip, Lab, Script,
+    assert_same_bytes, floe_cmd, have, is_root, plugins, scripted_agent, skip, Lab, Script,
     SimSanProcess,
 };
 use std::collections::HashMap;
@@ -288,7 +288,7 @@ fn the_agent_killed_mid_backup_fails_the_backup_and_records_nothing() {
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
     san.ctl(r#"{"op":"create_volume","name":"vol0","size":16777216}"#);
     san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":40}"#);
-    let mut agent = Command::new(floe_bin())
+    let mut agent = floe_cmd()
         .args([
             "agent",
             "--listen",
@@ -307,7 +307,7 @@ fn the_agent_killed_mid_backup_fails_the_backup_and_records_nothing() {
         .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     let media = tempfile::tempdir().unwrap();
-    let mover = Command::new(floe_bin())
+    let mover = floe_cmd()
         .args([
             "backup",
             "--agent",
@@ -616,7 +616,7 @@ fn kernel_eio_through_nbdfuse_and_a_loop_device_fails_the_backup_precisely() {
 
 /// A floe agent daemon (TCP), killed by pid when dropped; its address.
 fn agent_daemon(san: &SimSanProcess, lease_secs: u64) -> (AgentDaemon, String) {
-    let mut agent = Command::new(floe_bin())
+    let mut agent = floe_cmd()
         .args([
             "agent",
             "--listen",
@@ -659,7 +659,7 @@ fn kill_mover_after(
     sources: &[&str],
     items: usize,
 ) -> String {
-    let mut cmd = Command::new(floe_bin());
+    let mut cmd = floe_cmd();
     cmd.args([
         "backup",
         "--agent",
@@ -739,7 +739,7 @@ fn a_mover_killed_mid_backup_resumes_from_the_last_durable_item() {
     san.ctl(r#"{"op":"write","target":"vol1","offset":0,"length":4194304,"seed":99}"#);
     san.ctl(r#"{"op":"clear_faults"}"#);
     san.ctl(r#"{"op":"schedule","events":[]}"#); // reset the read counters
-    let out = Command::new(floe_bin())
+    let out = floe_cmd()
         .args([
             "backup",
             "--agent",
@@ -785,7 +785,7 @@ fn a_mover_killed_mid_backup_resumes_from_the_last_durable_item() {
     );
     // Restorable, byte for byte.
     let target = media.path().join("vol0.img");
-    let out = Command::new(floe_bin())
+    let out = floe_cmd()
         .args([
             "restore",
             "--media",
@@ -836,7 +836,7 @@ fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
     let media = tempfile::tempdir().unwrap();
     let set = kill_mover_after(&san, &addr, media.path(), &["array:vol0", "array:vol1"], 1);
     std::thread::sleep(Duration::from_millis(2500)); // the lease (1 s) runs out; the reaper releases
-    let out = Command::new(floe_bin())
+    let out = floe_cmd()
         .args([
             "backup",
             "--agent",
@@ -897,7 +897,7 @@ fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
     let (_agent, addr) = agent_daemon(&san, 60);
     let media = tempfile::tempdir().unwrap();
     let backup = |extra: &[&str], failpoint: Option<&str>| {
-        let mut cmd = Command::new(floe_bin());
+        let mut cmd = floe_cmd();
         cmd.args([
             "backup",
             "--agent",
@@ -924,7 +924,7 @@ fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
     assert!(!out.status.success(), "the failpoint killed the mover");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("failpoint disk-commit-before-rename"), "{err}");
-    let list = Command::new(floe_bin())
+    let list = floe_cmd()
         .args([
             "list",
             "--media",
@@ -957,7 +957,7 @@ fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
             Some(w.as_str())
         );
     }
-    let list = Command::new(floe_bin())
+    let list = floe_cmd()
         .args([
             "list",
             "--media",

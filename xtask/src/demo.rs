@@ -241,6 +241,15 @@ pub fn run() -> Result<()> {
             target: format!("{vol}@*"),
         })?;
     }
+    let list = Command::new(bin.join("floe"))
+        .arg("--catalog")
+        .arg(&catalog)
+        .arg("list")
+        .output()?;
+    println!(
+        "\nThe catalog (floe list):\n{}",
+        String::from_utf8_lossy(&list.stdout).trim_end()
+    );
     let _ = std::fs::remove_dir_all(&work);
     if !ok {
         bail!("demo failed: restored bytes differ from the frozen image");

@@ -1,0 +1,151 @@
+//! The catalog: sets are catalogued only after their media committed them,
+//! the catalog can be rebuilt from media, and a writer killed during the
+//! catalog commit leaves it consistent.
+
+use floe_tests::{floe_cmd, SimSanProcess};
+use std::path::Path;
+use std::process::Output;
+
+fn floe(catalog: &Path, args: &[&str]) -> Output {
+    let mut c = floe_cmd();
+    c.arg("--catalog").arg(catalog).args(args);
+    c.output().unwrap()
+}
+
+fn backup(san: &SimSanProcess, catalog: &Path, media: &str, failpoint: Option<&str>) -> Output {
+    let agent = format!(
+        "exec:{} agent --stdio --allow-source 'array:*' --plugin-opt array.control={}",
+        floe_tests::floe_bin().display(),
+        san.control
+    );
+    let mut c = floe_cmd();
+    c.arg("--catalog").arg(catalog);
+    c.args([
+        "backup",
+        "--agent",
+        &agent,
+        "--san",
+        &format!("nbd://{}", san.nbd),
+        "--allow-any-device",
+    ]);
+    c.args([
+        "--source",
+        "array:vol0",
+        "--source",
+        "array:vol1",
+        "--media",
+        media,
+        "--json",
+    ]);
+    if let Some(f) = failpoint {
+        c.env("FLOE_FAILPOINT", f);
+    }
+    c.output().unwrap()
+}
+
+fn listing(catalog: &Path) -> serde_json::Value {
+    let out = floe(catalog, &["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn lab() -> SimSanProcess {
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+        san.ctl(&format!(
+            r#"{{"op":"create_volume","name":"{v}","size":2097152}}"#
+        ));
+        san.ctl(&format!(
+            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":30,"max_length":131072}}"#
+        ));
+    }
+    san
+}
+
+#[test]
+fn sets_are_catalogued_listed_shown_and_rebuilt_from_media() {
+    let san = lab();
+    let d = tempfile::tempdir().unwrap();
+    let (cat, media) = (
+        d.path().join("catalog.db"),
+        format!("disk:{}", d.path().join("media").display()),
+    );
+    let mut sets = Vec::new();
+    for _ in 0..2 {
+        let out = backup(&san, &cat, &media, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        sets.push(r["set"]["header"]["set"].as_str().unwrap().to_string());
+        std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct set ids
+    }
+    let before = listing(&cat);
+    assert_eq!(before.as_array().unwrap().len(), 2);
+    let show = floe(&cat, &["show", &sets[0]]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["media"].as_str(), Some(media.as_str()));
+    assert_eq!(shown["record"]["items"].as_array().unwrap().len(), 2);
+    let ls = String::from_utf8_lossy(&floe(&cat, &["ls", &sets[1]]).stdout).to_string();
+    assert!(
+        ls.contains("vol0") && ls.contains("vol1") && ls.contains("items/000001.img"),
+        "{ls}"
+    );
+    let missing = floe(&cat, &["show", "nosuch"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no set nosuch in the catalog"));
+
+    // Losing the catalog loses nothing.
+    std::fs::remove_file(&cat).unwrap();
+    let _ = std::fs::remove_file(cat.with_extension("db-wal"));
+    let _ = std::fs::remove_file(cat.with_extension("db-shm"));
+    assert!(listing(&cat).as_array().unwrap().is_empty());
+    let out = floe(&cat, &["catalog", "rebuild", "--media", &media]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 set(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        listing(&cat),
+        before,
+        "the same listing, rebuilt from media"
+    );
+}
+
+#[test]
+fn a_writer_killed_during_the_catalog_commit_leaves_the_catalog_consistent() {
+    let san = lab();
+    let d = tempfile::tempdir().unwrap();
+    let (cat, media) = (
+        d.path().join("catalog.db"),
+        format!("disk:{}", d.path().join("media").display()),
+    );
+    // Killed inside the catalog transaction: the set is durable on media,
+    // the catalog does not have it, and the catalog still opens.
+    let out = backup(&san, &cat, &media, Some("catalog-before-commit"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failpoint catalog-before-commit"));
+    assert!(listing(&cat).as_array().unwrap().is_empty());
+    let on_media = floe(&cat, &["list", "--media", &media, "--json"]);
+    let on_media: serde_json::Value = serde_json::from_slice(&on_media.stdout).unwrap();
+    assert_eq!(on_media.as_array().unwrap().len(), 1);
+    let out = floe(&cat, &["catalog", "rebuild", "--media", &media]);
+    assert!(out.status.success());
+    assert_eq!(listing(&cat), on_media);
+
+    // Killed before the media commit: nothing anywhere points at it.
+    let out = backup(&san, &cat, &media, Some("disk-commit-before-rename"));
+    assert!(!out.status.success());
+    assert_eq!(
+        listing(&cat).as_array().unwrap().len(),
+        1,
+        "the catalog never points at media that is not durable"
+    );
+}
