@@ -132,7 +132,10 @@ pub fn run() -> Result<()> {
     };
 
     let media = work.join("media");
+    let catalog = work.join("catalog.db");
     let out = Command::new(bin.join("floe"))
+        .arg("--catalog")
+        .arg(&catalog)
         .args([
             "backup",
             "--agent",
