@@ -8,7 +8,7 @@ use floe_core::catalog::Catalog;
 use floe_core::device::{open_target, parse_location, DeviceResolver, Location};
 use floe_core::loader::PluginRegistry;
 use floe_core::model::{DeviceId, ItemId, SetId};
-use floe_core::mover::{backup, restore_item, resume, MoverOptions, Progress};
+use floe_core::mover::{backup, restore_item, resume, verify_set, MoverOptions, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -71,6 +71,17 @@ enum Command {
     Ls {
         /// The set.
         set: String,
+    },
+    /// Re-read sets from media and check every item's checksum; names each
+    /// damaged item and exits non-zero if any is.
+    ///
+    /// Example: floe verify --media disk:/backup
+    Verify {
+        #[command(flatten)]
+        media: MediaArgs,
+        /// Only this set (default: every set on the media).
+        #[arg(long)]
+        set: Option<String>,
     },
     /// Maintain the catalog.
     ///
@@ -735,6 +746,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     i.position.locator
                 );
             }
+            Ok(())
+        }
+        Command::Verify { media, set } => {
+            let reg = registry(&cli.plugin_dirs);
+            let mut reader = media_reader(&reg, &media.media)?;
+            let sets: Vec<SetId> = match set {
+                Some(s) => vec![SetId::new(s)],
+                None => reader
+                    .list_sets()?
+                    .into_iter()
+                    .map(|s| s.header.set)
+                    .collect(),
+            };
+            let mut damaged = 0usize;
+            let mut items = 0usize;
+            for s in &sets {
+                for o in verify_set(reader.as_mut(), s)? {
+                    items += 1;
+                    match &o.damage {
+                        None => println!("ok       {s} {} ({} bytes)", o.item, o.bytes),
+                        Some(why) => {
+                            damaged += 1;
+                            println!("DAMAGED  {s} {}: {why}", o.item);
+                        }
+                    }
+                }
+            }
+            if damaged > 0 {
+                bail!("{damaged} of {items} item(s) damaged on {}", media.media);
+            }
+            println!("{items} item(s) in {} set(s) verified", sets.len());
             Ok(())
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {

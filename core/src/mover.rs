@@ -867,3 +867,65 @@ pub fn restore_item(
         blake3: sum,
     })
 }
+
+/// What verifying one item found.
+#[derive(Clone, Debug)]
+pub struct VerifyOutcome {
+    /// The item.
+    pub item: ItemId,
+    /// Bytes read back.
+    pub bytes: u64,
+    /// `None` when the bytes hash to the recorded checksum; else why not.
+    pub damage: Option<String>,
+}
+
+/// Re-read every item of a set from media and check it against its
+/// recorded length and BLAKE3. Damage is reported per item, naming it;
+/// only a set that cannot be read at all is an error.
+pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<VerifyOutcome>> {
+    let record = reader
+        .list_sets()?
+        .into_iter()
+        .find(|s| &s.header.set == set)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no set {set} on this media")))?;
+    let mut out = Vec::new();
+    for it in &record.items {
+        let id = it.header.item.clone();
+        let mut hasher = blake3::Hasher::new();
+        let mut bytes = 0u64;
+        let damage = match reader.open_item(set, &id) {
+            Err(e) => Some(e.to_string()),
+            Ok(rec) => loop {
+                match reader.read(4 * 1024 * 1024) {
+                    Ok(c) if c.is_empty() => {
+                        let sum = hasher.finalize().to_hex().to_string();
+                        break if bytes != rec.trailer.length.0 {
+                            Some(format!(
+                                "{bytes} bytes on media, {} recorded",
+                                rec.trailer.length
+                            ))
+                        } else if sum != rec.trailer.blake3 {
+                            Some(format!(
+                                "BLAKE3 {sum} on media, {} recorded",
+                                rec.trailer.blake3
+                            ))
+                        } else {
+                            None
+                        };
+                    }
+                    Ok(c) => {
+                        hasher.update(&c);
+                        bytes += c.len() as u64;
+                    }
+                    Err(e) => break Some(e.to_string()),
+                }
+            },
+        };
+        out.push(VerifyOutcome {
+            item: id,
+            bytes,
+            damage,
+        });
+    }
+    Ok(out)
+}

@@ -149,3 +149,62 @@ fn a_writer_killed_during_the_catalog_commit_leaves_the_catalog_consistent() {
         "the catalog never points at media that is not durable"
     );
 }
+
+#[test]
+fn verify_names_exactly_the_damaged_item() {
+    let san = lab();
+    let d = tempfile::tempdir().unwrap();
+    let (cat, dir) = (d.path().join("catalog.db"), d.path().join("media"));
+    let media = format!("disk:{}", dir.display());
+    let out = backup(&san, &cat, &media, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let set = r["set"]["header"]["set"].as_str().unwrap().to_string();
+    let ok = floe(&cat, &["verify", "--media", &media]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("2 item(s) in 1 set(s) verified"));
+
+    // Flip one byte in the middle of vol1's record on the media.
+    let file = dir.join(&set).join("items/000001.img");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let bad = floe(&cat, &["verify", "--media", &media, "--set", &set]);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains(&format!("ok       {set} vol0")), "{text}");
+    assert!(
+        text.contains(&format!("DAMAGED  {set} vol1: BLAKE3")),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("1 of 2 item(s) damaged"));
+    // Restore refuses the damaged item too.
+    let target = d.path().join("vol1.img");
+    let out = floe(
+        &cat,
+        &[
+            "restore",
+            "--media",
+            &media,
+            "--set",
+            &set,
+            "--to",
+            &format!("vol1={}", target.display()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[checksum_mismatch]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

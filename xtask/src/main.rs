@@ -30,19 +30,27 @@ fn test(extra: &[String]) -> Result<()> {
     util::ensure_packages(&[
         ("nbdinfo", "libnbd-bin"),
         ("nbdcopy", "libnbd-bin"),
+        ("nbdfuse", "libnbd-bin"),
+        ("nbdkit", "nbdkit"),
         ("qemu-img", "qemu-utils"),
+        ("sshd", "openssh-server"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("ip", "iproute2"),
+        ("losetup", "mount"),
     ])?;
     util::cargo(&["build", "--workspace", "--all-targets"])?;
-    let mut args = vec!["test", "--workspace"];
-    args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)?;
-    // A short fuzz run of every decoder that takes bytes from a peer.
+    // A short fuzz run of every decoder that takes bytes from a peer, then
+    // the tests (whose summary closes the output).
     fuzz(
         std::env::var("FLOE_FUZZ_SECONDS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(10),
-    )
+    )?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo(&args)
 }
 
 /// The fuzz targets (fuzz/fuzz_targets).
@@ -80,7 +88,15 @@ fn fuzz(seconds: u64) -> Result<()> {
             .arg(format!("-max_total_time={seconds}"))
             .arg("-rss_limit_mb=2048");
         eprintln!("xtask: fuzzing {t} for {seconds} s");
-        util::run(&mut cmd)?;
+        let out = cmd.output()?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            eprintln!("{log}");
+            bail!("fuzz target {t} found a failure (artifacts in fuzz/artifacts/{t})");
+        }
+        if let Some(last) = log.lines().rev().find(|l| l.starts_with("Done")) {
+            eprintln!("xtask: {t}: {last}");
+        }
     }
     println!(
         "fuzz: {} targets ran {seconds} s each without a crash",
