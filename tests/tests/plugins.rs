@@ -149,3 +149,33 @@ fn two_plugins_of_one_interface_load_side_by_side() {
     );
     assert!(!media.join("b").exists(), "null keeps nothing");
 }
+
+#[test]
+fn an_installed_floe_finds_its_plugins_in_lib_floe_plugins() {
+    // The layout `cargo xtask dist` packs: bin/floe, lib/floe/plugins/*.so.
+    let root = tempfile::tempdir().unwrap();
+    let (bin, plugins) = (
+        root.path().join("bin"),
+        root.path().join("lib/floe/plugins"),
+    );
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(floe_tests::floe_bin(), bin.join("floe")).unwrap();
+    for p in ["array", "disk", "null"] {
+        let f = format!("libfloe_plugin_{p}.so");
+        std::fs::copy(build_dir().join(&f), plugins.join(&f)).unwrap();
+    }
+    let out = std::process::Command::new(bin.join("floe"))
+        .arg("plugins")
+        .env_remove("FLOE_PLUGIN_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for p in ["array", "disk", "null"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("{p} not found:\n{text}"));
+        assert!(line.contains("lib/floe/plugins/libfloe_plugin_"), "{line}");
+    }
+}

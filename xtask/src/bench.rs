@@ -66,6 +66,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "-p",
         "floe-plugin-array",
         "-p",
+        "floe-plugin-disk",
+        "-p",
         "floe-plugin-null",
     ])?;
     let bin = util::root().join("target/release");
@@ -134,6 +136,8 @@ pub fn run(args: &[String]) -> Result<()> {
                             "array:bench",
                             "--media",
                             "null:",
+                            "--allow-device",
+                            &wwn,
                             "--device",
                             &format!("{wwn}={path}"),
                         ])
@@ -158,6 +162,8 @@ pub fn run(args: &[String]) -> Result<()> {
                             "array:bench",
                             "--media",
                             "null:",
+                            "--allow-device",
+                            &wwn,
                             "--san",
                             &format!("nbd://{nbd}"),
                         ])

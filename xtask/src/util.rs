@@ -140,13 +140,21 @@ pub fn start_agent(bin: &Path, control: &str, keep: bool) -> Result<(Proc, Strin
     let proc = Proc(child);
     let mut r = BufReader::new(err);
     let mut line = String::new();
-    r.read_line(&mut line)?;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("the agent exited before it listened");
+        }
+        if line.contains("listening on") {
+            break;
+        }
+        eprint!("[agent] {line}");
+    }
     let addr = line
         .trim()
         .rsplit(' ')
         .next()
-        .filter(|_| line.contains("listening on"))
-        .with_context(|| format!("agent did not say where it listens: {line:?}"))?
+        .context("agent address")?
         .to_string();
     // Keep draining its stderr so it never blocks on a full pipe.
     std::thread::spawn(move || {
