@@ -241,7 +241,7 @@ struct Pending {
 
 /// Windows in flight at once: reads of the next window overlap the check
 /// that validates the current one.
-const LOOKAHEAD: usize = 2;
+const LOOKAHEAD: usize = 4;
 
 struct Reader<'a> {
     agent: &'a mut AgentClient,

@@ -90,8 +90,9 @@ fn two_volumes_with_app_writes_and_migrations_restore_to_the_frozen_bytes() {
         stats.events_pending, 0,
         "every scheduled remap fired: {stats:?}"
     );
+    // Several generation changes may be folded into one remap.
     assert!(
-        report.remaps >= 3,
+        report.remaps >= 2,
         "remaps were applied: {:?}",
         (report.remaps, report.rereads)
     );
