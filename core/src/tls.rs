@@ -116,24 +116,21 @@ fn pinned(
     }
 }
 
+/// Trusts exactly the certificates whose fingerprints it holds; `who` is
+/// the peer's role, for messages. Serves as the mover's check of the agent
+/// and the agent's check of movers.
 #[derive(Debug)]
-struct PinnedAgent {
+struct Pinned {
     fps: Vec<String>,
+    who: &'static str,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedAgent {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        pinned(&self.fps, end_entity, "agent").map(|()| ServerCertVerified::assertion())
+impl Pinned {
+    fn check(&self, cert: &CertificateDer<'_>) -> std::result::Result<(), rustls::Error> {
+        pinned(&self.fps, cert, self.who)
     }
-    fn verify_tls12_signature(
+    fn tls12(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -146,7 +143,7 @@ impl ServerCertVerifier for PinnedAgent {
             &self.provider.signature_verification_algorithms,
         )
     }
-    fn verify_tls13_signature(
+    fn tls13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -159,20 +156,47 @@ impl ServerCertVerifier for PinnedAgent {
             &self.provider.signature_verification_algorithms,
         )
     }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    fn schemes(&self) -> Vec<SignatureScheme> {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
     }
 }
 
-#[derive(Debug)]
-struct PinnedMovers {
-    fps: Vec<String>,
-    provider: Arc<CryptoProvider>,
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.schemes()
+    }
 }
 
-impl ClientCertVerifier for PinnedMovers {
+impl ClientCertVerifier for Pinned {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
@@ -182,7 +206,8 @@ impl ClientCertVerifier for PinnedMovers {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        pinned(&self.fps, end_entity, "mover").map(|()| ClientCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
@@ -190,12 +215,7 @@ impl ClientCertVerifier for PinnedMovers {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls12(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -203,17 +223,10 @@ impl ClientCertVerifier for PinnedMovers {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.schemes()
     }
 }
 
@@ -225,8 +238,9 @@ pub fn server_config(me: Identity, trusted_movers: &[String]) -> Result<Arc<Serv
         ));
     }
     let p = provider();
-    let verifier = Arc::new(PinnedMovers {
+    let verifier = Arc::new(Pinned {
         fps: trusted_movers.to_vec(),
+        who: "mover",
         provider: p.clone(),
     });
     let cfg = ServerConfig::builder_with_provider(p)
@@ -246,8 +260,9 @@ pub fn client_config(me: Identity, agent_fingerprints: &[String]) -> Result<Arc<
         ));
     }
     let p = provider();
-    let verifier = Arc::new(PinnedAgent {
+    let verifier = Arc::new(Pinned {
         fps: agent_fingerprints.to_vec(),
+        who: "agent",
         provider: p.clone(),
     });
     let cfg = ClientConfig::builder_with_provider(p)

@@ -743,14 +743,7 @@ impl Array {
         length: Bytes,
         count: Option<u32>,
     ) -> R<()> {
-        let mut st = self.write_state();
-        let l = lun_mut(&mut st, lun)?;
-        l.errors.push(Fault {
-            offset: offset.0,
-            length: length.0,
-            remaining: count,
-        });
-        Ok(())
+        self.add_fault(lun, |l| &mut l.errors, offset, length, count)
     }
 
     /// Drop the NBD connection of reads of `[offset, offset+length)` of a
@@ -762,9 +755,19 @@ impl Array {
         length: Bytes,
         count: Option<u32>,
     ) -> R<()> {
+        self.add_fault(lun, |l| &mut l.disconnects, offset, length, count)
+    }
+
+    fn add_fault(
+        &self,
+        lun: &str,
+        list: impl FnOnce(&mut Lun) -> &mut Vec<Fault>,
+        offset: DeviceOffset,
+        length: Bytes,
+        count: Option<u32>,
+    ) -> R<()> {
         let mut st = self.write_state();
-        let l = lun_mut(&mut st, lun)?;
-        l.disconnects.push(Fault {
+        list(lun_mut(&mut st, lun)?).push(Fault {
             offset: offset.0,
             length: length.0,
             remaining: count,

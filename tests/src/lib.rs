@@ -398,3 +398,35 @@ impl Drop for SimSanProcess {
         let _ = self.child.wait();
     }
 }
+
+/// An item of one data extent: `blocks` 512-byte blocks of `device` from
+/// `start_block` — the shape of the crafted maps a bad agent sends.
+pub fn one_extent_item(
+    name: &str,
+    device: &str,
+    start_block: u64,
+    blocks: u64,
+) -> floe_core::model::Item {
+    use floe_core::model::*;
+    use floe_core::units::{BlockSize, Blocks, Bytes, ItemOffset};
+    Item {
+        id: ItemId::new(name),
+        kind: ItemKind::Volume,
+        size: Bytes(blocks * 512),
+        config: ConfigId::new("c1"),
+        extents: vec![MapExtent {
+            logical: ItemOffset(0),
+            length: Bytes(blocks * 512),
+            kind: ExtentKind::Data(ExtentChain {
+                layers: vec![],
+                physical: PhysicalExtent {
+                    device: DeviceId::new(device),
+                    start: Blocks(start_block),
+                    count: Blocks(blocks),
+                    block_size: BlockSize::SECTOR,
+                },
+            }),
+        }],
+        meta: Default::default(),
+    }
+}

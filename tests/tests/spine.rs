@@ -3,7 +3,7 @@
 
 use floe_core::model::*;
 use floe_core::mover::MoverOptions;
-use floe_core::units::{BlockSize, Blocks, Bytes, DeviceOffset, ItemOffset};
+use floe_core::units::{Bytes, DeviceOffset};
 use floe_core::ErrorKind;
 use floe_sim_san::control::{Action, Event, LunInfo, Op, Trigger};
 use floe_tests::{assert_same_bytes, scripted_agent, Lab, Script};
@@ -224,26 +224,7 @@ fn lun(lab: &Lab) -> LunInfo {
 }
 
 fn crafted_item(device: &str, start_block: u64, blocks: u64) -> Item {
-    Item {
-        id: ItemId::new("evil"),
-        kind: ItemKind::Volume,
-        size: Bytes(blocks * 512),
-        config: ConfigId::new("c1"),
-        extents: vec![MapExtent {
-            logical: ItemOffset(0),
-            length: Bytes(blocks * 512),
-            kind: ExtentKind::Data(ExtentChain {
-                layers: vec![],
-                physical: PhysicalExtent {
-                    device: DeviceId::new(device),
-                    start: Blocks(start_block),
-                    count: Blocks(blocks),
-                    block_size: BlockSize::SECTOR,
-                },
-            }),
-        }],
-        meta: Default::default(),
-    }
+    floe_tests::one_extent_item("evil", device, start_block, blocks)
 }
 
 fn backup_from(lab: &Lab, agent: &str) -> floe_core::Result<floe_core::mover::BackupReport> {

@@ -6,7 +6,7 @@ use floe_core::agent::{Agent, AgentClient, AgentOptions};
 use floe_core::device::{DeviceResolver, Location, NbdOptions};
 use floe_core::model::*;
 use floe_core::mover::{backup, BackupReport, MoverOptions};
-use floe_core::units::{BlockSize, Blocks, Bytes, DeviceOffset, ItemOffset};
+use floe_core::units::{Bytes, DeviceOffset};
 use floe_core::ErrorKind;
 use floe_sim_san::control::{Op, TargetMap};
 use floe_tests::{
@@ -179,26 +179,7 @@ fn a_device_not_on_the_allow_list_is_refused_before_any_read_naming_agent_item_d
 fn a_device_whose_own_identity_differs_from_the_map_is_refused() {
     let lab = Lab::start(1, &[("lun0", 8 * MIB)], false);
     let claimed = "naa.6001405000000000000000000c1a1ed";
-    let item = Item {
-        id: ItemId::new("evil"),
-        kind: ItemKind::Volume,
-        size: Bytes(4096),
-        config: ConfigId::new("c"),
-        extents: vec![MapExtent {
-            logical: ItemOffset(0),
-            length: Bytes(4096),
-            kind: ExtentKind::Data(ExtentChain {
-                layers: vec![],
-                physical: PhysicalExtent {
-                    device: DeviceId::new(claimed),
-                    start: Blocks(0),
-                    count: Blocks(8),
-                    block_size: BlockSize::SECTOR,
-                },
-            }),
-        }],
-        meta: Default::default(),
-    };
+    let item = floe_tests::one_extent_item("evil", claimed, 0, 8);
     let addr = scripted_agent(Script::Map(ImageMap {
         image: ImageId::new("i"),
         items: vec![item],
@@ -399,26 +380,7 @@ fn nbdkit_case(filter: &[&str]) -> (floe_core::Result<BackupReport>, Vec<u8>, La
     std::fs::write(&file, &data).unwrap();
     let kit = Nbdkit::start(&file, filter);
     let id = "naa.60014050000000000000000000bdc17";
-    let item = Item {
-        id: ItemId::new("disk"),
-        kind: ItemKind::Volume,
-        size: Bytes(4 * MIB),
-        config: ConfigId::new("c"),
-        extents: vec![MapExtent {
-            logical: ItemOffset(0),
-            length: Bytes(4 * MIB),
-            kind: ExtentKind::Data(ExtentChain {
-                layers: vec![],
-                physical: PhysicalExtent {
-                    device: DeviceId::new(id),
-                    start: Blocks(0),
-                    count: Blocks(4 * MIB / 512),
-                    block_size: BlockSize::SECTOR,
-                },
-            }),
-        }],
-        meta: Default::default(),
-    };
+    let item = floe_tests::one_extent_item("disk", id, 0, 4 * MIB / 512);
     let addr = scripted_agent(Script::Map(ImageMap {
         image: ImageId::new("i"),
         items: vec![item],

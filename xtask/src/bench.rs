@@ -56,20 +56,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     util::ensure_packages(&[("nbdcopy", "libnbd-bin")])?;
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "floe",
-        "-p",
-        "floe-sim-san",
-        "-p",
-        "floe-plugin-array",
-        "-p",
-        "floe-plugin-disk",
-        "-p",
-        "floe-plugin-null",
-    ])?;
+    util::build_shipped(true)?;
     let bin = util::root().join("target/release");
     let work = util::root().join("target/bench-work");
     let _ = std::fs::remove_dir_all(&work);

@@ -23,19 +23,7 @@ fn migrate(target: &str, off: u64, len: u64) -> Action {
 }
 
 pub fn run() -> Result<()> {
-    util::cargo(&[
-        "build",
-        "-p",
-        "floe",
-        "-p",
-        "floe-sim-san",
-        "-p",
-        "floe-plugin-array",
-        "-p",
-        "floe-plugin-disk",
-        "-p",
-        "floe-plugin-null",
-    ])?;
+    util::build_shipped(false)?;
     let bin = util::root().join("target/debug");
     let work = tempfile_dir()?;
     println!("== Floe demo (work directory {})", work.display());

@@ -107,20 +107,7 @@ fn fuzz(seconds: u64) -> Result<()> {
 
 /// Build a release tarball: bin/floe, bin/floe-sim-san, lib/floe/plugins.
 fn dist() -> Result<std::path::PathBuf> {
-    util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "floe",
-        "-p",
-        "floe-sim-san",
-        "-p",
-        "floe-plugin-array",
-        "-p",
-        "floe-plugin-disk",
-        "-p",
-        "floe-plugin-null",
-    ])?;
+    util::build_shipped(true)?;
     let root = util::root();
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("floe-{version}-{}-linux", std::env::consts::ARCH);

@@ -24,6 +24,27 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The packages of a Floe installation: binaries and every plugin.
+pub const SHIPPED: &[&str] = &[
+    "floe",
+    "floe-sim-san",
+    "floe-plugin-array",
+    "floe-plugin-disk",
+    "floe-plugin-null",
+];
+
+/// Build the shipped packages (`release` or debug).
+pub fn build_shipped(release: bool) -> Result<()> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    for p in SHIPPED {
+        args.extend(["-p", p]);
+    }
+    cargo(&args)
+}
+
 /// Run cargo in the workspace.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
