@@ -428,7 +428,6 @@ impl MediaWriter for DiskWriter {
         };
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::new(ErrorKind::Media, "cannot encode manifest").source(e))?;
-        let _ = std::fs::remove_file(partial.join(JOURNAL));
         let mpath = partial.join("set.json");
         let fail = |e: Error, partial: &Path| {
             let _ = std::fs::remove_dir_all(partial);
@@ -439,6 +438,9 @@ impl MediaWriter for DiskWriter {
         f.write_all_at(&bytes, 0)
             .and_then(|()| f.sync_all())
             .map_err(|e| fail(media_err("write manifest", &mpath, e), &partial))?;
+        // The manifest is durable; only now may the journal go (a resume in
+        // between finds one or the other, never neither).
+        let _ = std::fs::remove_file(partial.join(JOURNAL));
         fsync_dir(&partial.join("items")).map_err(|e| fail(e, &partial))?;
         fsync_dir(&partial).map_err(|e| fail(e, &partial))?;
         let fin = self.dir.join(record.header.set.as_str());
