@@ -83,6 +83,19 @@ enum Command {
         #[arg(long)]
         set: Option<String>,
     },
+    /// Forget old sets by a retention policy: remove them from the catalog,
+    /// then from the media. Sets are grouped by agent and sources.
+    ///
+    /// Example: floe prune --media disk:/backup --keep-last 3 --keep-daily 7 --keep-weekly 4
+    Prune {
+        #[command(flatten)]
+        media: MediaArgs,
+        #[command(flatten)]
+        policy: floe_core::retention::Policy,
+        /// Show what would be kept and forgotten; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Maintain the catalog.
     ///
     /// Example: floe catalog rebuild --media disk:/backup
@@ -777,6 +790,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("{damaged} of {items} item(s) damaged on {}", media.media);
             }
             println!("{items} item(s) in {} set(s) verified", sets.len());
+            Ok(())
+        }
+        Command::Prune {
+            media,
+            policy,
+            dry_run,
+        } => {
+            if policy.is_empty() {
+                bail!(
+                    "say what to keep: --keep-last, --keep-daily, --keep-weekly or --keep-monthly"
+                );
+            }
+            let reg = registry(&cli.plugin_dirs);
+            let sets = media_reader(&reg, &media.media)?.list_sets()?;
+            let (keep, forget) = floe_core::retention::plan(&sets, &policy);
+            for k in &keep {
+                println!("keep    {k}");
+            }
+            for f in &forget {
+                println!("{} {f}", if dry_run { "would forget" } else { "forget " });
+            }
+            if dry_run {
+                return Ok(());
+            }
+            let mut cat = open_catalog(cli.catalog.as_ref())?;
+            let mut writer = media_writer(&reg, &media.media)?;
+            for f in &forget {
+                cat.forget(f)?;
+                writer.delete_set(f)?;
+            }
+            println!("{} set(s) kept, {} forgotten", keep.len(), forget.len());
             Ok(())
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -79,6 +79,9 @@ pub trait MediaWriter: Send {
     fn commit(&mut self) -> Result<SetRecord>;
     /// Throw the set away; nothing of it may look complete.
     fn abort(&mut self) -> Result<()>;
+    /// Remove a committed set from the media (retention). It disappears
+    /// at once as a whole, or not at all.
+    fn delete_set(&mut self, set: &SetId) -> Result<()>;
 }
 
 /// Reads backup sets from media.
@@ -196,8 +199,10 @@ pub trait MediaWriterAbi: Send {
     /// → JSON [`SetRecord`].
     fn commit(&mut self) -> RResult<RString, RString>;
     /// Throw the set away.
-    #[sabi(last_prefix_field)]
     fn abort(&mut self) -> RResult<(), RString>;
+    /// JSON [`SetId`]: remove a committed set.
+    #[sabi(last_prefix_field)]
+    fn delete_set(&mut self, set: RStr<'_>) -> RResult<(), RString>;
 }
 
 /// ABI twin of [`MediaReader`].
@@ -382,6 +387,11 @@ impl MediaWriterAbi for MediaWriterExport {
     }
     fn abort(&mut self) -> RResult<(), RString> {
         guard("abort", || self.0.abort())
+    }
+    fn delete_set(&mut self, set: RStr<'_>) -> RResult<(), RString> {
+        guard("delete set", || {
+            self.0.delete_set(&from_json(set.as_str(), "set id")?)
+        })
     }
 }
 
@@ -591,6 +601,10 @@ impl MediaWriter for LoadedMediaWriter {
     fn abort(&mut self) -> Result<()> {
         let r = self.1.abort();
         back_unit(&self.0, "abort", r)
+    }
+    fn delete_set(&mut self, set: &SetId) -> Result<()> {
+        let r = self.1.delete_set(to_json(set)?.as_str().into());
+        back_unit(&self.0, "delete set", r)
     }
 }
 

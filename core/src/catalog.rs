@@ -214,6 +214,15 @@ impl Catalog {
         Self::decode(m, j)
     }
 
+    /// Forget a set (before its media deletes it: the catalog never points
+    /// at what is gone).
+    pub fn forget(&mut self, id: &SetId) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM sets WHERE set_id = ?1", params![id.as_str()])
+            .map_err(|e| db_err(&self.path, "delete", e))?;
+        Ok(())
+    }
+
     /// Make the catalog's view of `media` equal what is on it: record every
     /// set found, forget sets of that media that are not there. The number
     /// of sets found.

@@ -11,6 +11,7 @@ pub mod media;
 pub mod model;
 pub mod plan;
 pub mod protocol;
+pub mod retention;
 pub mod units;
 
 #[cfg(feature = "engine")]

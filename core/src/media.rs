@@ -68,6 +68,12 @@ impl MediaWriter for NullMediaWriter {
         self.items.clear();
         Ok(())
     }
+    fn delete_set(&mut self, set: &SetId) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("the null media keeps nothing: no set {set}"),
+        ))
+    }
 }
 
 /// Counts what passes through to the wrapped writer.
@@ -120,6 +126,9 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
     fn abort(&mut self) -> Result<()> {
         self.inner.abort()
     }
+    fn delete_set(&mut self, set: &SetId) -> Result<()> {
+        self.inner.delete_set(set)
+    }
 }
 
 impl MediaWriter for Box<dyn MediaWriter> {
@@ -143,5 +152,8 @@ impl MediaWriter for Box<dyn MediaWriter> {
     }
     fn abort(&mut self) -> Result<()> {
         (**self).abort()
+    }
+    fn delete_set(&mut self, set: &SetId) -> Result<()> {
+        (**self).delete_set(set)
     }
 }

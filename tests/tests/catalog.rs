@@ -208,3 +208,63 @@ fn verify_names_exactly_the_damaged_item() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn prune_keeps_what_the_policy_says_and_forgets_the_rest_everywhere() {
+    let san = lab();
+    let d = tempfile::tempdir().unwrap();
+    let (cat, media) = (
+        d.path().join("catalog.db"),
+        format!("disk:{}", d.path().join("media").display()),
+    );
+    let mut sets = Vec::new();
+    for _ in 0..3 {
+        let out = backup(&san, &cat, &media, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        sets.push(r["set"]["header"]["set"].as_str().unwrap().to_string());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let none = floe(&cat, &["prune", "--media", &media]);
+    assert_eq!(
+        none.status.code(),
+        Some(1),
+        "a policy that keeps nothing is refused"
+    );
+    let dry = floe(
+        &cat,
+        &["prune", "--media", &media, "--keep-last", "1", "--dry-run"],
+    );
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(text.matches("would forget").count(), 2, "{text}");
+    assert_eq!(
+        listing(&cat).as_array().unwrap().len(),
+        3,
+        "a dry run changes nothing"
+    );
+    let out = floe(&cat, &["prune", "--media", &media, "--keep-last", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = listing(&cat);
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(
+        left[0]["header"]["set"].as_str(),
+        Some(sets[2].as_str()),
+        "the newest is kept"
+    );
+    let on_media: serde_json::Value =
+        serde_json::from_slice(&floe(&cat, &["list", "--media", &media, "--json"]).stdout).unwrap();
+    assert_eq!(on_media, left, "the media and the catalog agree");
+    assert_eq!(
+        std::fs::read_dir(d.path().join("media")).unwrap().count(),
+        1,
+        "the forgotten sets' bytes are gone"
+    );
+}

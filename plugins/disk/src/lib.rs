@@ -460,6 +460,25 @@ impl MediaWriter for DiskWriter {
         }
         Ok(())
     }
+
+    fn delete_set(&mut self, set: &SetId) -> Result<()> {
+        if set.as_str().is_empty() || set.as_str().contains('/') || set.as_str().starts_with('.') {
+            return Err(Error::new(ErrorKind::Config, format!("bad set id {set:?}")));
+        }
+        let dir = self.dir.join(set.as_str());
+        if !dir.join("set.json").exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no set {set} on media {}", self.dir.display()),
+            ));
+        }
+        // Rename out of sight first: the set vanishes whole, then its
+        // bytes are freed.
+        let doomed = self.dir.join(format!(".{set}.deleting"));
+        std::fs::rename(&dir, &doomed).map_err(|e| media_err("hide set", &dir, e))?;
+        fsync_dir(&self.dir)?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| media_err("delete set", &doomed, e))
+    }
 }
 
 /// Reads sets.
