@@ -50,7 +50,50 @@ fn test(extra: &[String]) -> Result<()> {
     )?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    run_tests(&args)
+}
+
+/// Run cargo test, passing its output through, and close with one summary
+/// line over every test binary (cargo's last line is often a doc-test
+/// binary with nothing in it).
+fn run_tests(args: &[&str]) -> Result<()> {
+    use std::io::BufRead;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(util::root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .map(str::trim)
+                            .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+            ignored += num(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 /// The fuzz targets (fuzz/fuzz_targets).
