@@ -162,7 +162,7 @@ fn dist() -> Result<std::path::PathBuf> {
     for b in ["floe", "floe-sim-san"] {
         std::fs::copy(rel.join(b), stage.join("bin").join(b))?;
     }
-    for p in ["array", "disk", "null"] {
+    for p in ["array", "disk", "null", "tar"] {
         let f = format!("libfloe_plugin_{p}.so");
         std::fs::copy(rel.join(&f), stage.join("lib/floe/plugins").join(&f))?;
     }

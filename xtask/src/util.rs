@@ -31,6 +31,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-plugin-array",
     "floe-plugin-disk",
     "floe-plugin-null",
+    "floe-plugin-tar",
 ];
 
 /// Build the shipped packages (`release` or debug).
