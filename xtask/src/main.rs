@@ -103,6 +103,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "media_records",
     "nbd_negotiation",
     "control_requests",
+    "tar_index",
 ];
 
 /// Run every fuzz target for `seconds`, with the committed seeds. cargo-fuzz
@@ -135,7 +136,7 @@ fn fuzz(seconds: u64) -> Result<()> {
         let log = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             eprintln!("{log}");
-            bail!("fuzz target {t} found a failure (artifacts in fuzz/artifacts/{t})");
+            bail!("fuzz target {t} failed to build or found a crash (artifacts in fuzz/artifacts/{t})");
         }
         if let Some(last) = log.lines().rev().find(|l| l.starts_with("Done")) {
             eprintln!("xtask: {t}: {last}");
