@@ -832,24 +832,37 @@ pub fn restore_item(
             .item(item));
         }
     }
+    // Reading the media runs on its own thread, a few chunks ahead of
+    // hashing and writing.
     let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
-    loop {
-        let chunk = reader.read(4 * 1024 * 1024).map_err(|e| e.item(item))?;
-        if chunk.is_empty() {
-            break;
-        }
-        hasher.update(&chunk);
-        target
-            .write_at(&chunk, DeviceOffset(pos))
-            .map_err(|e| e.item(item))?;
-        pos += chunk.len() as u64;
-        progress(&Progress::Written {
-            item: item.clone(),
-            done: Bytes(pos),
-            size: record.header.size,
+    let (tx, rx) = sync_channel::<Result<Vec<u8>>>(4);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(move || loop {
+            let r = reader.read(8 * 1024 * 1024);
+            let end = matches!(&r, Ok(c) if c.is_empty()) || r.is_err();
+            if tx.send(r).is_err() || end {
+                return;
+            }
         });
-    }
+        for chunk in rx.iter() {
+            let chunk = chunk.map_err(|e| e.item(item))?;
+            if chunk.is_empty() {
+                break;
+            }
+            hasher.update(&chunk);
+            target
+                .write_at(&chunk, DeviceOffset(pos))
+                .map_err(|e| e.item(item))?;
+            pos += chunk.len() as u64;
+            progress(&Progress::Written {
+                item: item.clone(),
+                done: Bytes(pos),
+                size: record.header.size,
+            });
+        }
+        Ok(())
+    })?;
     target.flush().map_err(|e| e.item(item))?;
     let sum = hasher.finalize().to_hex().to_string();
     if pos != record.trailer.length.0 || sum != record.trailer.blake3 {

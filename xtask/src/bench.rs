@@ -203,8 +203,141 @@ pub fn run(args: &[String]) -> Result<()> {
         util::root().join("target/bench/volume.json"),
         serde_json::to_vec_pretty(&json)?,
     )?;
+    restore_bench(&floe, &agent, &wwn, &work, size, rounds)?;
     drop(_agent);
     drop(_san);
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Restore: floe from disk media beside a raw `dd` write of the same bytes,
+/// and floe from tar media beside `tar -xf` of the same archive.
+fn restore_bench(
+    floe: &std::path::Path,
+    agent: &str,
+    wwn: &str,
+    work: &std::path::Path,
+    size: u64,
+    rounds: usize,
+) -> Result<()> {
+    let backup_to = |media: &str| -> Result<String> {
+        let out = Command::new(floe)
+            .args(["--catalog"])
+            .arg(work.join("catalog.db"))
+            .args([
+                "backup",
+                "--agent",
+                agent,
+                "--source",
+                "array:bench",
+                "--allow-device",
+                wwn,
+            ])
+            .args([
+                "--device",
+                &format!("{wwn}={}", work.join("san/lun0.lun").display()),
+                "--media",
+                media,
+                "--json",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "backup to {media} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["set"]["header"]["set"]
+            .as_str()
+            .context("set id")?
+            .to_string())
+    };
+    let disk = format!("disk:{}", work.join("media-disk").display());
+    let tar = format!("tar:{}", work.join("media-tar").display());
+    let disk_set = backup_to(&disk)?;
+    let tar_set = backup_to(&tar)?;
+    let item_file = work
+        .join("media-disk")
+        .join(&disk_set)
+        .join("items/000000.img");
+    let archive = work.join("media-tar").join(format!("{tar_set}.tar"));
+    let target = work.join("restore.img");
+    let tar_dest = work.join("restore-tar");
+    let names = [
+        "dd of=… bs=4M conv=fsync (raw write)",
+        "floe restore from disk media",
+        "tar -xf (+ sync)",
+        "floe restore from tar media",
+    ];
+    let mut times: [Vec<f64>; 4] = Default::default();
+    let fresh = |p: &std::path::Path| {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_dir_all(p);
+    };
+    for round in 0..rounds {
+        for i in 0..4 {
+            fresh(&target);
+            fresh(&tar_dest);
+            std::fs::create_dir_all(&tar_dest)?;
+            let to = format!("bench={}", target.display());
+            let s = match i {
+                0 => timed(
+                    "dd",
+                    Command::new("dd")
+                        .arg(format!("if={}", item_file.display()))
+                        .arg(format!("of={}", target.display()))
+                        .args(["bs=4M", "conv=fsync"]),
+                )?,
+                1 => timed(
+                    "floe restore disk",
+                    Command::new(floe)
+                        .args(["restore", "--media", &disk, "--set", &disk_set, "--to", &to]),
+                )?,
+                2 => timed(
+                    "tar -xf",
+                    Command::new("sh").arg("-c").arg(format!(
+                        "tar -xf '{}' -C '{}' && sync",
+                        archive.display(),
+                        tar_dest.display()
+                    )),
+                )?,
+                _ => timed(
+                    "floe restore tar",
+                    Command::new(floe)
+                        .args(["restore", "--media", &tar, "--set", &tar_set, "--to", &to]),
+                )?,
+            };
+            times[i].push(s);
+            eprintln!(
+                "round {round}: {:<40} {:>8.1} MB/s",
+                names[i],
+                size as f64 / s / 1e6
+            );
+        }
+    }
+    fresh(&target);
+    fresh(&tar_dest);
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mbs: Vec<f64> = times
+        .iter()
+        .map(|t| size as f64 / median(t) / 1e6)
+        .collect();
+    println!("\nrestore of the same volume, median of {rounds} interleaved rounds");
+    for (n, m) in names.iter().zip(&mbs) {
+        println!("  {n:<40} {m:>8.1} MB/s");
+    }
+    println!(
+        "  ratio floe restore (disk) / raw dd write  {:.2}  (target >= 0.9)",
+        mbs[1] / mbs[0]
+    );
+    println!(
+        "  ratio floe restore (tar) / tar -xf        {:.2}",
+        mbs[3] / mbs[2]
+    );
     Ok(())
 }
