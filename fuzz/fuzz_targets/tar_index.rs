@@ -7,4 +7,5 @@ use std::path::Path;
 fuzz_target!(|data: &[u8]| {
     let _ = floe_plugin_tar::read_index(&mut std::io::Cursor::new(data), Path::new("set.tar"));
     let _ = floe_plugin_tar::decode_index(data, Path::new("floe-index.json"));
+    let _ = floe_plugin_tar::decode_journal(data, Path::new("set.tar.journal"));
 });

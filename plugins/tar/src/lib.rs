@@ -44,6 +44,36 @@ pub struct Index {
     pub record: SetRecord,
 }
 
+/// What a partial archive's journal says: enough to resume it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// `floe-tar-journal`.
+    pub magic: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// The set's header.
+    pub header: SetHeader,
+    /// Items whose bytes are durable in the archive.
+    pub items: Vec<ItemRecord>,
+    /// Where the archive ends after the last of them.
+    pub end: u64,
+}
+
+const JOURNAL_MAGIC: &str = "floe-tar-journal";
+
+/// Decode and check a journal.
+pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
+    let j: Journal = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(ErrorKind::Media, "malformed tar journal")
+            .path(path)
+            .source(e)
+    })?;
+    if j.magic != JOURNAL_MAGIC || j.version != VERSION || j.end % BLOCK != 0 {
+        return Err(Error::new(ErrorKind::Media, "not a Floe tar journal of version 1").path(path));
+    }
+    Ok(j)
+}
+
 fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
     let err = Error::io(op, e).path(path);
     match err.kind() {
@@ -161,6 +191,37 @@ impl TarWriter {
     }
 }
 
+fn journal_path(dir: &Path, set: &SetId) -> PathBuf {
+    dir.join(format!(".{set}.tar.journal"))
+}
+
+/// Make the archive durable up to `w.pos`, then record that in the journal
+/// (temporary file, fsync, rename): the journal never names bytes that
+/// are not on the media.
+fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
+    w.file
+        .sync_data()
+        .map_err(|e| media_err("fsync archive", &w.path, e))?;
+    let j = Journal {
+        magic: JOURNAL_MAGIC.into(),
+        version: VERSION,
+        header: w.header.clone(),
+        items: w.items.clone(),
+        end: w.pos,
+    };
+    let bytes = serde_json::to_vec(&j)
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+    let path = journal_path(dir, &w.header.set);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()))
+        .map_err(|e| media_err("write journal", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| media_err("rename journal", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| media_err("fsync directory", dir, e))
+}
+
 fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
     w.file
         .write_all(bytes)
@@ -195,22 +256,76 @@ impl MediaWriter for TarWriter {
             .truncate(true)
             .open(&path)
             .map_err(|e| media_err("create archive", &path, e))?;
-        self.set = Some(Writing {
+        let w = Writing {
             header: header.clone(),
             path,
             file,
             pos: 0,
             items: Vec::new(),
             current: None,
-        });
+        };
+        write_journal(&self.dir, &w)?;
+        self.set = Some(w);
         Ok(())
     }
 
     fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
-        Err(Error::new(
-            ErrorKind::Media,
-            format!("tar media cannot resume set {set}: back it up again (disk media can resume)"),
-        ))
+        let name = set_name(set)?;
+        if self.dir.join(format!("{name}.tar")).exists() {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("set {set} is already committed: nothing to resume"),
+            ));
+        }
+        let jpath = journal_path(&self.dir, set);
+        let bytes = std::fs::read(&jpath).map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no interrupted set {set} on media {}", self.dir.display()),
+            )
+            .path(&jpath)
+            .source(e)
+        })?;
+        let j = decode_journal(&bytes, &jpath)?;
+        let path = self.dir.join(format!(".{name}.tar.partial"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| media_err("open partial archive", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| media_err("stat partial archive", &path, e))?
+            .len();
+        if len < j.end {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!(
+                    "partial archive holds {len} bytes, its journal says {}",
+                    j.end
+                ),
+            )
+            .path(&path));
+        }
+        // Whatever follows the last durable item is the item being written
+        // when the writer died: cut it off and go on from there.
+        file.set_len(j.end)
+            .map_err(|e| media_err("truncate partial archive", &path, e))?;
+        file.seek(SeekFrom::Start(j.end))
+            .map_err(|e| media_err("seek partial archive", &path, e))?;
+        let record = SetRecord {
+            header: j.header.clone(),
+            items: j.items.clone(),
+            committed_at: 0,
+        };
+        self.set = Some(Writing {
+            header: j.header,
+            path,
+            file,
+            pos: j.end,
+            items: j.items,
+            current: None,
+        });
+        Ok(record)
     }
 
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
@@ -254,7 +369,7 @@ impl MediaWriter for TarWriter {
     }
 
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
-        let dir = self.dir.display().to_string();
+        let medium = self.dir.display().to_string();
         let w = self.w()?;
         let (h, start, done) = w
             .current
@@ -272,7 +387,7 @@ impl MediaWriter for TarWriter {
         let pad = vec![0u8; usize::try_from(padding(done)).unwrap_or(0)];
         put(w, &pad)?;
         let position = MediaPosition {
-            medium: dir,
+            medium,
             locator: format!("{}.tar@{start}", w.header.set),
         };
         w.items.push(ItemRecord {
@@ -280,6 +395,8 @@ impl MediaWriter for TarWriter {
             trailer: trailer.clone(),
             position: position.clone(),
         });
+        let dir = self.dir.clone();
+        write_journal(&dir, self.w()?)?;
         Ok(position)
     }
 
@@ -328,6 +445,7 @@ impl MediaWriter for TarWriter {
             let fin = dir.join(format!("{}.tar", w.header.set));
             std::fs::rename(&w.path, &fin)
                 .map_err(|e| media_err("rename archive into place", &fin, e))?;
+            let _ = std::fs::remove_file(journal_path(&dir, &w.header.set));
             File::open(&dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| media_err("fsync directory", &dir, e))
@@ -341,6 +459,7 @@ impl MediaWriter for TarWriter {
 
     fn abort(&mut self) -> Result<()> {
         if let Some(w) = self.set.take() {
+            let _ = std::fs::remove_file(journal_path(&self.dir, &w.header.set));
             std::fs::remove_file(&w.path)
                 .map_err(|e| media_err("remove partial archive", &w.path, e))?;
         }
@@ -629,7 +748,77 @@ mod tests {
         assert_eq!(parse_octal(&h[124..136]), Some(1 << 20));
     }
 
+    fn header(set: &str) -> SetHeader {
+        SetHeader {
+            set: SetId::new(set),
+            label: String::new(),
+            agent: "h".into(),
+            sources: vec![],
+            image: ImageId::new("i"),
+            frozen_at: 1,
+            started_at: 1,
+        }
+    }
+
+    fn item(name: &str, data: &[u8]) -> (ItemHeader, ItemTrailer) {
+        (
+            ItemHeader {
+                item: ItemId::new(name),
+                kind: ItemKind::Volume,
+                size: Bytes(data.len() as u64),
+                config: ConfigId::new("c"),
+                meta: Default::default(),
+            },
+            ItemTrailer {
+                length: Bytes(data.len() as u64),
+                blake3: blake3::hash(data).to_hex().to_string(),
+                config: ConfigId::new("c"),
+                remaps: 0,
+                captured_after_freeze: false,
+            },
+        )
+    }
+
+    #[test]
+    fn an_archive_whose_writer_died_resumes_after_its_last_durable_item() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"dir": d.path(), "record_size": 1024});
+        let mut w = TarPlugin::media_writer(&cfg).unwrap();
+        w.begin_set(&header("s")).unwrap();
+        let (h, t) = item("a", b"AAAAAAA");
+        w.begin_item(&h).unwrap();
+        w.write(b"AAAAAAA").unwrap();
+        w.end_item(&t).unwrap();
+        let (h, _) = item("b", &[b'B'; 700]);
+        w.begin_item(&h).unwrap();
+        w.write(&[b'B'; 300]).unwrap();
+        drop(w); // dies inside item b
+        let mut w = TarPlugin::media_writer(&cfg).unwrap();
+        let rec = w.resume_set(&SetId::new("s")).unwrap();
+        assert_eq!(rec.items.len(), 1);
+        let (h, t) = item("b", &[b'B'; 700]);
+        w.begin_item(&h).unwrap();
+        w.write(&[b'B'; 700]).unwrap();
+        w.end_item(&t).unwrap();
+        w.commit().unwrap();
+        let mut r = TarPlugin::media_reader(&cfg).unwrap();
+        r.open_item(&SetId::new("s"), &ItemId::new("b")).unwrap();
+        assert_eq!(r.read(10_000).unwrap(), vec![b'B'; 700]);
+        r.open_item(&SetId::new("s"), &ItemId::new("a")).unwrap();
+        assert_eq!(r.read(10_000).unwrap(), b"AAAAAAA");
+        assert!(!journal_path(d.path(), &SetId::new("s")).exists());
+        assert_eq!(
+            std::fs::metadata(d.path().join("s.tar")).unwrap().len() % 1024,
+            0
+        );
+    }
+
     proptest! {
+        #[test]
+        fn journal_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_journal(&bytes, Path::new("j"));
+        }
+
         #[test]
         fn the_index_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let _ = read_index(&mut std::io::Cursor::new(bytes), Path::new("x.tar"));
