@@ -68,7 +68,7 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
             .path(path)
             .source(e)
     })?;
-    if j.magic != JOURNAL_MAGIC || j.version != VERSION || j.end % BLOCK != 0 {
+    if j.magic != JOURNAL_MAGIC || j.version != VERSION || !j.end.is_multiple_of(BLOCK) {
         return Err(Error::new(ErrorKind::Media, "not a Floe tar journal of version 1").path(path));
     }
     Ok(j)
