@@ -41,13 +41,7 @@ fn sql_int(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::new(ErrorKind::Io, format!("{v} does not fit the catalog")))
 }
 
-/// Crash injection for tests (see the disk plugin's failpoints).
-fn failpoint(name: &str) {
-    if std::env::var("FLOE_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("floe: failpoint {name}: dying now");
-        std::process::abort();
-    }
-}
+use crate::media::failpoint;
 
 impl Catalog {
     /// Open (or create) the catalog at `path`.

@@ -157,3 +157,39 @@ impl MediaWriter for Box<dyn MediaWriter> {
         (**self).delete_set(set)
     }
 }
+
+/// An OS error of a media operation: `media_full` and `media_read_only`
+/// keep their kinds, anything else is `media`.
+pub fn media_io_error(op: &str, path: &std::path::Path, e: std::io::Error) -> Error {
+    let err = Error::io(op, e).path(path);
+    match err.kind() {
+        ErrorKind::MediaFull | ErrorKind::MediaReadOnly => err,
+        _ => err.with_kind(ErrorKind::Media),
+    }
+}
+
+/// fsync a directory (after creating, renaming or removing in it).
+pub fn fsync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| media_io_error("fsync directory", dir, e))
+}
+
+/// Crash injection for tests: when `FLOE_FAILPOINT` names this point, the
+/// process dies here at once (as a power cut or kill -9 would), leaving
+/// media and catalog exactly as far as they got.
+pub fn failpoint(name: &str) {
+    if std::env::var("FLOE_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("floe: failpoint {name}: dying now");
+        std::process::abort();
+    }
+}
+
+/// A set id that is safe as a file name on media (no `/`, not hidden).
+pub fn checked_set_name(set: &SetId) -> Result<&str> {
+    let s = set.as_str();
+    if s.is_empty() || s.contains('/') || s.starts_with('.') {
+        return Err(Error::new(ErrorKind::Config, format!("bad set id {s:?}")));
+    }
+    Ok(s)
+}

@@ -188,7 +188,11 @@ pub fn run(args: &[String]) -> Result<()> {
     // Each round's tools ran back to back: the per-round ratio is less
     // exposed to the host's drifts than the ratio of medians.
     let per_round = |a: usize, b: usize| {
-        let r: Vec<f64> = times[a].iter().zip(&times[b]).map(|(ta, tb)| ta / tb).collect();
+        let r: Vec<f64> = times[a]
+            .iter()
+            .zip(&times[b])
+            .map(|(ta, tb)| ta / tb)
+            .collect();
         median(&r)
     };
     let (local, nbd) = (per_round(0, 1), per_round(2, 3));

@@ -132,29 +132,7 @@ fn item_file(i: usize) -> String {
     format!("items/{i:06}.img")
 }
 
-fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
-    let err = Error::io(op, e).path(path);
-    match err.kind() {
-        ErrorKind::MediaFull | ErrorKind::MediaReadOnly => err,
-        _ => err.with_kind(ErrorKind::Media),
-    }
-}
-
-/// Crash injection for tests: when `FLOE_FAILPOINT` names this point, the
-/// process dies here at once (as a power cut or kill -9 would), leaving the
-/// media exactly as far as it got.
-fn failpoint(name: &str) {
-    if std::env::var("FLOE_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("floe: failpoint {name}: dying now");
-        std::process::abort();
-    }
-}
-
-fn fsync_dir(p: &Path) -> Result<()> {
-    File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| media_err("fsync directory", p, e))
-}
+use floe_core::media::{failpoint, fsync_dir, media_io_error as media_err};
 
 fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
     config

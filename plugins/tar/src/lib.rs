@@ -74,13 +74,7 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
     Ok(j)
 }
 
-fn media_err(op: &str, path: &Path, e: std::io::Error) -> Error {
-    let err = Error::io(op, e).path(path);
-    match err.kind() {
-        ErrorKind::MediaFull | ErrorKind::MediaReadOnly => err,
-        _ => err.with_kind(ErrorKind::Media),
-    }
-}
+use floe_core::media::{checked_set_name as set_name, fsync_dir, media_io_error as media_err};
 
 fn octal(field: &mut [u8], v: u64) {
     // width-1 octal digits, then NUL
@@ -217,9 +211,7 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
         .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()))
         .map_err(|e| media_err("write journal", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| media_err("rename journal", &path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| media_err("fsync directory", dir, e))
+    fsync_dir(dir)
 }
 
 fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
@@ -228,14 +220,6 @@ fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
         .map_err(|e| media_err("write archive", &w.path, e))?;
     w.pos += bytes.len() as u64;
     Ok(())
-}
-
-fn set_name(set: &SetId) -> Result<&str> {
-    let s = set.as_str();
-    if s.is_empty() || s.contains('/') || s.starts_with('.') {
-        return Err(Error::new(ErrorKind::Config, format!("bad set id {s:?}")));
-    }
-    Ok(s)
 }
 
 impl MediaWriter for TarWriter {
@@ -446,9 +430,7 @@ impl MediaWriter for TarWriter {
             std::fs::rename(&w.path, &fin)
                 .map_err(|e| media_err("rename archive into place", &fin, e))?;
             let _ = std::fs::remove_file(journal_path(&dir, &w.header.set));
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| media_err("fsync directory", &dir, e))
+            fsync_dir(&dir)
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_file(&w.path);
