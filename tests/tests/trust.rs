@@ -621,6 +621,25 @@ fn kill_mover_after(
     sources: &[&str],
     items: usize,
 ) -> String {
+    kill_mover_on(san, agent, "disk", media, sources, items)
+}
+
+/// Where a media plugin keeps the journal of an unfinished set.
+fn journal_of(plugin: &str, media: &std::path::Path, set: &str) -> std::path::PathBuf {
+    match plugin {
+        "tar" => media.join(format!(".{set}.tar.journal")),
+        _ => media.join(format!(".{set}.partial")).join("journal.json"),
+    }
+}
+
+fn kill_mover_on(
+    san: &SimSanProcess,
+    agent: &str,
+    plugin: &str,
+    media: &std::path::Path,
+    sources: &[&str],
+    items: usize,
+) -> String {
     let mut cmd = floe_cmd();
     cmd.args([
         "backup",
@@ -631,7 +650,7 @@ fn kill_mover_after(
         "--allow-any-device",
     ])
     .arg("--media")
-    .arg(format!("disk:{}", media.display()))
+    .arg(format!("{plugin}:{}", media.display()))
     .args(["--max-read", "256K", "--window", "1M", "--parallel", "1"]);
     for s in sources {
         cmd.args(["--source", s]);
@@ -645,7 +664,7 @@ fn kill_mover_after(
         .nth(2)
         .expect("set id in the begun line")
         .to_string();
-    let journal = media.join(format!(".{set}.partial")).join("journal.json");
+    let journal = journal_of(plugin, media, &set);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n = std::fs::read(&journal)
@@ -972,4 +991,76 @@ fn a_local_device_that_says_it_is_something_else_is_refused() {
     assert_eq!(err.kind(), ErrorKind::IdentityMismatch, "{err}");
     assert!(err.to_string().contains("a.img"), "{err}");
     resolve(format!("file:{}", a.display())).expect("the loop device is over a.img");
+}
+
+#[test]
+fn a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads() {
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    let mut want = Vec::new();
+    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+        san.ctl(&format!(
+            r#"{{"op":"create_volume","name":"{v}","size":4194304}}"#
+        ));
+        san.ctl(&format!(
+            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":50,"max_length":262144}}"#
+        ));
+        want.push(
+            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":15}"#);
+    let (_agent, addr) = agent_daemon(&san, 60);
+    let media = tempfile::tempdir().unwrap();
+    let set = kill_mover_on(
+        &san,
+        &addr,
+        "tar",
+        media.path(),
+        &["array:vol0", "array:vol1"],
+        1,
+    );
+    san.ctl(r#"{"op":"clear_faults"}"#);
+    let out = floe_cmd()
+        .args([
+            "backup",
+            "--agent",
+            &addr,
+            "--resume",
+            &set,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+        ])
+        .arg("--media")
+        .arg(format!("tar:{}", media.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !have("tar") {
+        return skip(
+            "a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads",
+            "tar is not installed",
+        );
+    }
+    let dest = media.path().join("x");
+    std::fs::create_dir_all(&dest).unwrap();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(media.path().join(format!("{set}.tar")))
+        .arg("-C")
+        .arg(&dest)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+        let bytes = std::fs::read(dest.join(&set).join(v)).unwrap();
+        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), want[i], "{v}");
+    }
 }
