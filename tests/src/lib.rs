@@ -377,6 +377,26 @@ impl SimSanProcess {
         }
     }
 
+    /// Create volumes (`NAME`, bytes), give each a seeded workload of
+    /// `writes` writes, and return their BLAKE3 — the bytes a backup frozen
+    /// now must restore.
+    pub fn volumes(&self, specs: &[(&str, u64)], writes: u32) -> Vec<String> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, (v, size))| {
+                self.ctl(&format!(r#"{{"op":"create_volume","name":"{v}","size":{size}}}"#));
+                self.ctl(&format!(
+                    r#"{{"op":"workload","target":"{v}","seed":{i},"writes":{writes},"max_length":262144}}"#
+                ));
+                self.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
+                    .as_str()
+                    .expect("checksum")
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// Send a control request (JSON without `v`).
     pub fn ctl(&self, req: &str) -> serde_json::Value {
         let out = std::process::Command::new(build_dir().join("floe-sim-san"))

@@ -55,14 +55,7 @@ fn listing(catalog: &Path) -> serde_json::Value {
 
 fn lab() -> SimSanProcess {
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
-    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
-        san.ctl(&format!(
-            r#"{{"op":"create_volume","name":"{v}","size":2097152}}"#
-        ));
-        san.ctl(&format!(
-            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":30,"max_length":131072}}"#
-        ));
-    }
+    san.volumes(&[("vol0", 2 << 20), ("vol1", 2 << 20)], 30);
     san
 }
 

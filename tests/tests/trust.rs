@@ -632,6 +632,33 @@ fn journal_of(plugin: &str, media: &std::path::Path, set: &str) -> std::path::Pa
     }
 }
 
+/// `floe backup --resume SET` against a daemon agent, with `extra` args.
+fn resume(
+    san: &SimSanProcess,
+    agent: &str,
+    plugin: &str,
+    media: &std::path::Path,
+    set: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    floe_cmd()
+        .args([
+            "backup",
+            "--agent",
+            agent,
+            "--resume",
+            set,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+        ])
+        .args(extra)
+        .arg("--media")
+        .arg(format!("{plugin}:{}", media.display()))
+        .output()
+        .unwrap()
+}
+
 fn kill_mover_on(
     san: &SimSanProcess,
     agent: &str,
@@ -690,21 +717,7 @@ fn kill_mover_on(
 fn a_mover_killed_mid_backup_resumes_from_the_last_durable_item() {
     let san = SimSanProcess::start(&["lun0=128M"], &[]);
     let sizes = [("vol0", 4u64 << 20), ("vol1", 8 << 20), ("vol2", 8 << 20)];
-    let mut frozen = Vec::new();
-    for (i, (v, size)) in sizes.iter().enumerate() {
-        san.ctl(&format!(
-            r#"{{"op":"create_volume","name":"{v}","size":{size}}}"#
-        ));
-        san.ctl(&format!(
-            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":100,"max_length":262144}}"#
-        ));
-        frozen.push(
-            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let frozen = san.volumes(&sizes, 100);
     san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":134217728,"millis":15}"#);
     let (_agent, addr) = agent_daemon(&san, 60);
     let media = tempfile::tempdir().unwrap();
@@ -720,22 +733,7 @@ fn a_mover_killed_mid_backup_resumes_from_the_last_durable_item() {
     san.ctl(r#"{"op":"write","target":"vol1","offset":0,"length":4194304,"seed":99}"#);
     san.ctl(r#"{"op":"clear_faults"}"#);
     san.ctl(r#"{"op":"schedule","events":[]}"#); // reset the read counters
-    let out = floe_cmd()
-        .args([
-            "backup",
-            "--agent",
-            &addr,
-            "--resume",
-            &set,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-            "--json",
-        ])
-        .arg("--media")
-        .arg(format!("disk:{}", media.path().display()))
-        .output()
-        .unwrap();
+    let out = resume(&san, &addr, "disk", media.path(), &set, &["--json"]);
     assert!(
         out.status.success(),
         "resume failed: {}",
@@ -817,21 +815,7 @@ fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
     let media = tempfile::tempdir().unwrap();
     let set = kill_mover_after(&san, &addr, media.path(), &["array:vol0", "array:vol1"], 1);
     std::thread::sleep(Duration::from_millis(2500)); // the lease (1 s) runs out; the reaper releases
-    let out = floe_cmd()
-        .args([
-            "backup",
-            "--agent",
-            &addr,
-            "--resume",
-            &set,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-        ])
-        .arg("--media")
-        .arg(format!("disk:{}", media.path().display()))
-        .output()
-        .unwrap();
+    let out = resume(&san, &addr, "disk", media.path(), &set, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not waiting on this agent"), "{err}");
@@ -858,23 +842,7 @@ fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
 #[test]
 fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
-    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
-        san.ctl(&format!(
-            r#"{{"op":"create_volume","name":"{v}","size":4194304}}"#
-        ));
-        san.ctl(&format!(
-            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":50,"max_length":262144}}"#
-        ));
-    }
-    let want: Vec<String> = ["vol0", "vol1"]
-        .iter()
-        .map(|v| {
-            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let want = san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
     let (_agent, addr) = agent_daemon(&san, 60);
     let media = tempfile::tempdir().unwrap();
     let backup = |extra: &[&str], failpoint: Option<&str>| {
@@ -996,21 +964,7 @@ fn a_local_device_that_says_it_is_something_else_is_refused() {
 #[test]
 fn a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads() {
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
-    let mut want = Vec::new();
-    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
-        san.ctl(&format!(
-            r#"{{"op":"create_volume","name":"{v}","size":4194304}}"#
-        ));
-        san.ctl(&format!(
-            r#"{{"op":"workload","target":"{v}","seed":{i},"writes":50,"max_length":262144}}"#
-        ));
-        want.push(
-            san.ctl(&format!(r#"{{"op":"checksum","target":"{v}"}}"#))["blake3"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let want = san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
     san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":15}"#);
     let (_agent, addr) = agent_daemon(&san, 60);
     let media = tempfile::tempdir().unwrap();
@@ -1023,21 +977,7 @@ fn a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads
         1,
     );
     san.ctl(r#"{"op":"clear_faults"}"#);
-    let out = floe_cmd()
-        .args([
-            "backup",
-            "--agent",
-            &addr,
-            "--resume",
-            &set,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-        ])
-        .arg("--media")
-        .arg(format!("tar:{}", media.path().display()))
-        .output()
-        .unwrap();
+    let out = resume(&san, &addr, "tar", media.path(), &set, &[]);
     assert!(
         out.status.success(),
         "resume failed: {}",
