@@ -18,8 +18,8 @@
 
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::model::{
-    ConfigId, FrozenImage, ImageMap, ItemHeader, ItemId, ItemRecord, ItemTrailer, MediaPosition,
-    Remap, SetHeader, SetId, SetRecord,
+    ConfigId, FrozenImage, ImageMap, ItemFailure, ItemHeader, ItemId, ItemRecord, ItemTrailer,
+    MediaPosition, Remap, SetHeader, SetId, SetRecord,
 };
 use abi_stable::library::RootModule;
 use abi_stable::prefix_type::PrefixTypeTrait;
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -43,6 +43,12 @@ pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
 pub trait Freezer: Send {
     /// Freeze these sources into one consistent image.
     fn freeze(&mut self, sources: &[String]) -> Result<FrozenImage>;
+    /// The image is mapped: a freezer that holds writes only while the map
+    /// is captured (FIFREEZE) lets them go now. Called once, after `map`,
+    /// whether the map succeeded or not.
+    fn mapped(&mut self, _image: &FrozenImage) -> Result<()> {
+        Ok(())
+    }
     /// Let the image go (delete snapshots, thaw).
     fn release(&mut self, image: &FrozenImage) -> Result<()>;
 }
@@ -59,6 +65,11 @@ pub trait Mapper: Send {
 pub trait ValidityIndicator: Send {
     /// The item's current config id.
     fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId>;
+    /// The current config ids of several items, in order (one call for a
+    /// batch of small files).
+    fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
+        items.iter().map(|i| self.config_id(image, i)).collect()
+    }
 }
 
 /// Writes backup sets to media.
@@ -75,6 +86,9 @@ pub trait MediaWriter: Send {
     fn write(&mut self, data: &[u8]) -> Result<()>;
     /// Finish the current item; where it landed.
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition>;
+    /// Record that an item could not be backed up; the committed set lists
+    /// it among its failures (and is partial). Not inside an item.
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()>;
     /// Make the set durable and visible; only now is it complete.
     fn commit(&mut self) -> Result<SetRecord>;
     /// Throw the set away; nothing of it may look complete.
@@ -160,6 +174,8 @@ fn not_provided(i: Interface) -> Error {
 pub trait FreezerAbi: Send {
     /// JSON `[String]` → JSON [`FrozenImage`].
     fn freeze(&mut self, sources: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON [`FrozenImage`]: the map is captured.
+    fn mapped(&mut self, image: RStr<'_>) -> RResult<(), RString>;
     /// JSON [`FrozenImage`].
     #[sabi(last_prefix_field)]
     fn release(&mut self, image: RStr<'_>) -> RResult<(), RString>;
@@ -179,8 +195,10 @@ pub trait MapperAbi: Send {
 #[sabi_trait]
 pub trait ValidityAbi: Send {
     /// JSON `[FrozenImage, ItemId]` → JSON [`ConfigId`].
-    #[sabi(last_prefix_field)]
     fn config_id(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON `[FrozenImage, [ItemId]]` → JSON `[ConfigId]`.
+    #[sabi(last_prefix_field)]
+    fn config_ids(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
 }
 
 /// ABI twin of [`MediaWriter`].
@@ -196,6 +214,8 @@ pub trait MediaWriterAbi: Send {
     fn write(&mut self, data: RSlice<'_, u8>) -> RResult<(), RString>;
     /// JSON [`ItemTrailer`] → JSON [`MediaPosition`].
     fn end_item(&mut self, trailer: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON [`ItemFailure`].
+    fn fail_item(&mut self, failure: RStr<'_>) -> RResult<(), RString>;
     /// → JSON [`SetRecord`].
     fn commit(&mut self) -> RResult<RString, RString>;
     /// Throw the set away.
@@ -323,6 +343,11 @@ impl FreezerAbi for FreezerExport {
             self.0.freeze(&s)
         })
     }
+    fn mapped(&mut self, image: RStr<'_>) -> RResult<(), RString> {
+        guard("mapped", || {
+            self.0.mapped(&from_json(image.as_str(), "image")?)
+        })
+    }
     fn release(&mut self, image: RStr<'_>) -> RResult<(), RString> {
         guard("release", || {
             self.0.release(&from_json(image.as_str(), "image")?)
@@ -353,6 +378,13 @@ impl ValidityAbi for ValidityExport {
             self.0.config_id(&img, &item)
         })
     }
+    fn config_ids(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("config ids", || {
+            let (img, items): (FrozenImage, Vec<ItemId>) =
+                from_json(args.as_str(), "config ids arguments")?;
+            self.0.config_ids(&img, &items)
+        })
+    }
 }
 
 struct MediaWriterExport(Box<dyn MediaWriter>);
@@ -380,6 +412,12 @@ impl MediaWriterAbi for MediaWriterExport {
         json_out("end item", || {
             self.0
                 .end_item(&from_json(trailer.as_str(), "item trailer")?)
+        })
+    }
+    fn fail_item(&mut self, failure: RStr<'_>) -> RResult<(), RString> {
+        guard("fail item", || {
+            self.0
+                .fail_item(&from_json(failure.as_str(), "item failure")?)
         })
     }
     fn commit(&mut self) -> RResult<RString, RString> {
@@ -547,6 +585,10 @@ impl Freezer for LoadedFreezer {
         let r = self.1.freeze(to_json(&sources)?.as_str().into());
         back(&self.0, "freeze", r)
     }
+    fn mapped(&mut self, image: &FrozenImage) -> Result<()> {
+        let r = self.1.mapped(to_json(image)?.as_str().into());
+        back_unit(&self.0, "mapped", r)
+    }
     fn release(&mut self, image: &FrozenImage) -> Result<()> {
         let r = self.1.release(to_json(image)?.as_str().into());
         back_unit(&self.0, "release", r)
@@ -571,6 +613,10 @@ impl ValidityIndicator for LoadedValidity {
         let r = self.1.config_id(to_json(&(image, item))?.as_str().into());
         back(&self.0, "config id", r)
     }
+    fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
+        let r = self.1.config_ids(to_json(&(image, items))?.as_str().into());
+        back(&self.0, "config ids", r)
+    }
 }
 
 impl MediaWriter for LoadedMediaWriter {
@@ -593,6 +639,10 @@ impl MediaWriter for LoadedMediaWriter {
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
         let r = self.1.end_item(to_json(trailer)?.as_str().into());
         back(&self.0, "end item", r)
+    }
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
+        let r = self.1.fail_item(to_json(failure)?.as_str().into());
+        back_unit(&self.0, "fail item", r)
     }
     fn commit(&mut self) -> Result<SetRecord> {
         let r = self.1.commit();

@@ -175,25 +175,34 @@ impl Agent {
                 ));
             }
         }
-        let cfg = self.config(plugin);
         let mut freezer = self
             .plugins
             .require(plugin, Interface::Freezer)?
-            .freezer(&cfg)?;
-        let mut mapper = self
-            .plugins
-            .require(plugin, Interface::Mapper)?
-            .mapper(&cfg)?;
-        let validity = self
-            .plugins
-            .require(plugin, Interface::Validity)?
-            .validity(&cfg)?;
+            .freezer(&self.config(plugin))?;
         let image = freezer.freeze(sources).map_err(|e| e.op("freeze"))?;
-        let map = match mapper.map(&image) {
-            Ok(m) => m,
-            Err(e) => {
+        // The freezer names the mapper for what it froze (fsflush on ext4 →
+        // fiemap); by default it maps its own images.
+        let mapping = (|| {
+            let name = image.mapper.as_deref().unwrap_or(plugin);
+            let cfg = self.config(name);
+            let mut mapper = self
+                .plugins
+                .require(name, Interface::Mapper)?
+                .mapper(&cfg)?;
+            let validity = self
+                .plugins
+                .require(name, Interface::Validity)?
+                .validity(&cfg)?;
+            let map = mapper.map(&image).map_err(|e| e.op("map"))?;
+            Ok((mapper, validity, map))
+        })();
+        // Writes held for the map (FIFREEZE) are let go now, mapped or not.
+        let settled = freezer.mapped(&image).map_err(|e| e.op("thaw"));
+        let (mapper, validity, map) = match (mapping, settled) {
+            (Ok(m), Ok(())) => m,
+            (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = freezer.release(&image);
-                return Err(e.op("map"));
+                return Err(e);
             }
         };
         for item in &map.items {
@@ -269,6 +278,22 @@ impl Agent {
                     .map_err(|e| e.item(&item))?;
                 let valid = current == config;
                 Response::Config { current, valid }
+            }
+            Request::CheckConfigs { image, items } => {
+                let f = frozen(images, &image)?;
+                let ids: Vec<ItemId> = items.iter().map(|(i, _)| i.clone()).collect();
+                let current = f.validity.config_ids(&f.image, &ids)?;
+                if current.len() != ids.len() {
+                    return Err(Error::new(
+                        ErrorKind::Plugin,
+                        format!(
+                            "the validity plugin answered {} config ids for {} items",
+                            current.len(),
+                            ids.len()
+                        ),
+                    ));
+                }
+                Response::Configs { current }
             }
             Request::Remap { image, item, since } => {
                 let f = frozen(images, &image)?;
@@ -460,6 +485,22 @@ impl AgentClient {
             config: config.clone(),
         })? {
             Response::Config { current, valid } => Ok((current, valid)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The current config ids of several items (one round trip).
+    pub fn check_many(
+        &mut self,
+        image: &ImageId,
+        items: Vec<(ItemId, ConfigId)>,
+    ) -> Result<Vec<ConfigId>> {
+        let n = items.len();
+        match self.call(Request::CheckConfigs {
+            image: image.clone(),
+            items,
+        })? {
+            Response::Configs { current } if current.len() == n => Ok(current),
             other => Err(unexpected(&other)),
         }
     }

@@ -166,6 +166,18 @@ pub fn apply_remap(item: &Item, remap: &Remap) -> Result<Item> {
             format!("remap is for item {}, not {}", remap.item, item.id),
         ));
     }
+    if let Some(size) = remap.size {
+        // Replaced whole: the remap is the item's entire new map.
+        let updated = Item {
+            size,
+            extents: remap.extents.clone(),
+            config: remap.config.clone(),
+            file: remap.file.clone().or_else(|| item.file.clone()),
+            ..item.clone()
+        };
+        validate_item(&updated)?;
+        return Ok(updated);
+    }
     let mut changed: Vec<(u64, u64)> = Vec::with_capacity(remap.extents.len());
     let mut last_end = 0u64;
     for e in &remap.extents {
@@ -248,6 +260,7 @@ mod tests {
             config: ConfigId::new("c1"),
             extents,
             meta: Default::default(),
+            file: None,
         }
     }
 
@@ -285,6 +298,9 @@ mod tests {
             item: ItemId::new("v"),
             config: ConfigId::new("c2"),
             extents: vec![data(8192, 4096, "b", 100)],
+            after_freeze: false,
+            file: None,
+            size: None,
         };
         let out = apply_remap(&it, &remap).unwrap();
         assert_eq!(out.config, ConfigId::new("c2"));
@@ -307,6 +323,9 @@ mod tests {
             item: ItemId::new("v"),
             config: ConfigId::new("c2"),
             extents: vec![data(4096, 4096, "b", 0)],
+            after_freeze: false,
+            file: None,
+            size: None,
         };
         let e = apply_remap(&it, &remap).unwrap_err();
         assert!(e.to_string().contains("past the item's size"), "{e}");
@@ -348,7 +367,7 @@ mod tests {
                 }
                 last = end;
             }
-            let remap = Remap { item: ItemId::new("v"), config: ConfigId::new("c9"), extents: rex };
+            let remap = Remap { item: ItemId::new("v"), config: ConfigId::new("c9"), extents: rex, after_freeze: false, file: None, size: None };
             let out = apply_remap(&it, &remap).unwrap();
             validate_item(&out).unwrap();
             for e in &out.extents {

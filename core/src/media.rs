@@ -4,7 +4,8 @@
 use crate::abi::MediaWriter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
-    now_secs, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetId, SetRecord,
+    now_secs, ItemFailure, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetId,
+    SetRecord,
 };
 
 /// A media writer that stores nothing: for `--dry-run` and for measuring
@@ -15,12 +16,14 @@ pub struct NullMediaWriter {
     header: Option<SetHeader>,
     current: Option<ItemHeader>,
     items: Vec<ItemRecord>,
+    failures: Vec<ItemFailure>,
 }
 
 impl MediaWriter for NullMediaWriter {
     fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
         self.header = Some(header.clone());
         self.items.clear();
+        self.failures.clear();
         Ok(())
     }
     fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
@@ -52,6 +55,10 @@ impl MediaWriter for NullMediaWriter {
         });
         Ok(position)
     }
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
+        self.failures.push(failure.clone());
+        Ok(())
+    }
     fn commit(&mut self) -> Result<SetRecord> {
         let header = self
             .header
@@ -60,6 +67,7 @@ impl MediaWriter for NullMediaWriter {
         Ok(SetRecord {
             header,
             items: std::mem::take(&mut self.items),
+            failures: std::mem::take(&mut self.failures),
             committed_at: now_secs(),
         })
     }
@@ -120,6 +128,9 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
         self.items += 1;
         Ok(p)
     }
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
+        self.inner.fail_item(failure)
+    }
     fn commit(&mut self) -> Result<SetRecord> {
         self.inner.commit()
     }
@@ -146,6 +157,9 @@ impl MediaWriter for Box<dyn MediaWriter> {
     }
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
         (**self).end_item(trailer)
+    }
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
+        (**self).fail_item(failure)
     }
     fn commit(&mut self) -> Result<SetRecord> {
         (**self).commit()

@@ -150,6 +150,84 @@ pub enum ItemKind {
     Volume,
     /// A regular file.
     File,
+    /// A directory (no bytes; its metadata).
+    Directory,
+    /// A symbolic link (no bytes; [`FileMeta::target`]).
+    Symlink,
+    /// A further name of a file backed up under another path
+    /// ([`FileMeta::target`], relative to the source root).
+    HardLink,
+    /// A named pipe.
+    Fifo,
+    /// A character device node ([`FileMeta::rdev`]).
+    CharDevice,
+    /// A block device node ([`FileMeta::rdev`]).
+    BlockDevice,
+}
+
+impl ItemKind {
+    /// Does an item of this kind carry bytes?
+    pub fn has_bytes(self) -> bool {
+        matches!(self, ItemKind::Volume | ItemKind::File)
+    }
+}
+
+/// A point in time: seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the epoch (negative before it).
+    pub sec: i64,
+    /// Nanoseconds within the second.
+    pub nsec: u32,
+}
+
+/// What a file system says about a file, beyond its bytes: everything a
+/// restore to a directory needs to make the file again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    /// The source root the item was found under (`/srv/data`).
+    pub root: String,
+    /// The path relative to the root, `/`-separated; `.` is the root itself.
+    pub path: String,
+    /// Permission and type bits (`st_mode`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last access.
+    pub atime: Timestamp,
+    /// Last modification.
+    pub mtime: Timestamp,
+    /// Last status change (recorded, not restorable).
+    pub ctime: Timestamp,
+    /// The device number of a device node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rdev: u64,
+    /// A symlink's target, or a hard link's first path (relative to root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Extended attributes (ACLs are `system.posix_acl_*`), values in hex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// Holes: `[offset, length]` ranges that read as zeros and were not
+    /// allocated, so a restore can leave them sparse.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holes: Vec<[u64; 2]>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// An item that could not be backed up, and why. A set with failures is
+/// committed as *partial*: what it holds is sound, what it lacks is listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemFailure {
+    /// The item (or the path, when no item could be made of it).
+    pub item: ItemId,
+    /// What went wrong, as the error said it.
+    pub error: String,
 }
 
 /// One item of an image map: its identity, metadata, config id and extents.
@@ -168,6 +246,9 @@ pub struct Item {
     /// Metadata (origin volume, snapshot name, ...).
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// A file's metadata (file system sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileMeta>,
 }
 
 /// The logical representation of a frozen image: every item and its map.
@@ -177,6 +258,10 @@ pub struct ImageMap {
     pub image: ImageId,
     /// Its items.
     pub items: Vec<Item>,
+    /// What the mapper found and could not map (a file that vanished, a
+    /// file system it does not support): each becomes a failure of the set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<ItemFailure>,
 }
 
 /// The agent's answer to "what changed since config id X": the new config
@@ -189,6 +274,20 @@ pub struct Remap {
     pub config: ConfigId,
     /// Extents for the changed ranges only, sorted, non-overlapping.
     pub extents: Vec<MapExtent>,
+    /// True when the item's content changed after the frozen point and the
+    /// freezer kept no copy of the old version (flush-only freezers): the
+    /// extents then cover the whole newer version, which the mover reads
+    /// whole and records as captured after the freeze.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_freeze: bool,
+    /// Set when the item is replaced whole (its size changed, or the
+    /// freezer kept no old version): the new size, and `extents` then
+    /// cover `[0, size)` exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Bytes>,
+    /// The item's metadata as of the new version, when replaced whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileMeta>,
 }
 
 /// One item of a frozen image, as the freezer made it.
@@ -214,6 +313,10 @@ pub struct FrozenImage {
     pub items: Vec<FrozenItem>,
     /// When it was frozen (seconds since the epoch).
     pub frozen_at: u64,
+    /// The plugin that maps (and validates) this image, when it is not the
+    /// freezer itself (`fsflush` freezes, `fiemap` or `btrfs` maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapper: Option<String>,
 }
 
 /// Where an item sits on media.
@@ -258,6 +361,9 @@ pub struct ItemHeader {
     /// Metadata from the map.
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// A file's metadata, from the map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileMeta>,
 }
 
 /// What the mover knows about an item after its bytes.
@@ -294,6 +400,9 @@ pub struct SetRecord {
     pub header: SetHeader,
     /// Every item, in the order written.
     pub items: Vec<ItemRecord>,
+    /// Items that could not be backed up; a set with any is partial.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<ItemFailure>,
     /// When the commit happened.
     pub committed_at: u64,
 }

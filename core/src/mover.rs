@@ -19,8 +19,8 @@ use crate::device::{BlockDevice, DeviceResolver, RestoreTarget};
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::{apply_remap, validate_item};
 use crate::model::{
-    now_secs, ExtentKind, FrozenImage, ImageMap, Item, ItemHeader, ItemId, ItemTrailer, MapExtent,
-    SetHeader, SetId, SetRecord,
+    now_secs, ExtentKind, FrozenImage, ImageMap, Item, ItemFailure, ItemHeader, ItemId, ItemKind,
+    ItemTrailer, MapExtent, SetHeader, SetId, SetRecord,
 };
 use crate::plan::{plan_window, windows, Fill, PlanOptions, WindowPlan};
 use crate::sys::{AlignedBuf, ALIGN};
@@ -145,6 +145,7 @@ enum Msg {
     End {
         config: crate::model::ConfigId,
         remaps: u32,
+        after_freeze: bool,
     },
     Done(Counters),
     Failed(Error),
@@ -186,16 +187,44 @@ pub fn check_devices(item: &Item, extents: &[MapExtent], resolver: &DeviceResolv
     Ok(())
 }
 
+/// Ask for and apply a remap of `item`; true when its content is now of
+/// a version later than the frozen point.
 fn remap_item(
     agent: &mut AgentClient,
     image: &FrozenImage,
     item: &mut Item,
     resolver: &DeviceResolver,
-) -> Result<usize> {
+) -> Result<bool> {
     let remap = agent.remap(&image.id, &item.id, &item.config)?;
     check_devices(item, &remap.extents, resolver).map_err(|e| e.agent(&agent.host))?;
     *item = apply_remap(item, &remap).map_err(|e| e.agent(&agent.host))?;
-    Ok(remap.extents.len())
+    Ok(remap.after_freeze)
+}
+
+/// The header of an item as it is written.
+fn header_of(item: &Item) -> ItemHeader {
+    ItemHeader {
+        item: item.id.clone(),
+        kind: item.kind,
+        size: item.size,
+        config: item.config.clone(),
+        meta: item.meta.clone(),
+        file: item.file.clone(),
+    }
+}
+
+/// Items at most this large are moved in batches: their extents are read
+/// together, in physical order, and checked with one round trip.
+const BATCH_ITEM_MAX: u64 = 1 << 20;
+/// Items in one batch at most.
+const BATCH_ITEMS_MAX: usize = 4096;
+
+/// One item's piece of a batch: the item, where it sits in the batch's
+/// virtual byte space, and its remaps so far.
+struct Member {
+    item: Item,
+    remaps: u32,
+    after_freeze: bool,
 }
 
 fn to_usize(v: u64) -> Result<usize> {
@@ -257,34 +286,36 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn run(&mut self, items: Vec<Item>) -> Result<()> {
-        for mut item in items {
-            let header = ItemHeader {
-                item: item.id.clone(),
-                kind: item.kind,
-                size: item.size,
-                config: item.config.clone(),
-                meta: item.meta.clone(),
-            };
-            if self.tx.send(Msg::Begin(header)).is_err() {
-                return Ok(());
+        let batch_max = self.opts.window.0.min(BATCH_ITEM_MAX);
+        let mut items = items.into_iter().peekable();
+        while let Some(item) = items.next() {
+            if item.size.0 > batch_max {
+                if !self.item(item)? {
+                    return Ok(());
+                }
+                continue;
             }
-            let remaps = self.item(&mut item)?;
-            if self
-                .tx
-                .send(Msg::End {
-                    config: item.config.clone(),
-                    remaps,
-                })
-                .is_err()
-            {
+            let mut bytes = item.size.0;
+            let mut batch = vec![item];
+            while let Some(next) = items.peek() {
+                let fits = next.size.0 <= batch_max
+                    && bytes + next.size.0 <= self.opts.window.0
+                    && batch.len() < BATCH_ITEMS_MAX;
+                if !fits {
+                    break;
+                }
+                bytes += next.size.0;
+                batch.extend(items.next());
+            }
+            if !self.batch(batch)? {
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    fn submit(&mut self, item: &Item, lo: ItemOffset, len: Bytes) -> Result<Pending> {
-        let plan = plan_window(item, lo, len, &self.opts.plan())?;
+    /// Queue a window plan's reads on the pool.
+    fn submit_plan(&mut self, plan: WindowPlan, lo: ItemOffset, item: &Item) -> Result<Pending> {
         let seq = self.next_seq;
         self.next_seq += 1;
         for (index, r) in plan.reads.iter().enumerate() {
@@ -314,26 +345,150 @@ impl Reader<'_> {
         })
     }
 
-    /// Steps 1–3 for every window of an item, with reads of the next
-    /// window in flight while the current one is checked; the number of
-    /// remaps applied.
-    fn item(&mut self, item: &mut Item) -> Result<u32> {
-        let wins = windows(item.size, self.opts.window);
+    fn submit(&mut self, item: &Item, lo: ItemOffset, len: Bytes) -> Result<Pending> {
+        let plan = plan_window(item, lo, len, &self.opts.plan())?;
+        self.submit_plan(plan, lo, item)
+    }
+
+    /// Wait until the reads of the window `seq` (and of any other window in
+    /// `inflight`) have all come back.
+    fn wait(&mut self, inflight: &mut [&mut Pending], item: &ItemId) -> Result<()> {
+        while inflight.first().is_some_and(|p| p.outstanding > 0) {
+            let d = self
+                .done
+                .recv()
+                .map_err(|_| Error::new(ErrorKind::Io, "the read pool stopped"))?;
+            if let Some(p) = inflight.iter_mut().find(|p| p.seq == d.window) {
+                p.outstanding -= 1;
+                match d.result {
+                    Ok(b) => p.bufs[d.index] = Some(b),
+                    Err(e) => {
+                        p.error.get_or_insert(e.item(item));
+                    }
+                }
+            }
+            // else: a read of a discarded window; drop it.
+        }
+        Ok(())
+    }
+
+    fn send(&self, msg: Msg) -> bool {
+        self.tx.send(msg).is_ok()
+    }
+
+    /// Steps 1–3 for a batch of small items at once: their extents read
+    /// as one window of a virtual item (their concatenation), so reads
+    /// follow physical order across items and coalesce; one check of every
+    /// config id after the reads. Items whose map changed are remapped and
+    /// the batch is read again. False when the writer went away.
+    fn batch(&mut self, items: Vec<Item>) -> Result<bool> {
+        let mut members: Vec<Member> = items
+            .into_iter()
+            .map(|item| Member {
+                item,
+                remaps: 0,
+                after_freeze: false,
+            })
+            .collect();
+        let mut rounds = 0u32;
+        loop {
+            let (virt, total) = concatenate(&members)?;
+            let plan = plan_window(&virt, ItemOffset(0), Bytes(total), &self.opts.plan())?;
+            let mut pending = self.submit_plan(plan, ItemOffset(0), &virt)?;
+            self.wait(&mut [&mut pending], &virt.id)?;
+            // 3. check every item that has bytes, after the read.
+            let asked: Vec<usize> = (0..members.len())
+                .filter(|&k| members[k].item.size.0 > 0)
+                .collect();
+            let stale: Vec<usize> = if self.opts.recheck_after_read && !asked.is_empty() {
+                let current = self.agent.check_many(
+                    &self.image.id,
+                    asked
+                        .iter()
+                        .map(|&k| (members[k].item.id.clone(), members[k].item.config.clone()))
+                        .collect(),
+                )?;
+                asked
+                    .iter()
+                    .zip(current)
+                    .filter(|(&k, c)| *c != members[k].item.config)
+                    .map(|(&k, _)| k)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !stale.is_empty() {
+                self.counters.rereads += 1;
+                rounds += 1;
+                if rounds > self.opts.max_remaps {
+                    return Err(Error::new(
+                        ErrorKind::Unstable,
+                        format!("the map kept changing: {rounds} remaps without a stable read"),
+                    )
+                    .item(&members[stale[0]].item.id));
+                }
+                for k in stale {
+                    let m = &mut members[k];
+                    m.after_freeze |=
+                        remap_item(self.agent, self.image, &mut m.item, self.resolver)?;
+                    m.remaps += 1;
+                    self.counters.remaps += 1;
+                }
+                continue;
+            }
+            if let Some(e) = pending.error {
+                return Err(e);
+            }
+            self.counters.bytes_read += pending.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
+            let (segments, _) = assemble(pending.plan, pending.bufs, Bytes(total))?;
+            let sizes: Vec<u64> = members.iter().map(|m| m.item.size.0).collect();
+            for (m, segs) in members.iter().zip(split_segments(segments, &sizes)?) {
+                if !self.send(Msg::Begin(header_of(&m.item))) {
+                    return Ok(false);
+                }
+                if m.item.size.0 > 0 {
+                    let n = to_usize(m.item.size.0)?;
+                    if !self.send(Msg::Window(segs, n)) {
+                        return Ok(false);
+                    }
+                }
+                let end = Msg::End {
+                    config: m.item.config.clone(),
+                    remaps: m.remaps,
+                    after_freeze: m.after_freeze,
+                };
+                if !self.send(end) {
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
+        }
+    }
+
+    /// Steps 1–3 for every window of one large item, with reads of the
+    /// next windows in flight while the current one is checked. False when
+    /// the writer went away.
+    fn item(&mut self, mut item: Item) -> Result<bool> {
         let mut remaps = 0u32;
         let mut window_remaps = 0u32;
+        let mut after_freeze = false;
         // 1. check before the first read of the item.
         let (_, valid) = self.agent.check(&self.image.id, &item.id, &item.config)?;
         if !valid {
-            remap_item(self.agent, self.image, item, self.resolver)?;
+            after_freeze |= remap_item(self.agent, self.image, &mut item, self.resolver)?;
             remaps += 1;
         }
+        let mut wins = windows(item.size, self.opts.window);
+        // The header goes out with the first verified window: until then a
+        // remap may still replace the item whole (new size).
+        let mut begun = false;
         let mut next = 0usize;
         let mut inflight: std::collections::VecDeque<(usize, Pending)> =
             std::collections::VecDeque::new();
         loop {
             while inflight.len() < LOOKAHEAD && next < wins.len() {
                 let (lo, len) = wins[next];
-                inflight.push_back((next, self.submit(item, lo, len)?));
+                inflight.push_back((next, self.submit(&item, lo, len)?));
                 next += 1;
             }
             let Some((front_index, _)) = inflight.front() else {
@@ -341,21 +496,9 @@ impl Reader<'_> {
             };
             let front_index = *front_index;
             // 2. wait for the front window's reads.
-            while inflight.front().is_some_and(|(_, p)| p.outstanding > 0) {
-                let d = self
-                    .done
-                    .recv()
-                    .map_err(|_| Error::new(ErrorKind::Io, "the read pool stopped"))?;
-                if let Some((_, p)) = inflight.iter_mut().find(|(_, p)| p.seq == d.window) {
-                    p.outstanding -= 1;
-                    match d.result {
-                        Ok(b) => p.bufs[d.index] = Some(b),
-                        Err(e) => {
-                            p.error.get_or_insert(e.item(&item.id));
-                        }
-                    }
-                }
-                // else: a read of a discarded window; drop it.
+            {
+                let mut all: Vec<&mut Pending> = inflight.iter_mut().map(|(_, p)| p).collect();
+                self.wait(&mut all, &item.id)?;
             }
             let (_, front) = inflight.pop_front().expect("front exists");
             // 3. check again, after the read.
@@ -378,11 +521,30 @@ impl Reader<'_> {
                     )
                     .item(&item.id));
                 }
-                remap_item(self.agent, self.image, item, self.resolver)?;
+                let size = item.size;
+                let newer = remap_item(self.agent, self.image, &mut item, self.resolver)?;
                 remaps += 1;
                 window_remaps += 1;
                 inflight.clear();
-                next = front_index;
+                if newer || item.size != size {
+                    if begun {
+                        // Part of the older version is on media already;
+                        // a mix of versions is never written.
+                        return Err(Error::new(
+                            ErrorKind::Unstable,
+                            format!(
+                                "the file changed after the frozen point while it was being read, and the freezer kept no copy: {} of its bytes are written already",
+                                front.lo
+                            ),
+                        )
+                        .item(&item.id));
+                    }
+                    after_freeze |= newer;
+                    wins = windows(item.size, self.opts.window);
+                    next = 0;
+                } else {
+                    next = front_index;
+                }
                 continue;
             }
             if let Some(e) = front.error {
@@ -391,13 +553,111 @@ impl Reader<'_> {
             window_remaps = 0;
             self.counters.bytes_read += front.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
             let (segments, len) = assemble(front.plan, front.bufs, wins[front_index].1)?;
-            if self.tx.send(Msg::Window(segments, len)).is_err() {
-                return Ok(remaps);
+            if !begun {
+                begun = true;
+                if !self.send(Msg::Begin(header_of(&item))) {
+                    return Ok(false);
+                }
+            }
+            if !self.send(Msg::Window(segments, len)) {
+                return Ok(false);
             }
         }
+        if !begun && !self.send(Msg::Begin(header_of(&item))) {
+            return Ok(false);
+        }
         self.counters.remaps += remaps;
-        Ok(remaps)
+        Ok(self.send(Msg::End {
+            config: item.config.clone(),
+            remaps,
+            after_freeze,
+        }))
     }
+}
+
+/// The members of a batch as one virtual item: their extents back to back.
+fn concatenate(members: &[Member]) -> Result<(Item, u64)> {
+    let mut extents = Vec::new();
+    let mut base = 0u64;
+    for m in members {
+        for e in &m.item.extents {
+            extents.push(MapExtent {
+                logical: ItemOffset(base + e.logical.0),
+                ..e.clone()
+            });
+        }
+        base = base.checked_add(m.item.size.0).ok_or_else(|| {
+            Error::new(ErrorKind::InvalidMap, "a batch's sizes overflow").item(&m.item.id)
+        })?;
+    }
+    let first = members
+        .first()
+        .map(|m| m.item.id.to_string())
+        .unwrap_or_default();
+    let virt = Item {
+        id: ItemId::new(format!("batch from {first}")),
+        kind: crate::model::ItemKind::Volume,
+        size: Bytes(base),
+        config: crate::model::ConfigId::new("batch"),
+        extents,
+        meta: Default::default(),
+        file: None,
+    };
+    Ok((virt, base))
+}
+
+/// Cut a batch's segments (in virtual order) into each member's own.
+fn split_segments(segments: Vec<Segment>, sizes: &[u64]) -> Result<Vec<Vec<Segment>>> {
+    let mut out: Vec<Vec<Segment>> = sizes.iter().map(|_| Vec::new()).collect();
+    let mut k = 0usize;
+    let mut left = sizes.first().copied().unwrap_or(0);
+    let advance = |k: &mut usize, left: &mut u64| {
+        while *left == 0 && *k + 1 < sizes.len() {
+            *k += 1;
+            *left = sizes[*k];
+        }
+    };
+    advance(&mut k, &mut left);
+    for seg in segments {
+        let mut seg = Some(seg);
+        while let Some(s) = seg.take() {
+            let n = match &s {
+                Segment::Buf(_, _, n) | Segment::Zeros(n) => *n as u64,
+                Segment::Inline(b) => b.len() as u64,
+            };
+            if n == 0 {
+                continue;
+            }
+            if left == 0 {
+                return Err(Error::new(
+                    ErrorKind::InvalidMap,
+                    "a batch's bytes run past its items",
+                ));
+            }
+            if n <= left {
+                out[k].push(s);
+                left -= n;
+            } else {
+                let cut = to_usize(left)?;
+                let (a, b) = match s {
+                    Segment::Buf(buf, from, len) => (
+                        Segment::Buf(buf.clone(), from, cut),
+                        Segment::Buf(buf, from + cut, len - cut),
+                    ),
+                    Segment::Zeros(len) => (Segment::Zeros(cut), Segment::Zeros(len - cut)),
+                    Segment::Inline(mut bytes) => {
+                        let rest = bytes.split_off(cut);
+                        (Segment::Inline(bytes), Segment::Inline(rest))
+                    }
+                };
+                out[k].push(a);
+                left = 0;
+                seg = Some(b);
+            }
+            advance(&mut k, &mut left);
+        }
+    }
+    Ok(out)
 }
 
 /// Turn a window's completed reads and fills into segments in logical
@@ -620,13 +880,23 @@ fn move_image(
         }
         Start::New { .. } => 0,
     };
-    for item in &map.items {
+    // An item the mover cannot read as mapped: a volume fails the set (it
+    // is all-or-nothing); a file is listed as a failure of a partial set.
+    let mut failures = std::mem::take(&mut map.failures);
+    let mut keep = Vec::with_capacity(map.items.len());
+    for item in map.items {
         let checked =
-            validate_item(item).and_then(|()| check_devices(item, &item.extents, resolver));
-        if let Err(e) = checked {
-            return Err(fail(media, e.agent(&agent.host)));
+            validate_item(&item).and_then(|()| check_devices(&item, &item.extents, resolver));
+        match checked {
+            Ok(()) => keep.push(item),
+            Err(e) if item.kind != ItemKind::Volume => failures.push(ItemFailure {
+                item: item.id.clone(),
+                error: e.agent(&agent.host).to_string(),
+            }),
+            Err(e) => return Err(fail(media, e.agent(&agent.host))),
         }
     }
+    map.items = keep;
     progress(&Progress::Frozen {
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),
@@ -651,6 +921,11 @@ fn move_image(
         Start::Resume(record) => record.header.set,
     };
     progress(&Progress::Begun { set, resumed });
+    for f in &failures {
+        if let Err(e) = media.fail_item(f) {
+            return Err(fail(media, e));
+        }
+    }
     match write_items(agent, image, map, resolver, media, opts, progress) {
         Ok(counters) => match media.commit() {
             Ok(record) => {
@@ -771,7 +1046,11 @@ fn write_items(
                         size: h.size,
                     });
                 }
-                Msg::End { config, remaps } => {
+                Msg::End {
+                    config,
+                    remaps,
+                    after_freeze,
+                } => {
                     let Some((h, hasher, done)) = current.take() else {
                         break Err(Error::new(ErrorKind::Io, "item end outside an item"));
                     };
@@ -786,7 +1065,7 @@ fn write_items(
                         blake3: hasher.finalize().to_hex().to_string(),
                         config,
                         remaps,
-                        captured_after_freeze: false,
+                        captured_after_freeze: after_freeze,
                     };
                     if let Err(e) = media.end_item(&trailer) {
                         break Err(e.item(&h.item));

@@ -217,6 +217,7 @@ mod tests {
             config: ConfigId::new("c"),
             extents,
             meta: Default::default(),
+            file: None,
         }
     }
 

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"FLOE";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// The default limit on one frame's payload (a map of millions of extents
@@ -51,6 +51,14 @@ pub enum Request {
         item: ItemId,
         /// The config id the mover holds.
         config: ConfigId,
+    },
+    /// Are these items' config ids still current? (One round trip for a
+    /// batch of small items.)
+    CheckConfigs {
+        /// The image.
+        image: ImageId,
+        /// Each item and the config id the mover holds for it.
+        items: Vec<(ItemId, ConfigId)>,
     },
     /// What changed in this item's map since `since`?
     Remap {
@@ -92,6 +100,12 @@ pub enum Response {
         current: ConfigId,
         /// True when it equals the one asked about.
         valid: bool,
+    },
+    /// Answer to `CheckConfigs`: the current config id of each item, in
+    /// the order asked.
+    Configs {
+        /// Current config ids.
+        current: Vec<ConfigId>,
     },
     /// Answer to `Remap`.
     Remapped {
@@ -259,7 +273,7 @@ mod tests {
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(
             e.to_string()
-                .contains("protocol version 9, this build speaks 1"),
+                .contains("protocol version 9, this build speaks 2"),
             "{e}"
         );
 

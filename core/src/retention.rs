@@ -122,6 +122,7 @@ mod tests {
             },
             items: vec![],
             committed_at: t,
+            failures: Vec::new(),
         }
     }
 

@@ -274,6 +274,7 @@ pub fn scripted_agent(script: Script) -> String {
                             })
                             .collect(),
                         frozen_at: 0,
+                        mapper: None,
                     },
                     map: map.clone(),
                 },
@@ -448,5 +449,6 @@ pub fn one_extent_item(
             }),
         }],
         meta: Default::default(),
+        file: None,
     }
 }

@@ -248,6 +248,7 @@ fn an_extent_past_the_end_of_its_device_is_refused_before_any_read() {
     let map = ImageMap {
         image: ImageId::new("img"),
         items: vec![crafted_item(&l.wwn, 8 * MIB / 512 - 8, 16)],
+        failures: Vec::new(),
     };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::ExtentOutOfRange, "{err}");
@@ -269,6 +270,7 @@ fn an_unknown_device_is_refused_naming_item_and_device() {
     let map = ImageMap {
         image: ImageId::new("img"),
         items: vec![crafted_item("naa.6001405000000000000000000deadbeef", 0, 8)],
+        failures: Vec::new(),
     };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::UnknownDevice, "{err}");
@@ -291,6 +293,7 @@ fn a_malformed_map_is_refused() {
     let map = ImageMap {
         image: ImageId::new("img"),
         items: vec![item],
+        failures: Vec::new(),
     };
     let err = backup_from(&lab, &scripted_agent(Script::Map(map))).expect_err("must refuse");
     assert_eq!(err.kind(), ErrorKind::InvalidMap, "{err}");
@@ -317,7 +320,7 @@ fn an_oversized_frame_to_the_agent_is_refused_without_reading_it() {
     let mut s = std::net::TcpStream::connect(&lab.agent_addr).expect("connect");
     let mut h = Vec::new();
     h.extend_from_slice(b"FLOE");
-    h.extend_from_slice(&1u16.to_be_bytes());
+    h.extend_from_slice(&floe_core::protocol::VERSION.to_be_bytes());
     h.extend_from_slice(&0u16.to_be_bytes());
     h.extend_from_slice(&u32::MAX.to_be_bytes());
     s.write_all(&h).expect("send header");

@@ -183,6 +183,7 @@ fn a_device_whose_own_identity_differs_from_the_map_is_refused() {
     let addr = scripted_agent(Script::Map(ImageMap {
         image: ImageId::new("i"),
         items: vec![item],
+        failures: Vec::new(),
     }));
     // The operator (wrongly) says the claimed device is lun0; lun0 says
     // otherwise on the wire.
@@ -384,6 +385,7 @@ fn nbdkit_case(filter: &[&str]) -> (floe_core::Result<BackupReport>, Vec<u8>, La
     let addr = scripted_agent(Script::Map(ImageMap {
         image: ImageId::new("i"),
         items: vec![item],
+        failures: Vec::new(),
     }));
     let mut table = HashMap::new();
     table.insert(

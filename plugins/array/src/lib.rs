@@ -178,6 +178,7 @@ impl Freezer for Conn {
                 })
                 .collect(),
             frozen_at: now,
+            mapper: None,
         })
     }
 
@@ -217,11 +218,13 @@ impl Mapper for Conn {
                 config: self.make_config(&snap, m.generation),
                 extents: extents(&m, &m.extents),
                 meta,
+                file: None,
             });
         }
         Ok(ImageMap {
             image: image.id.clone(),
             items,
+            failures: Vec::new(),
         })
     }
 
@@ -239,6 +242,9 @@ impl Mapper for Conn {
             item: item.clone(),
             config: self.make_config(&snap, m.generation),
             extents: extents(&m, &m.extents),
+            after_freeze: false,
+            file: None,
+            size: None,
         })
     }
 }

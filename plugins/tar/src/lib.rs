@@ -57,6 +57,9 @@ pub struct Journal {
     pub items: Vec<ItemRecord>,
     /// Where the archive ends after the last of them.
     pub end: u64,
+    /// Items that could not be backed up, so far.
+    #[serde(default)]
+    pub failures: Vec<ItemFailure>,
 }
 
 const JOURNAL_MAGIC: &str = "floe-tar-journal";
@@ -167,8 +170,17 @@ struct Writing {
     file: File,
     pos: u64,
     items: Vec<ItemRecord>,
+    failures: Vec<ItemFailure>,
     current: Option<(ItemHeader, u64, u64)>, // header, data start, bytes written
+    /// Items ended since the journal was last written, and when it was.
+    unjournaled: (usize, std::time::Instant),
 }
+
+/// The journal is written after a volume, and otherwise once this many
+/// items or seconds have gone by (a tree of small files is not fsynced
+/// once per file).
+const CHECKPOINT_ITEMS: usize = 1024;
+const CHECKPOINT_SECS: u64 = 1;
 
 /// Writes sets as pax archives.
 pub struct TarWriter {
@@ -192,6 +204,13 @@ fn journal_path(dir: &Path, set: &SetId) -> PathBuf {
 /// Make the archive durable up to `w.pos`, then record that in the journal
 /// (temporary file, fsync, rename): the journal never names bytes that
 /// are not on the media.
+/// Was the item just ended a volume? (Volumes are journaled at once.)
+fn trailer_is_volume(items: &[ItemRecord]) -> bool {
+    items
+        .last()
+        .is_some_and(|i| i.header.kind == ItemKind::Volume)
+}
+
 fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     w.file
         .sync_data()
@@ -202,6 +221,7 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
         header: w.header.clone(),
         items: w.items.clone(),
         end: w.pos,
+        failures: w.failures.clone(),
     };
     let bytes = serde_json::to_vec(&j)
         .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
@@ -246,7 +266,9 @@ impl MediaWriter for TarWriter {
             file,
             pos: 0,
             items: Vec::new(),
+            failures: Vec::new(),
             current: None,
+            unjournaled: (0, std::time::Instant::now()),
         };
         write_journal(&self.dir, &w)?;
         self.set = Some(w);
@@ -299,6 +321,7 @@ impl MediaWriter for TarWriter {
         let record = SetRecord {
             header: j.header.clone(),
             items: j.items.clone(),
+            failures: j.failures.clone(),
             committed_at: 0,
         };
         self.set = Some(Writing {
@@ -307,7 +330,9 @@ impl MediaWriter for TarWriter {
             file,
             pos: j.end,
             items: j.items,
+            failures: j.failures,
             current: None,
+            unjournaled: (0, std::time::Instant::now()),
         });
         Ok(record)
     }
@@ -379,9 +404,29 @@ impl MediaWriter for TarWriter {
             trailer: trailer.clone(),
             position: position.clone(),
         });
-        let dir = self.dir.clone();
-        write_journal(&dir, self.w()?)?;
+        let volume = trailer_is_volume(&w.items);
+        w.unjournaled.0 += 1;
+        if volume
+            || w.unjournaled.0 >= CHECKPOINT_ITEMS
+            || w.unjournaled.1.elapsed().as_secs() >= CHECKPOINT_SECS
+        {
+            let dir = self.dir.clone();
+            let w = self.w()?;
+            write_journal(&dir, w)?;
+            w.unjournaled = (0, std::time::Instant::now());
+        }
         Ok(position)
+    }
+
+    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
+        let w = self.w()?;
+        if w.current.is_some() {
+            return Err(Error::new(ErrorKind::Media, "fail_item inside an item"));
+        }
+        if !w.failures.iter().any(|f| f.item == failure.item) {
+            w.failures.push(failure.clone());
+        }
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<SetRecord> {
@@ -400,6 +445,7 @@ impl MediaWriter for TarWriter {
         let record = SetRecord {
             header: w.header.clone(),
             items: std::mem::take(&mut w.items),
+            failures: std::mem::take(&mut w.failures),
             committed_at: now_secs(),
         };
         let index = serde_json::to_vec_pretty(&Index {
@@ -750,6 +796,7 @@ mod tests {
                 size: Bytes(data.len() as u64),
                 config: ConfigId::new("c"),
                 meta: Default::default(),
+                file: None,
             },
             ItemTrailer {
                 length: Bytes(data.len() as u64),
