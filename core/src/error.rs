@@ -59,6 +59,9 @@ pub enum ErrorKind {
     Remote,
     /// Anything else the OS said.
     Io,
+    /// The file system, device or source kind is not one this plugin
+    /// supports.
+    Unsupported,
 }
 
 impl ErrorKind {
@@ -86,6 +89,7 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::Remote => "remote",
             ErrorKind::Io => "io",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod map;
 pub mod media;
 pub mod model;
+pub mod pattern;
 pub mod plan;
 pub mod protocol;
 pub mod retention;

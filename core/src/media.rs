@@ -199,6 +199,18 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// Pause injection for tests: when `FLOE_PAUSEPOINT` names this point, the
+/// process says so on stderr (`floe: pausepoint NAME: waiting`) and waits
+/// here until it is killed, so a test can kill it at exactly this moment.
+pub fn pausepoint(name: &str) {
+    if std::env::var("FLOE_PAUSEPOINT").is_ok_and(|v| v == name) {
+        eprintln!("floe: pausepoint {name}: waiting");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// A set id that is safe as a file name on media (no `/`, not hidden).
 pub fn checked_set_name(set: &SetId) -> Result<&str> {
     let s = set.as_str();

@@ -55,7 +55,7 @@ pub fn plugins() -> Arc<PluginRegistry> {
     static REG: OnceLock<Arc<PluginRegistry>> = OnceLock::new();
     REG.get_or_init(|| {
         let reg = PluginRegistry::load_dirs(&[build_dir()]);
-        for name in ["array", "disk", "null"] {
+        for name in ["array", "disk", "null", "fsflush", "fiemap"] {
             assert!(
                 reg.get(name).is_some(),
                 "plugin {name} not found in {}: build the workspace first (`cargo xtask test` does); refused: {:?}",

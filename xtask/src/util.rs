@@ -29,6 +29,8 @@ pub const SHIPPED: &[&str] = &[
     "floe",
     "floe-sim-san",
     "floe-plugin-array",
+    "floe-plugin-fiemap",
+    "floe-plugin-fsflush",
     "floe-plugin-disk",
     "floe-plugin-null",
     "floe-plugin-tar",

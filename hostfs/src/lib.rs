@@ -1,0 +1,11 @@
+//! Floe's host side for real Linux storage: file system sources and their
+//! walk, FIEMAP maps, FIFREEZE with a thaw guard that outlives the agent,
+//! device identity from sysfs, and btrfs's chunk tree. Shared by the
+//! `fsflush`, `fiemap` and `btrfs` plugins (each a cdylib of its own).
+
+pub mod filemap;
+pub mod identity;
+pub mod mapper;
+pub mod meta;
+pub mod source;
+pub mod sys;

@@ -1,0 +1,448 @@
+//! The file mapper and validity indicator shared by the `fiemap` and
+//! `btrfs` plugins: walk each source of a frozen image, map every file
+//! with FIEMAP, translate file system addresses to device extents, and
+//! give each item a config id that changes whenever its map could have.
+//!
+//! Config id of a regular file: `f:INO:GEN:SIZE:CTIME:DIGEST`, DIGEST a
+//! hash of its FIEMAP extent list (defragmenters move extents without
+//! changing ctime, generation or size). Other kinds: `n:INO:CTIME`.
+//! A file that is gone: `gone:…` (never equal to a real id).
+
+use crate::filemap::{extents_digest, plan_file, FilePiece};
+use crate::identity::FsDevice;
+use crate::meta::{capture, kind_of};
+use crate::source::{item_id, parse_source, walk, Entry};
+use crate::sys::{fiemap, generation, FiemapExtent, FIEMAP_FLAG_SYNC};
+use floe_core::abi::{Mapper, ValidityIndicator};
+use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::model::*;
+use floe_core::units::{BlockSize, Blocks, Bytes, ItemOffset};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// What a file system freezer records per source, for the mapper.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceHandle {
+    /// The source's path part (`/srv/data`, `/srv/data/*.log`, …).
+    pub spec: String,
+    /// Where the frozen version of the source's root can be read (the
+    /// root itself for flush-only freezers; a snapshot or clone otherwise).
+    pub frozen: PathBuf,
+    /// True when the freezer keeps the frozen version whatever the
+    /// application does (snapshot, clone); false for flush-only.
+    pub snapshot: bool,
+    /// The file system type (`ext4`, `xfs`, `btrfs`).
+    pub fstype: String,
+}
+
+/// How file system addresses become device extents.
+pub trait Translate {
+    /// The device pieces of `[addr, addr+len)` in the file system's
+    /// address space: `(device, device offset, length)`, in order, summing
+    /// to `len`.
+    fn translate(&self, addr: u64, len: u64) -> Result<Vec<(DeviceId, u64, u64)>>;
+}
+
+/// A file system on one device (ext4, XFS): address = offset on it.
+impl Translate for FsDevice {
+    fn translate(&self, addr: u64, len: u64) -> Result<Vec<(DeviceId, u64, u64)>> {
+        let at = self.offset.checked_add(addr).ok_or_else(|| {
+            Error::new(ErrorKind::InvalidMap, format!("address {addr} overflows"))
+        })?;
+        Ok(vec![(self.id.clone(), at, len)])
+    }
+}
+
+/// Builds the translator for a source's file system.
+pub type TranslatorFactory = fn(&SourceHandle) -> Result<Box<dyn Translate>>;
+
+/// The mapper.
+pub struct FileMapper {
+    translators: TranslatorFactory,
+    /// The last map of each regular file, to answer remaps with only the
+    /// extents that changed.
+    cache: HashMap<ItemId, (ConfigId, Vec<MapExtent>)>,
+}
+
+fn block_size_for(at: u64, len: u64) -> u32 {
+    for bs in [4096u32, 512] {
+        if at % u64::from(bs) == 0 && len % u64::from(bs) == 0 {
+            return bs;
+        }
+    }
+    1
+}
+
+fn handles(image: &FrozenImage) -> Result<Vec<(SourceHandle, crate::source::SourceSpec)>> {
+    image
+        .items
+        .iter()
+        .map(|fi| {
+            let h: SourceHandle = serde_json::from_value(fi.handle.clone()).map_err(|e| {
+                Error::new(ErrorKind::Plugin, "malformed file system source handle")
+                    .item(&fi.id)
+                    .source(e)
+            })?;
+            let spec = parse_source(&h.spec)?;
+            Ok((h, spec))
+        })
+        .collect()
+}
+
+/// The frozen path of an item id, and its source.
+fn locate<'a>(
+    hs: &'a [(SourceHandle, crate::source::SourceSpec)],
+    item: &ItemId,
+) -> Result<(&'a SourceHandle, &'a crate::source::SourceSpec, String, PathBuf)> {
+    let p = Path::new(item.as_str());
+    hs.iter()
+        .filter_map(|(h, s)| {
+            let rel = p.strip_prefix(&s.root).ok()?;
+            let rel = rel.to_string_lossy().to_string();
+            let rel = if rel.is_empty() { ".".to_string() } else { rel };
+            let path = if rel == "." { h.frozen.clone() } else { h.frozen.join(&rel) };
+            Some((h, s, rel, path))
+        })
+        .max_by_key(|(_, s, _, _)| s.root.as_os_str().len())
+        .ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, "item is under none of the image's sources").item(item)
+        })
+}
+
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME | libc::O_CLOEXEC);
+    o.open(path).or_else(|_| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    })
+}
+
+fn ctime(meta: &std::fs::Metadata) -> String {
+    format!("{}.{:09}", meta.ctime(), meta.ctime_nsec())
+}
+
+/// The config id of a regular file from its stat and extents.
+fn file_config(meta: &std::fs::Metadata, gen: Option<u64>, ex: &[FiemapExtent]) -> ConfigId {
+    ConfigId::new(format!(
+        "f:{}:{}:{}:{}:{}",
+        meta.ino(),
+        gen.unwrap_or(0),
+        meta.len(),
+        ctime(meta),
+        extents_digest(ex)
+    ))
+}
+
+fn node_config(meta: &std::fs::Metadata) -> ConfigId {
+    ConfigId::new(format!("n:{}:{}", meta.ino(), ctime(meta)))
+}
+
+/// The part of a file's config id that says which version its content is.
+fn version_of(config: &ConfigId) -> Option<&str> {
+    let s = config.as_str();
+    s.starts_with("f:").then(|| s.rsplit_once(':').map_or(s, |(v, _)| v))
+}
+
+impl FileMapper {
+    /// A mapper translating with `translators`.
+    pub fn new(translators: TranslatorFactory) -> FileMapper {
+        FileMapper {
+            translators,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Map one walked entry. `links` remembers files with several names.
+    fn map_entry(
+        &mut self,
+        root: &Path,
+        e: &Entry,
+        tr: &dyn Translate,
+        links: &mut HashMap<(u64, u64), String>,
+        sync: bool,
+    ) -> Result<Option<Item>> {
+        let id = item_id(root, &e.rel);
+        let Some(kind) = kind_of(&e.meta) else {
+            return Ok(None); // a socket: made by whoever listens on it
+        };
+        let mut file = capture(root, &e.rel, &e.path, &e.meta)
+            .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
+        if kind == ItemKind::File && e.meta.nlink() > 1 {
+            let key = (e.meta.dev(), e.meta.ino());
+            if let Some(first) = links.get(&key) {
+                file.target = Some(first.clone());
+                return Ok(Some(Item {
+                    id,
+                    kind: ItemKind::HardLink,
+                    size: Bytes(0),
+                    config: node_config(&e.meta),
+                    extents: Vec::new(),
+                    meta: Default::default(),
+                    file: Some(file),
+                }));
+            }
+            links.insert(key, e.rel.clone());
+        }
+        if kind != ItemKind::File {
+            return Ok(Some(Item {
+                id,
+                kind,
+                size: Bytes(0),
+                config: node_config(&e.meta),
+                extents: Vec::new(),
+                meta: Default::default(),
+                file: Some(file),
+            }));
+        }
+        let item = self.map_file(&id, &e.rel, &e.path, file, tr, sync)?;
+        Ok(Some(item))
+    }
+
+    /// Map a regular file: stat, FIEMAP, plan, translate, inline reads.
+    fn map_file(
+        &mut self,
+        id: &ItemId,
+        rel: &str,
+        path: &Path,
+        mut file: FileMeta,
+        tr: &dyn Translate,
+        sync: bool,
+    ) -> Result<Item> {
+        let f = open_file(path).map_err(|e| Error::io("open", e).item(id).path(path))?;
+        let meta = f.metadata().map_err(|e| Error::io("stat", e).item(id).path(path))?;
+        let ex = fiemap(&f, if sync { FIEMAP_FLAG_SYNC } else { 0 }).map_err(|e| {
+            let kind = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                ErrorKind::Unsupported
+            } else {
+                ErrorKind::Io
+            };
+            Error::new(kind, "FIEMAP failed: the file system cannot say where the file's blocks are")
+                .op("fiemap")
+                .item(id)
+                .path(path)
+                .source(e)
+        })?;
+        let gen = generation(&f);
+        let size = meta.len();
+        let plan = plan_file(size, &ex)
+            .map_err(|e| Error::new(ErrorKind::Unstable, e.to_string()).item(id).path(path))?;
+        let mut extents = Vec::with_capacity(plan.len());
+        for piece in plan {
+            match piece {
+                FilePiece::Hole { logical, length } => {
+                    file.holes.push([logical, length]);
+                    extents.push(MapExtent {
+                        logical: ItemOffset(logical),
+                        length: Bytes(length),
+                        kind: ExtentKind::Hole,
+                    });
+                }
+                FilePiece::Zero { logical, length } => extents.push(MapExtent {
+                    logical: ItemOffset(logical),
+                    length: Bytes(length),
+                    kind: ExtentKind::Zero,
+                }),
+                FilePiece::Inline { logical, length } => {
+                    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, logical).map_err(
+                        |e| Error::io("read inline data", e).item(id).path(path),
+                    )?;
+                    extents.push(MapExtent {
+                        logical: ItemOffset(logical),
+                        length: Bytes(length),
+                        kind: ExtentKind::Inline(buf),
+                    });
+                }
+                FilePiece::Data {
+                    logical,
+                    length,
+                    physical,
+                } => {
+                    let mut at = logical;
+                    for (device, dev_off, len) in tr.translate(physical, length)? {
+                        let bs = block_size_for(dev_off, len);
+                        extents.push(MapExtent {
+                            logical: ItemOffset(at),
+                            length: Bytes(len),
+                            kind: ExtentKind::Data(ExtentChain {
+                                layers: vec![Layer {
+                                    kind: LayerKind::File,
+                                    object: rel.to_string(),
+                                    offset: Bytes(at),
+                                }],
+                                physical: PhysicalExtent {
+                                    device,
+                                    start: Blocks(dev_off / u64::from(bs)),
+                                    count: Blocks(len / u64::from(bs)),
+                                    block_size: BlockSize(bs),
+                                },
+                            }),
+                        });
+                        at += len;
+                    }
+                }
+            }
+        }
+        file.mtime = Timestamp {
+            sec: meta.mtime(),
+            nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        };
+        file.ctime = Timestamp {
+            sec: meta.ctime(),
+            nsec: u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        };
+        let config = file_config(&meta, gen, &ex);
+        self.cache
+            .insert(id.clone(), (config.clone(), extents.clone()));
+        Ok(Item {
+            id: id.clone(),
+            kind: ItemKind::File,
+            size: Bytes(size),
+            config,
+            extents,
+            meta: Default::default(),
+            file: Some(file),
+        })
+    }
+}
+
+impl Mapper for FileMapper {
+    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap> {
+        let hs = handles(image)?;
+        let mut items: Vec<Item> = Vec::new();
+        let mut failures = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut links = HashMap::new();
+        for (h, spec) in &hs {
+            let tr = (self.translators)(h)?;
+            let w = walk(spec, &h.frozen);
+            failures.extend(w.failures);
+            for e in &w.entries {
+                let id = item_id(&spec.root, &e.rel);
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                match self.map_entry(&spec.root, e, tr.as_ref(), &mut links, true) {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) => {}
+                    Err(err) => failures.push(ItemFailure {
+                        item: id,
+                        error: err.to_string(),
+                    }),
+                }
+            }
+        }
+        Ok(ImageMap {
+            image: image.id.clone(),
+            items,
+            failures,
+        })
+    }
+
+    fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
+        let hs = handles(image)?;
+        let (h, spec, rel, path) = locate(&hs, item)?;
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("the file vanished after the frozen point: {e}"),
+            )
+            .item(item)
+            .path(&path)
+        })?;
+        if !meta.is_file() {
+            return Err(Error::new(
+                ErrorKind::Unstable,
+                "the file was replaced by something else after the frozen point",
+            )
+            .item(item)
+            .path(&path));
+        }
+        let tr = (self.translators)(h)?;
+        let old = self.cache.get(item).cloned();
+        let file = capture(&spec.root, &rel, &path, &meta)
+            .map_err(|e| Error::io("read metadata", e).item(item).path(&path))?;
+        let fresh = self.map_file(item, &rel, &path, file, tr.as_ref(), true)?;
+        let same_version = version_of(since).is_some() && version_of(since) == version_of(&fresh.config);
+        if same_version {
+            // Same content, moved blocks (defrag, balance): only the
+            // extents that differ.
+            let extents = match old {
+                Some((_, old)) => fresh
+                    .extents
+                    .iter()
+                    .filter(|e| !old.contains(e))
+                    .cloned()
+                    .collect(),
+                None => fresh.extents.clone(),
+            };
+            return Ok(Remap {
+                item: item.clone(),
+                config: fresh.config,
+                extents,
+                after_freeze: false,
+                size: None,
+                file: None,
+            });
+        }
+        if h.snapshot {
+            return Err(Error::new(
+                ErrorKind::Unstable,
+                "the frozen copy of the file changed: the snapshot is not holding",
+            )
+            .item(item)
+            .path(&path));
+        }
+        // Flush-only: the old version is gone; the newer one, whole.
+        Ok(Remap {
+            item: item.clone(),
+            config: fresh.config,
+            extents: fresh.extents,
+            after_freeze: true,
+            size: Some(fresh.size),
+            file: fresh.file,
+        })
+    }
+}
+
+/// The validity indicator: recomputes config ids from the file system.
+pub struct FileValidity;
+
+impl FileValidity {
+    fn one(
+        hs: &[(SourceHandle, crate::source::SourceSpec)],
+        item: &ItemId,
+    ) -> Result<ConfigId> {
+        let (_, _, _, path) = locate(hs, item)?;
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),
+        };
+        if !meta.is_file() {
+            return Ok(node_config(&meta));
+        }
+        let f = match open_file(&path) {
+            Ok(f) => f,
+            Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),
+        };
+        let meta = f.metadata().map_err(|e| Error::io("stat", e).item(item))?;
+        let ex = fiemap(&f, 0).map_err(|e| Error::io("fiemap", e).item(item).path(&path))?;
+        Ok(file_config(&meta, generation(&f), &ex))
+    }
+}
+
+impl ValidityIndicator for FileValidity {
+    fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId> {
+        Self::one(&handles(image)?, item)
+    }
+    fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
+        let hs = handles(image)?;
+        items.iter().map(|i| Self::one(&hs, i)).collect()
+    }
+}

@@ -1,0 +1,431 @@
+//! File system sources: what a source string selects, and the walk that
+//! enumerates it. Source syntax (after the freezer's name, `fsflush:`):
+//!
+//! - `/srv/data` — a directory: the tree under it (a mount point: the
+//!   whole file system). The walk does not cross into other file systems.
+//! - `/srv/data/db.sqlite` — one file (any non-directory).
+//! - `/srv/data/logs/*.log` — a glob (`*`, `?`), one component at a time.
+//! - `/srv/data?from=/srv/data/.backup-list` — the paths listed in a file
+//!   (one per line, absolute or relative to the root; `#` comments), each
+//!   of which must lie under the root.
+//!
+//! Roots must be absolute and canonical (no `.`, `..` or symlinks on the
+//! way), so an allow-list pattern means what it says.
+
+use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::model::{ItemFailure, ItemId};
+use floe_core::pattern::glob_match;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+/// What a source selects under its root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// Everything under the root.
+    Tree,
+    /// These paths (relative to the root) and, for directories, their trees.
+    Paths(Vec<String>),
+    /// Paths matching a glob relative to the root.
+    Glob(String),
+    /// Paths listed in a file.
+    List(PathBuf),
+}
+
+/// A parsed source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSpec {
+    /// The root: a directory every selected path lies under.
+    pub root: PathBuf,
+    /// What is selected.
+    pub select: Selection,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+fn config(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg)
+}
+
+/// A path that is absolute and has no `.`/`..` components.
+fn plain_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && p
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// Refuse a root that is not where it says it is.
+fn check_canonical(p: &Path) -> Result<()> {
+    let real = std::fs::canonicalize(p).map_err(|e| {
+        Error::new(ErrorKind::NotFound, format!("source {} cannot be resolved", p.display()))
+            .path(p)
+            .source(e)
+    })?;
+    if real != p {
+        return Err(config(format!(
+            "source {} is not canonical: it resolves to {} (name the real path)",
+            p.display(),
+            real.display()
+        ))
+        .path(p));
+    }
+    Ok(())
+}
+
+/// Parse the path part of a file system source.
+pub fn parse_source(text: &str) -> Result<SourceSpec> {
+    let (path, list) = match text.split_once("?from=") {
+        Some((p, l)) => (p, Some(PathBuf::from(l))),
+        None => (text, None),
+    };
+    let p = PathBuf::from(path);
+    let odd_segment = path
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..");
+    if !plain_absolute(&p) || (odd_segment && path != "/") {
+        return Err(config(format!(
+            "source path {path:?} must be absolute, without `.`, `..` or a trailing `/`"
+        )));
+    }
+    if let Some(list) = list {
+        check_canonical(&p)?;
+        if !plain_absolute(&list) || !list.starts_with(&p) {
+            return Err(config(format!(
+                "list file {} must be an absolute path under the source root {}",
+                list.display(),
+                p.display()
+            )));
+        }
+        return Ok(SourceSpec {
+            root: p,
+            select: Selection::List(list),
+        });
+    }
+    if has_glob(path) {
+        let mut root = PathBuf::from("/");
+        let mut rest = Vec::new();
+        for c in p.components().skip(1) {
+            let s = c.as_os_str().to_string_lossy().to_string();
+            if rest.is_empty() && !has_glob(&s) {
+                root.push(&s);
+            } else {
+                rest.push(s);
+            }
+        }
+        check_canonical(&root)?;
+        return Ok(SourceSpec {
+            root,
+            select: Selection::Glob(rest.join("/")),
+        });
+    }
+    check_canonical(&p)?;
+    let meta = std::fs::symlink_metadata(&p)
+        .map_err(|e| Error::io("stat source", e).path(&p))?;
+    if meta.is_dir() {
+        Ok(SourceSpec {
+            root: p,
+            select: Selection::Tree,
+        })
+    } else {
+        let parent = p.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        Ok(SourceSpec {
+            root: parent,
+            select: Selection::Paths(vec![name]),
+        })
+    }
+}
+
+/// One thing found by a walk.
+#[derive(Debug)]
+pub struct Entry {
+    /// Relative to the root, `/`-separated; `.` is the root itself.
+    pub rel: String,
+    /// Where it is read (under the frozen view of the root).
+    pub path: PathBuf,
+    /// Its `lstat`.
+    pub meta: std::fs::Metadata,
+}
+
+/// What a walk found, and what it could not take.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Entries, parents before children, in name order.
+    pub entries: Vec<Entry>,
+    /// Paths that could not be taken, each with why.
+    pub failures: Vec<ItemFailure>,
+}
+
+/// The item id of a path: the original absolute path.
+pub fn item_id(root: &Path, rel: &str) -> ItemId {
+    if rel == "." {
+        ItemId::new(root.display().to_string())
+    } else {
+        ItemId::new(root.join(rel).display().to_string())
+    }
+}
+
+impl Walk {
+    fn fail(&mut self, root: &Path, rel: &str, error: String) {
+        self.failures.push(ItemFailure {
+            item: item_id(root, rel),
+            error,
+        });
+    }
+
+    fn add(&mut self, root: &Path, frozen: &Path, rel: String, recurse: bool, dev: u64) {
+        let path = if rel == "." {
+            frozen.to_path_buf()
+        } else {
+            frozen.join(&rel)
+        };
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) => return self.fail(root, &rel, format!("cannot stat {}: {e}", path.display())),
+        };
+        let is_dir = meta.is_dir();
+        let other_fs = meta.dev() != dev;
+        self.entries.push(Entry {
+            rel: rel.clone(),
+            path: path.clone(),
+            meta,
+        });
+        if !(is_dir && recurse) || other_fs {
+            return;
+        }
+        let rd = match std::fs::read_dir(&path) {
+            Ok(rd) => rd,
+            Err(e) => return self.fail(root, &rel, format!("cannot list {}: {e}", path.display())),
+        };
+        let mut names: Vec<String> = Vec::new();
+        for ent in rd {
+            match ent {
+                Ok(ent) => match ent.file_name().into_string() {
+                    Ok(n) => names.push(n),
+                    Err(raw) => self.fail(
+                        root,
+                        &rel,
+                        format!(
+                            "name {:?} in {} is not UTF-8; Floe cannot record it",
+                            raw,
+                            path.display()
+                        ),
+                    ),
+                },
+                Err(e) => self.fail(root, &rel, format!("cannot list {}: {e}", path.display())),
+            }
+        }
+        names.sort();
+        for n in names {
+            let child = if rel == "." { n } else { format!("{rel}/{n}") };
+            self.add(root, frozen, child, true, dev);
+        }
+    }
+}
+
+/// A relative path under the root, or why not.
+fn relative_under(root: &Path, line: &str) -> std::result::Result<String, String> {
+    let p = Path::new(line);
+    let rel = if p.is_absolute() {
+        p.strip_prefix(root)
+            .map_err(|_| format!("{line} is outside the source {}", root.display()))?
+            .to_path_buf()
+    } else {
+        p.to_path_buf()
+    };
+    if !rel
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!("{line} is outside the source {}", root.display()));
+    }
+    let s = rel.to_string_lossy().trim_end_matches('/').to_string();
+    Ok(if s.is_empty() { ".".into() } else { s })
+}
+
+/// Does a path under `frozen` go through a symlink on its way (which could
+/// lead outside the source)?
+fn through_symlink(frozen: &Path, rel: &str) -> Option<String> {
+    let mut at = frozen.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    for part in parts.iter().take(parts.len().saturating_sub(1)) {
+        at.push(part);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Some(at.display().to_string());
+        }
+    }
+    None
+}
+
+/// Enumerate a source, reading under `frozen` (the root itself, or where a
+/// snapshot of it is mounted).
+pub fn walk(spec: &SourceSpec, frozen: &Path) -> Walk {
+    let mut w = Walk::default();
+    let root = &spec.root;
+    let dev = match std::fs::metadata(frozen) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            w.fail(root, ".", format!("cannot stat {}: {e}", frozen.display()));
+            return w;
+        }
+    };
+    let paths: Vec<String> = match &spec.select {
+        Selection::Tree => {
+            w.add(root, frozen, ".".into(), true, dev);
+            return w;
+        }
+        Selection::Paths(p) => p.clone(),
+        Selection::Glob(g) => expand_glob(frozen, g),
+        Selection::List(list) => match std::fs::read_to_string(list) {
+            Ok(text) => {
+                let mut out = Vec::new();
+                for line in text.lines().map(str::trim) {
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    match relative_under(root, line) {
+                        Ok(rel) => out.push(rel),
+                        Err(e) => w.failures.push(ItemFailure {
+                            item: ItemId::new(line),
+                            error: e,
+                        }),
+                    }
+                }
+                out
+            }
+            Err(e) => {
+                w.fail(root, ".", format!("cannot read list file {}: {e}", list.display()));
+                return w;
+            }
+        },
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in paths {
+        if !seen.insert(rel.clone()) {
+            continue;
+        }
+        if let Some(link) = through_symlink(frozen, &rel) {
+            w.fail(
+                root,
+                &rel,
+                format!("{rel} goes through the symlink {link}, which may lead outside the source"),
+            );
+            continue;
+        }
+        w.add(root, frozen, rel, true, dev);
+    }
+    w
+}
+
+/// Expand a relative glob under `base`, one component at a time, in name
+/// order. Only directories are descended.
+fn expand_glob(base: &Path, glob: &str) -> Vec<String> {
+    let mut found = vec![String::new()];
+    for part in glob.split('/').filter(|s| !s.is_empty()) {
+        let mut next = Vec::new();
+        for rel in &found {
+            let dir = if rel.is_empty() { base.to_path_buf() } else { base.join(rel) };
+            if !has_glob(part) {
+                if std::fs::symlink_metadata(dir.join(part)).is_ok() {
+                    next.push(join(rel, part));
+                }
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let mut names: Vec<String> = rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| glob_match(part, n) && !(n.starts_with('.') && !part.starts_with('.')))
+                .collect();
+            names.sort();
+            next.extend(names.iter().map(|n| join(rel, n)));
+        }
+        found = next;
+    }
+    found.retain(|s| !s.is_empty());
+    found
+}
+
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{a}/{b}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_parse_and_refuse_what_is_not_plain() {
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::write(root.join("a.log"), b"x").unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        let r = root.display().to_string();
+        assert_eq!(parse_source(&r).unwrap().select, Selection::Tree);
+        assert_eq!(
+            parse_source(&format!("{r}/a.log")).unwrap(),
+            SourceSpec { root: root.clone(), select: Selection::Paths(vec!["a.log".into()]) }
+        );
+        assert_eq!(
+            parse_source(&format!("{r}/*.log")).unwrap(),
+            SourceSpec { root: root.clone(), select: Selection::Glob("*.log".into()) }
+        );
+        for bad in ["relative/path".to_string(), format!("{r}/../x"), format!("{r}/./sub"), format!("{r}/sub/")] {
+            let e = parse_source(&bad).unwrap_err();
+            assert!(e.to_string().contains("absolute"), "{bad}: {e}");
+        }
+        std::os::unix::fs::symlink(root.join("sub"), root.join("link")).unwrap();
+        let e = parse_source(&format!("{r}/link")).unwrap_err();
+        assert!(e.to_string().contains("not canonical"), "{e}");
+        let e = parse_source(&format!("{r}?from=/etc/passwd")).unwrap_err();
+        assert!(e.to_string().contains("under the source root"), "{e}");
+    }
+
+    #[test]
+    fn walks_trees_globs_and_lists_and_names_what_it_cannot_take() {
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir_all(root.join("logs/old")).unwrap();
+        std::fs::write(root.join("logs/a.log"), b"a").unwrap();
+        std::fs::write(root.join("logs/b.txt"), b"b").unwrap();
+        std::fs::write(root.join("logs/old/c.log"), b"c").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
+        let r = root.display().to_string();
+
+        let spec = parse_source(&r).unwrap();
+        let w = walk(&spec, &root);
+        let rels: Vec<&str> = w.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, [".", "etc", "logs", "logs/a.log", "logs/b.txt", "logs/old", "logs/old/c.log"]);
+
+        let spec = parse_source(&format!("{r}/logs/*.log")).unwrap();
+        let w = walk(&spec, &root.join("logs"));
+        let rels: Vec<&str> = w.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["a.log"]);
+
+        std::fs::write(
+            root.join("list"),
+            format!("# wanted\nlogs/a.log\n{r}/logs/old\n/etc/shadow\netc/passwd\nlogs/../../x\nmissing\n"),
+        )
+        .unwrap();
+        let spec = parse_source(&format!("{r}?from={r}/list")).unwrap();
+        let w = walk(&spec, &root);
+        let rels: Vec<&str> = w.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["logs/a.log", "logs/old", "logs/old/c.log"]);
+        let errs: Vec<&str> = w.failures.iter().map(|f| f.error.as_str()).collect();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].contains("/etc/shadow is outside the source"), "{errs:?}");
+        assert!(errs[1].contains("logs/../../x is outside the source"), "{errs:?}");
+        assert!(errs[2].contains("goes through the symlink"), "{errs:?}");
+        assert!(errs[3].contains("cannot stat") && errs[3].contains("missing"), "{errs:?}");
+    }
+}

@@ -1,0 +1,251 @@
+//! The kernel interfaces the host side uses that need `unsafe`: and only
+//! them. Each ioctl is quoted from the kernel's UAPI headers.
+//!
+//! ```c
+//! /* include/uapi/linux/fs.h */
+//! #define FS_IOC_FIEMAP     _IOWR('f', 11, struct fiemap)     /* 0xC020660B */
+//! #define FIFREEZE          _IOWR('X', 119, int)              /* 0xC0045877 */
+//! #define FITHAW            _IOWR('X', 120, int)              /* 0xC0045878 */
+//! #define FS_IOC_GETVERSION _IOR('v', 1, long)                /* 0x80087601 */
+//! /* include/uapi/linux/fiemap.h */
+//! struct fiemap_extent { __u64 fe_logical, fe_physical, fe_length;
+//!                        __u64 fe_reserved64[2]; __u32 fe_flags;
+//!                        __u32 fe_reserved[3]; };              /* 56 bytes */
+//! struct fiemap { __u64 fm_start, fm_length; __u32 fm_flags,
+//!                 fm_mapped_extents, fm_extent_count, fm_reserved;
+//!                 struct fiemap_extent fm_extents[]; };        /* 32 + n*56 */
+//! ```
+//!
+//! The thaw guard is a forked child that only calls async-signal-safe
+//! functions (`setsid`, `sigaction`, `poll`, `read`, `ioctl`, `_exit`).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+
+/// `FIEMAP_FLAG_SYNC`: write the file's dirty data back before mapping.
+pub const FIEMAP_FLAG_SYNC: u32 = 0x1;
+
+/// One `struct fiemap_extent`, as the kernel lays it out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FiemapExtent {
+    /// Logical offset in the file.
+    pub logical: u64,
+    /// Physical offset (device offset; btrfs: its logical address).
+    pub physical: u64,
+    /// Length.
+    pub length: u64,
+    reserved64: [u64; 2],
+    /// `FIEMAP_EXTENT_*` flags.
+    pub flags: u32,
+    reserved: [u32; 3],
+}
+
+impl FiemapExtent {
+    /// An extent (for tests and planning).
+    pub fn new(logical: u64, physical: u64, length: u64, flags: u32) -> Self {
+        FiemapExtent {
+            logical,
+            physical,
+            length,
+            flags,
+            ..Default::default()
+        }
+    }
+}
+
+#[repr(C)]
+struct FiemapHead {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+}
+
+/// Extents asked for per call.
+const BATCH: usize = 256;
+
+/// The extents of `fd` from `FS_IOC_FIEMAP`, all of them, in order.
+pub fn fiemap(fd: &impl AsRawFd, flags: u32) -> std::io::Result<Vec<FiemapExtent>> {
+    #[repr(C)]
+    struct Req {
+        head: FiemapHead,
+        extents: [FiemapExtent; BATCH],
+    }
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        let mut req = Req {
+            head: FiemapHead {
+                start,
+                length: u64::MAX - start,
+                flags,
+                mapped_extents: 0,
+                extent_count: BATCH as u32,
+                reserved: 0,
+            },
+            extents: [FiemapExtent::default(); BATCH],
+        };
+        // SAFETY: `req` is a `struct fiemap` header followed by room for
+        // exactly `extent_count` extents, laid out as the kernel expects
+        // (repr(C), sizes 32 and 56); the kernel writes at most that many.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FIEMAP, &mut req) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = (req.head.mapped_extents as usize).min(BATCH);
+        if n == 0 {
+            return Ok(out);
+        }
+        let got = &req.extents[..n];
+        out.extend_from_slice(got);
+        let last = got[n - 1];
+        if last.flags & crate::filemap::flags::LAST != 0 {
+            return Ok(out);
+        }
+        let next = last.logical.saturating_add(last.length);
+        if next <= start {
+            return Ok(out);
+        }
+        start = next;
+        // The kernel asks for a new call from fm_start = end of the last.
+    }
+}
+
+/// `FIFREEZE` the file system `fd` is on (a directory of it).
+pub fn freeze(fd: &impl AsRawFd) -> std::io::Result<()> {
+    let mut zero: libc::c_int = 0;
+    // SAFETY: FIFREEZE takes an int argument it does not use; passing a
+    // valid pointer to one is what userspace tools do.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FIFREEZE, &mut zero) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `FITHAW` the file system `fd` is on. `EINVAL` means it was not frozen.
+pub fn thaw(fd: &impl AsRawFd) -> std::io::Result<()> {
+    thaw_raw(fd.as_raw_fd())
+}
+
+fn thaw_raw(fd: RawFd) -> std::io::Result<()> {
+    let mut zero: libc::c_int = 0;
+    // SAFETY: as for FIFREEZE.
+    let r = unsafe { libc::ioctl(fd, FITHAW, &mut zero) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The inode generation (`FS_IOC_GETVERSION`), when the file system
+/// keeps one.
+pub fn generation(fd: &impl AsRawFd) -> Option<u64> {
+    let mut v: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes one long through the pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETVERSION, &mut v) };
+    (r == 0).then(|| v as u64)
+}
+
+/// A thaw guard: a child process that thaws the given file systems when
+/// told to, when the deadline passes, or when its parent dies (its pipe
+/// closes) — whichever is first. It outlives a killed agent by design.
+pub struct ThawGuard {
+    pid: libc::pid_t,
+    pipe: Option<std::os::fd::OwnedFd>,
+}
+
+impl ThawGuard {
+    /// Fork the guard over these open directories (one per file system).
+    pub fn spawn(dirs: &[RawFd], deadline: Duration) -> std::io::Result<ThawGuard> {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        let fds: Vec<RawFd> = dirs.to_vec();
+        let timeout_ms: libc::c_int = deadline.as_millis().try_into().unwrap_or(libc::c_int::MAX);
+        let rfd = r.as_raw_fd();
+        // SAFETY: after fork the child runs only async-signal-safe calls
+        // on memory that was allocated before the fork (`fds`), then
+        // `_exit`s: no allocation, no locks, no unwinding.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: see above; every call here is async-signal-safe.
+            unsafe { guard_child(rfd, w.as_raw_fd(), &fds, timeout_ms) }
+        }
+        drop(r);
+        Ok(ThawGuard { pid, pipe: Some(w) })
+    }
+
+    /// Has the guard already exited (its deadline passed and it thawed)?
+    pub fn fired(&self) -> bool {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with WNOHANG.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        r == self.pid || r < 0
+    }
+
+    /// Tell the guard to thaw and exit now, and reap it.
+    pub fn finish(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            drop(p); // EOF: the guard thaws (a no-op if thawed) and exits.
+            let mut status = 0;
+            // SAFETY: waitpid on our own child; ECHILD if `fired` reaped it.
+            unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        }
+    }
+
+    /// The guard's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid.unsigned_abs()
+    }
+}
+
+impl Drop for ThawGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The guard's whole life. Never returns.
+///
+/// # Safety
+/// Only call in a freshly forked child.
+unsafe fn guard_child(rfd: RawFd, wfd: RawFd, fds: &[RawFd], timeout_ms: libc::c_int) -> ! {
+    libc::close(wfd);
+    libc::setsid();
+    for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM, libc::SIGPIPE] {
+        libc::signal(sig, libc::SIG_IGN);
+    }
+    let mut pfd = libc::pollfd {
+        fd: rfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Wait for EOF (the agent is done or dead) or the deadline; a signal
+    // interrupting poll is not either.
+    loop {
+        let r = libc::poll(&mut pfd, 1, timeout_ms);
+        if r < 0 && *libc::__errno_location() == libc::EINTR {
+            continue;
+        }
+        break;
+    }
+    for &fd in fds {
+        let _ = thaw_raw(fd);
+    }
+    libc::_exit(0)
+}

@@ -1,0 +1,232 @@
+//! Floe plugin `fsflush`: the flush-only freezer for file systems. For the
+//! sources of one set: sync each file system, `FIFREEZE` them all (one
+//! consistent point across file systems), let the mapper capture the map,
+//! `FITHAW`. Writes are held only while the map is captured.
+//!
+//! The freeze is bounded (`--plugin-opt fsflush.freeze_timeout=SECS`,
+//! default 30) and always thawed: before freezing, a guard process is
+//! forked that thaws the file systems when the agent says so, when the
+//! bound runs out, or when the agent dies (its pipe closes) — it does not
+//! share the agent's fate. A map captured after the guard had to thaw is
+//! refused (it is not of one frozen point).
+//!
+//! Flush-only keeps no old version: a file changed after the thaw is read
+//! whole in its newer version and recorded as captured after the freeze.
+//!
+//! Sources: `fsflush:/mount/point` (a file system), `fsflush:/dir`,
+//! `fsflush:/dir/file`, `fsflush:/dir/*.log`, `fsflush:/dir?from=/dir/list`.
+
+use floe_core::abi::{Freezer, Interface, Plugin, PluginInfo};
+use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::media::pausepoint;
+use floe_core::model::{now_secs, FrozenImage, FrozenItem, ImageId};
+use floe_hostfs::identity::mount_of;
+use floe_hostfs::mapper::SourceHandle;
+use floe_hostfs::source::parse_source;
+use floe_hostfs::sys::{freeze, thaw, ThawGuard};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The plugin.
+pub struct FsFlushPlugin;
+
+/// The mapper for a file system type.
+pub fn mapper_for(fstype: &str) -> Option<&'static str> {
+    match fstype {
+        "ext4" | "ext3" | "ext2" | "xfs" => Some("fiemap"),
+        "btrfs" => Some("btrfs"),
+        _ => None,
+    }
+}
+
+struct Held {
+    mounts: Vec<(PathBuf, File)>,
+    guard: Option<ThawGuard>,
+}
+
+impl Held {
+    fn thaw_all(&mut self) {
+        for (_, d) in &self.mounts {
+            let _ = thaw(d);
+        }
+    }
+}
+
+/// The freezer.
+pub struct FsFlush {
+    bound: Duration,
+    held: HashMap<ImageId, Held>,
+}
+
+fn io(op: &str, p: &std::path::Path, e: std::io::Error) -> Error {
+    let kind = if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) {
+        ErrorKind::Unsupported
+    } else {
+        ErrorKind::Io
+    };
+    Error::new(kind, format!("cannot {op} {}", p.display()))
+        .op(op)
+        .path(p)
+        .source(e)
+}
+
+impl Freezer for FsFlush {
+    fn freeze(&mut self, sources: &[String]) -> Result<FrozenImage> {
+        let mut items = Vec::new();
+        let mut mounts: Vec<PathBuf> = Vec::new();
+        let mut mapper: Option<&'static str> = None;
+        for s in sources {
+            let text = s.strip_prefix("fsflush:").ok_or_else(|| {
+                Error::new(ErrorKind::Config, format!("{s} is not an fsflush: source"))
+            })?;
+            let spec = parse_source(text)?;
+            let (mp, fstype, _) = mount_of(&spec.root)?;
+            let m = mapper_for(&fstype).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{} is on {fstype}, which Floe cannot map (ext4, ext3, ext2, xfs, btrfs)",
+                        spec.root.display()
+                    ),
+                )
+                .path(&spec.root)
+            })?;
+            if mapper.is_some_and(|x| x != m) {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "one set's file systems must share a mapper (ext4/XFS: fiemap, btrfs: btrfs): back them up as separate sets",
+                ));
+            }
+            mapper = Some(m);
+            if !mounts.contains(&mp) {
+                mounts.push(mp);
+            }
+            items.push(FrozenItem {
+                id: floe_core::model::ItemId::new(s.clone()),
+                source: s.clone(),
+                handle: serde_json::to_value(SourceHandle {
+                    spec: text.to_string(),
+                    frozen: spec.root.clone(),
+                    snapshot: false,
+                    fstype,
+                })
+                .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
+            });
+        }
+        mounts.sort();
+        let mut dirs = Vec::new();
+        for mp in &mounts {
+            let d = File::open(mp).map_err(|e| io("open", mp, e))?;
+            dirs.push((mp.clone(), d));
+        }
+        // Flush first, outside the freeze: FIFREEZE then has little left
+        // to write and holds writers for less time.
+        for (mp, d) in &dirs {
+            rustix::fs::syncfs(d).map_err(|e| io("sync", mp, e.into()))?;
+        }
+        // The guard exists before anything is frozen.
+        let fds: Vec<_> = dirs.iter().map(|(_, d)| d.as_raw_fd()).collect();
+        let guard = ThawGuard::spawn(&fds, self.bound)
+            .map_err(|e| Error::io("start the thaw guard", e))?;
+        let mut held = Held {
+            mounts: Vec::new(),
+            guard: Some(guard),
+        };
+        for (mp, d) in dirs {
+            if let Err(e) = freeze(&d) {
+                held.thaw_all();
+                let why = if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
+                    " (it is frozen already, by another tool or backup)"
+                } else {
+                    ""
+                };
+                return Err(io(&format!("freeze{why}"), &mp, e));
+            }
+            held.mounts.push((mp, d));
+        }
+        pausepoint("fsflush-frozen");
+        let id = ImageId::new(format!("fsflush-{}-{}", now_secs(), std::process::id()));
+        let id = unique(&self.held, id);
+        self.held.insert(id.clone(), held);
+        Ok(FrozenImage {
+            id,
+            plugin: "fsflush".into(),
+            items,
+            frozen_at: now_secs(),
+            mapper: mapper.map(String::from),
+        })
+    }
+
+    fn mapped(&mut self, image: &FrozenImage) -> Result<()> {
+        let Some(h) = self.held.get_mut(&image.id) else {
+            return Ok(());
+        };
+        let fired = h.guard.as_ref().is_some_and(ThawGuard::fired);
+        h.thaw_all();
+        if let Some(g) = h.guard.take() {
+            g.finish();
+        }
+        if fired {
+            return Err(Error::new(
+                ErrorKind::Unstable,
+                format!(
+                    "the freeze bound of {} s ran out before the map was captured: the file systems were thawed by the guard, the map is not of one point in time (raise fsflush.freeze_timeout)",
+                    self.bound.as_secs()
+                ),
+            )
+            .op("freeze"));
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, image: &FrozenImage) -> Result<()> {
+        if let Some(mut h) = self.held.remove(&image.id) {
+            h.thaw_all();
+        }
+        Ok(())
+    }
+}
+
+fn unique(held: &HashMap<ImageId, Held>, id: ImageId) -> ImageId {
+    let mut n = 0;
+    let mut c = id.clone();
+    while held.contains_key(&c) {
+        n += 1;
+        c = ImageId::new(format!("{id}-{n}"));
+    }
+    c
+}
+
+impl Plugin for FsFlushPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "fsflush".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: vec![Interface::Freezer],
+        }
+    }
+    fn freezer(config: &serde_json::Value) -> Result<Box<dyn Freezer>> {
+        let secs = match config.get("freeze_timeout") {
+            None => 30.0,
+            Some(v) => v
+                .as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .filter(|s| *s > 0.0 && *s <= 3600.0)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("fsflush.freeze_timeout must be seconds in (0, 3600], got {v}"),
+                    )
+                })?,
+        };
+        Ok(Box::new(FsFlush {
+            bound: Duration::from_secs_f64(secs),
+            held: HashMap::new(),
+        }))
+    }
+}
+
+floe_core::export_plugin!(FsFlushPlugin);
