@@ -302,9 +302,15 @@ struct RestoreArgs {
     #[arg(long)]
     set: String,
     /// ITEM=TARGET: a path (image file or block device) or
-    /// nbd://HOST:PORT/EXPORT (repeatable).
-    #[arg(long = "to", value_name = "ITEM=TARGET", required = true)]
+    /// nbd://HOST:PORT/EXPORT (repeatable). For volumes.
+    #[arg(long = "to", value_name = "ITEM=TARGET", required_unless_present = "to_dir")]
     targets: Vec<String>,
+    /// Restore the set's files (or the --path ones) under this directory,
+    /// with their metadata. For file system sets.
+    #[arg(long, value_name = "DIR", conflicts_with = "targets")]
+    to_dir: Option<PathBuf>,
+    #[command(flatten)]
+    tree: floe_core::restore::TreeOptions,
     /// Show what would be restored, write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -630,25 +636,126 @@ fn run_backup(
         );
     } else {
         println!(
-            "set {} committed ({} items, {} bytes, {} remaps, {} re-reads)",
+            "set {} committed{} ({} items, {} bytes, {} remaps, {} re-reads)",
             report.set.header.set,
+            if report.set.failures.is_empty() { "" } else { " PARTIAL" },
             report.set.items.len(),
             report.bytes_written,
             report.remaps,
             report.rereads
         );
-        for i in &report.set.items {
+        const SHOWN: usize = 40;
+        for i in report.set.items.iter().take(SHOWN) {
             println!(
-                "  {:<12} {:>14} bytes  blake3 {}  remaps {}",
-                i.header.item, i.trailer.length.0, i.trailer.blake3, i.trailer.remaps
+                "  {:<12} {:>14} bytes  blake3 {}  remaps {}{}",
+                i.header.item,
+                i.trailer.length.0,
+                i.trailer.blake3,
+                i.trailer.remaps,
+                if i.trailer.captured_after_freeze {
+                    "  (captured after the freeze: a later version, whole)"
+                } else {
+                    ""
+                }
             );
         }
+        if report.set.items.len() > SHOWN {
+            println!(
+                "  … and {} more (floe ls {})",
+                report.set.items.len() - SHOWN,
+                report.set.header.set
+            );
+        }
+        let late = report
+            .set
+            .items
+            .iter()
+            .filter(|i| i.trailer.captured_after_freeze)
+            .count();
+        if late > 0 {
+            println!("  {late} item(s) changed after the freeze and were captured whole in their later version");
+        }
+    }
+    if !report.set.failures.is_empty() {
+        for f in &report.set.failures {
+            eprintln!("  not backed up: {}: {}", f.item, f.error);
+        }
+        return Err(Partial(format!(
+            "set {} is PARTIAL: {} item(s) could not be backed up (listed above; the set records them)",
+            report.set.header.set,
+            report.set.failures.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The error of a backup that committed a partial set (exit status 3).
+#[derive(Debug)]
+pub struct Partial(pub String);
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Partial {}
+
+fn run_restore_tree(
+    reader: &mut dyn floe_core::abi::MediaReader,
+    a: &RestoreArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use floe_core::restore::{plan_tree, restore_tree};
+    let set = reader
+        .list_sets()?
+        .into_iter()
+        .find(|s| s.header.set.as_str() == a.set)
+        .ok_or_else(|| anyhow!("no set {} on {}", a.set, a.media.media))?;
+    let steps = plan_tree(&set, dir, &a.tree)?;
+    if a.dry_run {
+        for st in &steps {
+            println!(
+                "would restore {:<10} {} -> {} ({} bytes)",
+                format!("{:?}", st.item.header.kind).to_lowercase(),
+                st.item.header.item,
+                st.dest.display(),
+                st.item.trailer.length
+            );
+        }
+        return Ok(());
+    }
+    let pb = bar(steps.len() as u64);
+    let report = restore_tree(reader, &set, &steps, &a.tree, &mut |_| {
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    println!(
+        "restored {} items ({} bytes of file data, verified) of set {} to {}",
+        report.items,
+        report.bytes,
+        set.header.set,
+        dir.display()
+    );
+    if !report.failures.is_empty() {
+        for (item, e) in &report.failures {
+            eprintln!("  not restored: {item}: {e}");
+        }
+        bail!("{} item(s) could not be restored", report.failures.len());
     }
     Ok(())
 }
 
 fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
     let mut reader = media_reader(&reg, &a.media.media)?;
+    if let Some(dir) = &a.to_dir {
+        return run_restore_tree(reader.as_mut(), &a, dir);
+    }
     let set = SetId::new(a.set.clone());
     for t in &a.targets {
         let (item, target) = t

@@ -9,7 +9,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("floe: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A committed but partial set is its own outcome for scripts.
+            if e.downcast_ref::<commands::Partial>().is_some() {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -28,6 +28,8 @@ pub mod mover;
 #[cfg(feature = "engine")]
 pub mod nbd_client;
 #[cfg(feature = "engine")]
+pub mod restore;
+#[cfg(feature = "engine")]
 pub mod sys;
 #[cfg(feature = "engine")]
 pub mod tls;

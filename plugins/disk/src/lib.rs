@@ -518,12 +518,19 @@ impl MediaWriter for DiskWriter {
 pub struct DiskReader {
     dir: PathBuf,
     open: Option<(File, PathBuf, u64, u64)>,
+    /// The last set's record and an index of its items (a set of 70,000
+    /// files is opened item by item).
+    cached: Option<(SetId, SetRecord, std::collections::HashMap<ItemId, usize>)>,
 }
 
 impl DiskReader {
     /// A reader of `dir`.
     pub fn new(dir: PathBuf) -> DiskReader {
-        DiskReader { dir, open: None }
+        DiskReader {
+            dir,
+            open: None,
+            cached: None,
+        }
     }
 
     fn load(&self, set: &SetId) -> Result<SetRecord> {
@@ -560,11 +567,20 @@ impl MediaReader for DiskReader {
     }
 
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
-        let record = self.load(set)?;
-        let rec = record
-            .items
-            .into_iter()
-            .find(|i| &i.header.item == item)
+        if self.cached.as_ref().is_none_or(|(s, _, _)| s != set) {
+            let record = self.load(set)?;
+            let index = record
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.header.item.clone(), i))
+                .collect();
+            self.cached = Some((set.clone(), record, index));
+        }
+        let (_, record, index) = self.cached.as_ref().expect("loaded above");
+        let rec = index
+            .get(item)
+            .map(|&i| record.items[i].clone())
             .ok_or_else(|| {
                 Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
             })?;
