@@ -303,7 +303,11 @@ struct RestoreArgs {
     set: String,
     /// ITEM=TARGET: a path (image file or block device) or
     /// nbd://HOST:PORT/EXPORT (repeatable). For volumes.
-    #[arg(long = "to", value_name = "ITEM=TARGET", required_unless_present = "to_dir")]
+    #[arg(
+        long = "to",
+        value_name = "ITEM=TARGET",
+        required_unless_present = "to_dir"
+    )]
     targets: Vec<String>,
     /// Restore the set's files (or the --path ones) under this directory,
     /// with their metadata. For file system sets.
@@ -638,7 +642,11 @@ fn run_backup(
         println!(
             "set {} committed{} ({} items, {} bytes, {} remaps, {} re-reads)",
             report.set.header.set,
-            if report.set.failures.is_empty() { "" } else { " PARTIAL" },
+            if report.set.failures.is_empty() {
+                ""
+            } else {
+                " PARTIAL"
+            },
             report.set.items.len(),
             report.bytes_written,
             report.remaps,

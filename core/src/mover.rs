@@ -147,6 +147,9 @@ enum Msg {
         remaps: u32,
         after_freeze: bool,
     },
+    /// An item that cannot be backed up (a file that vanished): the set
+    /// goes on without it and lists it.
+    Skip(ItemFailure),
     Done(Counters),
     Failed(Error),
 }
@@ -427,12 +430,26 @@ impl Reader<'_> {
                     )
                     .item(&members[stale[0]].item.id));
                 }
+                let mut gone = Vec::new();
                 for k in stale {
                     let m = &mut members[k];
-                    m.after_freeze |=
-                        remap_item(self.agent, self.image, &mut m.item, self.resolver)?;
+                    match remap_item(self.agent, self.image, &mut m.item, self.resolver) {
+                        Ok(newer) => m.after_freeze |= newer,
+                        Err(e) if m.item.kind != ItemKind::Volume => gone.push((k, e)),
+                        Err(e) => return Err(e),
+                    }
                     m.remaps += 1;
                     self.counters.remaps += 1;
+                }
+                for (k, e) in gone.into_iter().rev() {
+                    let m = members.remove(k);
+                    let f = ItemFailure {
+                        item: m.item.id.clone(),
+                        error: e.item(&m.item.id).to_string(),
+                    };
+                    if !self.send(Msg::Skip(f)) {
+                        return Ok(false);
+                    }
                 }
                 continue;
             }
@@ -472,10 +489,24 @@ impl Reader<'_> {
         let mut remaps = 0u32;
         let mut window_remaps = 0u32;
         let mut after_freeze = false;
+        // A file that cannot be remapped (it vanished) is skipped and
+        // listed; a volume that cannot be is the set's failure.
+        let skip = |me: &Self, item: &Item, e: Error| -> Result<bool> {
+            if item.kind == ItemKind::Volume {
+                return Err(e);
+            }
+            Ok(me.send(Msg::Skip(ItemFailure {
+                item: item.id.clone(),
+                error: e.item(&item.id).to_string(),
+            })))
+        };
         // 1. check before the first read of the item.
         let (_, valid) = self.agent.check(&self.image.id, &item.id, &item.config)?;
         if !valid {
-            after_freeze |= remap_item(self.agent, self.image, &mut item, self.resolver)?;
+            match remap_item(self.agent, self.image, &mut item, self.resolver) {
+                Ok(newer) => after_freeze |= newer,
+                Err(e) => return skip(self, &item, e),
+            }
             remaps += 1;
         }
         let mut wins = windows(item.size, self.opts.window);
@@ -522,7 +553,11 @@ impl Reader<'_> {
                     .item(&item.id));
                 }
                 let size = item.size;
-                let newer = remap_item(self.agent, self.image, &mut item, self.resolver)?;
+                let newer = match remap_item(self.agent, self.image, &mut item, self.resolver) {
+                    Ok(n) => n,
+                    Err(e) if !begun => return skip(self, &item, e),
+                    Err(e) => return Err(e),
+                };
                 remaps += 1;
                 window_remaps += 1;
                 inflight.clear();
@@ -1069,6 +1104,11 @@ fn write_items(
                     };
                     if let Err(e) = media.end_item(&trailer) {
                         break Err(e.item(&h.item));
+                    }
+                }
+                Msg::Skip(f) => {
+                    if let Err(e) = media.fail_item(&f) {
+                        break Err(e);
                     }
                 }
                 Msg::Done(c) => break Ok(c),

@@ -89,7 +89,10 @@ pub fn plan_tree(set: &SetRecord, dest: &Path, opts: &TreeOptions) -> Result<Vec
         let rel = safe_rel(&f.path).ok_or_else(|| {
             Error::new(
                 ErrorKind::Media,
-                format!("item path {:?} would land outside the destination: refused", f.path),
+                format!(
+                    "item path {:?} would land outside the destination: refused",
+                    f.path
+                ),
             )
             .item(&i.header.item)
         })?;
@@ -106,7 +109,11 @@ pub fn plan_tree(set: &SetRecord, dest: &Path, opts: &TreeOptions) -> Result<Vec
     if !opts.paths.is_empty() && out.is_empty() {
         return Err(Error::new(
             ErrorKind::NotFound,
-            format!("set {} holds nothing under {}", set.header.set, opts.paths.join(", ")),
+            format!(
+                "set {} holds nothing under {}",
+                set.header.set,
+                opts.paths.join(", ")
+            ),
         ));
     }
     Ok(out)
@@ -123,10 +130,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 fn io(op: &str, p: &Path, e: impl Into<std::io::Error>) -> Error {
-    Error::new(ErrorKind::WriteFailed, format!("cannot {op} {}", p.display()))
-        .op(op)
-        .path(p)
-        .source(e.into())
+    Error::new(
+        ErrorKind::WriteFailed,
+        format!("cannot {op} {}", p.display()),
+    )
+    .op(op)
+    .path(p)
+    .source(e.into())
 }
 
 fn ts(t: Timestamp) -> rustix::fs::Timespec {
@@ -152,14 +162,23 @@ fn apply_meta(path: &Path, kind: ItemKind, f: &FileMeta, owners: bool) -> Result
     }
     for (name, value) in &f.xattrs {
         let v = unhex(value).ok_or_else(|| {
-            Error::new(ErrorKind::Media, format!("xattr {name} is not hex on media")).path(path)
+            Error::new(
+                ErrorKind::Media,
+                format!("xattr {name} is not hex on media"),
+            )
+            .path(path)
         })?;
         rustix::fs::lsetxattr(path, name.as_str(), &v, rustix::fs::XattrFlags::empty())
             .map_err(|e| io(&format!("set xattr {name} on"), path, e))?;
     }
     if kind != ItemKind::Symlink {
-        rustix::fs::chmodat(CWD, path, rustix::fs::Mode::from_raw_mode(f.mode & 0o7777), AtFlags::empty())
-            .map_err(|e| io("chmod", path, e))?;
+        rustix::fs::chmodat(
+            CWD,
+            path,
+            rustix::fs::Mode::from_raw_mode(f.mode & 0o7777),
+            AtFlags::empty(),
+        )
+        .map_err(|e| io("chmod", path, e))?;
     }
     let times = rustix::fs::Timestamps {
         last_access: ts(f.atime),
@@ -200,19 +219,22 @@ fn write_file(
             if hs > at {
                 let s = usize::try_from(at - lo).unwrap_or(0);
                 let e = usize::try_from(hs - lo).unwrap_or(0);
-                out.write_all_at(&chunk[s..e], at).map_err(|e| io("write", path, e))?;
+                out.write_all_at(&chunk[s..e], at)
+                    .map_err(|e| io("write", path, e))?;
                 written += (e - s) as u64;
             }
             at = at.max(he);
         }
         if at < hi {
             let s = usize::try_from(at - lo).unwrap_or(0);
-            out.write_all_at(&chunk[s..], at).map_err(|e| io("write", path, e))?;
+            out.write_all_at(&chunk[s..], at)
+                .map_err(|e| io("write", path, e))?;
             written += (chunk.len() - s) as u64;
         }
         pos = hi;
     }
-    out.set_len(pos).map_err(|e| io("set the length of", path, e))?;
+    out.set_len(pos)
+        .map_err(|e| io("set the length of", path, e))?;
     let sum = hasher.finalize().to_hex().to_string();
     if pos != rec.trailer.length.0 || sum != rec.trailer.blake3 {
         return Err(Error::new(
@@ -267,8 +289,11 @@ fn make(reader: &mut dyn MediaReader, set: &SetRecord, step: &TreeStep) -> Resul
         ItemKind::HardLink => {
             let t = target()?;
             let rel = safe_rel(&t).ok_or_else(|| {
-                Error::new(ErrorKind::Media, format!("hard link target {t:?} is outside the destination"))
-                    .item(&h.item)
+                Error::new(
+                    ErrorKind::Media,
+                    format!("hard link target {t:?} is outside the destination"),
+                )
+                .item(&h.item)
             })?;
             // The first name sits at the same depth below the same base.
             let depth = Path::new(&f.path).components().count();
@@ -317,9 +342,7 @@ pub fn restore_tree(
                 report.items += 1;
                 report.bytes += n;
             }
-            Err(e) => report
-                .failures
-                .push((h.item.to_string(), e.to_string())),
+            Err(e) => report.failures.push((h.item.to_string(), e.to_string())),
         }
     }
     // Directories last, deepest first.
@@ -402,10 +425,17 @@ mod tests {
         };
         let steps = plan_tree(&s, Path::new("/r"), &only).unwrap();
         assert_eq!(steps.len(), 1);
-        let e = plan_tree(&set(vec![rec("/srv", "../etc/passwd", ItemKind::File)]), Path::new("/r"), &TreeOptions::default())
-            .unwrap_err();
+        let e = plan_tree(
+            &set(vec![rec("/srv", "../etc/passwd", ItemKind::File)]),
+            Path::new("/r"),
+            &TreeOptions::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("outside the destination"), "{e}");
-        let two = set(vec![rec("/a", "x", ItemKind::File), rec("/b", "x", ItemKind::File)]);
+        let two = set(vec![
+            rec("/a", "x", ItemKind::File),
+            rec("/b", "x", ItemKind::File),
+        ]);
         let dests: Vec<_> = plan_tree(&two, Path::new("/r"), &TreeOptions::default())
             .unwrap()
             .iter()

@@ -243,11 +243,27 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                FilePiece::Hole { logical: 0, length: 4096 },
-                FilePiece::Data { logical: 4096, length: 4096, physical: 1 << 20 },
-                FilePiece::Zero { logical: 8192, length: 4096 },
-                FilePiece::Hole { logical: 12288, length: 4096 },
-                FilePiece::Inline { logical: 16384, length: 20_000 - 16384 },
+                FilePiece::Hole {
+                    logical: 0,
+                    length: 4096
+                },
+                FilePiece::Data {
+                    logical: 4096,
+                    length: 4096,
+                    physical: 1 << 20
+                },
+                FilePiece::Zero {
+                    logical: 8192,
+                    length: 4096
+                },
+                FilePiece::Hole {
+                    logical: 12288,
+                    length: 4096
+                },
+                FilePiece::Inline {
+                    logical: 16384,
+                    length: 20_000 - 16384
+                },
             ]
         );
     }
@@ -261,7 +277,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             plan,
-            vec![FilePiece::Data { logical: 0, length: 10_000, physical: 40960 }]
+            vec![FilePiece::Data {
+                logical: 0,
+                length: 10_000,
+                physical: 40960
+            }]
         );
     }
 

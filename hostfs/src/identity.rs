@@ -36,7 +36,9 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
     let sys = std::fs::canonicalize(&link).map_err(|e| {
         Error::new(
             ErrorKind::UnknownDevice,
-            format!("device {major}:{minor} is not a block device (a network or virtual file system?)"),
+            format!(
+                "device {major}:{minor} is not a block device (a network or virtual file system?)"
+            ),
         )
         .path(&link)
         .source(e)
@@ -49,7 +51,10 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
         let start: u64 = read(&sys, "start")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
-                Error::new(ErrorKind::UnknownDevice, format!("partition {name} has no start"))
+                Error::new(
+                    ErrorKind::UnknownDevice,
+                    format!("partition {name} has no start"),
+                )
             })?;
         (sys.parent().unwrap_or(&sys).to_path_buf(), start * 512)
     } else {
@@ -62,7 +67,9 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::UnknownDevice,
-                format!("{name} has no stable identity (no WWN, serial or loop backing file in sysfs)"),
+                format!(
+                    "{name} has no stable identity (no WWN, serial or loop backing file in sysfs)"
+                ),
             )
         })?;
     Ok(FsDevice {
@@ -85,12 +92,18 @@ pub fn mount_of(path: &Path) -> Result<(PathBuf, String, u64)> {
     let mut best: Option<(PathBuf, String)> = None;
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         if f.get(2) != Some(&want.as_str()) || f.len() < sep + 2 {
             continue;
         }
         let mp = PathBuf::from(f[4].replace("\\040", " "));
-        if path.starts_with(&mp) && best.as_ref().is_none_or(|(b, _)| mp.as_os_str().len() > b.as_os_str().len()) {
+        if path.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|(b, _)| mp.as_os_str().len() > b.as_os_str().len())
+        {
             best = Some((mp, f[sep + 1].to_string()));
         }
     }

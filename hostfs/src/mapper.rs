@@ -37,6 +37,38 @@ pub struct SourceHandle {
     pub fstype: String,
 }
 
+/// The mapper plugin for a file system type.
+pub fn mapper_for(fstype: &str) -> Option<&'static str> {
+    match fstype {
+        "ext4" | "ext3" | "ext2" | "xfs" => Some("fiemap"),
+        "btrfs" => Some("btrfs"),
+        _ => None,
+    }
+}
+
+/// Refuse a source whose file system `mapper` does not map.
+pub fn check_mapper(h: &SourceHandle, mapper: &str) -> Result<()> {
+    match mapper_for(&h.fstype) {
+        Some(m) if m == mapper => Ok(()),
+        Some(m) => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} is on {}: map it with the {m} plugin, not {mapper}",
+                h.frozen.display(),
+                h.fstype
+            ),
+        )),
+        None => Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} is on {}, which Floe cannot map (supported: ext4, ext3, ext2, xfs, btrfs)",
+                h.frozen.display(),
+                h.fstype
+            ),
+        )),
+    }
+}
+
 /// How file system addresses become device extents.
 pub trait Translate {
     /// The device pieces of `[addr, addr+len)` in the file system's
@@ -95,19 +127,32 @@ fn handles(image: &FrozenImage) -> Result<Vec<(SourceHandle, crate::source::Sour
 fn locate<'a>(
     hs: &'a [(SourceHandle, crate::source::SourceSpec)],
     item: &ItemId,
-) -> Result<(&'a SourceHandle, &'a crate::source::SourceSpec, String, PathBuf)> {
+) -> Result<(
+    &'a SourceHandle,
+    &'a crate::source::SourceSpec,
+    String,
+    PathBuf,
+)> {
     let p = Path::new(item.as_str());
     hs.iter()
         .filter_map(|(h, s)| {
             let rel = p.strip_prefix(&s.root).ok()?;
             let rel = rel.to_string_lossy().to_string();
             let rel = if rel.is_empty() { ".".to_string() } else { rel };
-            let path = if rel == "." { h.frozen.clone() } else { h.frozen.join(&rel) };
+            let path = if rel == "." {
+                h.frozen.clone()
+            } else {
+                h.frozen.join(&rel)
+            };
             Some((h, s, rel, path))
         })
         .max_by_key(|(_, s, _, _)| s.root.as_os_str().len())
         .ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, "item is under none of the image's sources").item(item)
+            Error::new(
+                ErrorKind::NotFound,
+                "item is under none of the image's sources",
+            )
+            .item(item)
         })
 }
 
@@ -146,7 +191,8 @@ fn node_config(meta: &std::fs::Metadata) -> ConfigId {
 /// The part of a file's config id that says which version its content is.
 fn version_of(config: &ConfigId) -> Option<&str> {
     let s = config.as_str();
-    s.starts_with("f:").then(|| s.rsplit_once(':').map_or(s, |(v, _)| v))
+    s.starts_with("f:")
+        .then(|| s.rsplit_once(':').map_or(s, |(v, _)| v))
 }
 
 impl FileMapper {
@@ -215,23 +261,31 @@ impl FileMapper {
         sync: bool,
     ) -> Result<Item> {
         let f = open_file(path).map_err(|e| Error::io("open", e).item(id).path(path))?;
-        let meta = f.metadata().map_err(|e| Error::io("stat", e).item(id).path(path))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| Error::io("stat", e).item(id).path(path))?;
         let ex = fiemap(&f, if sync { FIEMAP_FLAG_SYNC } else { 0 }).map_err(|e| {
             let kind = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 ErrorKind::Unsupported
             } else {
                 ErrorKind::Io
             };
-            Error::new(kind, "FIEMAP failed: the file system cannot say where the file's blocks are")
-                .op("fiemap")
-                .item(id)
-                .path(path)
-                .source(e)
+            Error::new(
+                kind,
+                "FIEMAP failed: the file system cannot say where the file's blocks are",
+            )
+            .op("fiemap")
+            .item(id)
+            .path(path)
+            .source(e)
         })?;
         let gen = generation(&f);
         let size = meta.len();
-        let plan = plan_file(size, &ex)
-            .map_err(|e| Error::new(ErrorKind::Unstable, e.to_string()).item(id).path(path))?;
+        let plan = plan_file(size, &ex).map_err(|e| {
+            Error::new(ErrorKind::Unstable, e.to_string())
+                .item(id)
+                .path(path)
+        })?;
         let mut extents = Vec::with_capacity(plan.len());
         for piece in plan {
             match piece {
@@ -250,9 +304,8 @@ impl FileMapper {
                 }),
                 FilePiece::Inline { logical, length } => {
                     let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, logical).map_err(
-                        |e| Error::io("read inline data", e).item(id).path(path),
-                    )?;
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, logical)
+                        .map_err(|e| Error::io("read inline data", e).item(id).path(path))?;
                     extents.push(MapExtent {
                         logical: ItemOffset(logical),
                         length: Bytes(length),
@@ -320,7 +373,18 @@ impl Mapper for FileMapper {
         let mut seen = std::collections::HashSet::new();
         let mut links = HashMap::new();
         for (h, spec) in &hs {
-            let tr = (self.translators)(h)?;
+            let tr = match (self.translators)(h) {
+                Ok(t) => t,
+                Err(e) => {
+                    // A file system this mapper cannot map: the source
+                    // fails, the other sources of the set go on.
+                    failures.push(ItemFailure {
+                        item: item_id(&spec.root, "."),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let w = walk(spec, &h.frozen);
             failures.extend(w.failures);
             for e in &w.entries {
@@ -369,7 +433,8 @@ impl Mapper for FileMapper {
         let file = capture(&spec.root, &rel, &path, &meta)
             .map_err(|e| Error::io("read metadata", e).item(item).path(&path))?;
         let fresh = self.map_file(item, &rel, &path, file, tr.as_ref(), true)?;
-        let same_version = version_of(since).is_some() && version_of(since) == version_of(&fresh.config);
+        let same_version =
+            version_of(since).is_some() && version_of(since) == version_of(&fresh.config);
         if same_version {
             // Same content, moved blocks (defrag, balance): only the
             // extents that differ.
@@ -415,10 +480,7 @@ impl Mapper for FileMapper {
 pub struct FileValidity;
 
 impl FileValidity {
-    fn one(
-        hs: &[(SourceHandle, crate::source::SourceSpec)],
-        item: &ItemId,
-    ) -> Result<ConfigId> {
+    fn one(hs: &[(SourceHandle, crate::source::SourceSpec)], item: &ItemId) -> Result<ConfigId> {
         let (_, _, _, path) = locate(hs, item)?;
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,

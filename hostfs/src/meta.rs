@@ -53,7 +53,9 @@ pub fn xattrs(path: &Path) -> std::io::Result<BTreeMap<String, String>> {
         }
     };
     for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        let Ok(name) = std::str::from_utf8(name) else { continue };
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
         let mut val = vec![0u8; 1024];
         let len = loop {
             match rustix::fs::lgetxattr(path, name, &mut val) {

@@ -51,17 +51,19 @@ fn config(msg: String) -> Error {
 /// A path that is absolute and has no `.`/`..` components.
 fn plain_absolute(p: &Path) -> bool {
     p.is_absolute()
-        && p
-            .components()
+        && p.components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Refuse a root that is not where it says it is.
 fn check_canonical(p: &Path) -> Result<()> {
     let real = std::fs::canonicalize(p).map_err(|e| {
-        Error::new(ErrorKind::NotFound, format!("source {} cannot be resolved", p.display()))
-            .path(p)
-            .source(e)
+        Error::new(
+            ErrorKind::NotFound,
+            format!("source {} cannot be resolved", p.display()),
+        )
+        .path(p)
+        .source(e)
     })?;
     if real != p {
         return Err(config(format!(
@@ -122,8 +124,7 @@ pub fn parse_source(text: &str) -> Result<SourceSpec> {
         });
     }
     check_canonical(&p)?;
-    let meta = std::fs::symlink_metadata(&p)
-        .map_err(|e| Error::io("stat source", e).path(&p))?;
+    let meta = std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat source", e).path(&p))?;
     if meta.is_dir() {
         Ok(SourceSpec {
             root: p,
@@ -253,7 +254,10 @@ fn relative_under(root: &Path, line: &str) -> std::result::Result<String, String
 /// lead outside the source)?
 fn through_symlink(frozen: &Path, rel: &str) -> Option<String> {
     let mut at = frozen.to_path_buf();
-    let parts: Vec<&str> = rel.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    let parts: Vec<&str> = rel
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
     for part in parts.iter().take(parts.len().saturating_sub(1)) {
         at.push(part);
         if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -300,7 +304,11 @@ pub fn walk(spec: &SourceSpec, frozen: &Path) -> Walk {
                 out
             }
             Err(e) => {
-                w.fail(root, ".", format!("cannot read list file {}: {e}", list.display()));
+                w.fail(
+                    root,
+                    ".",
+                    format!("cannot read list file {}: {e}", list.display()),
+                );
                 return w;
             }
         },
@@ -330,14 +338,20 @@ fn expand_glob(base: &Path, glob: &str) -> Vec<String> {
     for part in glob.split('/').filter(|s| !s.is_empty()) {
         let mut next = Vec::new();
         for rel in &found {
-            let dir = if rel.is_empty() { base.to_path_buf() } else { base.join(rel) };
+            let dir = if rel.is_empty() {
+                base.to_path_buf()
+            } else {
+                base.join(rel)
+            };
             if !has_glob(part) {
                 if std::fs::symlink_metadata(dir.join(part)).is_ok() {
                     next.push(join(rel, part));
                 }
                 continue;
             }
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             let mut names: Vec<String> = rd
                 .flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
@@ -374,13 +388,24 @@ mod tests {
         assert_eq!(parse_source(&r).unwrap().select, Selection::Tree);
         assert_eq!(
             parse_source(&format!("{r}/a.log")).unwrap(),
-            SourceSpec { root: root.clone(), select: Selection::Paths(vec!["a.log".into()]) }
+            SourceSpec {
+                root: root.clone(),
+                select: Selection::Paths(vec!["a.log".into()])
+            }
         );
         assert_eq!(
             parse_source(&format!("{r}/*.log")).unwrap(),
-            SourceSpec { root: root.clone(), select: Selection::Glob("*.log".into()) }
+            SourceSpec {
+                root: root.clone(),
+                select: Selection::Glob("*.log".into())
+            }
         );
-        for bad in ["relative/path".to_string(), format!("{r}/../x"), format!("{r}/./sub"), format!("{r}/sub/")] {
+        for bad in [
+            "relative/path".to_string(),
+            format!("{r}/../x"),
+            format!("{r}/./sub"),
+            format!("{r}/sub/"),
+        ] {
             let e = parse_source(&bad).unwrap_err();
             assert!(e.to_string().contains("absolute"), "{bad}: {e}");
         }
@@ -405,7 +430,18 @@ mod tests {
         let spec = parse_source(&r).unwrap();
         let w = walk(&spec, &root);
         let rels: Vec<&str> = w.entries.iter().map(|e| e.rel.as_str()).collect();
-        assert_eq!(rels, [".", "etc", "logs", "logs/a.log", "logs/b.txt", "logs/old", "logs/old/c.log"]);
+        assert_eq!(
+            rels,
+            [
+                ".",
+                "etc",
+                "logs",
+                "logs/a.log",
+                "logs/b.txt",
+                "logs/old",
+                "logs/old/c.log"
+            ]
+        );
 
         let spec = parse_source(&format!("{r}/logs/*.log")).unwrap();
         let w = walk(&spec, &root.join("logs"));
@@ -423,9 +459,18 @@ mod tests {
         assert_eq!(rels, ["logs/a.log", "logs/old", "logs/old/c.log"]);
         let errs: Vec<&str> = w.failures.iter().map(|f| f.error.as_str()).collect();
         assert_eq!(errs.len(), 4, "{errs:?}");
-        assert!(errs[0].contains("/etc/shadow is outside the source"), "{errs:?}");
-        assert!(errs[1].contains("logs/../../x is outside the source"), "{errs:?}");
+        assert!(
+            errs[0].contains("/etc/shadow is outside the source"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("logs/../../x is outside the source"),
+            "{errs:?}"
+        );
         assert!(errs[2].contains("goes through the symlink"), "{errs:?}");
-        assert!(errs[3].contains("cannot stat") && errs[3].contains("missing"), "{errs:?}");
+        assert!(
+            errs[3].contains("cannot stat") && errs[3].contains("missing"),
+            "{errs:?}"
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! own loopback port; movers run through floe-core's engine or the `floe`
 //! binary. Everything is torn down when the harness drops.
 
+pub mod hostfs;
+
 use floe_core::abi::{Interface, MediaReader, MediaWriter};
 use floe_core::agent::{Agent, AgentClient, AgentOptions};
 use floe_core::device::{open_target, DeviceResolver};

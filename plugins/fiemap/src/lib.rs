@@ -8,20 +8,16 @@
 //! which names it as the image's mapper.
 
 use floe_core::abi::{Interface, Mapper, Plugin, PluginInfo, ValidityIndicator};
-use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::error::Result;
 use floe_hostfs::identity::{fs_device, mount_of};
-use floe_hostfs::mapper::{FileMapper, FileValidity, SourceHandle, Translate};
+use floe_hostfs::mapper::{check_mapper, FileMapper, FileValidity, SourceHandle, Translate};
 
 /// The plugin.
 pub struct FiemapPlugin;
 
 fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
-    if h.fstype == "btrfs" {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "btrfs's FIEMAP gives its logical addresses, not device offsets: map it with the btrfs plugin",
-        ));
-    }
+    // btrfs's FIEMAP gives its logical addresses, not device offsets.
+    check_mapper(h, "fiemap")?;
     let (_, _, dev) = mount_of(&h.frozen)?;
     Ok(Box::new(fs_device(dev)?))
 }

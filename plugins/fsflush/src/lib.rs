@@ -21,7 +21,7 @@ use floe_core::error::{Error, ErrorKind, Result};
 use floe_core::media::pausepoint;
 use floe_core::model::{now_secs, FrozenImage, FrozenItem, ImageId};
 use floe_hostfs::identity::mount_of;
-use floe_hostfs::mapper::SourceHandle;
+use floe_hostfs::mapper::{mapper_for, SourceHandle};
 use floe_hostfs::source::parse_source;
 use floe_hostfs::sys::{freeze, thaw, ThawGuard};
 use std::collections::HashMap;
@@ -32,15 +32,6 @@ use std::time::Duration;
 
 /// The plugin.
 pub struct FsFlushPlugin;
-
-/// The mapper for a file system type.
-pub fn mapper_for(fstype: &str) -> Option<&'static str> {
-    match fstype {
-        "ext4" | "ext3" | "ext2" | "xfs" => Some("fiemap"),
-        "btrfs" => Some("btrfs"),
-        _ => None,
-    }
-}
 
 struct Held {
     mounts: Vec<(PathBuf, File)>,
@@ -84,25 +75,19 @@ impl Freezer for FsFlush {
             })?;
             let spec = parse_source(text)?;
             let (mp, fstype, _) = mount_of(&spec.root)?;
-            let m = mapper_for(&fstype).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "{} is on {fstype}, which Floe cannot map (ext4, ext3, ext2, xfs, btrfs)",
-                        spec.root.display()
-                    ),
-                )
-                .path(&spec.root)
-            })?;
-            if mapper.is_some_and(|x| x != m) {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    "one set's file systems must share a mapper (ext4/XFS: fiemap, btrfs: btrfs): back them up as separate sets",
-                ));
-            }
-            mapper = Some(m);
-            if !mounts.contains(&mp) {
-                mounts.push(mp);
+            // A source on a file system no mapper supports is not frozen;
+            // the mapper names it as a failure and the set goes on.
+            if let Some(m) = mapper_for(&fstype) {
+                if mapper.is_some_and(|x| x != m) {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "one set's file systems must share a mapper (ext4/XFS: fiemap, btrfs: btrfs): back them up as separate sets",
+                    ));
+                }
+                mapper = Some(m);
+                if !mounts.contains(&mp) {
+                    mounts.push(mp);
+                }
             }
             items.push(FrozenItem {
                 id: floe_core::model::ItemId::new(s.clone()),
@@ -115,6 +100,24 @@ impl Freezer for FsFlush {
                 })
                 .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
             });
+        }
+        if mapper.is_none() {
+            let types: Vec<String> = items
+                .iter()
+                .filter_map(|i| {
+                    i.handle
+                        .get("fstype")
+                        .and_then(|v| v.as_str())
+                        .map(String::from)
+                })
+                .collect();
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "no source is on a file system Floe can map ({}; supported: ext4, ext3, ext2, xfs, btrfs)",
+                    types.join(", ")
+                ),
+            ));
         }
         mounts.sort();
         let mut dirs = Vec::new();
@@ -129,8 +132,8 @@ impl Freezer for FsFlush {
         }
         // The guard exists before anything is frozen.
         let fds: Vec<_> = dirs.iter().map(|(_, d)| d.as_raw_fd()).collect();
-        let guard = ThawGuard::spawn(&fds, self.bound)
-            .map_err(|e| Error::io("start the thaw guard", e))?;
+        let guard =
+            ThawGuard::spawn(&fds, self.bound).map_err(|e| Error::io("start the thaw guard", e))?;
         let mut held = Held {
             mounts: Vec::new(),
             guard: Some(guard),

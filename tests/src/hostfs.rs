@@ -1,0 +1,519 @@
+//! Real file systems for the host-side tests: images on loop devices,
+//! made with the real mkfs tools and mounted; a realistic tree; an exact
+//! comparison of two trees (kind, bytes, mode, owner, times, links,
+//! xattrs and ACLs, device numbers, sparseness); an agent process.
+//!
+//! Everything is undone on drop: mounts first, then only the loop devices
+//! this harness attached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Attach a loop device (read-only if asked); its path.
+pub fn attach(img: &Path, read_only: bool) -> Result<String, String> {
+    let mut c = Command::new("losetup");
+    c.args(["-f", "--show"]);
+    if read_only {
+        c.arg("-r");
+    }
+    run(c.arg(img))
+}
+
+/// A file system on loop devices over image files, mounted.
+pub struct LoopFs {
+    /// The image files (one per device).
+    pub images: Vec<PathBuf>,
+    /// The read-write loop devices the file system is on.
+    pub devs: Vec<String>,
+    /// Read-only loop devices over the same images: the mover's view.
+    pub ro: Vec<String>,
+    /// Where it is mounted.
+    pub mnt: PathBuf,
+    /// `ext4`, `xfs`, `btrfs`.
+    pub fstype: String,
+    mounted: bool,
+    /// Scratch space (images, mount point).
+    pub dir: tempfile::TempDir,
+}
+
+/// What a test needs to make file systems here, or why it cannot.
+pub fn fs_prerequisites(fstype: &str) -> Result<(), String> {
+    if !crate::is_root() {
+        return Err("needs root (loop devices, mount)".into());
+    }
+    let mkfs = format!("mkfs.{fstype}");
+    for tool in ["losetup", "mount", "umount", mkfs.as_str()] {
+        if !crate::have(tool) {
+            return Err(format!("needs {tool}"));
+        }
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.lines().any(|l| l.split_whitespace().last() == Some(fstype)) {
+        // The module may load on first mount; try that instead of refusing.
+        let _ = Command::new("modprobe").arg(fstype).status();
+    }
+    Ok(())
+}
+
+impl LoopFs {
+    /// Make `fstype` over `n` images of `mib` MiB each and mount it.
+    pub fn new(fstype: &str, n: usize, mib: u64, mkfs: &[&str], opts: &str) -> Result<LoopFs, String> {
+        fs_prerequisites(fstype)?;
+        let dir = tempfile::Builder::new()
+            .prefix("floe-fs-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let mut fs = LoopFs {
+            images: Vec::new(),
+            devs: Vec::new(),
+            ro: Vec::new(),
+            mnt: dir.path().join("mnt"),
+            fstype: fstype.into(),
+            mounted: false,
+            dir,
+        };
+        std::fs::create_dir(&fs.mnt).map_err(|e| e.to_string())?;
+        for i in 0..n {
+            let img = fs.dir.path().join(format!("disk{i}.img"));
+            let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
+            f.set_len(mib << 20).map_err(|e| e.to_string())?;
+            fs.devs.push(attach(&img, false)?);
+            fs.images.push(img);
+        }
+        let mut c = Command::new(format!("mkfs.{fstype}"));
+        match fstype {
+            "ext4" => c.args(["-q", "-F"]),
+            "xfs" => c.args(["-q", "-f"]),
+            "btrfs" => c.args(["-q", "-f"]),
+            _ => &mut c,
+        };
+        run(c.args(mkfs).args(&fs.devs))?;
+        let mut m = Command::new("mount");
+        if !opts.is_empty() {
+            m.args(["-o", opts]);
+        }
+        run(m.arg(&fs.devs[0]).arg(&fs.mnt))?;
+        fs.mounted = true;
+        Ok(fs)
+    }
+
+    /// Attach the mover's read-only views of every device.
+    pub fn mover_view(&mut self) -> Result<(), String> {
+        for img in &self.images.clone() {
+            self.ro.push(attach(img, true)?);
+        }
+        Ok(())
+    }
+
+    /// `--device ID=PATH` arguments for the mover (loop identities).
+    pub fn device_args(&self) -> Vec<String> {
+        self.images
+            .iter()
+            .zip(&self.ro)
+            .flat_map(|(img, ro)| ["--device".to_string(), format!("file:{}={ro}", img.display())])
+            .chain(self.images.iter().flat_map(|img| {
+                ["--allow-device".to_string(), format!("file:{}", img.display())]
+            }))
+            .collect()
+    }
+
+    /// Sync and drop caches of this file system's data (a cold start).
+    pub fn sync(&self) {
+        let _ = Command::new("sync").arg("-f").arg(&self.mnt).status();
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            for _ in 0..20 {
+                if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        for d in self.ro.iter().chain(&self.devs) {
+            let _ = Command::new("losetup").args(["-d", d]).status();
+        }
+    }
+}
+
+/// A small deterministic generator.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+fn set_times(p: &Path, sec: i64, nsec: u32) {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec.into(),
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("utimensat");
+}
+
+/// What a realistic tree holds, for assertions.
+#[derive(Debug, Default)]
+pub struct TreeFacts {
+    /// Regular files.
+    pub files: usize,
+    /// Bytes in them.
+    pub bytes: u64,
+}
+
+/// Build a realistic tree under `root`: `files` files in nested
+/// directories (tiny, small and large), fragmented files, sparse files,
+/// hard links, symlinks (relative, absolute, dangling), xattrs and an ACL,
+/// a FIFO, a device node, odd modes, owners and nanosecond times.
+pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
+    let mut rng = Rng::new(seed);
+    let mut facts = TreeFacts::default();
+    let write = |p: &Path, data: &[u8], facts: &mut TreeFacts| {
+        std::fs::write(p, data).expect("write");
+        facts.files += 1;
+        facts.bytes += data.len() as u64;
+    };
+    for i in 0..files {
+        let d = root.join(format!("src/mod{:02}/sub{}", i % 37, i % 5));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let size = match rng.next() % 100 {
+            0..=29 => (rng.next() % 120) as usize,           // tiny (inline on ext4 with inline_data)
+            30..=84 => 200 + (rng.next() % 16_000) as usize, // source-file sized
+            85..=97 => 20_000 + (rng.next() % 200_000) as usize,
+            _ => 1_000_000 + (rng.next() % 3_000_000) as usize,
+        };
+        let data = rng.bytes(size);
+        write(&d.join(format!("file{i}.rs")), &data, &mut facts);
+    }
+    // Fragmented: two files grown alternately, synced each step.
+    let frag = root.join("frag");
+    std::fs::create_dir_all(&frag).unwrap();
+    {
+        use std::io::Write;
+        let mut a = std::fs::File::create(frag.join("a.bin")).unwrap();
+        let mut b = std::fs::File::create(frag.join("b.bin")).unwrap();
+        for _ in 0..64 {
+            a.write_all(&rng.bytes(8192)).unwrap();
+            a.sync_all().unwrap();
+            b.write_all(&rng.bytes(8192)).unwrap();
+            b.sync_all().unwrap();
+        }
+        facts.files += 2;
+        facts.bytes += 2 * 64 * 8192;
+    }
+    // Sparse: data islands in a large hole, and a file that is all hole.
+    let sp = root.join("sparse");
+    std::fs::create_dir_all(&sp).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(sp.join("islands.img")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for k in 0..5u64 {
+            f.write_all_at(&rng.bytes(10_000), k * (12 << 20) + 4096 * k).unwrap();
+        }
+        let g = std::fs::File::create(sp.join("empty-but-big.img")).unwrap();
+        g.set_len(8 << 20).unwrap();
+        facts.files += 2;
+    }
+    // Links.
+    let l = root.join("links");
+    std::fs::create_dir_all(&l).unwrap();
+    write(&l.join("target.txt"), b"the target\n", &mut facts);
+    std::fs::hard_link(l.join("target.txt"), l.join("hard1")).unwrap();
+    std::fs::create_dir_all(root.join("links/deeper")).unwrap();
+    std::fs::hard_link(l.join("target.txt"), l.join("deeper/hard2")).unwrap();
+    std::os::unix::fs::symlink("target.txt", l.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", l.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("no/such/file", l.join("dangling")).unwrap();
+    // Special files, modes, owners, attributes.
+    let s = root.join("special");
+    std::fs::create_dir_all(s.join("empty-dir")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &s.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &s.join("null-dev"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .unwrap();
+    write(&s.join("setuid"), b"#!/bin/sh\n", &mut facts);
+    std::fs::set_permissions(
+        s.join("setuid"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    std::fs::create_dir_all(s.join("sticky")).unwrap();
+    std::fs::set_permissions(
+        s.join("sticky"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    write(&s.join("owned"), b"owned by someone else", &mut facts);
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        &s.join("owned"),
+        Some(rustix::fs::Uid::from_raw(1234)),
+        Some(rustix::fs::Gid::from_raw(5678)),
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+    write(&s.join("xattrs"), b"with attributes", &mut facts);
+    rustix::fs::lsetxattr(
+        &s.join("xattrs"),
+        "user.floe.test",
+        b"value \x00 with a nul",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    if crate::have("setfacl") {
+        let _ = Command::new("setfacl")
+            .args(["-m", "u:1234:rw,g:5678:r"])
+            .arg(s.join("xattrs"))
+            .status();
+        let _ = Command::new("setfacl")
+            .args(["-d", "-m", "u:1234:rwx"])
+            .arg(s.join("sticky"))
+            .status();
+    }
+    write(&s.join("empty"), b"", &mut facts);
+    // Nanosecond times everywhere (directories last).
+    let mut all = Vec::new();
+    collect(root, &mut all);
+    for (k, p) in all.iter().rev().enumerate() {
+        set_times(p, 1_600_000_000 + k as i64 * 7, (k as u32 * 7919) % 1_000_000_000);
+    }
+    facts
+}
+
+fn collect(p: &Path, out: &mut Vec<PathBuf>) {
+    out.push(p.to_path_buf());
+    if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+        let mut names: Vec<_> = std::fs::read_dir(p).unwrap().flatten().map(|e| e.path()).collect();
+        names.sort();
+        for n in names {
+            collect(&n, out);
+        }
+    }
+}
+
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut names = vec![0u8; 65536];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut names) else {
+        return out;
+    };
+    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let name = String::from_utf8_lossy(name).to_string();
+        let mut v = vec![0u8; 65536];
+        if let Ok(k) = rustix::fs::lgetxattr(p, name.as_str(), &mut v) {
+            out.insert(name, v[..k].to_vec());
+        }
+    }
+    out
+}
+
+/// Every difference between the tree at `a` and the one at `b`: kind,
+/// mode, owner, mtime (ns), size, bytes, symlink target, device number,
+/// xattrs (ACLs), hard-link structure, sparseness. Empty when equal.
+pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
+    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    collect(a, &mut pa);
+    collect(b, &mut pb);
+    let rel = |base: &Path, p: &PathBuf| p.strip_prefix(base).unwrap().to_path_buf();
+    let ra: Vec<PathBuf> = pa.iter().map(|p| rel(a, p)).collect();
+    let rb: Vec<PathBuf> = pb.iter().map(|p| rel(b, p)).collect();
+    let mut diffs = Vec::new();
+    if ra != rb {
+        let sa: std::collections::BTreeSet<_> = ra.iter().collect();
+        let sb: std::collections::BTreeSet<_> = rb.iter().collect();
+        for m in sa.difference(&sb).take(10) {
+            diffs.push(format!("{}: missing from the restore", m.display()));
+        }
+        for m in sb.difference(&sa).take(10) {
+            diffs.push(format!("{}: extra in the restore", m.display()));
+        }
+    }
+    let mut links_a: HashMap<u64, PathBuf> = HashMap::new();
+    let mut links_b: HashMap<u64, PathBuf> = HashMap::new();
+    for r in ra.iter().filter(|r| rb.contains(r)) {
+        let (x, y) = (a.join(r), b.join(r));
+        let (ma, mb) = (std::fs::symlink_metadata(&x).unwrap(), std::fs::symlink_metadata(&y).unwrap());
+        let name = r.display().to_string();
+        let mut d = |what: &str, l: String, rr: String| {
+            if l != rr {
+                diffs.push(format!("{name}: {what} {l} != {rr}"));
+            }
+        };
+        d("type", format!("{:?}", ma.file_type()), format!("{:?}", mb.file_type()));
+        d("mode", format!("{:o}", ma.mode()), format!("{:o}", mb.mode()));
+        d("owner", format!("{}:{}", ma.uid(), ma.gid()), format!("{}:{}", mb.uid(), mb.gid()));
+        d("mtime", format!("{}.{:09}", ma.mtime(), ma.mtime_nsec()), format!("{}.{:09}", mb.mtime(), mb.mtime_nsec()));
+        d("xattrs", format!("{:?}", xattrs(&x)), format!("{:?}", xattrs(&y)));
+        let t = ma.file_type();
+        if t.is_symlink() {
+            d("target", format!("{:?}", std::fs::read_link(&x).ok()), format!("{:?}", std::fs::read_link(&y).ok()));
+        }
+        if t.is_char_device() || t.is_block_device() {
+            d("rdev", ma.rdev().to_string(), mb.rdev().to_string());
+        }
+        if t.is_file() {
+            d("size", ma.len().to_string(), mb.len().to_string());
+            d("nlink", ma.nlink().to_string(), mb.nlink().to_string());
+            if ma.nlink() > 1 {
+                let fa = links_a.entry(ma.ino()).or_insert_with(|| r.clone()).clone();
+                let fb = links_b.entry(mb.ino()).or_insert_with(|| r.clone()).clone();
+                d("hard link group", fa.display().to_string(), fb.display().to_string());
+            }
+            let ha = blake3::hash(&std::fs::read(&x).unwrap());
+            let hb = blake3::hash(&std::fs::read(&y).unwrap());
+            d("bytes (blake3)", ha.to_hex().to_string(), hb.to_hex().to_string());
+            let sparse_a = ma.blocks() * 512 < ma.len();
+            let sparse_b = mb.blocks() * 512 < mb.len();
+            if sparse_a && !sparse_b {
+                diffs.push(format!("{name}: sparse in the source, fully allocated in the restore"));
+            }
+        }
+    }
+    diffs
+}
+
+/// An agent process of the build tree, ended (by pid) on drop.
+pub struct AgentProcess {
+    /// The process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: String,
+    /// Its stderr, line by line, after the listening line.
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl AgentProcess {
+    /// `floe agent --listen 127.0.0.1:0` with these extra arguments and
+    /// environment.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+        let mut c = crate::floe_cmd();
+        c.args(["agent", "--listen", "127.0.0.1:0", "--image-lease", "0"])
+            .args(args)
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("start floe agent");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let addr = first.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        assert!(first.contains("listening"), "agent did not start: {first}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        AgentProcess {
+            child,
+            addr,
+            stderr: rx,
+        }
+    }
+
+    /// Wait for a stderr line containing `what`.
+    pub fn wait_for(&self, what: &str, timeout: std::time::Duration) -> Option<String> {
+        let end = std::time::Instant::now() + timeout;
+        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // our own child, by pid
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `floe backup` against an agent; (exit code, stdout, stderr).
+pub fn floe_backup(agent: &str, sources: &[String], media: &Path, extra: &[String]) -> (i32, String, String) {
+    let mut c = crate::floe_cmd();
+    c.args(["backup", "--agent", agent]);
+    for s in sources {
+        c.args(["--source", s]);
+    }
+    c.arg("--media").arg(format!("disk:{}", media.display())).args(extra);
+    let out = c.output().expect("run floe backup");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The set id a `floe backup` printed.
+pub fn set_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("set ").and_then(|r| r.split_whitespace().next()))
+        .unwrap_or_default()
+        .to_string()
+}
