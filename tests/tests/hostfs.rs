@@ -64,3 +64,223 @@ fn ext4_tree_with_inline_data_round_trips_exactly() {
 fn xfs_tree_round_trips_exactly() {
     round_trip("xfs_tree_round_trips_exactly", "xfs", &[], "");
 }
+
+mod invalidation {
+    use super::*;
+    use floe_core::abi::MediaWriter;
+    use floe_core::agent::AgentClient;
+    use floe_core::device::{DeviceResolver, Location};
+    use floe_core::model::*;
+    use floe_core::mover::{backup, MoverOptions};
+    use floe_tests::hostfs::Rng;
+    use floe_tests::Lab;
+    use std::collections::HashMap;
+    use std::process::Command;
+
+    /// A media writer that runs a hook when the first item reaches it:
+    /// the application's writes land while the mover is mid-set.
+    struct Meddling {
+        inner: Box<dyn MediaWriter>,
+        hook: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl MediaWriter for Meddling {
+        fn begin_set(&mut self, h: &SetHeader) -> floe_core::Result<()> {
+            self.inner.begin_set(h)
+        }
+        fn resume_set(&mut self, s: &SetId) -> floe_core::Result<SetRecord> {
+            self.inner.resume_set(s)
+        }
+        fn begin_item(&mut self, h: &ItemHeader) -> floe_core::Result<()> {
+            if let Some(hook) = self.hook.take() {
+                hook();
+            }
+            self.inner.begin_item(h)
+        }
+        fn write(&mut self, d: &[u8]) -> floe_core::Result<()> {
+            self.inner.write(d)
+        }
+        fn end_item(&mut self, t: &ItemTrailer) -> floe_core::Result<MediaPosition> {
+            self.inner.end_item(t)
+        }
+        fn fail_item(&mut self, f: &ItemFailure) -> floe_core::Result<()> {
+            self.inner.fail_item(f)
+        }
+        fn commit(&mut self) -> floe_core::Result<SetRecord> {
+            self.inner.commit()
+        }
+        fn abort(&mut self) -> floe_core::Result<()> {
+            self.inner.abort()
+        }
+        fn delete_set(&mut self, s: &SetId) -> floe_core::Result<()> {
+            self.inner.delete_set(s)
+        }
+    }
+
+    /// The application keeps writing while the backup runs: overwrites in
+    /// place, appends, a deleted file, a defragmenter moving extents, and
+    /// fstrim. Flush-only keeps no old version, so every file restores as
+    /// its frozen bytes or, whole, as a later version flagged as captured
+    /// after the freeze — never a mix, never stale blocks.
+    fn writes_and_defrag(name: &str, fstype: &str, defrag: &'static str) {
+        let mut fs = match LoopFs::new(fstype, 1, 512, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        if !floe_tests::have(defrag) || !floe_tests::have("fstrim") {
+            return skip(name, &format!("needs {defrag} and fstrim"));
+        }
+        let mut rng = Rng::new(11);
+        // First in walk order: bulk the reader works through while the
+        // application writes; last: the files it writes to.
+        let bulk = fs.mnt.join("aa");
+        std::fs::create_dir_all(&bulk).unwrap();
+        for i in 0..120 {
+            std::fs::write(bulk.join(format!("b{i:03}")), rng.bytes(200_000)).unwrap();
+        }
+        let zz = fs.mnt.join("zz");
+        std::fs::create_dir_all(&zz).unwrap();
+        let mut frozen: HashMap<String, Vec<u8>> = HashMap::new();
+        for i in 0..12 {
+            let n = format!("zz/over{i:02}");
+            let d = rng.bytes(150_000);
+            std::fs::write(fs.mnt.join(&n), &d).unwrap();
+            frozen.insert(n, d);
+            let n = format!("zz/app{i:02}");
+            let d = rng.bytes(50_000);
+            std::fs::write(fs.mnt.join(&n), &d).unwrap();
+            frozen.insert(n, d);
+        }
+        // A large file written in many interleaved pieces (fragmented), for
+        // the defragmenter, read in several windows.
+        {
+            use std::io::Write;
+            let mut a = std::fs::File::create(zz.join("frag-a")).unwrap();
+            let mut b = std::fs::File::create(zz.join("frag-b")).unwrap();
+            let (mut da, mut db) = (Vec::new(), Vec::new());
+            for _ in 0..200 {
+                let x = rng.bytes(16384);
+                a.write_all(&x).unwrap();
+                a.sync_all().unwrap();
+                da.extend_from_slice(&x);
+                let y = rng.bytes(16384);
+                b.write_all(&y).unwrap();
+                b.sync_all().unwrap();
+                db.extend_from_slice(&y);
+            }
+            frozen.insert("zz/frag-a".into(), da);
+            frozen.insert("zz/frag-b".into(), db);
+        }
+        fs.sync();
+        fs.mover_view().unwrap();
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+
+        let mnt = fs.mnt.clone();
+        let later: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>> = Default::default();
+        let later2 = later.clone();
+        let hook = move || {
+            let mut rng = Rng::new(99);
+            let mut l = later2.lock().unwrap();
+            for i in 0..12 {
+                use std::io::Write;
+                use std::os::unix::fs::FileExt;
+                let n = format!("zz/over{i:02}");
+                let d = rng.bytes(150_000);
+                let f = std::fs::OpenOptions::new().write(true).open(mnt.join(&n)).unwrap();
+                f.write_all_at(&d, 0).unwrap();
+                l.insert(n, d);
+                let n = format!("zz/app{i:02}");
+                let mut f = std::fs::OpenOptions::new().append(true).open(mnt.join(&n)).unwrap();
+                let extra = rng.bytes(30_000);
+                f.write_all(&extra).unwrap();
+                let mut whole = std::fs::read(mnt.join(&n)).unwrap();
+                whole.truncate(80_000);
+                l.insert(n, whole);
+            }
+            let st = Command::new(defrag)
+                .arg(if defrag == "xfs_fsr" { "-v" } else { "-v" })
+                .arg(mnt.join("zz/frag-a"))
+                .arg(mnt.join("zz/frag-b"))
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{defrag}: {}", String::from_utf8_lossy(&st.stderr));
+            let _ = Command::new("fstrim").arg(&mnt).status();
+            let _ = Command::new("sync").arg("-f").arg(&mnt).status();
+        };
+        let media_dir = fs.dir.path().join("media");
+        let mut media = Meddling {
+            inner: Lab::disk_writer(&media_dir),
+            hook: Some(Box::new(hook)),
+        };
+        let table: HashMap<DeviceId, Location> = fs
+            .images
+            .iter()
+            .zip(&fs.ro)
+            .map(|(i, r)| (DeviceId::new(format!("file:{}", i.display())), Location::Path(r.into())))
+            .collect();
+        let resolver = DeviceResolver::new(table, None);
+        let mut client = AgentClient::connect_tcp(&agent.addr).unwrap();
+        let opts = MoverOptions {
+            window: floe_core::units::Bytes(1 << 20),
+            parallel: 2,
+            ..Default::default()
+        };
+        let report = backup(&mut client, &[allow.clone()], &resolver, &mut media, &opts, &mut |_| {})
+            .expect("backup under writes");
+        assert!(report.set.failures.is_empty(), "{:?}", report.set.failures);
+
+        let out = fs.dir.path().join("out");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media_dir.display()))
+            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let later = later.lock().unwrap();
+        let mut after = 0;
+        for (n, old) in &frozen {
+            let got = std::fs::read(out.join(n)).unwrap();
+            let id = format!("{}/{n}", fs.mnt.display());
+            let rec = report.set.items.iter().find(|i| i.header.item.as_str() == id).unwrap();
+            if &got == old {
+                assert!(!rec.trailer.captured_after_freeze, "{n}: frozen bytes flagged as later");
+            } else {
+                let new = later.get(n).unwrap_or_else(|| panic!("{n}: neither frozen nor a later version"));
+                assert!(&got == new, "{n}: restored bytes are neither the frozen nor the later version (a mix or stale blocks)");
+                assert!(rec.trailer.captured_after_freeze, "{n}: a later version not flagged");
+                after += 1;
+            }
+        }
+        assert!(after > 0, "no file was read after the application wrote it: the test did not test");
+        // The defragmenter moved the fragmented files' extents without
+        // changing a byte: remapped (only the moved extents), not flagged.
+        for n in ["zz/frag-a", "zz/frag-b"] {
+            let id = format!("{}/{n}", fs.mnt.display());
+            let rec = report.set.items.iter().find(|i| i.header.item.as_str() == id).unwrap();
+            assert!(rec.trailer.remaps > 0, "{n}: {defrag} moved nothing the mover noticed");
+            assert!(!rec.trailer.captured_after_freeze, "{n}");
+        }
+        assert!(report.remaps > 0 && report.rereads > 0, "remaps {} rereads {}", report.remaps, report.rereads);
+    }
+
+    #[test]
+    fn ext4_under_writes_e4defrag_and_fstrim_restores_frozen_or_whole_later_versions() {
+        writes_and_defrag(
+            "ext4_under_writes_e4defrag_and_fstrim_restores_frozen_or_whole_later_versions",
+            "ext4",
+            "e4defrag",
+        );
+    }
+
+    #[test]
+    fn xfs_under_writes_xfs_fsr_and_fstrim_restores_frozen_or_whole_later_versions() {
+        writes_and_defrag(
+            "xfs_under_writes_xfs_fsr_and_fstrim_restores_frozen_or_whole_later_versions",
+            "xfs",
+            "xfs_fsr",
+        );
+    }
+}
