@@ -199,15 +199,27 @@ pub fn failpoint(name: &str) {
     }
 }
 
-/// Pause injection for tests: when `FLOE_PAUSEPOINT` names this point, the
-/// process says so on stderr (`floe: pausepoint NAME: waiting`) and waits
-/// here until it is killed, so a test can kill it at exactly this moment.
+/// Pause injection for tests: when `FLOE_PAUSEPOINT` names this point
+/// (`NAME`, or `NAME:MILLIS`), the process says so on stderr
+/// (`floe: pausepoint NAME: waiting`) and waits here — until it is killed,
+/// or for MILLIS — so a test can act at exactly this moment.
 pub fn pausepoint(name: &str) {
-    if std::env::var("FLOE_PAUSEPOINT").is_ok_and(|v| v == name) {
-        eprintln!("floe: pausepoint {name}: waiting");
-        loop {
+    let Ok(v) = std::env::var("FLOE_PAUSEPOINT") else {
+        return;
+    };
+    let (point, millis) = match v.split_once(':') {
+        Some((p, m)) => (p.to_string(), m.parse::<u64>().ok()),
+        None => (v.clone(), None),
+    };
+    if point != name {
+        return;
+    }
+    eprintln!("floe: pausepoint {name}: waiting");
+    match millis {
+        Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        None => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
+        },
     }
 }
 

@@ -142,6 +142,8 @@ impl LoopFs {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         if self.mounted {
+            // Never leave a file system frozen, whatever a test did.
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
             for _ in 0..20 {
                 if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
                     break;

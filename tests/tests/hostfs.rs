@@ -284,3 +284,103 @@ mod invalidation {
         );
     }
 }
+
+mod freeze_guard {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Start a writer that blocks while the file system is frozen.
+    fn probe(fs: &LoopFs) -> std::process::Child {
+        Command::new("touch")
+            .arg(fs.mnt.join(format!("probe-{}", std::process::id())))
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_exit(c: &mut std::process::Child, within: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if c.try_wait().unwrap().is_some() {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn frozen_agent(name: &str, bound: &str, pause: &str) -> Option<(LoopFs, AgentProcess, std::process::Child)> {
+        let mut fs = match LoopFs::new("ext4", 1, 128, &[], "") {
+            Ok(f) => f,
+            Err(why) => {
+                skip(name, &why);
+                return None;
+            }
+        };
+        std::fs::write(fs.mnt.join("data"), vec![7u8; 100_000]).unwrap();
+        fs.mover_view().unwrap();
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(
+            &["--allow-source", &allow, "--plugin-opt", &format!("fsflush.freeze_timeout={bound}")],
+            &[("FLOE_PAUSEPOINT", pause)],
+        );
+        let mut mover = floe_cmd();
+        mover
+            .args(["backup", "--agent", &agent.addr, "--source", &allow, "--media"])
+            .arg(format!("disk:{}", fs.dir.path().join("media").display()))
+            .args(fs.device_args())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mover = mover.spawn().unwrap();
+        assert!(
+            agent.wait_for("pausepoint fsflush-frozen", Duration::from_secs(20)).is_some(),
+            "the agent never froze"
+        );
+        Some((fs, agent, mover))
+    }
+
+    #[test]
+    fn an_agent_killed_while_the_file_system_is_frozen_leaves_it_thawed() {
+        let name = "an_agent_killed_while_the_file_system_is_frozen_leaves_it_thawed";
+        let Some((fs, mut agent, mover)) = frozen_agent(name, "120", "fsflush-frozen") else { return };
+        let mut w = probe(&fs);
+        assert!(wait_exit(&mut w, Duration::from_millis(700)).is_none(), "writes are not held: the file system is not frozen");
+        agent.child.kill().unwrap(); // SIGKILL, our own child
+        agent.child.wait().unwrap();
+        // The bound is 120 s: only the guard seeing its agent die can thaw
+        // this fast.
+        let took = wait_exit(&mut w, Duration::from_secs(10)).expect("the file system stayed frozen after the agent was killed");
+        assert!(w.wait().unwrap().success());
+        eprintln!("thawed {took:?} after the agent was killed");
+        let out = mover.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was recorded as complete"));
+    }
+
+    #[test]
+    fn a_stuck_agent_is_thawed_at_the_freeze_bound() {
+        let name = "a_stuck_agent_is_thawed_at_the_freeze_bound";
+        let Some((fs, agent, mover)) = frozen_agent(name, "2", "fsflush-frozen") else { return };
+        let mut w = probe(&fs);
+        let t = Instant::now();
+        assert!(wait_exit(&mut w, Duration::from_millis(700)).is_none(), "not frozen");
+        let took = wait_exit(&mut w, Duration::from_secs(15)).expect("the bound did not thaw the file system");
+        let total = t.elapsed();
+        assert!(total >= Duration::from_millis(1000) && total < Duration::from_secs(8), "thawed after {total:?} ({took:?}), bound 2 s");
+        // The agent is still alive, stuck; the writer went through anyway.
+        assert!(std::process::Command::new("kill").args(["-0", &agent.child.id().to_string()]).status().unwrap().success());
+        drop(agent);
+        let _ = mover.wait_with_output();
+    }
+
+    #[test]
+    fn a_map_captured_after_the_bound_thawed_is_refused() {
+        let name = "a_map_captured_after_the_bound_thawed_is_refused";
+        // Bound 1 s; the agent is held 2.5 s inside the freeze, then maps.
+        let Some((_fs, _agent, mover)) = frozen_agent(name, "1", "fsflush-frozen:2500") else { return };
+        let out = mover.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("freeze bound of 1 s ran out before the map was captured"), "{err}");
+    }
+}
