@@ -171,6 +171,7 @@ mod invalidation {
             frozen.insert("zz/frag-a".into(), da);
             frozen.insert("zz/frag-b".into(), db);
         }
+        std::fs::write(zz.join("gone"), rng.bytes(70_000)).unwrap();
         fs.sync();
         fs.mover_view().unwrap();
         let allow = format!("fsflush:{}", fs.mnt.display());
@@ -205,6 +206,7 @@ mod invalidation {
                 .output()
                 .unwrap();
             assert!(st.status.success(), "{defrag}: {}", String::from_utf8_lossy(&st.stderr));
+            std::fs::remove_file(mnt.join("zz/gone")).unwrap();
             let _ = Command::new("fstrim").arg(&mnt).status();
             let _ = Command::new("sync").arg("-f").arg(&mnt).status();
         };
@@ -228,7 +230,11 @@ mod invalidation {
         };
         let report = backup(&mut client, &[allow.clone()], &resolver, &mut media, &opts, &mut |_| {})
             .expect("backup under writes");
-        assert!(report.set.failures.is_empty(), "{:?}", report.set.failures);
+        // The file deleted after the freeze is the set's one failure.
+        let gone = format!("{}/zz/gone", fs.mnt.display());
+        assert_eq!(report.set.failures.len(), 1, "{:?}", report.set.failures);
+        assert_eq!(report.set.failures[0].item.as_str(), gone);
+        assert!(report.set.failures[0].error.contains("vanished after the frozen point"), "{:?}", report.set.failures);
 
         let out = fs.dir.path().join("out");
         let r = floe_cmd()
@@ -382,5 +388,81 @@ mod freeze_guard {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("freeze bound of 1 s ran out before the map was captured"), "{err}");
+    }
+}
+
+mod bad_input {
+    use super::*;
+    use std::process::Command;
+
+    struct Tmpfs(tempfile::TempDir);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    /// One set, four kinds of trouble: a listed path outside its source, a
+    /// listed file that does not exist, a file system on a device the mover
+    /// cannot see, a file system no mapper supports. Each is one clear
+    /// failure; everything else is backed up and restores; the set is
+    /// committed as partial and `floe backup` exits 3.
+    #[test]
+    fn each_bad_input_fails_its_items_and_the_rest_of_the_set_completes() {
+        let name = "each_bad_input_fails_its_items_and_the_rest_of_the_set_completes";
+        let mut good = match LoopFs::new("ext4", 1, 128, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        let unseen = LoopFs::new("xfs", 1, 300, &[], "").or_else(|_| LoopFs::new("ext4", 1, 128, &[], ""));
+        let Ok(unseen) = unseen else { return skip(name, "a second file system") };
+        let tmp = Tmpfs(tempfile::tempdir().unwrap());
+        let st = Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(tmp.0.path()).status().unwrap();
+        assert!(st.success());
+        std::fs::write(tmp.0.path().join("t"), b"on tmpfs").unwrap();
+        let g = &good.mnt.clone();
+        std::fs::create_dir_all(g.join("keep")).unwrap();
+        std::fs::write(g.join("keep/a"), vec![1u8; 50_000]).unwrap();
+        std::fs::write(g.join("keep/b"), vec![2u8; 5_000]).unwrap();
+        std::fs::write(
+            g.join("list"),
+            format!("keep\n/etc/passwd\nkeep/not-there\n{}/keep/b\n", g.display()),
+        )
+        .unwrap();
+        std::fs::write(unseen.mnt.join("u"), vec![3u8; 40_000]).unwrap();
+        good.mover_view().unwrap();
+        let sources = vec![
+            format!("fsflush:{}?from={}/list", g.display(), g.display()),
+            format!("fsflush:{}", unseen.mnt.display()),
+            format!("fsflush:{}", tmp.0.path().display()),
+        ];
+        let agent = AgentProcess::start(&["--allow-source", "fsflush:/tmp/*"], &[]);
+        let media = good.dir.path().join("media");
+        let mut extra = good.device_args();
+        extra.extend(["--allow-device".to_string(), format!("file:{}", unseen.images[0].display())]);
+        let (code, out, err) = floe_backup(&agent.addr, &sources, &media, &extra);
+        assert_eq!(code, 3, "a partial set must not look like success:\n{out}\n{err}");
+        assert!(out.contains("PARTIAL"), "{out}");
+        let named = |what: &str| err.lines().any(|l| l.contains("not backed up") && l.contains(what));
+        assert!(named("/etc/passwd is outside the source"), "{err}");
+        assert!(named("keep/not-there"), "{err}");
+        assert!(named(&format!("{}/u", unseen.mnt.display())) && named("unknown device"), "{err}");
+        assert!(named("on tmpfs, which Floe cannot map"), "{err}");
+        assert!(err.contains("is PARTIAL: 4 item(s) could not be backed up"), "{err}");
+
+        // What the set holds restores exactly.
+        let set = set_of(&out);
+        let to = good.dir.path().join("out");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(["--set", &set, "--to-dir"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let base = to.join(g.strip_prefix("/").unwrap());
+        assert_eq!(std::fs::read(base.join("keep/a")).unwrap(), vec![1u8; 50_000]);
+        assert_eq!(std::fs::read(base.join("keep/b")).unwrap(), vec![2u8; 5_000]);
     }
 }
