@@ -408,6 +408,7 @@ impl DeviceResolver {
             (Some(Location::Path(p)), _) => {
                 let d = DirectFile::open(id.clone(), p)?;
                 check_local_identity(id, p, &d.file)?;
+                check_btrfs_identity(id, p, &d)?;
                 Arc::new(d)
             }
             (Some(Location::Nbd(addr, export)), _) => {
@@ -495,6 +496,37 @@ fn check_local_identity(id: &DeviceId, path: &Path, file: &File) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A btrfs device named by its device UUID (`btrfs-dev:UUID`) must carry
+/// that UUID in its own superblock (64 KiB in: magic `_BHRfS_M` at +64,
+/// `dev_item.uuid` at +201+66).
+fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
+    let Some(want) = id.as_str().strip_prefix("btrfs-dev:") else {
+        return Ok(());
+    };
+    let mut buf = AlignedBuf::new(4096);
+    d.read_at(&mut buf, DeviceOffset(65536))?;
+    let found = if &buf[64..72] == b"_BHRfS_M" {
+        let u = &buf[267..283];
+        let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+        Some(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    } else {
+        None
+    };
+    if found.as_deref() == Some(want) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::IdentityMismatch,
+        format!(
+            "{} is {}, not the btrfs device the map names",
+            path.display(),
+            found.map_or_else(|| "no btrfs device".to_string(), |u| format!("btrfs device {u}"))
+        ),
+    )
+    .op("verify device identity")
+    .device(id))
 }
 
 fn check_identity(id: &DeviceId, d: &NbdDevice, required: bool) -> Result<()> {

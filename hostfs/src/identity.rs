@@ -80,7 +80,9 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
 }
 
 /// The mount a path is on, from `/proc/self/mountinfo`: (mount point,
-/// file system type, `major:minor`).
+/// file system type, `st_dev` of the path). The longest mount point above
+/// the path with the same `st_dev` (btrfs gives each subvolume an anonymous
+/// device number that mountinfo does not show), else the longest above it.
 pub fn mount_of(path: &Path) -> Result<(PathBuf, String, u64)> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(path)
@@ -88,29 +90,36 @@ pub fn mount_of(path: &Path) -> Result<(PathBuf, String, u64)> {
         .dev();
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("read mountinfo", e))?;
-    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
-    let mut best: Option<(PathBuf, String)> = None;
+    let mut same: Option<(PathBuf, String)> = None;
+    let mut any: Option<(PathBuf, String)> = None;
+    let longer = |best: &Option<(PathBuf, String)>, mp: &Path| {
+        best.as_ref()
+            .is_none_or(|(b, _)| mp.as_os_str().len() >= b.as_os_str().len())
+    };
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         let Some(sep) = f.iter().position(|x| *x == "-") else {
             continue;
         };
-        if f.get(2) != Some(&want.as_str()) || f.len() < sep + 2 {
+        if f.len() < sep + 2 || f.len() < 5 {
             continue;
         }
         let mp = PathBuf::from(f[4].replace("\\040", " "));
-        if path.starts_with(&mp)
-            && best
-                .as_ref()
-                .is_none_or(|(b, _)| mp.as_os_str().len() > b.as_os_str().len())
-        {
-            best = Some((mp, f[sep + 1].to_string()));
+        if !path.starts_with(&mp) {
+            continue;
+        }
+        let fstype = f[sep + 1].to_string();
+        if std::fs::metadata(&mp).is_ok_and(|m| m.dev() == dev) && longer(&same, &mp) {
+            same = Some((mp.clone(), fstype.clone()));
+        }
+        if longer(&any, &mp) {
+            any = Some((mp, fstype));
         }
     }
-    let (mp, fstype) = best.ok_or_else(|| {
+    let (mp, fstype) = same.or(any).ok_or_else(|| {
         Error::new(
             ErrorKind::NotFound,
-            format!("no mount of device {want} holds {}", path.display()),
+            format!("no mount holds {}", path.display()),
         )
     })?;
     Ok((mp, fstype, dev))

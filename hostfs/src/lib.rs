@@ -3,6 +3,7 @@
 //! device identity from sysfs, and btrfs's chunk tree. Shared by the
 //! `fsflush`, `fiemap` and `btrfs` plugins (each a cdylib of its own).
 
+pub mod btrfs;
 pub mod filemap;
 pub mod identity;
 pub mod mapper;

@@ -75,6 +75,11 @@ pub trait Translate {
     /// address space: `(device, device offset, length)`, in order, summing
     /// to `len`.
     fn translate(&self, addr: u64, len: u64) -> Result<Vec<(DeviceId, u64, u64)>>;
+    /// What the translation itself depends on (btrfs: a digest of its
+    /// chunk map and devices), part of every file's config id.
+    fn epoch(&self) -> String {
+        String::new()
+    }
 }
 
 /// A file system on one device (ext4, XFS): address = offset on it.
@@ -172,10 +177,16 @@ fn ctime(meta: &std::fs::Metadata) -> String {
     format!("{}.{:09}", meta.ctime(), meta.ctime_nsec())
 }
 
-/// The config id of a regular file from its stat and extents.
-fn file_config(meta: &std::fs::Metadata, gen: Option<u64>, ex: &[FiemapExtent]) -> ConfigId {
+/// The config id of a regular file from its stat, extents and the
+/// translator's epoch.
+fn file_config(
+    meta: &std::fs::Metadata,
+    gen: Option<u64>,
+    ex: &[FiemapExtent],
+    epoch: &str,
+) -> ConfigId {
     ConfigId::new(format!(
-        "f:{}:{}:{}:{}:{}",
+        "f:{}:{}:{}:{}:{}{epoch}",
         meta.ino(),
         gen.unwrap_or(0),
         meta.len(),
@@ -188,11 +199,12 @@ fn node_config(meta: &std::fs::Metadata) -> ConfigId {
     ConfigId::new(format!("n:{}:{}", meta.ino(), ctime(meta)))
 }
 
-/// The part of a file's config id that says which version its content is.
-fn version_of(config: &ConfigId) -> Option<&str> {
+/// The part of a file's config id that says which version its content is
+/// (inode, generation, size, ctime).
+fn version_of(config: &ConfigId) -> Option<String> {
     let s = config.as_str();
     s.starts_with("f:")
-        .then(|| s.rsplit_once(':').map_or(s, |(v, _)| v))
+        .then(|| s.split(':').take(5).collect::<Vec<_>>().join(":"))
 }
 
 impl FileMapper {
@@ -350,7 +362,7 @@ impl FileMapper {
             sec: meta.ctime(),
             nsec: u32::try_from(meta.ctime_nsec()).unwrap_or(0),
         };
-        let config = file_config(&meta, gen, &ex);
+        let config = file_config(&meta, gen, &ex, &tr.epoch());
         self.cache
             .insert(id.clone(), (config.clone(), extents.clone()));
         Ok(Item {
@@ -477,11 +489,24 @@ impl Mapper for FileMapper {
 }
 
 /// The validity indicator: recomputes config ids from the file system.
-pub struct FileValidity;
+pub struct FileValidity {
+    translators: TranslatorFactory,
+}
 
 impl FileValidity {
-    fn one(hs: &[(SourceHandle, crate::source::SourceSpec)], item: &ItemId) -> Result<ConfigId> {
-        let (_, _, _, path) = locate(hs, item)?;
+    /// A validity indicator whose config ids agree with a [`FileMapper`]
+    /// using the same translators.
+    pub fn new(translators: TranslatorFactory) -> FileValidity {
+        FileValidity { translators }
+    }
+
+    fn one(
+        &self,
+        hs: &[(SourceHandle, crate::source::SourceSpec)],
+        epochs: &mut HashMap<PathBuf, String>,
+        item: &ItemId,
+    ) -> Result<ConfigId> {
+        let (h, _, _, path) = locate(hs, item)?;
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),
@@ -495,16 +520,28 @@ impl FileValidity {
         };
         let meta = f.metadata().map_err(|e| Error::io("stat", e).item(item))?;
         let ex = fiemap(&f, 0).map_err(|e| Error::io("fiemap", e).item(item).path(&path))?;
-        Ok(file_config(&meta, generation(&f), &ex))
+        let epoch = match epochs.get(&h.frozen) {
+            Some(e) => e.clone(),
+            None => {
+                let e = (self.translators)(h)?.epoch();
+                epochs.insert(h.frozen.clone(), e.clone());
+                e
+            }
+        };
+        Ok(file_config(&meta, generation(&f), &ex, &epoch))
     }
 }
 
 impl ValidityIndicator for FileValidity {
     fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId> {
-        Self::one(&handles(image)?, item)
+        self.one(&handles(image)?, &mut HashMap::new(), item)
     }
     fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
         let hs = handles(image)?;
-        items.iter().map(|i| Self::one(&hs, i)).collect()
+        let mut epochs = HashMap::new();
+        items
+            .iter()
+            .map(|i| self.one(&hs, &mut epochs, i))
+            .collect()
     }
 }

@@ -249,3 +249,176 @@ unsafe fn guard_child(rfd: RawFd, wfd: RawFd, fds: &[RawFd], timeout_ms: libc::c
     }
     libc::_exit(0)
 }
+
+// ---------------------------------------------------------------------------
+// btrfs (include/uapi/linux/btrfs.h):
+//
+// ```c
+// #define BTRFS_IOCTL_MAGIC 0x94
+// #define BTRFS_IOC_TREE_SEARCH _IOWR(BTRFS_IOCTL_MAGIC, 17, struct btrfs_ioctl_search_args) /* 0xD0009411 */
+// #define BTRFS_IOC_DEV_INFO    _IOWR(BTRFS_IOCTL_MAGIC, 30, struct btrfs_ioctl_dev_info_args) /* 0xD000941E */
+// #define BTRFS_IOC_FS_INFO     _IOR(BTRFS_IOCTL_MAGIC, 31, struct btrfs_ioctl_fs_info_args)  /* 0x8400941F */
+// struct btrfs_ioctl_search_key { __u64 tree_id, min_objectid, max_objectid,
+//     min_offset, max_offset, min_transid, max_transid; __u32 min_type,
+//     max_type, nr_items, unused; __u64 unused1, unused2, unused3, unused4; }; /* 104 */
+// struct btrfs_ioctl_search_args { struct btrfs_ioctl_search_key key;
+//     char buf[4096 - 104]; };                                   /* 4096 */
+// struct btrfs_ioctl_search_header { __u64 transid, objectid, offset;
+//     __u32 type, len; };                                         /* 32 */
+// struct btrfs_ioctl_dev_info_args { __u64 devid; __u8 uuid[16];
+//     __u64 bytes_used, total_bytes; __u8 fsid[16]; __u64 unused[377];
+//     __u8 path[1024]; };                                         /* 4096 */
+// struct btrfs_ioctl_fs_info_args { __u64 max_id, num_devices; __u8 fsid[16];
+//     __u32 nodesize, sectorsize, clone_alignment; __u16 csum_type, csum_size;
+//     __u64 flags, generation; __u8 metadata_uuid[16]; __u8 reserved[944]; }; /* 1024 */
+// ```
+
+const BTRFS_IOC_TREE_SEARCH: libc::c_ulong = 0xD000_9411;
+const BTRFS_IOC_DEV_INFO: libc::c_ulong = 0xD000_941E;
+const BTRFS_IOC_FS_INFO: libc::c_ulong = 0x8400_941F;
+
+/// One item found by a tree search: its key and raw bytes.
+#[derive(Clone, Debug)]
+pub struct SearchItem {
+    /// Key objectid.
+    pub objectid: u64,
+    /// Key type.
+    pub item_type: u32,
+    /// Key offset.
+    pub offset: u64,
+    /// The item's bytes (little-endian on-disk structure).
+    pub data: Vec<u8>,
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+/// Every item of `tree` with key type `item_type` and objectid in
+/// `objectids` (`BTRFS_IOC_TREE_SEARCH`, needs CAP_SYS_ADMIN).
+pub fn btrfs_search(
+    fd: &impl AsRawFd,
+    tree: u64,
+    objectids: (u64, u64),
+    item_type: u32,
+) -> std::io::Result<Vec<SearchItem>> {
+    let mut out = Vec::new();
+    let (mut min_obj, mut min_off) = (objectids.0, 0u64);
+    loop {
+        let mut args = [0u8; 4096];
+        let key: [u64; 7] = [tree, min_obj, objectids.1, min_off, u64::MAX, 0, u64::MAX];
+        for (i, v) in key.iter().enumerate() {
+            args[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
+        }
+        args[56..60].copy_from_slice(&item_type.to_ne_bytes());
+        args[60..64].copy_from_slice(&item_type.to_ne_bytes());
+        args[64..68].copy_from_slice(&4096u32.to_ne_bytes()); // nr_items: as many as fit
+                                                              // SAFETY: `args` is a 4096-byte `struct btrfs_ioctl_search_args`
+                                                              // (key, then the result buffer), which the kernel fills in place.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_TREE_SEARCH, args.as_mut_ptr()) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = u32::from_ne_bytes([args[64], args[65], args[66], args[67]]);
+        if n == 0 {
+            return Ok(out);
+        }
+        let buf = &args[104..];
+        let mut at = 0usize;
+        let mut last = (0u64, 0u64);
+        for _ in 0..n {
+            if at + 32 > buf.len() {
+                break;
+            }
+            let objectid = u64::from_ne_bytes(buf[at + 8..at + 16].try_into().unwrap_or([0; 8]));
+            let offset = u64::from_ne_bytes(buf[at + 16..at + 24].try_into().unwrap_or([0; 8]));
+            let ty = u32::from_ne_bytes(buf[at + 24..at + 28].try_into().unwrap_or([0; 4]));
+            let len =
+                u32::from_ne_bytes(buf[at + 28..at + 32].try_into().unwrap_or([0; 4])) as usize;
+            let data = buf.get(at + 32..at + 32 + len).unwrap_or(&[]).to_vec();
+            at += 32 + len;
+            last = (objectid, offset);
+            if ty == item_type {
+                out.push(SearchItem {
+                    objectid,
+                    item_type: ty,
+                    offset,
+                    data,
+                });
+            }
+        }
+        // Continue after the last key seen.
+        if last.1 == u64::MAX {
+            if last.0 >= objectids.1 {
+                return Ok(out);
+            }
+            min_obj = last.0 + 1;
+            min_off = 0;
+        } else {
+            min_obj = last.0;
+            min_off = last.1 + 1;
+        }
+    }
+}
+
+/// `(max_id, num_devices, fsid)` from `BTRFS_IOC_FS_INFO`.
+pub fn btrfs_fs_info(fd: &impl AsRawFd) -> std::io::Result<(u64, u64, [u8; 16])> {
+    let mut args = [0u8; 1024];
+    // SAFETY: `args` is a 1024-byte `struct btrfs_ioctl_fs_info_args`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_FS_INFO, args.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fsid = [0u8; 16];
+    fsid.copy_from_slice(&args[16..32]);
+    Ok((le64_ne(&args, 0), le64_ne(&args, 8), fsid))
+}
+
+fn le64_ne(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// `(uuid, path)` of device `devid` from `BTRFS_IOC_DEV_INFO`; `None` when
+/// there is no such device.
+pub fn btrfs_dev_info(
+    fd: &impl AsRawFd,
+    devid: u64,
+) -> std::io::Result<Option<([u8; 16], String)>> {
+    let mut args = [0u8; 4096];
+    args[0..8].copy_from_slice(&devid.to_ne_bytes());
+    // SAFETY: `args` is a 4096-byte `struct btrfs_ioctl_dev_info_args`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BTRFS_IOC_DEV_INFO, args.as_mut_ptr()) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENODEV) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&args[8..24]);
+    let path = &args[3072..];
+    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+    Ok(Some((
+        uuid,
+        String::from_utf8_lossy(&path[..end]).to_string(),
+    )))
+}
+
+/// Little-endian readers for on-disk btrfs structures.
+pub fn read_le64(b: &[u8], at: usize) -> u64 {
+    le64(b, at)
+}
+/// See [`read_le64`].
+pub fn read_le32(b: &[u8], at: usize) -> u32 {
+    le32(b, at)
+}

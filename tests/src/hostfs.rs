@@ -64,7 +64,10 @@ pub fn fs_prerequisites(fstype: &str) -> Result<(), String> {
         }
     }
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !fs.lines().any(|l| l.split_whitespace().last() == Some(fstype)) {
+    if !fs
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some(fstype))
+    {
         // The module may load on first mount; try that instead of refusing.
         let _ = Command::new("modprobe").arg(fstype).status();
     }
@@ -73,7 +76,13 @@ pub fn fs_prerequisites(fstype: &str) -> Result<(), String> {
 
 impl LoopFs {
     /// Make `fstype` over `n` images of `mib` MiB each and mount it.
-    pub fn new(fstype: &str, n: usize, mib: u64, mkfs: &[&str], opts: &str) -> Result<LoopFs, String> {
+    pub fn new(
+        fstype: &str,
+        n: usize,
+        mib: u64,
+        mkfs: &[&str],
+        opts: &str,
+    ) -> Result<LoopFs, String> {
         fs_prerequisites(fstype)?;
         let dir = tempfile::Builder::new()
             .prefix("floe-fs-")
@@ -104,9 +113,14 @@ impl LoopFs {
             _ => &mut c,
         };
         run(c.args(mkfs).args(&fs.devs))?;
+        let mut o: Vec<String> = opts.split(',').filter(|x| !x.is_empty()).map(String::from).collect();
+        if fstype == "btrfs" {
+            // No udev here to scan devices: name them all.
+            o.extend(fs.devs[1..].iter().map(|d| format!("device={d}")));
+        }
         let mut m = Command::new("mount");
-        if !opts.is_empty() {
-            m.args(["-o", opts]);
+        if !o.is_empty() {
+            m.args(["-o", &o.join(",")]);
         }
         run(m.arg(&fs.devs[0]).arg(&fs.mnt))?;
         fs.mounted = true;
@@ -126,11 +140,37 @@ impl LoopFs {
         self.images
             .iter()
             .zip(&self.ro)
-            .flat_map(|(img, ro)| ["--device".to_string(), format!("file:{}={ro}", img.display())])
+            .flat_map(|(img, ro)| {
+                [
+                    "--device".to_string(),
+                    format!("file:{}={ro}", img.display()),
+                ]
+            })
             .chain(self.images.iter().flat_map(|img| {
-                ["--allow-device".to_string(), format!("file:{}", img.display())]
+                [
+                    "--allow-device".to_string(),
+                    format!("file:{}", img.display()),
+                ]
             }))
             .collect()
+    }
+
+    /// The mover's arguments for a btrfs file system: each read-only view
+    /// named by its btrfs device UUID (which the mover checks in the
+    /// superblock).
+    pub fn btrfs_device_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (dev, ro) in self.devs.iter().zip(&self.ro) {
+            let uuid = run(Command::new("blkid").args(["-p", "-s", "UUID_SUB", "-o", "value", dev]))
+                .expect("blkid UUID_SUB");
+            out.extend([
+                "--device".to_string(),
+                format!("btrfs-dev:{uuid}={ro}"),
+                "--allow-device".to_string(),
+                format!("btrfs-dev:{uuid}"),
+            ]);
+        }
+        out
     }
 
     /// Sync and drop caches of this file system's data (a cold start).
@@ -143,9 +183,17 @@ impl Drop for LoopFs {
     fn drop(&mut self) {
         if self.mounted {
             // Never leave a file system frozen, whatever a test did.
-            let _ = Command::new("fsfreeze").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status();
             for _ in 0..20 {
-                if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
+                if Command::new("umount")
+                    .arg(&self.mnt)
+                    .status()
+                    .is_ok_and(|s| s.success())
+                {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(200));
@@ -225,7 +273,7 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
         let d = root.join(format!("src/mod{:02}/sub{}", i % 37, i % 5));
         std::fs::create_dir_all(&d).expect("mkdir");
         let size = match rng.next() % 100 {
-            0..=29 => (rng.next() % 120) as usize,           // tiny (inline on ext4 with inline_data)
+            0..=29 => (rng.next() % 120) as usize, // tiny (inline on ext4 with inline_data)
             30..=84 => 200 + (rng.next() % 16_000) as usize, // source-file sized
             85..=97 => 20_000 + (rng.next() % 200_000) as usize,
             _ => 1_000_000 + (rng.next() % 3_000_000) as usize,
@@ -257,7 +305,8 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
         let f = std::fs::File::create(sp.join("islands.img")).unwrap();
         f.set_len(64 << 20).unwrap();
         for k in 0..5u64 {
-            f.write_all_at(&rng.bytes(10_000), k * (12 << 20) + 4096 * k).unwrap();
+            f.write_all_at(&rng.bytes(10_000), k * (12 << 20) + 4096 * k)
+                .unwrap();
         }
         let g = std::fs::File::create(sp.join("empty-but-big.img")).unwrap();
         g.set_len(8 << 20).unwrap();
@@ -336,7 +385,11 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     let mut all = Vec::new();
     collect(root, &mut all);
     for (k, p) in all.iter().rev().enumerate() {
-        set_times(p, 1_600_000_000 + k as i64 * 7, (k as u32 * 7919) % 1_000_000_000);
+        set_times(
+            p,
+            1_600_000_000 + k as i64 * 7,
+            (k as u32 * 7919) % 1_000_000_000,
+        );
     }
     facts
 }
@@ -344,7 +397,11 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
 fn collect(p: &Path, out: &mut Vec<PathBuf>) {
     out.push(p.to_path_buf());
     if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
-        let mut names: Vec<_> = std::fs::read_dir(p).unwrap().flatten().map(|e| e.path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         names.sort();
         for n in names {
             collect(&n, out);
@@ -393,21 +450,48 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
     let mut links_b: HashMap<u64, PathBuf> = HashMap::new();
     for r in ra.iter().filter(|r| rb.contains(r)) {
         let (x, y) = (a.join(r), b.join(r));
-        let (ma, mb) = (std::fs::symlink_metadata(&x).unwrap(), std::fs::symlink_metadata(&y).unwrap());
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&x).unwrap(),
+            std::fs::symlink_metadata(&y).unwrap(),
+        );
         let name = r.display().to_string();
         let mut d = |what: &str, l: String, rr: String| {
             if l != rr {
                 diffs.push(format!("{name}: {what} {l} != {rr}"));
             }
         };
-        d("type", format!("{:?}", ma.file_type()), format!("{:?}", mb.file_type()));
-        d("mode", format!("{:o}", ma.mode()), format!("{:o}", mb.mode()));
-        d("owner", format!("{}:{}", ma.uid(), ma.gid()), format!("{}:{}", mb.uid(), mb.gid()));
-        d("mtime", format!("{}.{:09}", ma.mtime(), ma.mtime_nsec()), format!("{}.{:09}", mb.mtime(), mb.mtime_nsec()));
-        d("xattrs", format!("{:?}", xattrs(&x)), format!("{:?}", xattrs(&y)));
+        d(
+            "type",
+            format!("{:?}", ma.file_type()),
+            format!("{:?}", mb.file_type()),
+        );
+        d(
+            "mode",
+            format!("{:o}", ma.mode()),
+            format!("{:o}", mb.mode()),
+        );
+        d(
+            "owner",
+            format!("{}:{}", ma.uid(), ma.gid()),
+            format!("{}:{}", mb.uid(), mb.gid()),
+        );
+        d(
+            "mtime",
+            format!("{}.{:09}", ma.mtime(), ma.mtime_nsec()),
+            format!("{}.{:09}", mb.mtime(), mb.mtime_nsec()),
+        );
+        d(
+            "xattrs",
+            format!("{:?}", xattrs(&x)),
+            format!("{:?}", xattrs(&y)),
+        );
         let t = ma.file_type();
         if t.is_symlink() {
-            d("target", format!("{:?}", std::fs::read_link(&x).ok()), format!("{:?}", std::fs::read_link(&y).ok()));
+            d(
+                "target",
+                format!("{:?}", std::fs::read_link(&x).ok()),
+                format!("{:?}", std::fs::read_link(&y).ok()),
+            );
         }
         if t.is_char_device() || t.is_block_device() {
             d("rdev", ma.rdev().to_string(), mb.rdev().to_string());
@@ -418,15 +502,25 @@ pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
             if ma.nlink() > 1 {
                 let fa = links_a.entry(ma.ino()).or_insert_with(|| r.clone()).clone();
                 let fb = links_b.entry(mb.ino()).or_insert_with(|| r.clone()).clone();
-                d("hard link group", fa.display().to_string(), fb.display().to_string());
+                d(
+                    "hard link group",
+                    fa.display().to_string(),
+                    fb.display().to_string(),
+                );
             }
             let ha = blake3::hash(&std::fs::read(&x).unwrap());
             let hb = blake3::hash(&std::fs::read(&y).unwrap());
-            d("bytes (blake3)", ha.to_hex().to_string(), hb.to_hex().to_string());
+            d(
+                "bytes (blake3)",
+                ha.to_hex().to_string(),
+                hb.to_hex().to_string(),
+            );
             let sparse_a = ma.blocks() * 512 < ma.len();
             let sparse_b = mb.blocks() * 512 < mb.len();
             if sparse_a && !sparse_b {
-                diffs.push(format!("{name}: sparse in the source, fully allocated in the restore"));
+                diffs.push(format!(
+                    "{name}: sparse in the source, fully allocated in the restore"
+                ));
             }
         }
     }
@@ -457,7 +551,12 @@ impl AgentProcess {
         let mut child = c.spawn().expect("start floe agent");
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let addr = first.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        let addr = first
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         assert!(first.contains("listening"), "agent did not start: {first}");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -496,13 +595,20 @@ impl Drop for AgentProcess {
 }
 
 /// Run `floe backup` against an agent; (exit code, stdout, stderr).
-pub fn floe_backup(agent: &str, sources: &[String], media: &Path, extra: &[String]) -> (i32, String, String) {
+pub fn floe_backup(
+    agent: &str,
+    sources: &[String],
+    media: &Path,
+    extra: &[String],
+) -> (i32, String, String) {
     let mut c = crate::floe_cmd();
     c.args(["backup", "--agent", agent]);
     for s in sources {
         c.args(["--source", s]);
     }
-    c.arg("--media").arg(format!("disk:{}", media.display())).args(extra);
+    c.arg("--media")
+        .arg(format!("disk:{}", media.display()))
+        .args(extra);
     let out = c.output().expect("run floe backup");
     (
         out.status.code().unwrap_or(-1),
@@ -515,7 +621,10 @@ pub fn floe_backup(agent: &str, sources: &[String], media: &Path, extra: &[Strin
 pub fn set_of(stdout: &str) -> String {
     stdout
         .lines()
-        .find_map(|l| l.strip_prefix("set ").and_then(|r| r.split_whitespace().next()))
+        .find_map(|l| {
+            l.strip_prefix("set ")
+                .and_then(|r| r.split_whitespace().next())
+        })
         .unwrap_or_default()
         .to_string()
 }

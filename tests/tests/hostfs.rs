@@ -8,28 +8,39 @@
 use floe_tests::hostfs::{compare_trees, floe_backup, make_tree, set_of, AgentProcess, LoopFs};
 use floe_tests::{floe_cmd, skip};
 
-fn round_trip(name: &str, fstype: &str, mkfs: &[&str], opts: &str) {
-    let mut src = match LoopFs::new(fstype, 1, 512, mkfs, opts) {
+fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &str) {
+    let mut src = match LoopFs::new(fstype, devices, 512, mkfs, opts) {
         Ok(f) => f,
         Err(why) => return skip(name, &why),
     };
     let facts = make_tree(&src.mnt, 2500, 7);
     assert!(facts.files > 2500 && facts.bytes > 10 << 20, "{facts:?}");
+    if fstype == "btrfs" {
+        // Compressible files: stored encoded, carried by the agent.
+        let c = src.mnt.join("compressible");
+        std::fs::create_dir_all(&c).unwrap();
+        for i in 0..20 {
+            let text = format!("line {i} of a very compressible log file\n").repeat(4000 + i * 100);
+            std::fs::write(c.join(format!("log{i}.txt")), text).unwrap();
+        }
+    }
+    src.sync();
     src.mover_view().expect("read-only view");
     let allow = format!("fsflush:{}*", src.mnt.display());
     let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let media = src.dir.path().join("media");
+    let devices = if fstype == "btrfs" { src.btrfs_device_args() } else { src.device_args() };
     let (code, out, err) = floe_backup(
         &agent.addr,
         &[format!("fsflush:{}", src.mnt.display())],
         &media,
-        &src.device_args(),
+        &devices,
     );
     assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
     let set = set_of(&out);
     assert!(out.contains("0 remaps"), "{out}");
 
-    let dst = LoopFs::new(fstype, 1, 512, mkfs, opts).expect("second file system");
+    let dst = LoopFs::new(fstype, 1, 512, &[], "").expect("second file system");
     let to = dst.mnt.join("restored");
     let r = floe_cmd()
         .args(["restore", "--media"])
@@ -55,6 +66,7 @@ fn ext4_tree_with_inline_data_round_trips_exactly() {
     round_trip(
         "ext4_tree_with_inline_data_round_trips_exactly",
         "ext4",
+        1,
         &["-O", "inline_data", "-b", "4096"],
         "",
     );
@@ -62,7 +74,29 @@ fn ext4_tree_with_inline_data_round_trips_exactly() {
 
 #[test]
 fn xfs_tree_round_trips_exactly() {
-    round_trip("xfs_tree_round_trips_exactly", "xfs", &[], "");
+    round_trip("xfs_tree_round_trips_exactly", "xfs", 1, &[], "");
+}
+
+#[test]
+fn btrfs_single_device_tree_with_compressed_and_inline_files_round_trips_exactly() {
+    round_trip(
+        "btrfs_single_device_tree_with_compressed_and_inline_files_round_trips_exactly",
+        "btrfs",
+        1,
+        &[],
+        "compress=zstd",
+    );
+}
+
+#[test]
+fn btrfs_on_two_devices_raid0_data_raid1_metadata_round_trips_exactly() {
+    round_trip(
+        "btrfs_on_two_devices_raid0_data_raid1_metadata_round_trips_exactly",
+        "btrfs",
+        2,
+        &["-d", "raid0", "-m", "raid1"],
+        "compress=zstd",
+    );
 }
 
 mod invalidation {
@@ -188,11 +222,17 @@ mod invalidation {
                 use std::os::unix::fs::FileExt;
                 let n = format!("zz/over{i:02}");
                 let d = rng.bytes(150_000);
-                let f = std::fs::OpenOptions::new().write(true).open(mnt.join(&n)).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(mnt.join(&n))
+                    .unwrap();
                 f.write_all_at(&d, 0).unwrap();
                 l.insert(n, d);
                 let n = format!("zz/app{i:02}");
-                let mut f = std::fs::OpenOptions::new().append(true).open(mnt.join(&n)).unwrap();
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(mnt.join(&n))
+                    .unwrap();
                 let extra = rng.bytes(30_000);
                 f.write_all(&extra).unwrap();
                 let mut whole = std::fs::read(mnt.join(&n)).unwrap();
@@ -205,7 +245,11 @@ mod invalidation {
                 .arg(mnt.join("zz/frag-b"))
                 .output()
                 .unwrap();
-            assert!(st.status.success(), "{defrag}: {}", String::from_utf8_lossy(&st.stderr));
+            assert!(
+                st.status.success(),
+                "{defrag}: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
             std::fs::remove_file(mnt.join("zz/gone")).unwrap();
             let _ = Command::new("fstrim").arg(&mnt).status();
             let _ = Command::new("sync").arg("-f").arg(&mnt).status();
@@ -219,7 +263,12 @@ mod invalidation {
             .images
             .iter()
             .zip(&fs.ro)
-            .map(|(i, r)| (DeviceId::new(format!("file:{}", i.display())), Location::Path(r.into())))
+            .map(|(i, r)| {
+                (
+                    DeviceId::new(format!("file:{}", i.display())),
+                    Location::Path(r.into()),
+                )
+            })
             .collect();
         let resolver = DeviceResolver::new(table, None);
         let mut client = AgentClient::connect_tcp(&agent.addr).unwrap();
@@ -228,13 +277,26 @@ mod invalidation {
             parallel: 2,
             ..Default::default()
         };
-        let report = backup(&mut client, &[allow.clone()], &resolver, &mut media, &opts, &mut |_| {})
-            .expect("backup under writes");
+        let report = backup(
+            &mut client,
+            &[allow.clone()],
+            &resolver,
+            &mut media,
+            &opts,
+            &mut |_| {},
+        )
+        .expect("backup under writes");
         // The file deleted after the freeze is the set's one failure.
         let gone = format!("{}/zz/gone", fs.mnt.display());
         assert_eq!(report.set.failures.len(), 1, "{:?}", report.set.failures);
         assert_eq!(report.set.failures[0].item.as_str(), gone);
-        assert!(report.set.failures[0].error.contains("vanished after the frozen point"), "{:?}", report.set.failures);
+        assert!(
+            report.set.failures[0]
+                .error
+                .contains("vanished after the frozen point"),
+            "{:?}",
+            report.set.failures
+        );
 
         let out = fs.dir.path().join("out");
         let r = floe_cmd()
@@ -250,26 +312,55 @@ mod invalidation {
         for (n, old) in &frozen {
             let got = std::fs::read(out.join(n)).unwrap();
             let id = format!("{}/{n}", fs.mnt.display());
-            let rec = report.set.items.iter().find(|i| i.header.item.as_str() == id).unwrap();
+            let rec = report
+                .set
+                .items
+                .iter()
+                .find(|i| i.header.item.as_str() == id)
+                .unwrap();
             if &got == old {
-                assert!(!rec.trailer.captured_after_freeze, "{n}: frozen bytes flagged as later");
+                assert!(
+                    !rec.trailer.captured_after_freeze,
+                    "{n}: frozen bytes flagged as later"
+                );
             } else {
-                let new = later.get(n).unwrap_or_else(|| panic!("{n}: neither frozen nor a later version"));
+                let new = later
+                    .get(n)
+                    .unwrap_or_else(|| panic!("{n}: neither frozen nor a later version"));
                 assert!(&got == new, "{n}: restored bytes are neither the frozen nor the later version (a mix or stale blocks)");
-                assert!(rec.trailer.captured_after_freeze, "{n}: a later version not flagged");
+                assert!(
+                    rec.trailer.captured_after_freeze,
+                    "{n}: a later version not flagged"
+                );
                 after += 1;
             }
         }
-        assert!(after > 0, "no file was read after the application wrote it: the test did not test");
+        assert!(
+            after > 0,
+            "no file was read after the application wrote it: the test did not test"
+        );
         // The defragmenter moved the fragmented files' extents without
         // changing a byte: remapped (only the moved extents), not flagged.
         for n in ["zz/frag-a", "zz/frag-b"] {
             let id = format!("{}/{n}", fs.mnt.display());
-            let rec = report.set.items.iter().find(|i| i.header.item.as_str() == id).unwrap();
-            assert!(rec.trailer.remaps > 0, "{n}: {defrag} moved nothing the mover noticed");
+            let rec = report
+                .set
+                .items
+                .iter()
+                .find(|i| i.header.item.as_str() == id)
+                .unwrap();
+            assert!(
+                rec.trailer.remaps > 0,
+                "{n}: {defrag} moved nothing the mover noticed"
+            );
             assert!(!rec.trailer.captured_after_freeze, "{n}");
         }
-        assert!(report.remaps > 0 && report.rereads > 0, "remaps {} rereads {}", report.remaps, report.rereads);
+        assert!(
+            report.remaps > 0 && report.rereads > 0,
+            "remaps {} rereads {}",
+            report.remaps,
+            report.rereads
+        );
     }
 
     #[test]
@@ -315,7 +406,11 @@ mod freeze_guard {
         None
     }
 
-    fn frozen_agent(name: &str, bound: &str, pause: &str) -> Option<(LoopFs, AgentProcess, std::process::Child)> {
+    fn frozen_agent(
+        name: &str,
+        bound: &str,
+        pause: &str,
+    ) -> Option<(LoopFs, AgentProcess, std::process::Child)> {
         let mut fs = match LoopFs::new("ext4", 1, 128, &[], "") {
             Ok(f) => f,
             Err(why) => {
@@ -327,19 +422,33 @@ mod freeze_guard {
         fs.mover_view().unwrap();
         let allow = format!("fsflush:{}", fs.mnt.display());
         let agent = AgentProcess::start(
-            &["--allow-source", &allow, "--plugin-opt", &format!("fsflush.freeze_timeout={bound}")],
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                &format!("fsflush.freeze_timeout={bound}"),
+            ],
             &[("FLOE_PAUSEPOINT", pause)],
         );
         let mut mover = floe_cmd();
         mover
-            .args(["backup", "--agent", &agent.addr, "--source", &allow, "--media"])
+            .args([
+                "backup",
+                "--agent",
+                &agent.addr,
+                "--source",
+                &allow,
+                "--media",
+            ])
             .arg(format!("disk:{}", fs.dir.path().join("media").display()))
             .args(fs.device_args())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mover = mover.spawn().unwrap();
         assert!(
-            agent.wait_for("pausepoint fsflush-frozen", Duration::from_secs(20)).is_some(),
+            agent
+                .wait_for("pausepoint fsflush-frozen", Duration::from_secs(20))
+                .is_some(),
             "the agent never froze"
         );
         Some((fs, agent, mover))
@@ -348,33 +457,57 @@ mod freeze_guard {
     #[test]
     fn an_agent_killed_while_the_file_system_is_frozen_leaves_it_thawed() {
         let name = "an_agent_killed_while_the_file_system_is_frozen_leaves_it_thawed";
-        let Some((fs, mut agent, mover)) = frozen_agent(name, "120", "fsflush-frozen") else { return };
+        let Some((fs, mut agent, mover)) = frozen_agent(name, "120", "fsflush-frozen") else {
+            return;
+        };
         let mut w = probe(&fs);
-        assert!(wait_exit(&mut w, Duration::from_millis(700)).is_none(), "writes are not held: the file system is not frozen");
+        assert!(
+            wait_exit(&mut w, Duration::from_millis(700)).is_none(),
+            "writes are not held: the file system is not frozen"
+        );
         agent.child.kill().unwrap(); // SIGKILL, our own child
         agent.child.wait().unwrap();
         // The bound is 120 s: only the guard seeing its agent die can thaw
         // this fast.
-        let took = wait_exit(&mut w, Duration::from_secs(10)).expect("the file system stayed frozen after the agent was killed");
+        let took = wait_exit(&mut w, Duration::from_secs(10))
+            .expect("the file system stayed frozen after the agent was killed");
         assert!(w.wait().unwrap().success());
         eprintln!("thawed {took:?} after the agent was killed");
         let out = mover.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was recorded as complete"));
     }
 
     #[test]
     fn a_stuck_agent_is_thawed_at_the_freeze_bound() {
         let name = "a_stuck_agent_is_thawed_at_the_freeze_bound";
-        let Some((fs, agent, mover)) = frozen_agent(name, "2", "fsflush-frozen") else { return };
+        let Some((fs, agent, mover)) = frozen_agent(name, "2", "fsflush-frozen") else {
+            return;
+        };
         let mut w = probe(&fs);
         let t = Instant::now();
-        assert!(wait_exit(&mut w, Duration::from_millis(700)).is_none(), "not frozen");
-        let took = wait_exit(&mut w, Duration::from_secs(15)).expect("the bound did not thaw the file system");
+        assert!(
+            wait_exit(&mut w, Duration::from_millis(700)).is_none(),
+            "not frozen"
+        );
+        let took = wait_exit(&mut w, Duration::from_secs(15))
+            .expect("the bound did not thaw the file system");
         let total = t.elapsed();
-        assert!(total >= Duration::from_millis(1000) && total < Duration::from_secs(8), "thawed after {total:?} ({took:?}), bound 2 s");
+        assert!(
+            total >= Duration::from_millis(1000) && total < Duration::from_secs(8),
+            "thawed after {total:?} ({took:?}), bound 2 s"
+        );
         // The agent is still alive, stuck; the writer went through anyway.
-        assert!(std::process::Command::new("kill").args(["-0", &agent.child.id().to_string()]).status().unwrap().success());
+        assert!(std::process::Command::new("kill")
+            .args(["-0", &agent.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
         drop(agent);
         let _ = mover.wait_with_output();
     }
@@ -383,11 +516,16 @@ mod freeze_guard {
     fn a_map_captured_after_the_bound_thawed_is_refused() {
         let name = "a_map_captured_after_the_bound_thawed_is_refused";
         // Bound 1 s; the agent is held 2.5 s inside the freeze, then maps.
-        let Some((_fs, _agent, mover)) = frozen_agent(name, "1", "fsflush-frozen:2500") else { return };
+        let Some((_fs, _agent, mover)) = frozen_agent(name, "1", "fsflush-frozen:2500") else {
+            return;
+        };
         let out = mover.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("freeze bound of 1 s ran out before the map was captured"), "{err}");
+        assert!(
+            err.contains("freeze bound of 1 s ran out before the map was captured"),
+            "{err}"
+        );
     }
 }
 
@@ -414,10 +552,17 @@ mod bad_input {
             Ok(f) => f,
             Err(why) => return skip(name, &why),
         };
-        let unseen = LoopFs::new("xfs", 1, 300, &[], "").or_else(|_| LoopFs::new("ext4", 1, 128, &[], ""));
-        let Ok(unseen) = unseen else { return skip(name, "a second file system") };
+        let unseen =
+            LoopFs::new("xfs", 1, 300, &[], "").or_else(|_| LoopFs::new("ext4", 1, 128, &[], ""));
+        let Ok(unseen) = unseen else {
+            return skip(name, "a second file system");
+        };
         let tmp = Tmpfs(tempfile::tempdir().unwrap());
-        let st = Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(tmp.0.path()).status().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(tmp.0.path())
+            .status()
+            .unwrap();
         assert!(st.success());
         std::fs::write(tmp.0.path().join("t"), b"on tmpfs").unwrap();
         let g = &good.mnt.clone();
@@ -426,7 +571,10 @@ mod bad_input {
         std::fs::write(g.join("keep/b"), vec![2u8; 5_000]).unwrap();
         std::fs::write(
             g.join("list"),
-            format!("keep\n/etc/passwd\nkeep/not-there\n{}/keep/b\n", g.display()),
+            format!(
+                "keep\n/etc/passwd\nkeep/not-there\n{}/keep/b\n",
+                g.display()
+            ),
         )
         .unwrap();
         std::fs::write(unseen.mnt.join("u"), vec![3u8; 40_000]).unwrap();
@@ -439,16 +587,31 @@ mod bad_input {
         let agent = AgentProcess::start(&["--allow-source", "fsflush:/tmp/*"], &[]);
         let media = good.dir.path().join("media");
         let mut extra = good.device_args();
-        extra.extend(["--allow-device".to_string(), format!("file:{}", unseen.images[0].display())]);
+        extra.extend([
+            "--allow-device".to_string(),
+            format!("file:{}", unseen.images[0].display()),
+        ]);
         let (code, out, err) = floe_backup(&agent.addr, &sources, &media, &extra);
-        assert_eq!(code, 3, "a partial set must not look like success:\n{out}\n{err}");
+        assert_eq!(
+            code, 3,
+            "a partial set must not look like success:\n{out}\n{err}"
+        );
         assert!(out.contains("PARTIAL"), "{out}");
-        let named = |what: &str| err.lines().any(|l| l.contains("not backed up") && l.contains(what));
+        let named = |what: &str| {
+            err.lines()
+                .any(|l| l.contains("not backed up") && l.contains(what))
+        };
         assert!(named("/etc/passwd is outside the source"), "{err}");
         assert!(named("keep/not-there"), "{err}");
-        assert!(named(&format!("{}/u", unseen.mnt.display())) && named("unknown device"), "{err}");
+        assert!(
+            named(&format!("{}/u", unseen.mnt.display())) && named("unknown device"),
+            "{err}"
+        );
         assert!(named("on tmpfs, which Floe cannot map"), "{err}");
-        assert!(err.contains("is PARTIAL: 4 item(s) could not be backed up"), "{err}");
+        assert!(
+            err.contains("is PARTIAL: 4 item(s) could not be backed up"),
+            "{err}"
+        );
 
         // What the set holds restores exactly.
         let set = set_of(&out);
@@ -462,7 +625,13 @@ mod bad_input {
             .unwrap();
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         let base = to.join(g.strip_prefix("/").unwrap());
-        assert_eq!(std::fs::read(base.join("keep/a")).unwrap(), vec![1u8; 50_000]);
-        assert_eq!(std::fs::read(base.join("keep/b")).unwrap(), vec![2u8; 5_000]);
+        assert_eq!(
+            std::fs::read(base.join("keep/a")).unwrap(),
+            vec![1u8; 50_000]
+        );
+        assert_eq!(
+            std::fs::read(base.join("keep/b")).unwrap(),
+            vec![2u8; 5_000]
+        );
     }
 }

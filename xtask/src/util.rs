@@ -29,6 +29,7 @@ pub const SHIPPED: &[&str] = &[
     "floe",
     "floe-sim-san",
     "floe-plugin-array",
+    "floe-plugin-btrfs",
     "floe-plugin-fiemap",
     "floe-plugin-fsflush",
     "floe-plugin-disk",

@@ -34,7 +34,7 @@ impl Plugin for FiemapPlugin {
         Ok(Box::new(FileMapper::new(translator)))
     }
     fn validity(_config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
-        Ok(Box::new(FileValidity))
+        Ok(Box::new(FileValidity::new(translator)))
     }
 }
 

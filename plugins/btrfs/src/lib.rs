@@ -1,0 +1,60 @@
+//! Floe plugin `btrfs`: maps files on btrfs, whose FIEMAP gives btrfs
+//! logical addresses, through the chunk tree to (device, physical offset)
+//! stripes — SINGLE, DUP, RAID0, RAID1 (first copy), RAID10, across
+//! devices. Devices are named by their btrfs device UUID
+//! (`btrfs-dev:UUID`), which the mover checks in each device's superblock.
+//! Inline and compressed (encoded) extents cannot be read raw: the agent
+//! carries their bytes in the map.
+//!
+//! Validity per file: inode, generation, size, ctime, a hash of its FIEMAP
+//! extent list and a digest of the chunk map and device UUIDs (balance
+//! moves chunks; device replace changes a device).
+
+use floe_core::abi::{Interface, Mapper, Plugin, PluginInfo, ValidityIndicator};
+use floe_core::error::{Error, Result};
+use floe_core::model::DeviceId;
+use floe_hostfs::btrfs::ChunkMap;
+use floe_hostfs::mapper::{check_mapper, FileMapper, FileValidity, SourceHandle, Translate};
+
+/// The plugin.
+pub struct BtrfsPlugin;
+
+struct Chunks {
+    map: ChunkMap,
+    epoch: String,
+}
+
+impl Translate for Chunks {
+    fn translate(&self, addr: u64, len: u64) -> Result<Vec<(DeviceId, u64, u64)>> {
+        self.map.translate(addr, len)
+    }
+    fn epoch(&self) -> String {
+        format!(":{}", self.epoch)
+    }
+}
+
+fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
+    check_mapper(h, "btrfs")?;
+    let dir = std::fs::File::open(&h.frozen).map_err(|e| Error::io("open", e).path(&h.frozen))?;
+    let map = ChunkMap::load(&dir).map_err(|e| e.path(&h.frozen))?;
+    let epoch = map.digest();
+    Ok(Box::new(Chunks { map, epoch }))
+}
+
+impl Plugin for BtrfsPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "btrfs".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: vec![Interface::Mapper, Interface::Validity],
+        }
+    }
+    fn mapper(_config: &serde_json::Value) -> Result<Box<dyn Mapper>> {
+        Ok(Box::new(FileMapper::new(translator)))
+    }
+    fn validity(_config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
+        Ok(Box::new(FileValidity::new(translator)))
+    }
+}
+
+floe_core::export_plugin!(BtrfsPlugin);
