@@ -161,7 +161,7 @@ mod invalidation {
             Ok(f) => f,
             Err(why) => return skip(name, &why),
         };
-        if !floe_tests::have(defrag) || !floe_tests::have("fstrim") {
+        if !floe_tests::have(if defrag == "btrfs" { "btrfs" } else { defrag }) || !floe_tests::have("fstrim") {
             return skip(name, &format!("needs {defrag} and fstrim"));
         }
         let mut rng = Rng::new(11);
@@ -239,17 +239,26 @@ mod invalidation {
                 whole.truncate(80_000);
                 l.insert(n, whole);
             }
-            let st = Command::new(defrag)
-                .arg(if defrag == "xfs_fsr" { "-v" } else { "-v" })
-                .arg(mnt.join("zz/frag-a"))
-                .arg(mnt.join("zz/frag-b"))
-                .output()
-                .unwrap();
-            assert!(
-                st.status.success(),
-                "{defrag}: {}",
-                String::from_utf8_lossy(&st.stderr)
-            );
+            let mut cmds: Vec<Command> = Vec::new();
+            if defrag == "btrfs" {
+                let mut c = Command::new("btrfs");
+                c.args(["filesystem", "defragment", "-f"])
+                    .arg(mnt.join("zz/frag-a"))
+                    .arg(mnt.join("zz/frag-b"));
+                cmds.push(c);
+                // Relocate every data chunk: all logical addresses move.
+                let mut c = Command::new("btrfs");
+                c.args(["balance", "start", "--full-balance", "-d"]).arg(&mnt);
+                cmds.push(c);
+            } else {
+                let mut c = Command::new(defrag);
+                c.arg("-v").arg(mnt.join("zz/frag-a")).arg(mnt.join("zz/frag-b"));
+                cmds.push(c);
+            }
+            for mut c in cmds {
+                let st = c.output().unwrap();
+                assert!(st.status.success(), "{c:?}: {}", String::from_utf8_lossy(&st.stderr));
+            }
             std::fs::remove_file(mnt.join("zz/gone")).unwrap();
             let _ = Command::new("fstrim").arg(&mnt).status();
             let _ = Command::new("sync").arg("-f").arg(&mnt).status();
@@ -259,15 +268,13 @@ mod invalidation {
             inner: Lab::disk_writer(&media_dir),
             hook: Some(Box::new(hook)),
         };
-        let table: HashMap<DeviceId, Location> = fs
-            .images
-            .iter()
-            .zip(&fs.ro)
-            .map(|(i, r)| {
-                (
-                    DeviceId::new(format!("file:{}", i.display())),
-                    Location::Path(r.into()),
-                )
+        let args = if fstype == "btrfs" { fs.btrfs_device_args() } else { fs.device_args() };
+        let table: HashMap<DeviceId, Location> = args
+            .chunks(2)
+            .filter(|a| a[0] == "--device")
+            .map(|a| {
+                let (id, path) = a[1].split_once('=').unwrap();
+                (DeviceId::new(id), Location::Path(path.into()))
             })
             .collect();
         let resolver = DeviceResolver::new(table, None);
@@ -369,6 +376,15 @@ mod invalidation {
             "ext4_under_writes_e4defrag_and_fstrim_restores_frozen_or_whole_later_versions",
             "ext4",
             "e4defrag",
+        );
+    }
+
+    #[test]
+    fn btrfs_under_writes_defragment_balance_and_fstrim_restores_frozen_or_whole_later_versions() {
+        writes_and_defrag(
+            "btrfs_under_writes_defragment_balance_and_fstrim_restores_frozen_or_whole_later_versions",
+            "btrfs",
+            "btrfs",
         );
     }
 
