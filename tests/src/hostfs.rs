@@ -628,3 +628,97 @@ pub fn set_of(stdout: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Two hosts on one machine: two network namespaces joined by a veth
+/// pair, `a` (10.232.N.1) and `b` (10.232.N.2). Both see the same block
+/// devices (network namespaces do not separate them). Removed on drop.
+pub struct NetPair {
+    /// Namespace names.
+    pub a: String,
+    /// See `a`.
+    pub b: String,
+    /// Address in `a`.
+    pub ip_a: String,
+    /// Address in `b`.
+    pub ip_b: String,
+}
+
+impl NetPair {
+    /// Create the pair, or say why not.
+    pub fn create() -> Result<NetPair, String> {
+        if !crate::is_root() || !crate::have("ip") {
+            return Err("needs root and ip (iproute2) for network namespaces".into());
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = std::process::id() % 10_000;
+        let (a, b) = (format!("floea{id}x{k}"), format!("floeb{id}x{k}"));
+        let net = (id * 7 + k) % 250;
+        let pair = NetPair {
+            a: a.clone(),
+            b: b.clone(),
+            ip_a: format!("10.232.{net}.1"),
+            ip_b: format!("10.232.{net}.2"),
+        };
+        let (va, vb) = (format!("fwa{id}x{k}"), format!("fwb{id}x{k}"));
+        let ip = |args: &[&str]| run(Command::new("ip").args(args)).map(|_| ());
+        ip(&["netns", "add", &a])?;
+        ip(&["netns", "add", &b])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &a])?;
+        ip(&["link", "set", &vb, "netns", &b])?;
+        for (ns, dev, addr) in [(&a, &va, &pair.ip_a), (&b, &vb, &pair.ip_b)] {
+            ip(&["netns", "exec", ns, "ip", "addr", "add", &format!("{addr}/30"), "dev", dev])?;
+            ip(&["netns", "exec", ns, "ip", "link", "set", dev, "up"])?;
+            ip(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// A `floe` command run inside namespace `ns`.
+    pub fn floe_in(&self, ns: &str) -> Command {
+        let probe = crate::floe_cmd();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(crate::floe_bin());
+        for (k, v) in probe.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end in it, and so the pair.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+impl AgentProcess {
+    /// An agent from a prepared command (`floe agent --listen …` inside a
+    /// namespace, say).
+    pub fn from_command(mut c: Command) -> AgentProcess {
+        let mut child = c.stderr(Stdio::piped()).spawn().expect("start floe agent");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        assert!(first.contains("listening"), "agent did not start: {first}");
+        let addr = first.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        AgentProcess {
+            child,
+            addr,
+            stderr: rx,
+        }
+    }
+}

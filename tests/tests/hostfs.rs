@@ -651,3 +651,57 @@ mod bad_input {
         );
     }
 }
+
+mod two_hosts {
+    use super::*;
+    use floe_tests::hostfs::NetPair;
+
+    /// The agent on the application host (its own network namespace), the
+    /// mover on the backup host (another), joined by a veth pair. Only the
+    /// map crosses the network; the mover reads the disk through its own
+    /// read-only path (a second loop device on the image) with O_DIRECT.
+    #[test]
+    fn agent_and_mover_on_two_hosts_joined_by_veth() {
+        let name = "agent_and_mover_on_two_hosts_joined_by_veth";
+        let net = match NetPair::create() {
+            Ok(n) => n,
+            Err(why) => return skip(name, &why),
+        };
+        let mut fs = match LoopFs::new("ext4", 1, 256, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        let facts = make_tree(&fs.mnt, 800, 3);
+        fs.mover_view().unwrap();
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let mut a = net.floe_in(&net.a);
+        a.args(["agent", "--listen", &format!("{}:0", net.ip_a), "--allow-source", &allow]);
+        let agent = AgentProcess::from_command(a);
+        assert!(agent.addr.starts_with(&net.ip_a), "{}", agent.addr);
+        let media = fs.dir.path().join("media");
+        let out = net
+            .floe_in(&net.b)
+            .args(["backup", "--agent", &agent.addr, "--source", &allow, "--json", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(fs.device_args())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let set = report["set"]["header"]["set"].as_str().unwrap().to_string();
+        // The mover read the file data from the disk, the agent sent a map.
+        let read = report["bytes_read"].as_u64().unwrap();
+        assert!(read >= facts.bytes / 2, "the mover read {read} bytes of {}", facts.bytes);
+        let to = fs.dir.path().join("restored");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(["--set", &set, "--to-dir"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let diffs = compare_trees(&fs.mnt, &to);
+        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    }
+}
