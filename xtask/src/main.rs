@@ -38,6 +38,17 @@ fn test(extra: &[String]) -> Result<()> {
         ("ssh-keygen", "openssh-client"),
         ("ip", "iproute2"),
         ("losetup", "mount"),
+        // Real file systems on loop devices (issue 3's tests).
+        ("mkfs.ext4", "e2fsprogs"),
+        ("e4defrag", "e2fsprogs"),
+        ("mkfs.xfs", "xfsprogs"),
+        ("xfs_fsr", "xfsprogs"),
+        ("mkfs.btrfs", "btrfs-progs"),
+        ("setfacl", "acl"),
+        ("fstrim", "util-linux"),
+        ("blkid", "util-linux"),
+        ("fsfreeze", "util-linux"),
+        ("pvcreate", "lvm2"),
     ])?;
     util::cargo(&["build", "--workspace", "--all-targets"])?;
     // A short fuzz run of every decoder that takes bytes from a peer, then
