@@ -127,6 +127,59 @@ impl LoopFs {
         Ok(fs)
     }
 
+    /// One disk image with an MBR partition table whose only partition
+    /// starts at sector 2048 (1 MiB), the file system made in it; the
+    /// kernel's partition device comes from `losetup -P`.
+    pub fn new_partitioned(fstype: &str, mib: u64) -> Result<LoopFs, String> {
+        fs_prerequisites(fstype)?;
+        let dir = tempfile::Builder::new()
+            .prefix("floe-fs-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let img = dir.path().join("disk0.img");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
+            f.set_len(mib << 20).map_err(|e| e.to_string())?;
+            let mut mbr = [0u8; 512];
+            let sectors = u32::try_from((mib << 20) / 512 - 2048).map_err(|e| e.to_string())?;
+            mbr[446 + 4] = 0x83;
+            mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+            mbr[446 + 12..446 + 16].copy_from_slice(&sectors.to_le_bytes());
+            mbr[510] = 0x55;
+            mbr[511] = 0xAA;
+            f.write_all_at(&mbr, 0).map_err(|e| e.to_string())?;
+        }
+        let dev = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(&img))?;
+        let mut fs = LoopFs {
+            images: vec![img],
+            devs: vec![dev.clone()],
+            ro: Vec::new(),
+            mnt: dir.path().join("mnt"),
+            fstype: fstype.into(),
+            mounted: false,
+            dir,
+        };
+        let part = format!("{dev}p1");
+        for _ in 0..50 {
+            if Path::new(&part).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::fs::create_dir(&fs.mnt).map_err(|e| e.to_string())?;
+        let mut c = Command::new(format!("mkfs.{fstype}"));
+        if fstype == "ext4" {
+            c.args(["-q", "-F"]);
+        } else {
+            c.args(["-q", "-f"]);
+        }
+        run(c.arg(&part))?;
+        run(Command::new("mount").arg(&part).arg(&fs.mnt))?;
+        fs.mounted = true;
+        Ok(fs)
+    }
+
     /// Attach the mover's read-only views of every device.
     pub fn mover_view(&mut self) -> Result<(), String> {
         for img in &self.images.clone() {

@@ -705,3 +705,32 @@ mod two_hosts {
         assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
     }
 }
+
+/// A file system in a partition: extents are offset by the partition's
+/// start (from sysfs) on the whole disk, which is what the mover reads.
+#[test]
+fn a_file_system_in_a_partition_maps_to_the_whole_disk() {
+    let name = "a_file_system_in_a_partition_maps_to_the_whole_disk";
+    let mut fs = match LoopFs::new_partitioned("ext4", 128) {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    make_tree(&fs.mnt, 200, 5);
+    fs.mover_view().unwrap();
+    let allow = format!("fsflush:{}", fs.mnt.display());
+    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+    let media = fs.dir.path().join("media");
+    let (code, out, err) = floe_backup(&agent.addr, &[allow.clone()], &media, &fs.device_args());
+    assert_eq!(code, 0, "{out}\n{err}");
+    let to = fs.dir.path().join("restored");
+    let r = floe_cmd()
+        .args(["restore", "--media"])
+        .arg(format!("disk:{}", media.display()))
+        .args(["--set", &set_of(&out), "--to-dir"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diffs = compare_trees(&fs.mnt, &to);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+}
