@@ -121,8 +121,20 @@ pub enum Response {
     },
 }
 
+/// Frame flag: the payload is zstd-compressed JSON.
+pub const FLAG_ZSTD: u16 = 0x0001;
+
+/// Payloads at least this large are sent compressed (when the engine is
+/// built, which brings zstd).
+pub const COMPRESS_FROM: usize = 16 * 1024;
+
 /// Encode `payload` as one frame.
 pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>> {
+    encode_frame_flags(payload, 0)
+}
+
+/// Encode `payload` as one frame with these flags.
+pub fn encode_frame_flags(payload: &[u8], flags: u16) -> Result<Vec<u8>> {
     let len = u32::try_from(payload.len()).map_err(|_| {
         Error::new(
             ErrorKind::FrameTooLarge,
@@ -132,7 +144,7 @@ pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);
     Ok(out)
@@ -140,6 +152,11 @@ pub fn encode_frame(payload: &[u8]) -> Result<Vec<u8>> {
 
 /// Parse a frame header: the payload length, or why the header is bad.
 pub fn decode_header(h: &[u8; HEADER_LEN], max: u32) -> Result<u32> {
+    decode_header_flags(h, max).map(|(len, _)| len)
+}
+
+/// Parse a frame header: the payload length and flags.
+pub fn decode_header_flags(h: &[u8; HEADER_LEN], max: u32) -> Result<(u32, u16)> {
     if h[0..4] != MAGIC {
         return Err(Error::new(
             ErrorKind::Protocol,
@@ -154,7 +171,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN], max: u32) -> Result<u32> {
         ));
     }
     let flags = u16::from_be_bytes([h[6], h[7]]);
-    if flags != 0 {
+    if flags & !FLAG_ZSTD != 0 {
         return Err(Error::new(
             ErrorKind::Protocol,
             format!("unknown frame flags {flags:#06x}"),
@@ -167,7 +184,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN], max: u32) -> Result<u32> {
             format!("frame of {len} bytes exceeds the limit of {max} bytes"),
         ));
     }
-    Ok(len)
+    Ok((len, flags))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
@@ -196,7 +213,7 @@ pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>> {
             format!("truncated frame header: {got} of {HEADER_LEN} bytes"),
         ));
     }
-    let len = decode_header(&h, max)?;
+    let (len, flags) = decode_header_flags(&h, max)?;
     let len = usize::try_from(len)
         .map_err(|_| Error::new(ErrorKind::FrameTooLarge, "frame too large"))?;
     let mut payload = vec![0u8; len];
@@ -207,13 +224,45 @@ pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>> {
             format!("truncated frame: {got} of {len} payload bytes before end of stream"),
         ));
     }
+    if flags & FLAG_ZSTD != 0 {
+        return inflate(&payload, max).map(Some);
+    }
     Ok(Some(payload))
+}
+
+/// Decompress a zstd payload, refusing one that would exceed `max` bytes.
+#[cfg(feature = "engine")]
+fn inflate(payload: &[u8], max: u32) -> Result<Vec<u8>> {
+    zstd::bulk::decompress(payload, usize::try_from(max).unwrap_or(usize::MAX)).map_err(|e| {
+        Error::new(
+            ErrorKind::Protocol,
+            format!("compressed frame does not decompress within the limit of {max} bytes"),
+        )
+        .source(e)
+    })
+}
+
+#[cfg(not(feature = "engine"))]
+fn inflate(_payload: &[u8], _max: u32) -> Result<Vec<u8>> {
+    Err(Error::new(
+        ErrorKind::Protocol,
+        "compressed frame, but this build has no zstd (floe-core without the engine)",
+    ))
 }
 
 /// Write one message as a frame and flush.
 pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
     let payload = serde_json::to_vec(msg)
         .map_err(|e| Error::new(ErrorKind::Protocol, "cannot encode message").source(e))?;
+    #[cfg(feature = "engine")]
+    let frame = if payload.len() >= COMPRESS_FROM {
+        let packed = zstd::bulk::compress(&payload, 3)
+            .map_err(|e| Error::new(ErrorKind::Protocol, "cannot compress message").source(e))?;
+        encode_frame_flags(&packed, FLAG_ZSTD)?
+    } else {
+        encode_frame(&payload)?
+    };
+    #[cfg(not(feature = "engine"))]
     let frame = encode_frame(&payload)?;
     w.write_all(&frame)
         .and_then(|()| w.flush())
@@ -238,6 +287,31 @@ pub fn read_message<T: DeserializeOwned>(r: &mut impl Read, max: u32) -> Result<
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn large_messages_travel_compressed_and_bombs_are_refused() {
+        let req = Request::Freeze {
+            sources: (0..20_000).map(|i| format!("fsflush:/srv/data/file{i}")).collect(),
+        };
+        let mut buf = Vec::new();
+        write_message(&mut buf, &req).unwrap();
+        let flags = u16::from_be_bytes([buf[6], buf[7]]);
+        assert_eq!(flags, FLAG_ZSTD);
+        let plain = serde_json::to_vec(&req).unwrap().len();
+        assert!(buf.len() * 5 < plain, "{} of {plain}", buf.len());
+        let back: Request = read_message(&mut buf.as_slice(), DEFAULT_MAX_FRAME).unwrap().unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&req).unwrap());
+        // Small on the wire, too large once inflated: refused.
+        let e = read_message::<Request>(&mut buf.as_slice(), 64 * 1024).unwrap_err();
+        assert!(e.to_string().contains("does not decompress within the limit"), "{e}");
+        // Garbage marked compressed: a protocol error, not a panic.
+        let bad = encode_frame_flags(b"not zstd at all", FLAG_ZSTD).unwrap();
+        let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        let odd = encode_frame_flags(b"{}", 0x0004).unwrap();
+        let e = read_message::<Request>(&mut odd.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
+        assert!(e.to_string().contains("unknown frame flags"), "{e}");
+    }
 
     #[test]
     fn round_trip_and_errors() {
