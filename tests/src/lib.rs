@@ -44,7 +44,18 @@ pub fn floe_bin() -> PathBuf {
 /// touch the user's catalog; tests about the catalog pass `--catalog`).
 pub fn floe_cmd() -> std::process::Command {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!("floe-test-catalogs-{}", std::process::id()));
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let base = std::env::temp_dir().join("floe-test-catalogs");
+    // Catalogs of test processes that are gone are removed by the next.
+    SWEPT.call_once(|| {
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let dir = base.join(std::process::id().to_string());
     let _ = std::fs::create_dir_all(&dir);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut c = std::process::Command::new(floe_bin());

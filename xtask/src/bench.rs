@@ -37,11 +37,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut size_mib = 2048u64;
     let mut rounds = 7usize;
     let mut floe_opts: Vec<String> = Vec::new();
+    let mut case = "all".to_string();
+    let mut files = 70_000usize;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mib" => size_mib = it.next().context("--size-mib N")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
+            "--case" => case = it.next().context("--case volume|tree|all")?.clone(),
+            "--files" => files = it.next().context("--files N")?.parse()?,
             "--floe-opts" => {
                 floe_opts = it
                     .next()
@@ -51,9 +55,13 @@ pub fn run(args: &[String]) -> Result<()> {
                     .collect()
             }
             other => bail!(
-                "unknown bench option {other} (--size-mib N, --rounds N, --floe-opts \"...\")"
+                "unknown bench option {other} (--case volume|tree|all, --size-mib N, --rounds N, --files N, --floe-opts \"...\")"
             ),
         }
+    }
+    if case == "tree" {
+        util::build_shipped(true)?;
+        return crate::treebench::run(&util::root().join("target/release"), rounds.min(3), files);
     }
     util::ensure_packages(&[("nbdcopy", "libnbd-bin")])?;
     util::build_shipped(true)?;
@@ -219,6 +227,9 @@ pub fn run(args: &[String]) -> Result<()> {
     drop(_agent);
     drop(_san);
     let _ = std::fs::remove_dir_all(&work);
+    if case == "all" {
+        crate::treebench::run(&bin, rounds.min(3), files)?;
+    }
     Ok(())
 }
 

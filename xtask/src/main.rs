@@ -8,6 +8,7 @@
 //! - `cargo xtask bench` — the mover beside dd and nbdcopy on the same bytes.
 
 mod bench;
+mod treebench;
 mod demo;
 mod util;
 
@@ -127,12 +128,17 @@ fn fuzz(seconds: u64) -> Result<()> {
     }
     let dir = util::root().join("fuzz");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Targets that need scratch files make them under TMPDIR: one of ours,
+    // removed after the run.
+    let scratch = dir.join("target/tmp");
+    std::fs::create_dir_all(&scratch)?;
     for t in FUZZ_TARGETS {
         let corpus = dir.join("target/corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         let mut cmd = std::process::Command::new(&cargo);
         cmd.current_dir(&dir)
             .env("RUSTC_BOOTSTRAP", "1")
+            .env("TMPDIR", &scratch)
             .args(["fuzz", "run", t, "-s", "none"])
             .arg(&corpus);
         let seeds = dir.join("seeds").join(t);
@@ -153,6 +159,7 @@ fn fuzz(seconds: u64) -> Result<()> {
             eprintln!("xtask: {t}: {last}");
         }
     }
+    let _ = std::fs::remove_dir_all(&scratch);
     println!(
         "fuzz: {} targets ran {seconds} s each without a crash",
         FUZZ_TARGETS.len()

@@ -1,0 +1,251 @@
+//! `cargo xtask bench --case tree`: a cold tree of 70,000 files
+//! (`../shared/bench/make-tree.py`, a source-tree-like mix) on ext4 on a
+//! loop device, backed up by Floe (agent: fsflush + fiemap; mover: reads
+//! a read-only loop device over the image with O_DIRECT) to disk media,
+//! beside `tar -cf` and `restic backup` of the same tree to the same disk,
+//! rounds interleaved, page cache dropped before each run. Then restore:
+//! `floe restore --to-dir` beside `tar -xf`.
+//!
+//! Reported: wall time; CPU seconds of the agent (the application host's
+//! cost) and of tar/restic; bytes the agent read from storage and bytes it
+//! wrote to the mover (`/proc/PID/io`).
+
+use crate::util::{self, Proc};
+use anyhow::{bail, Context, Result};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// (user+system CPU seconds, read_bytes, wchar) of a process.
+fn proc_stats(pid: u32) -> Result<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is 3rd field overall → index 0 here;
+    // utime is field 14 → index 11, stime 15 → 12.
+    let ticks = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    let get = |k: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
+            .unwrap_or(0)
+    };
+    Ok((ticks / 100.0, get("read_bytes:"), get("wchar:")))
+}
+
+/// Run `script` under bash, timing it; (wall seconds, children CPU seconds).
+fn timed_shell(script: &str, env: &[(&str, &str)]) -> Result<(f64, f64)> {
+    drop_caches();
+    let mut c = Command::new("bash");
+    c.arg("-c").arg(format!("set -e; {script} >/dev/null; times"));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let t = Instant::now();
+    let out = c.stderr(Stdio::piped()).output()?;
+    let wall = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // `times`: shell user/sys, then children user/sys ("0m1.234s 0m0.567s").
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs = |t: &str| -> f64 {
+        let (m, s) = t.trim_end_matches('s').split_once('m').unwrap_or(("0", "0"));
+        m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0)
+    };
+    let cpu = text
+        .lines()
+        .last()
+        .map(|l| l.split_whitespace().map(secs).sum())
+        .unwrap_or(0.0);
+    Ok((wall, cpu))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+struct Mount {
+    dev: String,
+    ro: String,
+    mnt: PathBuf,
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = Command::new("losetup").args(["-d", &self.ro, &self.dev]).status();
+    }
+}
+
+/// The tree case.
+pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
+    util::ensure_packages(&[
+        ("mkfs.ext4", "e2fsprogs"),
+        ("restic", "restic"),
+        ("python3", "python3"),
+    ])?;
+    let script = util::root()
+        .parent()
+        .context("workspace parent")?
+        .join("shared/bench/make-tree.py");
+    if !script.exists() {
+        bail!("{} is missing: the tree bench needs ../shared beside the repository", script.display());
+    }
+    let work = util::root().join("target/bench-tree");
+    let _ = Command::new("umount").arg(work.join("mnt")).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("mnt"))?;
+    let img = work.join("tree.img");
+    std::fs::File::create(&img)?.set_len(6 << 30)?;
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
+    let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
+    let mnt = work.join("mnt");
+    sh(Command::new("mount").arg(&dev).arg(&mnt))?;
+    let ro = sh(Command::new("losetup").args(["-f", "--show", "-r"]).arg(&img))?;
+    let m = Mount { dev, ro: ro.clone(), mnt: mnt.clone() };
+    let tree = mnt.join("tree");
+    eprintln!("bench tree: making {files} files with {}", script.display());
+    sh(Command::new("python3").arg(&script).arg(&tree).args(["--files", &files.to_string()]))?;
+    let data: u64 = sh(Command::new("du").args(["-sb"]).arg(&tree))?
+        .split_whitespace()
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    let id = format!("file:{}", img.display());
+    let source = format!("fsflush:{}", tree.display());
+    let mut agent = Command::new(bin.join("floe"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--allow-source", &source])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(agent.stderr.take().context("stderr")?).read_line(&mut line)?;
+    let addr = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    let agent = Proc(agent);
+    let pid = agent.0.id();
+    let out = work.join("out");
+    let restic_env = [("RESTIC_PASSWORD", "floe-bench")];
+    let mut t: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 3] = Default::default();
+    let (mut agent_read, mut agent_sent, mut mover_read) = (Vec::new(), Vec::new(), Vec::new());
+    let mut set = String::new();
+    for round in 0..rounds {
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out)?;
+        let (w, c) = timed_shell(
+            &format!("tar -cf '{}/tree.tar' -C '{}' tree && sync -f '{}'", out.display(), mnt.display(), out.display()),
+            &[],
+        )?;
+        t[0].push(w);
+        cpu[0].push(c);
+        let repo = out.join("restic");
+        sh(Command::new("restic").args(["init", "-q", "-r"]).arg(&repo).env("RESTIC_PASSWORD", "floe-bench"))?;
+        let (w, c) = timed_shell(
+            &format!("restic -q -r '{}' backup '{}' && sync -f '{}'", repo.display(), tree.display(), out.display()),
+            &restic_env,
+        )?;
+        t[1].push(w);
+        cpu[1].push(c);
+        let _ = std::fs::remove_dir_all(&repo);
+        drop_caches();
+        let before = proc_stats(pid)?;
+        let start = Instant::now();
+        let o = Command::new(bin.join("floe"))
+            .arg("--catalog")
+            .arg(out.join("catalog.db"))
+            .args(["backup", "--agent", &addr, "--source", &source, "--json", "--media"])
+            .arg(format!("disk:{}", out.join("floe").display()))
+            .args(["--device", &format!("{id}={ro}"), "--allow-device", &id])
+            .output()?;
+        if !o.status.success() {
+            bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let _ = Command::new("sync").arg("-f").arg(&out).status();
+        let w = start.elapsed().as_secs_f64();
+        let after = proc_stats(pid)?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        set = v["set"]["header"]["set"].as_str().unwrap_or_default().to_string();
+        t[2].push(w);
+        cpu[2].push(after.0 - before.0);
+        agent_read.push((after.1 - before.1) as f64);
+        agent_sent.push((after.2 - before.2) as f64);
+        mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        eprintln!(
+            "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B)",
+            t[0][round], t[1][round], w, after.0 - before.0, after.1 - before.1, after.2 - before.2
+        );
+    }
+    // Restore: the last round's set and archive, to fresh directories on
+    // the same disk.
+    let mut rt: [Vec<f64>; 2] = Default::default();
+    for _ in 0..rounds {
+        let dest = out.join("restore-floe");
+        let _ = std::fs::remove_dir_all(&dest);
+        let (w, _) = timed_shell(
+            &format!(
+                "'{}' restore --media disk:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
+                bin.join("floe").display(),
+                out.join("floe").display(),
+                dest.display(),
+                out.display()
+            ),
+            &[],
+        )?;
+        rt[0].push(w);
+        let dest = out.join("restore-tar");
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::create_dir_all(&dest)?;
+        let (w, _) = timed_shell(
+            &format!("tar -xf '{}/tree.tar' -C '{}' && sync -f '{}'", out.display(), dest.display(), out.display()),
+            &[],
+        )?;
+        rt[1].push(w);
+    }
+    let (tar, restic, floe) = (median(&t[0]), median(&t[1]), median(&t[2]));
+    println!("\nfile tree: {files} files, {data} bytes, ext4 on a loop device, cold cache, median of {rounds} interleaved rounds");
+    println!("  tar -cf            {tar:>7.2} s   CPU {:>6.2} s", median(&cpu[0]));
+    println!("  restic backup      {restic:>7.2} s   CPU {:>6.2} s", median(&cpu[1]));
+    println!(
+        "  floe backup        {floe:>7.2} s   agent CPU {:>6.2} s, agent read {:.0} B, agent→mover {:.0} B, mover read {:.0} B",
+        median(&cpu[2]),
+        median(&agent_read),
+        median(&agent_sent),
+        median(&mover_read)
+    );
+    println!("  floe / tar         {:.3}  (target <= 0.2)", floe / tar);
+    println!("  floe / restic      {:.3}  (target <= 0.15)", floe / restic);
+    println!("  agent CPU / tar CPU {:.3}  (target <= 0.1)", median(&cpu[2]) / median(&cpu[0]).max(1e-9));
+    println!("  agent→mover / data {:.4}  (target <= 0.01)", median(&agent_sent) / data as f64);
+    println!("  restore: floe --to-dir {:.2} s, tar -xf {:.2} s, ratio {:.2} (target <= 1.0)", median(&rt[0]), median(&rt[1]), median(&rt[0]) / median(&rt[1]));
+    let json = serde_json::json!({
+        "files": files, "data_bytes": data, "rounds": rounds,
+        "tar_s": tar, "restic_s": restic, "floe_s": floe,
+        "tar_cpu_s": median(&cpu[0]), "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&cpu[2]),
+        "agent_read_bytes": median(&agent_read), "agent_sent_bytes": median(&agent_sent),
+        "mover_read_bytes": median(&mover_read),
+        "restore_floe_s": median(&rt[0]), "restore_tar_s": median(&rt[1]),
+    });
+    std::fs::create_dir_all(util::root().join("target/bench"))?;
+    std::fs::write(util::root().join("target/bench/tree.json"), serde_json::to_vec_pretty(&json)?)?;
+    drop(agent);
+    drop(m);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
