@@ -510,7 +510,14 @@ fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()
     let found = if &buf[64..72] == b"_BHRfS_M" {
         let u = &buf[267..283];
         let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-        Some(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+        Some(format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        ))
     } else {
         None
     };
@@ -522,7 +529,10 @@ fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()
         format!(
             "{} is {}, not the btrfs device the map names",
             path.display(),
-            found.map_or_else(|| "no btrfs device".to_string(), |u| format!("btrfs device {u}"))
+            found.map_or_else(
+                || "no btrfs device".to_string(),
+                |u| format!("btrfs device {u}")
+            )
         ),
     )
     .op("verify device identity")

@@ -204,6 +204,35 @@ fn remap_item(
     Ok(remap.after_freeze)
 }
 
+/// Where an item's bytes start on disk: its first data extent's device
+/// and offset.
+fn first_extent(item: &Item) -> Option<(&crate::model::DeviceId, u64)> {
+    item.extents.iter().find_map(|e| match &e.kind {
+        ExtentKind::Data(c) => Some((
+            &c.physical.device,
+            c.physical.start.0.saturating_mul(u64::from(c.physical.block_size.0)),
+        )),
+        _ => None,
+    })
+}
+
+/// The order items are moved in (and land on media). Files: those without
+/// bytes to read first (directories, links, nodes, holes and inline data,
+/// in walk order), then by where their bytes start on disk, so that reads
+/// sweep each device once instead of seeking back and forth in name order.
+/// Volumes keep the map's order. Pure.
+pub fn order_for_reading(items: &mut [Item]) {
+    if !items.iter().any(|i| i.kind != ItemKind::Volume) {
+        return;
+    }
+    items.sort_by(|a, b| match (first_extent(a), first_extent(b)) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, Some(_)) => std::cmp::Ordering::Less,
+        (Some(_), None) => std::cmp::Ordering::Greater,
+        (Some(x), Some(y)) => x.cmp(&y),
+    });
+}
+
 /// The header of an item as it is written.
 fn header_of(item: &Item) -> ItemHeader {
     ItemHeader {
@@ -221,6 +250,57 @@ fn header_of(item: &Item) -> ItemHeader {
 const BATCH_ITEM_MAX: u64 = 1 << 20;
 /// Items in one batch at most.
 const BATCH_ITEMS_MAX: usize = 4096;
+
+/// Bytes of verified windows queued for the writer, at most `max` (more
+/// only when a single window is larger). Closed when the writer ends, so a
+/// reader waiting on it stops.
+struct Budget {
+    state: Mutex<(u64, bool)>,
+    cv: std::sync::Condvar,
+    max: u64,
+}
+
+impl Budget {
+    fn new(max: u64) -> Budget {
+        Budget {
+            state: Mutex::new((0, false)),
+            cv: std::sync::Condvar::new(),
+            max,
+        }
+    }
+    /// Wait for room for `n` bytes; false once closed.
+    fn take(&self, n: u64) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.1 && g.0 > 0 && g.0 + n > self.max {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        if g.1 {
+            return false;
+        }
+        g.0 += n;
+        true
+    }
+    fn give(&self, n: u64) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = g.0.saturating_sub(n);
+        self.cv.notify_all();
+    }
+    fn close(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A batch whose reads are in flight.
+struct Batch {
+    members: Vec<Member>,
+    pending: Pending,
+    total: u64,
+    /// Times it was read again because a member's map changed.
+    rounds: u32,
+    id: ItemId,
+}
 
 /// One item's piece of a batch: the item, where it sits in the batch's
 /// virtual byte space, and its remaps so far.
@@ -281,6 +361,7 @@ struct Reader<'a> {
     resolver: &'a DeviceResolver,
     opts: &'a MoverOptions,
     tx: SyncSender<Msg>,
+    budget: &'a Budget,
     jobs: Sender<Job>,
     done: Receiver<Done>,
     next_seq: u64,
@@ -291,9 +372,13 @@ impl Reader<'_> {
     fn run(&mut self, items: Vec<Item>) -> Result<()> {
         let batch_max = self.opts.window.0.min(BATCH_ITEM_MAX);
         let mut items = items.into_iter().peekable();
+        // Batches in flight, oldest first: the reads of the next ones
+        // overlap the check of the first.
+        let mut queue: std::collections::VecDeque<Batch> = std::collections::VecDeque::new();
         while let Some(item) = items.next() {
             if item.size.0 > batch_max {
-                if !self.item(item)? {
+                // Items go to media in order: finish the batches before it.
+                if !self.drain(&mut queue, 0)? || !self.item(item)? {
                     return Ok(());
                 }
                 continue;
@@ -310,11 +395,39 @@ impl Reader<'_> {
                 bytes += next.size.0;
                 batch.extend(items.next());
             }
-            if !self.batch(batch)? {
+            let members = batch
+                .into_iter()
+                .map(|item| Member {
+                    item,
+                    remaps: 0,
+                    after_freeze: false,
+                })
+                .collect();
+            let b = self.submit_batch(members, 0)?;
+            queue.push_back(b);
+            if !self.drain(&mut queue, LOOKAHEAD - 1)? {
                 return Ok(());
             }
         }
+        self.drain(&mut queue, 0)?;
         Ok(())
+    }
+
+    /// Finish batches from the front until at most `keep` are in flight.
+    /// False when the writer went away.
+    fn drain(
+        &mut self,
+        queue: &mut std::collections::VecDeque<Batch>,
+        keep: usize,
+    ) -> Result<bool> {
+        while queue.len() > keep {
+            match self.finish_batch(queue)? {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => {} // the front batch was read again: wait for it
+            }
+        }
+        Ok(true)
     }
 
     /// Queue a window plan's reads on the pool.
@@ -376,110 +489,140 @@ impl Reader<'_> {
     }
 
     fn send(&self, msg: Msg) -> bool {
+        // Bytes handed to the writer are bounded, whatever the media's pace.
+        if let Msg::Window(_, n) = &msg {
+            if !self.budget.take(*n as u64) {
+                return false;
+            }
+        }
         self.tx.send(msg).is_ok()
     }
 
-    /// Steps 1–3 for a batch of small items at once: their extents read
-    /// as one window of a virtual item (their concatenation), so reads
-    /// follow physical order across items and coalesce; one check of every
-    /// config id after the reads. Items whose map changed are remapped and
-    /// the batch is read again. False when the writer went away.
-    fn batch(&mut self, items: Vec<Item>) -> Result<bool> {
-        let mut members: Vec<Member> = items
-            .into_iter()
-            .map(|item| Member {
-                item,
-                remaps: 0,
-                after_freeze: false,
-            })
+    /// Plan a batch of small items as one window of a virtual item (their
+    /// concatenation), so reads follow physical order across items and
+    /// coalesce, and queue its reads.
+    fn submit_batch(&mut self, members: Vec<Member>, rounds: u32) -> Result<Batch> {
+        let (virt, total) = concatenate(&members)?;
+        let plan = plan_window(&virt, ItemOffset(0), Bytes(total), &self.opts.plan())?;
+        let pending = self.submit_plan(plan, ItemOffset(0), &virt)?;
+        Ok(Batch {
+            members,
+            pending,
+            total,
+            rounds,
+            id: virt.id,
+        })
+    }
+
+    /// Steps 2–3 for the front batch: wait for its reads, check every
+    /// config id in one round trip. Items whose map changed are remapped
+    /// and the batch is queued again at the front (`None`); else its items
+    /// go to the writer (`Some(false)` when the writer went away).
+    fn finish_batch(
+        &mut self,
+        queue: &mut std::collections::VecDeque<Batch>,
+    ) -> Result<Option<bool>> {
+        {
+            let front_id = queue
+                .front()
+                .map(|b| b.id.clone())
+                .unwrap_or_else(|| ItemId::new(""));
+            let mut all: Vec<&mut Pending> = queue.iter_mut().map(|b| &mut b.pending).collect();
+            self.wait(&mut all, &front_id)?;
+        }
+        let Some(Batch {
+            mut members,
+            pending,
+            total,
+            mut rounds,
+            ..
+        }) = queue.pop_front()
+        else {
+            return Ok(Some(true));
+        };
+        // 3. check every item that has bytes, after the read.
+        let asked: Vec<usize> = (0..members.len())
+            .filter(|&k| members[k].item.size.0 > 0)
             .collect();
-        let mut rounds = 0u32;
-        loop {
-            let (virt, total) = concatenate(&members)?;
-            let plan = plan_window(&virt, ItemOffset(0), Bytes(total), &self.opts.plan())?;
-            let mut pending = self.submit_plan(plan, ItemOffset(0), &virt)?;
-            self.wait(&mut [&mut pending], &virt.id)?;
-            // 3. check every item that has bytes, after the read.
-            let asked: Vec<usize> = (0..members.len())
-                .filter(|&k| members[k].item.size.0 > 0)
-                .collect();
-            let stale: Vec<usize> = if self.opts.recheck_after_read && !asked.is_empty() {
-                let current = self.agent.check_many(
-                    &self.image.id,
-                    asked
-                        .iter()
-                        .map(|&k| (members[k].item.id.clone(), members[k].item.config.clone()))
-                        .collect(),
-                )?;
+        let stale: Vec<usize> = if self.opts.recheck_after_read && !asked.is_empty() {
+            let current = self.agent.check_many(
+                &self.image.id,
                 asked
                     .iter()
-                    .zip(current)
-                    .filter(|(&k, c)| *c != members[k].item.config)
-                    .map(|(&k, _)| k)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            if !stale.is_empty() {
-                self.counters.rereads += 1;
-                rounds += 1;
-                if rounds > self.opts.max_remaps {
-                    return Err(Error::new(
-                        ErrorKind::Unstable,
-                        format!("the map kept changing: {rounds} remaps without a stable read"),
-                    )
-                    .item(&members[stale[0]].item.id));
-                }
-                let mut gone = Vec::new();
-                for k in stale {
-                    let m = &mut members[k];
-                    match remap_item(self.agent, self.image, &mut m.item, self.resolver) {
-                        Ok(newer) => m.after_freeze |= newer,
-                        Err(e) if m.item.kind != ItemKind::Volume => gone.push((k, e)),
-                        Err(e) => return Err(e),
-                    }
-                    m.remaps += 1;
-                    self.counters.remaps += 1;
-                }
-                for (k, e) in gone.into_iter().rev() {
-                    let m = members.remove(k);
-                    let f = ItemFailure {
-                        item: m.item.id.clone(),
-                        error: e.item(&m.item.id).to_string(),
-                    };
-                    if !self.send(Msg::Skip(f)) {
-                        return Ok(false);
-                    }
-                }
-                continue;
+                    .map(|&k| (members[k].item.id.clone(), members[k].item.config.clone()))
+                    .collect(),
+            )?;
+            asked
+                .iter()
+                .zip(current)
+                .filter(|(&k, c)| *c != members[k].item.config)
+                .map(|(&k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !stale.is_empty() {
+            self.counters.rereads += 1;
+            rounds += 1;
+            if rounds > self.opts.max_remaps {
+                return Err(Error::new(
+                    ErrorKind::Unstable,
+                    format!("the map kept changing: {rounds} remaps without a stable read"),
+                )
+                .item(&members[stale[0]].item.id));
             }
-            if let Some(e) = pending.error {
-                return Err(e);
+            let mut gone = Vec::new();
+            for k in stale {
+                let m = &mut members[k];
+                match remap_item(self.agent, self.image, &mut m.item, self.resolver) {
+                    Ok(newer) => m.after_freeze |= newer,
+                    Err(e) if m.item.kind != ItemKind::Volume => gone.push((k, e)),
+                    Err(e) => return Err(e),
+                }
+                m.remaps += 1;
+                self.counters.remaps += 1;
             }
-            self.counters.bytes_read += pending.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
-            let (segments, _) = assemble(pending.plan, pending.bufs, Bytes(total))?;
-            let sizes: Vec<u64> = members.iter().map(|m| m.item.size.0).collect();
-            for (m, segs) in members.iter().zip(split_segments(segments, &sizes)?) {
-                if !self.send(Msg::Begin(header_of(&m.item))) {
-                    return Ok(false);
-                }
-                if m.item.size.0 > 0 {
-                    let n = to_usize(m.item.size.0)?;
-                    if !self.send(Msg::Window(segs, n)) {
-                        return Ok(false);
-                    }
-                }
-                let end = Msg::End {
-                    config: m.item.config.clone(),
-                    remaps: m.remaps,
-                    after_freeze: m.after_freeze,
+            for (k, e) in gone.into_iter().rev() {
+                let m = members.remove(k);
+                let f = ItemFailure {
+                    item: m.item.id.clone(),
+                    error: e.item(&m.item.id).to_string(),
                 };
-                if !self.send(end) {
-                    return Ok(false);
+                if !self.send(Msg::Skip(f)) {
+                    return Ok(Some(false));
                 }
             }
-            return Ok(true);
+            // Read it again (its earlier reads are dropped as they land).
+            let again = self.submit_batch(members, rounds)?;
+            queue.push_front(again);
+            return Ok(None);
         }
+        if let Some(e) = pending.error {
+            return Err(e);
+        }
+        self.counters.bytes_read += pending.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
+        let (segments, _) = assemble(pending.plan, pending.bufs, Bytes(total))?;
+        let sizes: Vec<u64> = members.iter().map(|m| m.item.size.0).collect();
+        for (m, segs) in members.iter().zip(split_segments(segments, &sizes)?) {
+            if !self.send(Msg::Begin(header_of(&m.item))) {
+                return Ok(Some(false));
+            }
+            if m.item.size.0 > 0 {
+                let n = to_usize(m.item.size.0)?;
+                if !self.send(Msg::Window(segs, n)) {
+                    return Ok(Some(false));
+                }
+            }
+            let end = Msg::End {
+                config: m.item.config.clone(),
+                remaps: m.remaps,
+                after_freeze: m.after_freeze,
+            };
+            if !self.send(end) {
+                return Ok(Some(false));
+            }
+        }
+        Ok(Some(true))
     }
 
     /// Steps 1–3 for every window of one large item, with reads of the
@@ -932,6 +1075,7 @@ fn move_image(
         }
     }
     map.items = keep;
+    order_for_reading(&mut map.items);
     progress(&Progress::Frozen {
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),
@@ -988,10 +1132,13 @@ fn write_items(
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Counters> {
-    let (tx, rx) = sync_channel::<Msg>(2);
+    // Small items are three messages each: room for a batch's worth, so the
+    // reader is not held up item by item by the writer.
+    let (tx, rx) = sync_channel::<Msg>(3 * BATCH_ITEMS_MAX);
     let (job_tx, job_rx) = channel::<Job>();
     let (done_tx, done_rx) = channel::<Done>();
     let pool = BufferPool::default();
+    let budget = Budget::new(2 * opts.window.0.max(1));
     let job_rx = Arc::new(Mutex::new(job_rx));
     std::thread::scope(|s| {
         for _ in 0..opts.parallel.max(1) {
@@ -999,6 +1146,7 @@ fn write_items(
             s.spawn(move || read_worker(jobs, done, pool));
         }
         drop(done_tx);
+        let budget = &budget;
         let reader = s.spawn(move || {
             let mut r = Reader {
                 agent,
@@ -1006,6 +1154,7 @@ fn write_items(
                 resolver,
                 opts,
                 tx,
+                budget,
                 jobs: job_tx,
                 done: done_rx,
                 next_seq: 0,
@@ -1074,6 +1223,7 @@ fn write_items(
                     if let Some(e) = failed {
                         break Err(e.item(&h.item));
                     }
+                    budget.give(n as u64);
                     *done += n as u64;
                     progress(&Progress::Written {
                         item: h.item.clone(),
@@ -1115,6 +1265,7 @@ fn write_items(
                 Msg::Failed(e) => break Err(e),
             }
         };
+        budget.close();
         drop(rx);
         let _ = reader.join();
         outcome

@@ -291,7 +291,9 @@ mod tests {
     #[test]
     fn large_messages_travel_compressed_and_bombs_are_refused() {
         let req = Request::Freeze {
-            sources: (0..20_000).map(|i| format!("fsflush:/srv/data/file{i}")).collect(),
+            sources: (0..20_000)
+                .map(|i| format!("fsflush:/srv/data/file{i}"))
+                .collect(),
         };
         let mut buf = Vec::new();
         write_message(&mut buf, &req).unwrap();
@@ -299,11 +301,20 @@ mod tests {
         assert_eq!(flags, FLAG_ZSTD);
         let plain = serde_json::to_vec(&req).unwrap().len();
         assert!(buf.len() * 5 < plain, "{} of {plain}", buf.len());
-        let back: Request = read_message(&mut buf.as_slice(), DEFAULT_MAX_FRAME).unwrap().unwrap();
-        assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&req).unwrap());
+        let back: Request = read_message(&mut buf.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&req).unwrap()
+        );
         // Small on the wire, too large once inflated: refused.
         let e = read_message::<Request>(&mut buf.as_slice(), 64 * 1024).unwrap_err();
-        assert!(e.to_string().contains("does not decompress within the limit"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("does not decompress within the limit"),
+            "{e}"
+        );
         // Garbage marked compressed: a protocol error, not a panic.
         let bad = encode_frame_flags(b"not zstd at all", FLAG_ZSTD).unwrap();
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();

@@ -247,7 +247,6 @@ fn write_file(
         .item(&rec.header.item)
         .path(path));
     }
-    out.sync_data().map_err(|e| io("fsync", path, e))?;
     Ok(written)
 }
 
@@ -325,7 +324,12 @@ pub fn restore_tree(
     let owners = !opts.no_owners && rustix::process::geteuid().is_root();
     let mut report = TreeReport::default();
     let mut dirs = Vec::new();
-    for step in steps {
+    // Hard links after every file they may name (media order is read
+    // order, not walk order).
+    let (links, rest): (Vec<&TreeStep>, Vec<&TreeStep>) = steps
+        .iter()
+        .partition(|s| s.item.header.kind == ItemKind::HardLink);
+    for step in rest.into_iter().chain(links) {
         progress(step);
         let h = &step.item.header;
         let result = make(reader, set, step).and_then(|n| {
@@ -343,6 +347,22 @@ pub fn restore_tree(
                 report.bytes += n;
             }
             Err(e) => report.failures.push((h.item.to_string(), e.to_string())),
+        }
+    }
+    // Everything written becomes durable at once (one syncfs of the
+    // destination's file system, not one fsync per file).
+    if let Some(first) = steps.first() {
+        let at = if first.dest.is_dir() {
+            first.dest.clone()
+        } else {
+            first
+                .dest
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        };
+        if let Ok(d) = std::fs::File::open(&at) {
+            rustix::fs::syncfs(&d).map_err(|e| io("sync", &at, e))?;
         }
     }
     // Directories last, deepest first.

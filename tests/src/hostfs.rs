@@ -113,7 +113,11 @@ impl LoopFs {
             _ => &mut c,
         };
         run(c.args(mkfs).args(&fs.devs))?;
-        let mut o: Vec<String> = opts.split(',').filter(|x| !x.is_empty()).map(String::from).collect();
+        let mut o: Vec<String> = opts
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect();
         if fstype == "btrfs" {
             // No udev here to scan devices: name them all.
             o.extend(fs.devs[1..].iter().map(|d| format!("device={d}")));
@@ -150,7 +154,9 @@ impl LoopFs {
             mbr[511] = 0xAA;
             f.write_all_at(&mbr, 0).map_err(|e| e.to_string())?;
         }
-        let dev = run(Command::new("losetup").args(["-f", "--show", "-P"]).arg(&img))?;
+        let dev = run(Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(&img))?;
         let mut fs = LoopFs {
             images: vec![img],
             devs: vec![dev.clone()],
@@ -214,8 +220,9 @@ impl LoopFs {
     pub fn btrfs_device_args(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (dev, ro) in self.devs.iter().zip(&self.ro) {
-            let uuid = run(Command::new("blkid").args(["-p", "-s", "UUID_SUB", "-o", "value", dev]))
-                .expect("blkid UUID_SUB");
+            let uuid =
+                run(Command::new("blkid").args(["-p", "-s", "UUID_SUB", "-o", "value", dev]))
+                    .expect("blkid UUID_SUB");
             out.extend([
                 "--device".to_string(),
                 format!("btrfs-dev:{uuid}={ro}"),
@@ -721,7 +728,17 @@ impl NetPair {
         ip(&["link", "set", &va, "netns", &a])?;
         ip(&["link", "set", &vb, "netns", &b])?;
         for (ns, dev, addr) in [(&a, &va, &pair.ip_a), (&b, &vb, &pair.ip_b)] {
-            ip(&["netns", "exec", ns, "ip", "addr", "add", &format!("{addr}/30"), "dev", dev])?;
+            ip(&[
+                "netns",
+                "exec",
+                ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{addr}/30"),
+                "dev",
+                dev,
+            ])?;
             ip(&["netns", "exec", ns, "ip", "link", "set", dev, "up"])?;
             ip(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
         }
@@ -759,7 +776,12 @@ impl AgentProcess {
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
         assert!(first.contains("listening"), "agent did not start: {first}");
-        let addr = first.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        let addr = first
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for l in lines.map_while(Result::ok) {

@@ -29,7 +29,11 @@ fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &st
     let allow = format!("fsflush:{}*", src.mnt.display());
     let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let media = src.dir.path().join("media");
-    let devices = if fstype == "btrfs" { src.btrfs_device_args() } else { src.device_args() };
+    let devices = if fstype == "btrfs" {
+        src.btrfs_device_args()
+    } else {
+        src.device_args()
+    };
     let (code, out, err) = floe_backup(
         &agent.addr,
         &[format!("fsflush:{}", src.mnt.display())],
@@ -51,14 +55,29 @@ fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &st
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let diffs = compare_trees(&src.mnt, &to);
-    assert!(diffs.is_empty(), "{} differences, first: {:#?}", diffs.len(), &diffs[..diffs.len().min(20)]);
+    assert!(
+        diffs.is_empty(),
+        "{} differences, first: {:#?}",
+        diffs.len(),
+        &diffs[..diffs.len().min(20)]
+    );
     // The comparison is not blind: one changed mode and one changed byte
     // are both named.
-    std::fs::set_permissions(to.join("links/target.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        to.join("links/target.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::write(to.join("special/xattrs"), b"with attributez").unwrap();
     let diffs = compare_trees(&src.mnt, &to);
-    assert!(diffs.iter().any(|d| d.contains("links/target.txt: mode")), "{diffs:?}");
-    assert!(diffs.iter().any(|d| d.contains("special/xattrs: bytes")), "{diffs:?}");
+    assert!(
+        diffs.iter().any(|d| d.contains("links/target.txt: mode")),
+        "{diffs:?}"
+    );
+    assert!(
+        diffs.iter().any(|d| d.contains("special/xattrs: bytes")),
+        "{diffs:?}"
+    );
 }
 
 #[test]
@@ -161,7 +180,9 @@ mod invalidation {
             Ok(f) => f,
             Err(why) => return skip(name, &why),
         };
-        if !floe_tests::have(if defrag == "btrfs" { "btrfs" } else { defrag }) || !floe_tests::have("fstrim") {
+        if !floe_tests::have(if defrag == "btrfs" { "btrfs" } else { defrag })
+            || !floe_tests::have("fstrim")
+        {
             return skip(name, &format!("needs {defrag} and fstrim"));
         }
         let mut rng = Rng::new(11);
@@ -248,16 +269,23 @@ mod invalidation {
                 cmds.push(c);
                 // Relocate every data chunk: all logical addresses move.
                 let mut c = Command::new("btrfs");
-                c.args(["balance", "start", "--full-balance", "-d"]).arg(&mnt);
+                c.args(["balance", "start", "--full-balance", "-d"])
+                    .arg(&mnt);
                 cmds.push(c);
             } else {
                 let mut c = Command::new(defrag);
-                c.arg("-v").arg(mnt.join("zz/frag-a")).arg(mnt.join("zz/frag-b"));
+                c.arg("-v")
+                    .arg(mnt.join("zz/frag-a"))
+                    .arg(mnt.join("zz/frag-b"));
                 cmds.push(c);
             }
             for mut c in cmds {
                 let st = c.output().unwrap();
-                assert!(st.status.success(), "{c:?}: {}", String::from_utf8_lossy(&st.stderr));
+                assert!(
+                    st.status.success(),
+                    "{c:?}: {}",
+                    String::from_utf8_lossy(&st.stderr)
+                );
             }
             std::fs::remove_file(mnt.join("zz/gone")).unwrap();
             let _ = Command::new("fstrim").arg(&mnt).status();
@@ -268,7 +296,11 @@ mod invalidation {
             inner: Lab::disk_writer(&media_dir),
             hook: Some(Box::new(hook)),
         };
-        let args = if fstype == "btrfs" { fs.btrfs_device_args() } else { fs.device_args() };
+        let args = if fstype == "btrfs" {
+            fs.btrfs_device_args()
+        } else {
+            fs.device_args()
+        };
         let table: HashMap<DeviceId, Location> = args
             .chunks(2)
             .filter(|a| a[0] == "--device")
@@ -675,23 +707,45 @@ mod two_hosts {
         fs.mover_view().unwrap();
         let allow = format!("fsflush:{}", fs.mnt.display());
         let mut a = net.floe_in(&net.a);
-        a.args(["agent", "--listen", &format!("{}:0", net.ip_a), "--allow-source", &allow]);
+        a.args([
+            "agent",
+            "--listen",
+            &format!("{}:0", net.ip_a),
+            "--allow-source",
+            &allow,
+        ]);
         let agent = AgentProcess::from_command(a);
         assert!(agent.addr.starts_with(&net.ip_a), "{}", agent.addr);
         let media = fs.dir.path().join("media");
         let out = net
             .floe_in(&net.b)
-            .args(["backup", "--agent", &agent.addr, "--source", &allow, "--json", "--media"])
+            .args([
+                "backup",
+                "--agent",
+                &agent.addr,
+                "--source",
+                &allow,
+                "--json",
+                "--media",
+            ])
             .arg(format!("disk:{}", media.display()))
             .args(fs.device_args())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let set = report["set"]["header"]["set"].as_str().unwrap().to_string();
         // The mover read the file data from the disk, the agent sent a map.
         let read = report["bytes_read"].as_u64().unwrap();
-        assert!(read >= facts.bytes / 2, "the mover read {read} bytes of {}", facts.bytes);
+        assert!(
+            read >= facts.bytes / 2,
+            "the mover read {read} bytes of {}",
+            facts.bytes
+        );
         let to = fs.dir.path().join("restored");
         let r = floe_cmd()
             .args(["restore", "--media"])

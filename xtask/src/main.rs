@@ -8,8 +8,8 @@
 //! - `cargo xtask bench` — the mover beside dd and nbdcopy on the same bytes.
 
 mod bench;
-mod treebench;
 mod demo;
+mod treebench;
 mod util;
 
 use anyhow::{bail, Result};

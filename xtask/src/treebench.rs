@@ -42,7 +42,10 @@ fn proc_stats(pid: u32) -> Result<(f64, u64, u64)> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
     let get = |k: &str| {
         io.lines()
-            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
+            .find_map(|l| {
+                l.strip_prefix(k)
+                    .map(|v| v.trim().parse::<u64>().unwrap_or(0))
+            })
             .unwrap_or(0)
     };
     Ok((ticks / 100.0, get("read_bytes:"), get("wchar:")))
@@ -52,7 +55,8 @@ fn proc_stats(pid: u32) -> Result<(f64, u64, u64)> {
 fn timed_shell(script: &str, env: &[(&str, &str)]) -> Result<(f64, f64)> {
     drop_caches();
     let mut c = Command::new("bash");
-    c.arg("-c").arg(format!("set -e; {script} >/dev/null; times"));
+    c.arg("-c")
+        .arg(format!("set -e; {script} >/dev/null; times"));
     for (k, v) in env {
         c.env(k, v);
     }
@@ -65,7 +69,10 @@ fn timed_shell(script: &str, env: &[(&str, &str)]) -> Result<(f64, f64)> {
     // `times`: shell user/sys, then children user/sys ("0m1.234s 0m0.567s").
     let text = String::from_utf8_lossy(&out.stdout);
     let secs = |t: &str| -> f64 {
-        let (m, s) = t.trim_end_matches('s').split_once('m').unwrap_or(("0", "0"));
+        let (m, s) = t
+            .trim_end_matches('s')
+            .split_once('m')
+            .unwrap_or(("0", "0"));
         m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0)
     };
     let cpu = text
@@ -91,7 +98,9 @@ struct Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.ro, &self.dev]).status();
+        let _ = Command::new("losetup")
+            .args(["-d", &self.ro, &self.dev])
+            .status();
     }
 }
 
@@ -107,10 +116,16 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         .context("workspace parent")?
         .join("shared/bench/make-tree.py");
     if !script.exists() {
-        bail!("{} is missing: the tree bench needs ../shared beside the repository", script.display());
+        bail!(
+            "{} is missing: the tree bench needs ../shared beside the repository",
+            script.display()
+        );
     }
     let work = util::root().join("target/bench-tree");
-    let _ = Command::new("umount").arg(work.join("mnt")).stderr(Stdio::null()).status();
+    let _ = Command::new("umount")
+        .arg(work.join("mnt"))
+        .stderr(Stdio::null())
+        .status();
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("mnt"))?;
     let img = work.join("tree.img");
@@ -119,11 +134,20 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
     let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
     let mnt = work.join("mnt");
     sh(Command::new("mount").arg(&dev).arg(&mnt))?;
-    let ro = sh(Command::new("losetup").args(["-f", "--show", "-r"]).arg(&img))?;
-    let m = Mount { dev, ro: ro.clone(), mnt: mnt.clone() };
+    let ro = sh(Command::new("losetup")
+        .args(["-f", "--show", "-r"])
+        .arg(&img))?;
+    let m = Mount {
+        dev,
+        ro: ro.clone(),
+        mnt: mnt.clone(),
+    };
     let tree = mnt.join("tree");
     eprintln!("bench tree: making {files} files with {}", script.display());
-    sh(Command::new("python3").arg(&script).arg(&tree).args(["--files", &files.to_string()]))?;
+    sh(Command::new("python3")
+        .arg(&script)
+        .arg(&tree)
+        .args(["--files", &files.to_string()]))?;
     let data: u64 = sh(Command::new("du").args(["-sb"]).arg(&tree))?
         .split_whitespace()
         .next()
@@ -132,12 +156,23 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
     let id = format!("file:{}", img.display());
     let source = format!("fsflush:{}", tree.display());
     let mut agent = Command::new(bin.join("floe"))
-        .args(["agent", "--listen", "127.0.0.1:0", "--allow-source", &source])
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-source",
+            &source,
+        ])
         .stderr(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
     std::io::BufReader::new(agent.stderr.take().context("stderr")?).read_line(&mut line)?;
-    let addr = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let agent = Proc(agent);
     let pid = agent.0.id();
     let out = work.join("out");
@@ -150,15 +185,28 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
         let (w, c) = timed_shell(
-            &format!("tar -cf '{}/tree.tar' -C '{}' tree && sync -f '{}'", out.display(), mnt.display(), out.display()),
+            &format!(
+                "tar -cf '{}/tree.tar' -C '{}' tree && sync -f '{}'",
+                out.display(),
+                mnt.display(),
+                out.display()
+            ),
             &[],
         )?;
         t[0].push(w);
         cpu[0].push(c);
         let repo = out.join("restic");
-        sh(Command::new("restic").args(["init", "-q", "-r"]).arg(&repo).env("RESTIC_PASSWORD", "floe-bench"))?;
+        sh(Command::new("restic")
+            .args(["init", "-q", "-r"])
+            .arg(&repo)
+            .env("RESTIC_PASSWORD", "floe-bench"))?;
         let (w, c) = timed_shell(
-            &format!("restic -q -r '{}' backup '{}' && sync -f '{}'", repo.display(), tree.display(), out.display()),
+            &format!(
+                "restic -q -r '{}' backup '{}' && sync -f '{}'",
+                repo.display(),
+                tree.display(),
+                out.display()
+            ),
             &restic_env,
         )?;
         t[1].push(w);
@@ -170,7 +218,9 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let o = Command::new(bin.join("floe"))
             .arg("--catalog")
             .arg(out.join("catalog.db"))
-            .args(["backup", "--agent", &addr, "--source", &source, "--json", "--media"])
+            .args([
+                "backup", "--agent", &addr, "--source", &source, "--json", "--media",
+            ])
             .arg(format!("disk:{}", out.join("floe").display()))
             .args(["--device", &format!("{id}={ro}"), "--allow-device", &id])
             .output()?;
@@ -181,7 +231,10 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let w = start.elapsed().as_secs_f64();
         let after = proc_stats(pid)?;
         let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-        set = v["set"]["header"]["set"].as_str().unwrap_or_default().to_string();
+        set = v["set"]["header"]["set"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         t[2].push(w);
         cpu[2].push(after.0 - before.0);
         agent_read.push((after.1 - before.1) as f64);
@@ -213,15 +266,26 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::create_dir_all(&dest)?;
         let (w, _) = timed_shell(
-            &format!("tar -xf '{}/tree.tar' -C '{}' && sync -f '{}'", out.display(), dest.display(), out.display()),
+            &format!(
+                "tar -xf '{}/tree.tar' -C '{}' && sync -f '{}'",
+                out.display(),
+                dest.display(),
+                out.display()
+            ),
             &[],
         )?;
         rt[1].push(w);
     }
     let (tar, restic, floe) = (median(&t[0]), median(&t[1]), median(&t[2]));
     println!("\nfile tree: {files} files, {data} bytes, ext4 on a loop device, cold cache, median of {rounds} interleaved rounds");
-    println!("  tar -cf            {tar:>7.2} s   CPU {:>6.2} s", median(&cpu[0]));
-    println!("  restic backup      {restic:>7.2} s   CPU {:>6.2} s", median(&cpu[1]));
+    println!(
+        "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s",
+        median(&cpu[0])
+    );
+    println!(
+        "  restic backup      {restic:>7.2} s   CPU {:>6.2} s",
+        median(&cpu[1])
+    );
     println!(
         "  floe backup        {floe:>7.2} s   agent CPU {:>6.2} s, agent read {:.0} B, agent→mover {:.0} B, mover read {:.0} B",
         median(&cpu[2]),
@@ -230,10 +294,24 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         median(&mover_read)
     );
     println!("  floe / tar         {:.3}  (target <= 0.2)", floe / tar);
-    println!("  floe / restic      {:.3}  (target <= 0.15)", floe / restic);
-    println!("  agent CPU / tar CPU {:.3}  (target <= 0.1)", median(&cpu[2]) / median(&cpu[0]).max(1e-9));
-    println!("  agent→mover / data {:.4}  (target <= 0.01)", median(&agent_sent) / data as f64);
-    println!("  restore: floe --to-dir {:.2} s, tar -xf {:.2} s, ratio {:.2} (target <= 1.0)", median(&rt[0]), median(&rt[1]), median(&rt[0]) / median(&rt[1]));
+    println!(
+        "  floe / restic      {:.3}  (target <= 0.15)",
+        floe / restic
+    );
+    println!(
+        "  agent CPU / tar CPU {:.3}  (target <= 0.1)",
+        median(&cpu[2]) / median(&cpu[0]).max(1e-9)
+    );
+    println!(
+        "  agent→mover / data {:.4}  (target <= 0.01)",
+        median(&agent_sent) / data as f64
+    );
+    println!(
+        "  restore: floe --to-dir {:.2} s, tar -xf {:.2} s, ratio {:.2} (target <= 1.0)",
+        median(&rt[0]),
+        median(&rt[1]),
+        median(&rt[0]) / median(&rt[1])
+    );
     let json = serde_json::json!({
         "files": files, "data_bytes": data, "rounds": rounds,
         "tar_s": tar, "restic_s": restic, "floe_s": floe,
@@ -243,7 +321,10 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         "restore_floe_s": median(&rt[0]), "restore_tar_s": median(&rt[1]),
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;
-    std::fs::write(util::root().join("target/bench/tree.json"), serde_json::to_vec_pretty(&json)?)?;
+    std::fs::write(
+        util::root().join("target/bench/tree.json"),
+        serde_json::to_vec_pretty(&json)?,
+    )?;
     drop(agent);
     drop(m);
     let _ = std::fs::remove_dir_all(&work);

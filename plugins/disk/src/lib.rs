@@ -30,7 +30,9 @@ pub const VERSION: u32 = 1;
 const SPARSE_BLOCK: usize = 64 * 1024;
 
 /// The journal of a set being written.
-const JOURNAL: &str = "journal.json";
+const JOURNAL: &str = "journal.jsonl";
+/// Journal format version (append-only JSON lines).
+pub const JOURNAL_VERSION: u32 = 2;
 /// Journal magic.
 pub const JOURNAL_MAGIC: &str = "floe-disk-journal";
 
@@ -39,7 +41,7 @@ pub const JOURNAL_MAGIC: &str = "floe-disk-journal";
 pub struct Journal {
     /// [`JOURNAL_MAGIC`].
     pub magic: String,
-    /// [`VERSION`].
+    /// [`JOURNAL_VERSION`].
     pub version: u32,
     /// The set's header.
     pub header: SetHeader,
@@ -50,30 +52,69 @@ pub struct Journal {
     pub failures: Vec<ItemFailure>,
 }
 
-/// Decode and check a journal.
+/// The journal's first line.
+#[derive(Serialize, Deserialize)]
+struct JournalHead {
+    magic: String,
+    version: u32,
+    header: SetHeader,
+}
+
+/// Every later line: one durable item, or one failure.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JournalLine {
+    Item(ItemRecord),
+    Failure(ItemFailure),
+}
+
+fn line_of<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec(v)
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+/// Decode and check a journal: a head line, then item and failure lines.
+/// A last line without its newline was torn by a crash and is ignored.
 pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
-    let j: Journal = serde_json::from_slice(bytes).map_err(|e| {
-        Error::new(ErrorKind::Media, "malformed set journal")
-            .path(path)
-            .source(e)
-    })?;
-    if j.magic != JOURNAL_MAGIC || j.version != VERSION {
-        return Err(Error::new(
-            ErrorKind::Media,
-            format!(
-                "not a Floe disk journal of version {VERSION}: {:?} version {}",
-                j.magic, j.version
-            ),
-        )
-        .path(path));
+    let bad = |what: String| Error::new(ErrorKind::Media, what).path(path);
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..=end],
+        None => return Err(bad("empty or torn set journal".into())),
+    };
+    let mut lines = complete.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let head: JournalHead = lines
+        .next()
+        .and_then(|l| serde_json::from_slice(l).ok())
+        .ok_or_else(|| bad("malformed set journal head".into()))?;
+    if head.magic != JOURNAL_MAGIC || head.version != JOURNAL_VERSION {
+        return Err(bad(format!(
+            "not a Floe disk journal of version {JOURNAL_VERSION}: {:?} version {}",
+            head.magic, head.version
+        )));
     }
-    for (i, it) in j.items.iter().enumerate() {
-        if it.position.locator != item_file(i) {
-            return Err(Error::new(
-                ErrorKind::Media,
-                format!("journal item {i} points at {:?}", it.position.locator),
-            )
-            .path(path));
+    let mut j = Journal {
+        magic: head.magic,
+        version: head.version,
+        header: head.header,
+        items: Vec::new(),
+        failures: Vec::new(),
+    };
+    for (n, l) in lines.enumerate() {
+        match serde_json::from_slice::<JournalLine>(l) {
+            Ok(JournalLine::Item(it)) => {
+                let i = j.items.len();
+                if it.position.locator != item_file(i) {
+                    return Err(bad(format!(
+                        "journal item {i} points at {:?}",
+                        it.position.locator
+                    )));
+                }
+                j.items.push(it);
+            }
+            Ok(JournalLine::Failure(f)) => j.failures.push(f),
+            Err(e) => return Err(bad(format!("malformed set journal line {}", n + 2)).source(e)),
         }
     }
     Ok(j)
@@ -166,6 +207,8 @@ pub struct DiskWriter {
     current: Option<Open>,
     /// Items ended since the journal was last written, their bytes, and when.
     unjournaled: (usize, u64, std::time::Instant),
+    /// Journal lines waiting for the next checkpoint.
+    pending: Vec<u8>,
 }
 
 /// The journal is written (and what it names made durable) after a volume,
@@ -186,6 +229,7 @@ impl DiskWriter {
             failures: Vec::new(),
             current: None,
             unjournaled: (0, 0, std::time::Instant::now()),
+            pending: Vec::new(),
         }
     }
 
@@ -195,28 +239,30 @@ impl DiskWriter {
         let partial = self.partial()?.clone();
         let d = File::open(&partial).map_err(|e| media_err("open set directory", &partial, e))?;
         rustix::fs::syncfs(&d).map_err(|e| media_err("syncfs", &partial, e.into()))?;
-        self.write_journal()?;
+        self.append_journal()?;
         self.unjournaled = (0, 0, std::time::Instant::now());
         Ok(())
     }
 
-    /// Record the set's header and durable items in the partial set, so a
-    /// writer that dies can be resumed: write a temporary file, fsync it,
-    /// rename it over the journal, fsync the directory.
+    /// Start the journal of the set: its head line (and, on resume, the
+    /// lines of what is durable already), written to a temporary file,
+    /// fsynced and renamed into place.
     fn write_journal(&self) -> Result<()> {
         let (header, partial) = self
             .set
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Media, "no set begun"))?;
-        let j = Journal {
+        let mut bytes = line_of(&JournalHead {
             magic: JOURNAL_MAGIC.into(),
-            version: VERSION,
+            version: JOURNAL_VERSION,
             header: header.clone(),
-            items: self.items.clone(),
-            failures: self.failures.clone(),
-        };
-        let bytes = serde_json::to_vec(&j)
-            .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+        })?;
+        for it in &self.items {
+            bytes.extend(line_of(&JournalLine::Item(it.clone()))?);
+        }
+        for f in &self.failures {
+            bytes.extend(line_of(&JournalLine::Failure(f.clone()))?);
+        }
         let tmp = partial.join(format!("{JOURNAL}.tmp"));
         let f = File::create(&tmp).map_err(|e| media_err("create journal", &tmp, e))?;
         f.write_all_at(&bytes, 0)
@@ -225,6 +271,23 @@ impl DiskWriter {
         let path = partial.join(JOURNAL);
         std::fs::rename(&tmp, &path).map_err(|e| media_err("rename journal", &path, e))?;
         fsync_dir(partial)
+    }
+
+    /// Append the pending lines to the journal and make them durable.
+    fn append_journal(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let path = self.partial()?.join(JOURNAL);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| media_err("open journal", &path, e))?;
+        std::io::Write::write_all(&mut f, &self.pending)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| media_err("append to journal", &path, e))?;
+        self.pending.clear();
+        Ok(())
     }
 
     fn partial(&self) -> Result<&PathBuf> {
@@ -262,6 +325,7 @@ impl MediaWriter for DiskWriter {
         self.set = Some((header.clone(), partial));
         self.items.clear();
         self.failures.clear();
+        self.pending.clear();
         self.write_journal()
     }
 
@@ -294,7 +358,7 @@ impl MediaWriter for DiskWriter {
                 let record = decode_manifest(&bytes, &mpath)?;
                 Journal {
                     magic: JOURNAL_MAGIC.into(),
-                    version: VERSION,
+                    version: JOURNAL_VERSION,
                     header: record.header,
                     items: record.items,
                     failures: record.failures,
@@ -335,6 +399,9 @@ impl MediaWriter for DiskWriter {
         self.failures = journal.failures.clone();
         self.current = None;
         self.unjournaled = (0, 0, std::time::Instant::now());
+        self.pending.clear();
+        // A fresh journal of exactly what is durable (drops a torn line).
+        self.write_journal()?;
         Ok(SetRecord {
             header: journal.header,
             items: journal.items,
@@ -404,11 +471,14 @@ impl MediaWriter for DiskWriter {
             medium: self.dir.display().to_string(),
             locator: item_file(self.items.len()),
         };
-        self.items.push(ItemRecord {
+        let record = ItemRecord {
             header: cur.header,
             trailer: trailer.clone(),
             position: position.clone(),
-        });
+        };
+        self.pending
+            .extend(line_of(&JournalLine::Item(record.clone()))?);
+        self.items.push(record);
         // The journal names items only once they are durable.
         self.unjournaled.0 += 1;
         self.unjournaled.1 += trailer.length.0;
@@ -429,6 +499,8 @@ impl MediaWriter for DiskWriter {
         self.partial()?;
         if !self.failures.iter().any(|f| f.item == failure.item) {
             self.failures.push(failure.clone());
+            self.pending
+                .extend(line_of(&JournalLine::Failure(failure.clone()))?);
         }
         Ok(())
     }
@@ -459,7 +531,7 @@ impl MediaWriter for DiskWriter {
             version: VERSION,
             record: record.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&manifest)
+        let bytes = serde_json::to_vec(&manifest)
             .map_err(|e| Error::new(ErrorKind::Media, "cannot encode manifest").source(e))?;
         let mpath = partial.join("set.json");
         let fail = |e: Error, partial: &Path| {
