@@ -630,7 +630,7 @@ fn kill_mover_after(
 fn journal_of(plugin: &str, media: &std::path::Path, set: &str) -> std::path::PathBuf {
     match plugin {
         "tar" => media.join(format!(".{set}.tar.journal")),
-        _ => media.join(format!(".{set}.partial")).join("journal.json"),
+        _ => media.join(format!(".{set}.partial")).join("journal.jsonl"),
     }
 }
 
@@ -698,8 +698,13 @@ fn kill_mover_on(
     loop {
         let n = std::fs::read(&journal)
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .map(|j| j["items"].as_array().map_or(0, Vec::len))
+            .map(|b| {
+                // JSON lines: a head, then one line per durable item.
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .filter(|l| l.starts_with("{\"item\""))
+                    .count()
+            })
             .unwrap_or(0);
         if n >= items {
             break;

@@ -729,6 +729,42 @@ mod tests {
     use floe_core::units::Bytes;
     use proptest::prelude::*;
 
+    #[test]
+    fn journal_lines_decode_a_torn_last_line_is_ignored_a_bad_middle_one_refused() {
+        let head = SetHeader {
+            set: SetId::new("s"),
+            label: String::new(),
+            agent: "h".into(),
+            sources: vec![],
+            image: ImageId::new("i"),
+            frozen_at: 0,
+            started_at: 0,
+        };
+        let mut b = line_of(&JournalHead {
+            magic: JOURNAL_MAGIC.into(),
+            version: JOURNAL_VERSION,
+            header: head,
+        })
+        .unwrap();
+        b.extend(
+            line_of(&JournalLine::Failure(ItemFailure {
+                item: ItemId::new("/x"),
+                error: "gone".into(),
+            }))
+            .unwrap(),
+        );
+        let j = decode_journal(&b, Path::new("j")).unwrap();
+        assert_eq!(j.failures.len(), 1);
+        let mut torn = b.clone();
+        torn.extend_from_slice(br#"{"item":{"header":"#);
+        assert_eq!(decode_journal(&torn, Path::new("j")).unwrap().failures.len(), 1);
+        let mut bad = b.clone();
+        bad.extend_from_slice(b"garbage\n");
+        bad.extend(line_of(&JournalLine::Failure(ItemFailure { item: ItemId::new("/y"), error: "e".into() })).unwrap());
+        let e = decode_journal(&bad, Path::new("j")).unwrap_err();
+        assert!(e.to_string().contains("malformed set journal line 3"), "{e}");
+    }
+
     fn header(set: &str) -> SetHeader {
         SetHeader {
             set: SetId::new(set),

@@ -64,15 +64,72 @@ pub struct Journal {
 
 const JOURNAL_MAGIC: &str = "floe-tar-journal";
 
-/// Decode and check a journal.
+/// Journal format version (append-only JSON lines).
+pub const JOURNAL_VERSION: u32 = 2;
+
+/// The journal's first line.
+#[derive(Serialize, Deserialize)]
+struct JournalHead {
+    magic: String,
+    version: u32,
+    header: SetHeader,
+}
+
+/// Every later line: a durable item and where the archive ends after it,
+/// or a failure.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JournalLine {
+    Item { record: ItemRecord, end: u64 },
+    Failure(ItemFailure),
+}
+
+fn line_of<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec(v)
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+/// Decode and check a journal: a head line, then item and failure lines.
+/// A last line without its newline was torn by a crash and is ignored.
 pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
-    let j: Journal = serde_json::from_slice(bytes).map_err(|e| {
-        Error::new(ErrorKind::Media, "malformed tar journal")
-            .path(path)
-            .source(e)
-    })?;
-    if j.magic != JOURNAL_MAGIC || j.version != VERSION || !j.end.is_multiple_of(BLOCK) {
-        return Err(Error::new(ErrorKind::Media, "not a Floe tar journal of version 1").path(path));
+    let bad = |what: String| Error::new(ErrorKind::Media, what).path(path);
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..=end],
+        None => return Err(bad("empty or torn tar journal".into())),
+    };
+    let mut lines = complete.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let head: JournalHead = lines
+        .next()
+        .and_then(|l| serde_json::from_slice(l).ok())
+        .ok_or_else(|| bad("malformed tar journal head".into()))?;
+    if head.magic != JOURNAL_MAGIC || head.version != JOURNAL_VERSION {
+        return Err(bad(format!(
+            "not a Floe tar journal of version {JOURNAL_VERSION}: {:?} version {}",
+            head.magic, head.version
+        )));
+    }
+    let mut j = Journal {
+        magic: head.magic,
+        version: head.version,
+        header: head.header,
+        items: Vec::new(),
+        end: 0,
+        failures: Vec::new(),
+    };
+    for (n, l) in lines.enumerate() {
+        match serde_json::from_slice::<JournalLine>(l) {
+            Ok(JournalLine::Item { record, end }) => {
+                if end < j.end || !end.is_multiple_of(BLOCK) {
+                    return Err(bad(format!("tar journal line {} ends the archive at {end}", n + 2)));
+                }
+                j.end = end;
+                j.items.push(record);
+            }
+            Ok(JournalLine::Failure(f)) => j.failures.push(f),
+            Err(e) => return Err(bad(format!("malformed tar journal line {}", n + 2)).source(e)),
+        }
     }
     Ok(j)
 }
@@ -174,6 +231,8 @@ struct Writing {
     current: Option<(ItemHeader, u64, u64)>, // header, data start, bytes written
     /// Items ended since the journal was last written, and when it was.
     unjournaled: (usize, std::time::Instant),
+    /// Journal lines waiting for the next checkpoint.
+    pending: Vec<u8>,
 }
 
 /// The journal is written after a volume, and otherwise once this many
@@ -211,20 +270,28 @@ fn trailer_is_volume(items: &[ItemRecord]) -> bool {
         .is_some_and(|i| i.header.kind == ItemKind::Volume)
 }
 
+/// Start the journal: its head line and the lines of what is durable
+/// already (on resume); temporary file, fsync, rename, fsync the directory.
 fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     w.file
         .sync_data()
         .map_err(|e| media_err("fsync archive", &w.path, e))?;
-    let j = Journal {
+    let mut bytes = line_of(&JournalHead {
         magic: JOURNAL_MAGIC.into(),
-        version: VERSION,
+        version: JOURNAL_VERSION,
         header: w.header.clone(),
-        items: w.items.clone(),
-        end: w.pos,
-        failures: w.failures.clone(),
-    };
-    let bytes = serde_json::to_vec(&j)
-        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+    })?;
+    // On resume the archive was cut at `pos`: the last item ends there.
+    for (k, it) in w.items.iter().enumerate() {
+        let end = if k + 1 == w.items.len() { w.pos } else { 0 };
+        bytes.extend(line_of(&JournalLine::Item {
+            record: it.clone(),
+            end,
+        })?);
+    }
+    for f in &w.failures {
+        bytes.extend(line_of(&JournalLine::Failure(f.clone()))?);
+    }
     let path = journal_path(dir, &w.header.set);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &bytes)
@@ -232,6 +299,27 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
         .map_err(|e| media_err("write journal", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| media_err("rename journal", &path, e))?;
     fsync_dir(dir)
+}
+
+/// Make the archive durable up to `w.pos`, then append the pending lines
+/// to the journal: it never names bytes that are not on the media.
+fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
+    w.file
+        .sync_data()
+        .map_err(|e| media_err("fsync archive", &w.path, e))?;
+    if !w.pending.is_empty() {
+        let path = journal_path(dir, &w.header.set);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| media_err("open journal", &path, e))?;
+        f.write_all(&w.pending)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| media_err("append to journal", &path, e))?;
+        w.pending.clear();
+    }
+    w.unjournaled = (0, std::time::Instant::now());
+    Ok(())
 }
 
 fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
@@ -269,6 +357,7 @@ impl MediaWriter for TarWriter {
             failures: Vec::new(),
             current: None,
             unjournaled: (0, std::time::Instant::now()),
+            pending: Vec::new(),
         };
         write_journal(&self.dir, &w)?;
         self.set = Some(w);
@@ -333,7 +422,11 @@ impl MediaWriter for TarWriter {
             failures: j.failures,
             current: None,
             unjournaled: (0, std::time::Instant::now()),
+            pending: Vec::new(),
         });
+        // A fresh journal of exactly what is durable (drops a torn line).
+        let dir = self.dir.clone();
+        write_journal(&dir, self.w()?)?;
         Ok(record)
     }
 
@@ -399,11 +492,17 @@ impl MediaWriter for TarWriter {
             medium,
             locator: format!("{}.tar@{start}", w.header.set),
         };
-        w.items.push(ItemRecord {
+        let record = ItemRecord {
             header: h,
             trailer: trailer.clone(),
             position: position.clone(),
-        });
+        };
+        let line = line_of(&JournalLine::Item {
+            record: record.clone(),
+            end: w.pos,
+        })?;
+        w.pending.extend(line);
+        w.items.push(record);
         let volume = trailer_is_volume(&w.items);
         w.unjournaled.0 += 1;
         if volume
@@ -411,9 +510,7 @@ impl MediaWriter for TarWriter {
             || w.unjournaled.1.elapsed().as_secs() >= CHECKPOINT_SECS
         {
             let dir = self.dir.clone();
-            let w = self.w()?;
-            write_journal(&dir, w)?;
-            w.unjournaled = (0, std::time::Instant::now());
+            checkpoint(&dir, self.w()?)?;
         }
         Ok(position)
     }
@@ -425,6 +522,8 @@ impl MediaWriter for TarWriter {
         }
         if !w.failures.iter().any(|f| f.item == failure.item) {
             w.failures.push(failure.clone());
+            let line = line_of(&JournalLine::Failure(failure.clone()))?;
+            w.pending.extend(line);
         }
         Ok(())
     }
@@ -448,7 +547,7 @@ impl MediaWriter for TarWriter {
             failures: std::mem::take(&mut w.failures),
             committed_at: now_secs(),
         };
-        let index = serde_json::to_vec_pretty(&Index {
+        let index = serde_json::to_vec(&Index {
             magic: INDEX_MAGIC.into(),
             version: VERSION,
             record: record.clone(),
