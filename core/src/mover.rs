@@ -210,7 +210,10 @@ fn first_extent(item: &Item) -> Option<(&crate::model::DeviceId, u64)> {
     item.extents.iter().find_map(|e| match &e.kind {
         ExtentKind::Data(c) => Some((
             &c.physical.device,
-            c.physical.start.0.saturating_mul(u64::from(c.physical.block_size.0)),
+            c.physical
+                .start
+                .0
+                .saturating_mul(u64::from(c.physical.block_size.0)),
         )),
         _ => None,
     })

@@ -70,7 +70,7 @@ pub fn check_mapper(h: &SourceHandle, mapper: &str) -> Result<()> {
 }
 
 /// How file system addresses become device extents.
-pub trait Translate {
+pub trait Translate: Send + Sync {
     /// The device pieces of `[addr, addr+len)` in the file system's
     /// address space: `(device, device offset, length)`, in order, summing
     /// to `len`.
@@ -216,13 +216,13 @@ impl FileMapper {
         }
     }
 
-    /// Map one walked entry. `links` remembers files with several names.
+    /// Map one walked entry; `link` is the first name of a file seen
+    /// under another name before.
     fn map_entry(
-        &mut self,
         root: &Path,
         e: &Entry,
         tr: &dyn Translate,
-        links: &mut HashMap<(u64, u64), String>,
+        link: Option<&String>,
         sync: bool,
     ) -> Result<Option<Item>> {
         let id = item_id(root, &e.rel);
@@ -231,9 +231,8 @@ impl FileMapper {
         };
         let mut file = capture(root, &e.rel, &e.path, &e.meta)
             .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
-        if kind == ItemKind::File && e.meta.nlink() > 1 {
-            let key = (e.meta.dev(), e.meta.ino());
-            if let Some(first) = links.get(&key) {
+        if kind == ItemKind::File {
+            if let Some(first) = link {
                 file.target = Some(first.clone());
                 return Ok(Some(Item {
                     id,
@@ -245,7 +244,6 @@ impl FileMapper {
                     file: Some(file),
                 }));
             }
-            links.insert(key, e.rel.clone());
         }
         if kind != ItemKind::File {
             return Ok(Some(Item {
@@ -258,15 +256,13 @@ impl FileMapper {
                 file: Some(file),
             }));
         }
-        let item = self.map_file(&id, &e.rel, &e.path, file, tr, sync)?;
+        let item = Self::map_file(&id, &e.path, file, tr, sync)?;
         Ok(Some(item))
     }
 
     /// Map a regular file: stat, FIEMAP, plan, translate, inline reads.
     fn map_file(
-        &mut self,
         id: &ItemId,
-        rel: &str,
         path: &Path,
         mut file: FileMeta,
         tr: &dyn Translate,
@@ -335,12 +331,11 @@ impl FileMapper {
                         extents.push(MapExtent {
                             logical: ItemOffset(at),
                             length: Bytes(len),
+                            // The file layer is the item itself (its id and
+                            // this extent's logical offset): not repeated
+                            // in each of 70,000 maps.
                             kind: ExtentKind::Data(ExtentChain {
-                                layers: vec![Layer {
-                                    kind: LayerKind::File,
-                                    object: rel.to_string(),
-                                    offset: Bytes(at),
-                                }],
+                                layers: Vec::new(),
                                 physical: PhysicalExtent {
                                     device,
                                     start: Blocks(dev_off / u64::from(bs)),
@@ -363,8 +358,6 @@ impl FileMapper {
             nsec: u32::try_from(meta.ctime_nsec()).unwrap_or(0),
         };
         let config = file_config(&meta, gen, &ex, &tr.epoch());
-        self.cache
-            .insert(id.clone(), (config.clone(), extents.clone()));
         Ok(Item {
             id: id.clone(),
             kind: ItemKind::File,
@@ -399,13 +392,70 @@ impl Mapper for FileMapper {
             };
             let w = walk(spec, &h.frozen);
             failures.extend(w.failures);
+            // In walk order: which entries to map, and the first name of
+            // every file with several.
+            let mut todo: Vec<(&Entry, Option<String>)> = Vec::with_capacity(w.entries.len());
             for e in &w.entries {
-                let id = item_id(&spec.root, &e.rel);
-                if !seen.insert(id.clone()) {
+                if !seen.insert(item_id(&spec.root, &e.rel)) {
                     continue;
                 }
-                match self.map_entry(&spec.root, e, tr.as_ref(), &mut links, true) {
-                    Ok(Some(item)) => items.push(item),
+                let mut link = None;
+                if e.meta.is_file() && e.meta.nlink() > 1 {
+                    let key = (e.meta.dev(), e.meta.ino());
+                    match links.get(&key) {
+                        Some(first) => link = Some(String::clone(first)),
+                        None => {
+                            links.insert(key, e.rel.clone());
+                        }
+                    }
+                }
+                todo.push((e, link));
+            }
+            // Then stat, xattrs and FIEMAP on several threads: on a cold
+            // file system most of it is waiting for inode blocks.
+            let threads = std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(2, 8);
+            let chunk = todo.len().div_ceil(threads).max(1);
+            let tr = tr.as_ref();
+            let root = &spec.root;
+            let mapped: Vec<Vec<(ItemId, Result<Option<Item>>)>> = std::thread::scope(|sc| {
+                // A mapping thread that panicked loses nothing silently:
+                // the map fails.
+                let handles: Vec<_> = todo
+                    .chunks(chunk)
+                    .map(|part| {
+                        sc.spawn(move || {
+                            part.iter()
+                                .map(|(e, link)| {
+                                    (
+                                        item_id(root, &e.rel),
+                                        Self::map_entry(root, e, tr, link.as_ref(), true),
+                                    )
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| Error::new(ErrorKind::Plugin, "a mapping thread panicked"))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            for (id, r) in mapped.into_iter().flatten() {
+                match r {
+                    Ok(Some(item)) => {
+                        if item.kind == ItemKind::File {
+                            self.cache.insert(
+                                item.id.clone(),
+                                (item.config.clone(), item.extents.clone()),
+                            );
+                        }
+                        items.push(item);
+                    }
                     Ok(None) => {}
                     Err(err) => failures.push(ItemFailure {
                         item: id,
@@ -444,7 +494,9 @@ impl Mapper for FileMapper {
         let old = self.cache.get(item).cloned();
         let file = capture(&spec.root, &rel, &path, &meta)
             .map_err(|e| Error::io("read metadata", e).item(item).path(&path))?;
-        let fresh = self.map_file(item, &rel, &path, file, tr.as_ref(), true)?;
+        let fresh = Self::map_file(item, &path, file, tr.as_ref(), true)?;
+        self.cache
+            .insert(item.clone(), (fresh.config.clone(), fresh.extents.clone()));
         let same_version =
             version_of(since).is_some() && version_of(since) == version_of(&fresh.config);
         if same_version {

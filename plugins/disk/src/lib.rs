@@ -757,12 +757,27 @@ mod tests {
         assert_eq!(j.failures.len(), 1);
         let mut torn = b.clone();
         torn.extend_from_slice(br#"{"item":{"header":"#);
-        assert_eq!(decode_journal(&torn, Path::new("j")).unwrap().failures.len(), 1);
+        assert_eq!(
+            decode_journal(&torn, Path::new("j"))
+                .unwrap()
+                .failures
+                .len(),
+            1
+        );
         let mut bad = b.clone();
         bad.extend_from_slice(b"garbage\n");
-        bad.extend(line_of(&JournalLine::Failure(ItemFailure { item: ItemId::new("/y"), error: "e".into() })).unwrap());
+        bad.extend(
+            line_of(&JournalLine::Failure(ItemFailure {
+                item: ItemId::new("/y"),
+                error: "e".into(),
+            }))
+            .unwrap(),
+        );
         let e = decode_journal(&bad, Path::new("j")).unwrap_err();
-        assert!(e.to_string().contains("malformed set journal line 3"), "{e}");
+        assert!(
+            e.to_string().contains("malformed set journal line 3"),
+            "{e}"
+        );
     }
 
     fn header(set: &str) -> SetHeader {

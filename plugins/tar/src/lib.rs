@@ -122,7 +122,10 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
         match serde_json::from_slice::<JournalLine>(l) {
             Ok(JournalLine::Item { record, end }) => {
                 if end < j.end || !end.is_multiple_of(BLOCK) {
-                    return Err(bad(format!("tar journal line {} ends the archive at {end}", n + 2)));
+                    return Err(bad(format!(
+                        "tar journal line {} ends the archive at {end}",
+                        n + 2
+                    )));
                 }
                 j.end = end;
                 j.items.push(record);
