@@ -140,7 +140,7 @@ struct Counters {
 }
 
 enum Msg {
-    Begin(ItemHeader),
+    Begin(Box<ItemHeader>),
     Window(Vec<Segment>, usize),
     End {
         config: crate::model::ConfigId,
@@ -607,7 +607,7 @@ impl Reader<'_> {
         let (segments, _) = assemble(pending.plan, pending.bufs, Bytes(total))?;
         let sizes: Vec<u64> = members.iter().map(|m| m.item.size.0).collect();
         for (m, segs) in members.iter().zip(split_segments(segments, &sizes)?) {
-            if !self.send(Msg::Begin(header_of(&m.item))) {
+            if !self.send(Msg::Begin(Box::new(header_of(&m.item)))) {
                 return Ok(Some(false));
             }
             if m.item.size.0 > 0 {
@@ -736,7 +736,7 @@ impl Reader<'_> {
             let (segments, len) = assemble(front.plan, front.bufs, wins[front_index].1)?;
             if !begun {
                 begun = true;
-                if !self.send(Msg::Begin(header_of(&item))) {
+                if !self.send(Msg::Begin(Box::new(header_of(&item)))) {
                     return Ok(false);
                 }
             }
@@ -744,7 +744,7 @@ impl Reader<'_> {
                 return Ok(false);
             }
         }
-        if !begun && !self.send(Msg::Begin(header_of(&item))) {
+        if !begun && !self.send(Msg::Begin(Box::new(header_of(&item)))) {
             return Ok(false);
         }
         self.counters.remaps += remaps;
@@ -1187,7 +1187,7 @@ fn write_items(
                     if let Err(e) = media.begin_item(&h) {
                         break Err(e.item(&h.item));
                     }
-                    current = Some((h, blake3::Hasher::new(), 0));
+                    current = Some((*h, blake3::Hasher::new(), 0));
                 }
                 Msg::Window(segments, n) => {
                     let Some((h, hasher, done)) = current.as_mut() else {

@@ -105,7 +105,7 @@ pub struct FileMapper {
 
 fn block_size_for(at: u64, len: u64) -> u32 {
     for bs in [4096u32, 512] {
-        if at % u64::from(bs) == 0 && len % u64::from(bs) == 0 {
+        if at.is_multiple_of(u64::from(bs)) && len.is_multiple_of(u64::from(bs)) {
             return bs;
         }
     }

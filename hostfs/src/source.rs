@@ -355,7 +355,7 @@ fn expand_glob(base: &Path, glob: &str) -> Vec<String> {
             let mut names: Vec<String> = rd
                 .flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| glob_match(part, n) && !(n.starts_with('.') && !part.starts_with('.')))
+                .filter(|n| (part.starts_with('.') || !n.starts_with('.')) && glob_match(part, n))
                 .collect();
             names.sort();
             next.extend(names.iter().map(|n| join(rel, n)));

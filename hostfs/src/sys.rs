@@ -71,6 +71,8 @@ struct FiemapHead {
 
 /// Extents asked for per call.
 const BATCH: usize = 256;
+/// [`BATCH`] as the kernel's `__u32`.
+const BATCH_U32: u32 = 256;
 
 /// The extents of `fd` from `FS_IOC_FIEMAP`, all of them, in order.
 pub fn fiemap(fd: &impl AsRawFd, flags: u32) -> std::io::Result<Vec<FiemapExtent>> {
@@ -88,7 +90,7 @@ pub fn fiemap(fd: &impl AsRawFd, flags: u32) -> std::io::Result<Vec<FiemapExtent
                 length: u64::MAX - start,
                 flags,
                 mapped_extents: 0,
-                extent_count: BATCH as u32,
+                extent_count: BATCH_U32,
                 reserved: 0,
             },
             extents: [FiemapExtent::default(); BATCH],
@@ -152,7 +154,7 @@ pub fn generation(fd: &impl AsRawFd) -> Option<u64> {
     let mut v: libc::c_long = 0;
     // SAFETY: FS_IOC_GETVERSION writes one long through the pointer.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETVERSION, &mut v) };
-    (r == 0).then(|| v as u64)
+    (r == 0).then_some(v.cast_unsigned())
 }
 
 /// A thaw guard: a child process that thaws the given file systems when

@@ -274,7 +274,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     /// Next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -284,7 +284,7 @@ impl Rng {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(n + 8);
         while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
         }
         v.truncate(n);
         v
@@ -332,11 +332,11 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     for i in 0..files {
         let d = root.join(format!("src/mod{:02}/sub{}", i % 37, i % 5));
         std::fs::create_dir_all(&d).expect("mkdir");
-        let size = match rng.next() % 100 {
-            0..=29 => (rng.next() % 120) as usize, // tiny (inline on ext4 with inline_data)
-            30..=84 => 200 + (rng.next() % 16_000) as usize, // source-file sized
-            85..=97 => 20_000 + (rng.next() % 200_000) as usize,
-            _ => 1_000_000 + (rng.next() % 3_000_000) as usize,
+        let size = match rng.next_u64() % 100 {
+            0..=29 => (rng.next_u64() % 120) as usize, // tiny (inline on ext4 with inline_data)
+            30..=84 => 200 + (rng.next_u64() % 16_000) as usize, // source-file sized
+            85..=97 => 20_000 + (rng.next_u64() % 200_000) as usize,
+            _ => 1_000_000 + (rng.next_u64() % 3_000_000) as usize,
         };
         let data = rng.bytes(size);
         write(&d.join(format!("file{i}.rs")), &data, &mut facts);
@@ -387,7 +387,7 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     std::fs::create_dir_all(s.join("empty-dir")).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &s.join("fifo"),
+        s.join("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o640),
         0,
@@ -395,7 +395,7 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     .unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &s.join("null-dev"),
+        s.join("null-dev"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::from_raw_mode(0o666),
         rustix::fs::makedev(1, 3),
@@ -416,7 +416,7 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     write(&s.join("owned"), b"owned by someone else", &mut facts);
     rustix::fs::chownat(
         rustix::fs::CWD,
-        &s.join("owned"),
+        s.join("owned"),
         Some(rustix::fs::Uid::from_raw(1234)),
         Some(rustix::fs::Gid::from_raw(5678)),
         rustix::fs::AtFlags::empty(),
@@ -424,7 +424,7 @@ pub fn make_tree(root: &Path, files: usize, seed: u64) -> TreeFacts {
     .unwrap();
     write(&s.join("xattrs"), b"with attributes", &mut facts);
     rustix::fs::lsetxattr(
-        &s.join("xattrs"),
+        s.join("xattrs"),
         "user.floe.test",
         b"value \x00 with a nul",
         rustix::fs::XattrFlags::empty(),

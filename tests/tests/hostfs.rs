@@ -318,7 +318,7 @@ mod invalidation {
         };
         let report = backup(
             &mut client,
-            &[allow.clone()],
+            std::slice::from_ref(&allow),
             &resolver,
             &mut media,
             &opts,
@@ -774,7 +774,12 @@ fn a_file_system_in_a_partition_maps_to_the_whole_disk() {
     let allow = format!("fsflush:{}", fs.mnt.display());
     let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let media = fs.dir.path().join("media");
-    let (code, out, err) = floe_backup(&agent.addr, &[allow.clone()], &media, &fs.device_args());
+    let (code, out, err) = floe_backup(
+        &agent.addr,
+        std::slice::from_ref(&allow),
+        &media,
+        &fs.device_args(),
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     let to = fs.dir.path().join("restored");
     let r = floe_cmd()
