@@ -64,7 +64,7 @@ struct JournalHead {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum JournalLine {
-    Item(ItemRecord),
+    Item(Box<ItemRecord>),
     Failure(ItemFailure),
 }
 
@@ -104,6 +104,7 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
     for (n, l) in lines.enumerate() {
         match serde_json::from_slice::<JournalLine>(l) {
             Ok(JournalLine::Item(it)) => {
+                let it = *it;
                 let i = j.items.len();
                 if it.position.locator != item_file(i) {
                     return Err(bad(format!(
@@ -258,7 +259,7 @@ impl DiskWriter {
             header: header.clone(),
         })?;
         for it in &self.items {
-            bytes.extend(line_of(&JournalLine::Item(it.clone()))?);
+            bytes.extend(line_of(&JournalLine::Item(Box::new(it.clone())))?);
         }
         for f in &self.failures {
             bytes.extend(line_of(&JournalLine::Failure(f.clone()))?);
@@ -477,7 +478,7 @@ impl MediaWriter for DiskWriter {
             position: position.clone(),
         };
         self.pending
-            .extend(line_of(&JournalLine::Item(record.clone()))?);
+            .extend(line_of(&JournalLine::Item(Box::new(record.clone())))?);
         self.items.push(record);
         // The journal names items only once they are durable.
         self.unjournaled.0 += 1;

@@ -80,7 +80,7 @@ struct JournalHead {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum JournalLine {
-    Item { record: ItemRecord, end: u64 },
+    Item { record: Box<ItemRecord>, end: u64 },
     Failure(ItemFailure),
 }
 
@@ -128,7 +128,7 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
                     )));
                 }
                 j.end = end;
-                j.items.push(record);
+                j.items.push(*record);
             }
             Ok(JournalLine::Failure(f)) => j.failures.push(f),
             Err(e) => return Err(bad(format!("malformed tar journal line {}", n + 2)).source(e)),
@@ -501,7 +501,7 @@ impl MediaWriter for TarWriter {
             position: position.clone(),
         };
         let line = line_of(&JournalLine::Item {
-            record: record.clone(),
+            record: Box::new(record.clone()),
             end: w.pos,
         })?;
         w.pending.extend(line);
@@ -553,7 +553,7 @@ impl MediaWriter for TarWriter {
         let index = serde_json::to_vec(&Index {
             magic: INDEX_MAGIC.into(),
             version: VERSION,
-            record: record.clone(),
+            record: Box::new(record.clone()),
         })
         .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
         let result = (|| {
