@@ -288,7 +288,7 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     for (k, it) in w.items.iter().enumerate() {
         let end = if k + 1 == w.items.len() { w.pos } else { 0 };
         bytes.extend(line_of(&JournalLine::Item {
-            record: it.clone(),
+            record: Box::new(it.clone()),
             end,
         })?);
     }
@@ -553,7 +553,7 @@ impl MediaWriter for TarWriter {
         let index = serde_json::to_vec(&Index {
             magic: INDEX_MAGIC.into(),
             version: VERSION,
-            record: Box::new(record.clone()),
+            record: record.clone(),
         })
         .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
         let result = (|| {
