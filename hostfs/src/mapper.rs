@@ -11,7 +11,7 @@
 use crate::filemap::{extents_digest, plan_file, FilePiece};
 use crate::identity::FsDevice;
 use crate::meta::{capture, kind_of};
-use crate::source::{item_id, parse_source, walk, Entry};
+use crate::source::{item_id, parse_source, walk_skipping, Entry};
 use crate::sys::{fiemap, generation, FiemapExtent, FIEMAP_FLAG_SYNC};
 use floe_core::abi::{Mapper, ValidityIndicator};
 use floe_core::error::{Error, ErrorKind, Result};
@@ -35,6 +35,10 @@ pub struct SourceHandle {
     pub snapshot: bool,
     /// The file system type (`ext4`, `xfs`, `btrfs`).
     pub fstype: String,
+    /// Paths relative to the root that are the freezer's own (a snapshot
+    /// directory), left out of the walk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<String>,
 }
 
 /// The mapper plugin for a file system type.
@@ -390,7 +394,7 @@ impl Mapper for FileMapper {
                     continue;
                 }
             };
-            let w = walk(spec, &h.frozen);
+            let w = walk_skipping(spec, &h.frozen, &h.skip);
             failures.extend(w.failures);
             // In walk order: which entries to map, and the first name of
             // every file with several.

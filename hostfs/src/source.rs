@@ -161,6 +161,8 @@ pub struct Walk {
     pub entries: Vec<Entry>,
     /// Paths that could not be taken, each with why.
     pub failures: Vec<ItemFailure>,
+    /// Relative paths left out (a freezer's own snapshot directory).
+    pub skip: Vec<String>,
 }
 
 /// The item id of a path: the original absolute path.
@@ -181,6 +183,9 @@ impl Walk {
     }
 
     fn add(&mut self, root: &Path, frozen: &Path, rel: String, recurse: bool, dev: u64) {
+        if self.skip.contains(&rel) {
+            return;
+        }
         let path = if rel == "." {
             frozen.to_path_buf()
         } else {
@@ -270,7 +275,15 @@ fn through_symlink(frozen: &Path, rel: &str) -> Option<String> {
 /// Enumerate a source, reading under `frozen` (the root itself, or where a
 /// snapshot of it is mounted).
 pub fn walk(spec: &SourceSpec, frozen: &Path) -> Walk {
-    let mut w = Walk::default();
+    walk_skipping(spec, frozen, &[])
+}
+
+/// [`walk`], leaving out these relative paths.
+pub fn walk_skipping(spec: &SourceSpec, frozen: &Path, skip: &[String]) -> Walk {
+    let mut w = Walk {
+        skip: skip.to_vec(),
+        ..Walk::default()
+    };
     let root = &spec.root;
     let dev = match std::fs::metadata(frozen) {
         Ok(m) => m.dev(),

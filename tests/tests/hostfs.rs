@@ -118,57 +118,101 @@ fn btrfs_on_two_devices_raid0_data_raid1_metadata_round_trips_exactly() {
     );
 }
 
-mod invalidation {
-    use super::*;
-    use floe_core::abi::MediaWriter;
+use floe_core::abi::MediaWriter;
+use floe_core::model::*;
+
+/// A media writer that runs a hook when the first item reaches it:
+/// the application's writes land while the mover is mid-set.
+pub struct Meddling {
+    pub inner: Box<dyn MediaWriter>,
+    pub hook: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl MediaWriter for Meddling {
+    fn begin_set(&mut self, h: &SetHeader) -> floe_core::Result<()> {
+        self.inner.begin_set(h)
+    }
+    fn resume_set(&mut self, s: &SetId) -> floe_core::Result<SetRecord> {
+        self.inner.resume_set(s)
+    }
+    fn begin_item(&mut self, h: &ItemHeader) -> floe_core::Result<()> {
+        if let Some(hook) = self.hook.take() {
+            hook();
+        }
+        self.inner.begin_item(h)
+    }
+    fn write(&mut self, d: &[u8]) -> floe_core::Result<()> {
+        self.inner.write(d)
+    }
+    fn end_item(&mut self, t: &ItemTrailer) -> floe_core::Result<MediaPosition> {
+        self.inner.end_item(t)
+    }
+    fn fail_item(&mut self, f: &ItemFailure) -> floe_core::Result<()> {
+        self.inner.fail_item(f)
+    }
+    fn commit(&mut self) -> floe_core::Result<SetRecord> {
+        self.inner.commit()
+    }
+    fn abort(&mut self) -> floe_core::Result<()> {
+        self.inner.abort()
+    }
+    fn delete_set(&mut self, s: &SetId) -> floe_core::Result<()> {
+        self.inner.delete_set(s)
+    }
+}
+
+/// Back up `sources` through `agent` with an in-process mover (1 MiB
+/// windows) whose media run `hook` when the first item arrives.
+pub fn backup_meddled(
+    fs: &LoopFs,
+    agent: &AgentProcess,
+    sources: &[String],
+    media_dir: &std::path::Path,
+    hook: Box<dyn FnOnce() + Send>,
+) -> floe_core::Result<floe_core::mover::BackupReport> {
     use floe_core::agent::AgentClient;
     use floe_core::device::{DeviceResolver, Location};
-    use floe_core::model::*;
+    use floe_core::model::DeviceId;
     use floe_core::mover::{backup, MoverOptions};
+    let mut media = Meddling {
+        inner: floe_tests::Lab::disk_writer(media_dir),
+        hook: Some(hook),
+    };
+    let args = if fs.fstype == "btrfs" {
+        fs.btrfs_device_args()
+    } else {
+        fs.device_args()
+    };
+    let table: std::collections::HashMap<DeviceId, Location> = args
+        .chunks(2)
+        .filter(|a| a[0] == "--device")
+        .map(|a| {
+            let (id, path) = a[1].split_once('=').unwrap();
+            (DeviceId::new(id), Location::Path(path.into()))
+        })
+        .collect();
+    let resolver = DeviceResolver::new(table, None);
+    let mut client = AgentClient::connect_tcp(&agent.addr)?;
+    let opts = MoverOptions {
+        window: floe_core::units::Bytes(1 << 20),
+        parallel: 2,
+        ..Default::default()
+    };
+    backup(
+        &mut client,
+        sources,
+        &resolver,
+        &mut media,
+        &opts,
+        &mut |_| {},
+    )
+}
+
+mod invalidation {
+    use super::*;
     use floe_tests::hostfs::Rng;
-    use floe_tests::Lab;
     use std::collections::HashMap;
     use std::process::Command;
-
-    /// A media writer that runs a hook when the first item reaches it:
-    /// the application's writes land while the mover is mid-set.
-    struct Meddling {
-        inner: Box<dyn MediaWriter>,
-        hook: Option<Box<dyn FnOnce() + Send>>,
-    }
-
-    impl MediaWriter for Meddling {
-        fn begin_set(&mut self, h: &SetHeader) -> floe_core::Result<()> {
-            self.inner.begin_set(h)
-        }
-        fn resume_set(&mut self, s: &SetId) -> floe_core::Result<SetRecord> {
-            self.inner.resume_set(s)
-        }
-        fn begin_item(&mut self, h: &ItemHeader) -> floe_core::Result<()> {
-            if let Some(hook) = self.hook.take() {
-                hook();
-            }
-            self.inner.begin_item(h)
-        }
-        fn write(&mut self, d: &[u8]) -> floe_core::Result<()> {
-            self.inner.write(d)
-        }
-        fn end_item(&mut self, t: &ItemTrailer) -> floe_core::Result<MediaPosition> {
-            self.inner.end_item(t)
-        }
-        fn fail_item(&mut self, f: &ItemFailure) -> floe_core::Result<()> {
-            self.inner.fail_item(f)
-        }
-        fn commit(&mut self) -> floe_core::Result<SetRecord> {
-            self.inner.commit()
-        }
-        fn abort(&mut self) -> floe_core::Result<()> {
-            self.inner.abort()
-        }
-        fn delete_set(&mut self, s: &SetId) -> floe_core::Result<()> {
-            self.inner.delete_set(s)
-        }
-    }
 
     /// The application keeps writing while the backup runs: overwrites in
     /// place, appends, a deleted file, a defragmenter moving extents, and
@@ -292,37 +336,12 @@ mod invalidation {
             let _ = Command::new("sync").arg("-f").arg(&mnt).status();
         };
         let media_dir = fs.dir.path().join("media");
-        let mut media = Meddling {
-            inner: Lab::disk_writer(&media_dir),
-            hook: Some(Box::new(hook)),
-        };
-        let args = if fstype == "btrfs" {
-            fs.btrfs_device_args()
-        } else {
-            fs.device_args()
-        };
-        let table: HashMap<DeviceId, Location> = args
-            .chunks(2)
-            .filter(|a| a[0] == "--device")
-            .map(|a| {
-                let (id, path) = a[1].split_once('=').unwrap();
-                (DeviceId::new(id), Location::Path(path.into()))
-            })
-            .collect();
-        let resolver = DeviceResolver::new(table, None);
-        let mut client = AgentClient::connect_tcp(&agent.addr).unwrap();
-        let opts = MoverOptions {
-            window: floe_core::units::Bytes(1 << 20),
-            parallel: 2,
-            ..Default::default()
-        };
-        let report = backup(
-            &mut client,
+        let report = backup_meddled(
+            &fs,
+            &agent,
             std::slice::from_ref(&allow),
-            &resolver,
-            &mut media,
-            &opts,
-            &mut |_| {},
+            &media_dir,
+            Box::new(hook),
         )
         .expect("backup under writes");
         // The file deleted after the freeze is the set's one failure.
@@ -792,4 +811,99 @@ fn a_file_system_in_a_partition_maps_to_the_whole_disk() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let diffs = compare_trees(&fs.mnt, &to);
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+}
+
+mod snapshots {
+    use super::*;
+    use std::process::Command;
+
+    /// A read-only btrfs snapshot is the frozen image: whatever the
+    /// application writes, deletes or balances while the mover reads, the
+    /// restore equals the tree as it was at the freeze, nothing is flagged
+    /// as captured later, and the snapshot is gone after the backup.
+    #[test]
+    fn btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does() {
+        let name = "btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does";
+        let mut fs = match LoopFs::new("btrfs", 1, 512, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        let bulk = fs.mnt.join("aa");
+        std::fs::create_dir_all(&bulk).unwrap();
+        let mut rng = floe_tests::hostfs::Rng::new(5);
+        for i in 0..60 {
+            std::fs::write(bulk.join(format!("b{i:03}")), rng.bytes(200_000)).unwrap();
+        }
+        make_tree(&fs.mnt, 600, 9);
+        fs.sync();
+        // The reference: the tree as it is now, copied aside.
+        let reference = tempfile::tempdir().unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", fs.mnt.display()))
+            .arg(reference.path())
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        fs.mover_view().unwrap();
+        let source = format!("btrfs-snapshot:{}", fs.mnt.display());
+        let agent = AgentProcess::start(&["--allow-source", &source], &[]);
+        let mnt = fs.mnt.clone();
+        let hook = move || {
+            let mut rng = floe_tests::hostfs::Rng::new(77);
+            for e in std::fs::read_dir(mnt.join("src/mod03/sub3"))
+                .unwrap()
+                .flatten()
+            {
+                std::fs::write(e.path(), rng.bytes(5000)).unwrap();
+            }
+            std::fs::remove_file(mnt.join("links/target.txt")).unwrap();
+            std::fs::remove_dir_all(mnt.join("special/empty-dir")).unwrap();
+            std::fs::write(mnt.join("new-file"), b"after the freeze").unwrap();
+            let st = Command::new("btrfs")
+                .args(["balance", "start", "--full-balance", "-d"])
+                .arg(&mnt)
+                .output()
+                .unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+        };
+        let media = fs.dir.path().join("media");
+        let report = backup_meddled(
+            &fs,
+            &agent,
+            std::slice::from_ref(&source),
+            &media,
+            Box::new(hook),
+        )
+        .expect("backup from a snapshot");
+        assert!(report.set.failures.is_empty(), "{:?}", report.set.failures);
+        assert!(report
+            .set
+            .items
+            .iter()
+            .all(|i| !i.trailer.captured_after_freeze));
+        assert!(
+            !fs.mnt.join(floe_plugin_btrfs_snapshot_dir()).exists(),
+            "the snapshot was not deleted"
+        );
+        let to = fs.dir.path().join("restored");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let diffs = compare_trees(reference.path(), &to);
+        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    }
+
+    fn floe_plugin_btrfs_snapshot_dir() -> &'static str {
+        ".floe-snapshots"
+    }
 }

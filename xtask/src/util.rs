@@ -30,6 +30,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-sim-san",
     "floe-plugin-array",
     "floe-plugin-btrfs",
+    "floe-plugin-btrfs-snapshot",
     "floe-plugin-fiemap",
     "floe-plugin-fsflush",
     "floe-plugin-disk",

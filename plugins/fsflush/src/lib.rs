@@ -97,6 +97,7 @@ impl Freezer for FsFlush {
                     frozen: spec.root.clone(),
                     snapshot: false,
                     fstype,
+                    skip: Vec::new(),
                 })
                 .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
             });
