@@ -10,7 +10,7 @@
 
 use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{FileMeta, ItemKind, ItemRecord, SetRecord, Timestamp};
+use crate::model::{FileMeta, ItemKind, ItemRecord, SetRecord};
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
@@ -119,74 +119,7 @@ pub fn plan_tree(set: &SetRecord, dest: &Path, opts: &TreeOptions) -> Result<Vec
     Ok(out)
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
-fn io(op: &str, p: &Path, e: impl Into<std::io::Error>) -> Error {
-    Error::new(
-        ErrorKind::WriteFailed,
-        format!("cannot {op} {}", p.display()),
-    )
-    .op(op)
-    .path(p)
-    .source(e.into())
-}
-
-fn ts(t: Timestamp) -> rustix::fs::Timespec {
-    rustix::fs::Timespec {
-        tv_sec: t.sec,
-        tv_nsec: t.nsec.into(),
-    }
-}
-
-/// Owner, xattrs, mode, times of one restored path.
-fn apply_meta(path: &Path, kind: ItemKind, f: &FileMeta, owners: bool) -> Result<()> {
-    use rustix::fs::{AtFlags, CWD};
-    let nofollow = AtFlags::SYMLINK_NOFOLLOW;
-    if owners {
-        rustix::fs::chownat(
-            CWD,
-            path,
-            Some(rustix::fs::Uid::from_raw(f.uid)),
-            Some(rustix::fs::Gid::from_raw(f.gid)),
-            nofollow,
-        )
-        .map_err(|e| io("chown", path, e))?;
-    }
-    for (name, value) in &f.xattrs {
-        let v = unhex(value).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Media,
-                format!("xattr {name} is not hex on media"),
-            )
-            .path(path)
-        })?;
-        rustix::fs::lsetxattr(path, name.as_str(), &v, rustix::fs::XattrFlags::empty())
-            .map_err(|e| io(&format!("set xattr {name} on"), path, e))?;
-    }
-    if kind != ItemKind::Symlink {
-        rustix::fs::chmodat(
-            CWD,
-            path,
-            rustix::fs::Mode::from_raw_mode(f.mode & 0o7777),
-            AtFlags::empty(),
-        )
-        .map_err(|e| io("chmod", path, e))?;
-    }
-    let times = rustix::fs::Timestamps {
-        last_access: ts(f.atime),
-        last_modification: ts(f.mtime),
-    };
-    rustix::fs::utimensat(CWD, path, &times, nofollow).map_err(|e| io("set times of", path, e))?;
-    Ok(())
-}
+use crate::fsmeta::io;
 
 /// Write one file's bytes from the open media item, leaving its holes
 /// unwritten, and check them against the record.
@@ -337,7 +270,7 @@ pub fn restore_tree(
             match h.kind {
                 ItemKind::Directory => dirs.push(step),
                 ItemKind::HardLink => {} // shares the first name's inode
-                kind => apply_meta(&step.dest, kind, f, owners)?,
+                kind => crate::fsmeta::apply_meta(&step.dest, kind, f, owners)?,
             }
             Ok(n)
         });
@@ -369,7 +302,7 @@ pub fn restore_tree(
     dirs.sort_by_key(|s| std::cmp::Reverse(s.dest.components().count()));
     for step in dirs {
         let f = step.item.header.file.as_ref().expect("planned");
-        if let Err(e) = apply_meta(&step.dest, ItemKind::Directory, f, owners) {
+        if let Err(e) = crate::fsmeta::apply_meta(&step.dest, ItemKind::Directory, f, owners) {
             report
                 .failures
                 .push((step.item.header.item.to_string(), e.to_string()));

@@ -4,6 +4,7 @@
 //! `fsflush`, `fiemap` and `btrfs` plugins (each a cdylib of its own).
 
 pub mod btrfs;
+pub mod clone;
 pub mod filemap;
 pub mod identity;
 pub mod mapper;

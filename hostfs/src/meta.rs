@@ -56,6 +56,11 @@ pub fn xattrs(path: &Path) -> std::io::Result<BTreeMap<String, String>> {
         let Ok(name) = std::str::from_utf8(name) else {
             continue;
         };
+        // XFS shows its on-disk form of the POSIX ACLs as trusted xattrs
+        // beside `system.posix_acl_*`; the latter are what is restored.
+        if name == "trusted.SGI_ACL_FILE" || name == "trusted.SGI_ACL_DEFAULT" {
+            continue;
+        }
         let mut val = vec![0u8; 1024];
         let len = loop {
             match rustix::fs::lgetxattr(path, name, &mut val) {

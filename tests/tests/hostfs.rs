@@ -817,14 +817,13 @@ mod snapshots {
     use super::*;
     use std::process::Command;
 
-    /// A read-only btrfs snapshot is the frozen image: whatever the
-    /// application writes, deletes or balances while the mover reads, the
-    /// restore equals the tree as it was at the freeze, nothing is flagged
-    /// as captured later, and the snapshot is gone after the backup.
-    #[test]
-    fn btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does() {
-        let name = "btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does";
-        let mut fs = match LoopFs::new("btrfs", 1, 512, &[], "") {
+    /// A freezer that keeps the frozen version (a read-only btrfs
+    /// snapshot, reflink clones on XFS or btrfs): whatever the application
+    /// writes, deletes or defragments while the mover reads, the restore
+    /// equals the tree as it was at the freeze, nothing is flagged as
+    /// captured later, and the freezer's own copy is gone afterwards.
+    fn frozen_copy_holds(name: &str, fstype: &str, freezer: &str, own_dir: &str) {
+        let mut fs = match LoopFs::new(fstype, 1, 512, &[], "") {
             Ok(f) => f,
             Err(why) => return skip(name, &why),
         };
@@ -846,9 +845,10 @@ mod snapshots {
             .unwrap();
         assert!(cp.success());
         fs.mover_view().unwrap();
-        let source = format!("btrfs-snapshot:{}", fs.mnt.display());
+        let source = format!("{freezer}:{}", fs.mnt.display());
         let agent = AgentProcess::start(&["--allow-source", &source], &[]);
         let mnt = fs.mnt.clone();
+        let fstype2 = fstype.to_string();
         let hook = move || {
             let mut rng = floe_tests::hostfs::Rng::new(77);
             for e in std::fs::read_dir(mnt.join("src/mod03/sub3"))
@@ -860,14 +860,20 @@ mod snapshots {
             std::fs::remove_file(mnt.join("links/target.txt")).unwrap();
             std::fs::remove_dir_all(mnt.join("special/empty-dir")).unwrap();
             std::fs::write(mnt.join("new-file"), b"after the freeze").unwrap();
-            let st = Command::new("btrfs")
-                .args(["balance", "start", "--full-balance", "-d"])
-                .arg(&mnt)
-                .output()
-                .unwrap();
+            let mut c = if fstype2 == "btrfs" {
+                let mut c = Command::new("btrfs");
+                c.args(["balance", "start", "--full-balance", "-d"])
+                    .arg(&mnt);
+                c
+            } else {
+                let mut c = Command::new("xfs_fsr");
+                c.arg(&mnt);
+                c
+            };
+            let st = c.output().unwrap();
             assert!(
                 st.status.success(),
-                "{}",
+                "{c:?}: {}",
                 String::from_utf8_lossy(&st.stderr)
             );
         };
@@ -879,7 +885,7 @@ mod snapshots {
             &media,
             Box::new(hook),
         )
-        .expect("backup from a snapshot");
+        .expect("backup from a frozen copy");
         assert!(report.set.failures.is_empty(), "{:?}", report.set.failures);
         assert!(report
             .set
@@ -887,8 +893,8 @@ mod snapshots {
             .iter()
             .all(|i| !i.trailer.captured_after_freeze));
         assert!(
-            !fs.mnt.join(floe_plugin_btrfs_snapshot_dir()).exists(),
-            "the snapshot was not deleted"
+            !fs.mnt.join(own_dir).exists(),
+            "the freezer's copy was not removed"
         );
         let to = fs.dir.path().join("restored");
         let r = floe_cmd()
@@ -903,7 +909,33 @@ mod snapshots {
         assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
     }
 
-    fn floe_plugin_btrfs_snapshot_dir() -> &'static str {
-        ".floe-snapshots"
+    #[test]
+    fn btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does() {
+        frozen_copy_holds(
+            "btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does",
+            "btrfs",
+            "btrfs-snapshot",
+            ".floe-snapshots",
+        );
+    }
+
+    #[test]
+    fn reflink_clones_on_xfs_back_up_the_frozen_tree_whatever_the_application_and_xfs_fsr_do() {
+        frozen_copy_holds(
+            "reflink_clones_on_xfs_back_up_the_frozen_tree_whatever_the_application_and_xfs_fsr_do",
+            "xfs",
+            "reflink",
+            ".floe-clones",
+        );
+    }
+
+    #[test]
+    fn reflink_clones_on_btrfs_back_up_the_frozen_tree_whatever_the_application_and_balance_do() {
+        frozen_copy_holds(
+            "reflink_clones_on_btrfs_back_up_the_frozen_tree_whatever_the_application_and_balance_do",
+            "btrfs",
+            "reflink",
+            ".floe-clones",
+        );
     }
 }

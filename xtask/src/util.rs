@@ -35,6 +35,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-plugin-fsflush",
     "floe-plugin-disk",
     "floe-plugin-null",
+    "floe-plugin-reflink",
     "floe-plugin-tar",
 ];
 

@@ -15,6 +15,7 @@
 use floe_core::abi::{Freezer, Interface, Plugin, PluginInfo};
 use floe_core::error::{Error, ErrorKind, Result};
 use floe_core::model::{now_secs, FrozenImage, FrozenItem, ImageId, ItemId};
+use floe_hostfs::clone::keeping_times;
 use floe_hostfs::identity::mount_of;
 use floe_hostfs::mapper::SourceHandle;
 use floe_hostfs::source::parse_source;
@@ -72,27 +73,6 @@ fn subvolume_root(p: &Path) -> Result<PathBuf> {
             .path(p));
         }
     }
-}
-
-/// Run `f` in directory `dir` and put its access and modification times
-/// back afterwards.
-fn keeping_times<T>(dir: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let m = std::fs::metadata(dir).map_err(|e| Error::io("stat", e).path(dir))?;
-    let r = f();
-    let ts = |s: i64, n: i64| rustix::fs::Timespec {
-        tv_sec: s,
-        tv_nsec: n,
-    };
-    let _ = rustix::fs::utimensat(
-        rustix::fs::CWD,
-        dir,
-        &rustix::fs::Timestamps {
-            last_access: ts(m.atime(), m.atime_nsec()),
-            last_modification: ts(m.mtime(), m.mtime_nsec()),
-        },
-        rustix::fs::AtFlags::empty(),
-    );
-    r
 }
 
 fn delete(snap: &Path) {
