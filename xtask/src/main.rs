@@ -60,7 +60,7 @@ fn test(extra: &[String]) -> Result<()> {
             .and_then(|s| s.parse().ok())
             .unwrap_or(10),
     )?;
-    let mut args = vec!["test", "--workspace"];
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     run_tests(&args)
 }
