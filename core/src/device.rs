@@ -409,6 +409,7 @@ impl DeviceResolver {
                 let d = DirectFile::open(id.clone(), p)?;
                 check_local_identity(id, p, &d.file)?;
                 check_btrfs_identity(id, p, &d)?;
+                check_lvm_identity(id, p, &d)?;
                 Arc::new(d)
             }
             (Some(Location::Nbd(addr, export)), _) => {
@@ -532,6 +533,53 @@ fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()
             found.map_or_else(
                 || "no btrfs device".to_string(),
                 |u| format!("btrfs device {u}")
+            )
+        ),
+    )
+    .op("verify device identity")
+    .device(id))
+}
+
+/// An LVM physical volume named by its UUID (`lvm-pv:UUID`) must carry
+/// that UUID in its own label (`LABELONE` in one of the first four
+/// sectors; the PV header's 32-character UUID, dashed 6-4-4-4-4-4-6).
+fn check_lvm_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
+    let Some(want) = id.as_str().strip_prefix("lvm-pv:") else {
+        return Ok(());
+    };
+    let mut buf = AlignedBuf::new(4096);
+    d.read_at(&mut buf, DeviceOffset(0))?;
+    let found = (0..4).find_map(|s| {
+        let l = &buf[s * 512..s * 512 + 512];
+        if &l[0..8] != b"LABELONE" {
+            return None;
+        }
+        let off = usize::try_from(u32::from_le_bytes([l[20], l[21], l[22], l[23]])).ok()?;
+        let u = std::str::from_utf8(l.get(off..off + 32)?).ok()?;
+        Some(
+            [
+                &u[0..6],
+                &u[6..10],
+                &u[10..14],
+                &u[14..18],
+                &u[18..22],
+                &u[22..26],
+                &u[26..32],
+            ]
+            .join("-"),
+        )
+    });
+    if found.as_deref() == Some(want) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::IdentityMismatch,
+        format!(
+            "{} is {}, not the LVM physical volume the map names",
+            path.display(),
+            found.map_or_else(
+                || "no LVM physical volume".to_string(),
+                |u| format!("PV {u}")
             )
         ),
     )

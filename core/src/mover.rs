@@ -1173,6 +1173,16 @@ fn write_items(
             }
             // Dropping r closes the job channel: the workers end.
         });
+        // However the writer ends — result, error or panic — the reader
+        // must not stay waiting for room to hand it more.
+        struct CloseOnDrop<'b>(&'b Budget);
+        impl Drop for CloseOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _closer = CloseOnDrop(budget);
+        let rx = rx; // dropped with this frame, even when unwinding
         let zeros = vec![0u8; 1 << 20];
         let mut current: Option<(ItemHeader, blake3::Hasher, u64)> = None;
         let outcome = loop {

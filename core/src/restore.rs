@@ -102,7 +102,11 @@ pub fn plan_tree(set: &SetRecord, dest: &Path, opts: &TreeOptions) -> Result<Vec
             dest.to_path_buf()
         };
         out.push(TreeStep {
-            dest: if rel.as_os_str().is_empty() { base } else { base.join(rel) },
+            dest: if rel.as_os_str().is_empty() {
+                base
+            } else {
+                base.join(rel)
+            },
             item: i.clone(),
         });
     }

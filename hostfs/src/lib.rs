@@ -7,6 +7,7 @@ pub mod btrfs;
 pub mod clone;
 pub mod filemap;
 pub mod identity;
+pub mod lvm;
 pub mod mapper;
 pub mod meta;
 pub mod source;

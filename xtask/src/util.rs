@@ -34,6 +34,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-plugin-fiemap",
     "floe-plugin-fsflush",
     "floe-plugin-disk",
+    "floe-plugin-lvm",
     "floe-plugin-null",
     "floe-plugin-reflink",
     "floe-plugin-tar",

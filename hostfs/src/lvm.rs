@@ -1,0 +1,563 @@
+//! LVM2 on-disk metadata, read from a physical volume itself: the label
+//! (`LABELONE` in one of the first four sectors), the PV header (its UUID
+//! and metadata areas), the metadata area header (`" LVM2 x[5A%r0N*>"`) and
+//! the current metadata text it points at; a parser for that text format;
+//! and the mapping of a logical volume's bytes to PV extents (linear and
+//! striped segments). Pure except [`read_pv`].
+
+use floe_core::error::{Error, ErrorKind, Result};
+use std::collections::BTreeMap;
+
+const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidMap, msg.into())
+}
+
+fn le64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// What a PV's label says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PvLabel {
+    /// The PV UUID, with the usual dashes (6-4-4-4-4-4-6).
+    pub uuid: String,
+    /// Metadata areas: (offset, size) in bytes.
+    pub mdas: Vec<(u64, u64)>,
+}
+
+/// Format a 32-character LVM UUID with dashes.
+pub fn dashed(u: &str) -> String {
+    let cuts = [6, 4, 4, 4, 4, 4, 6];
+    let mut out = Vec::new();
+    let mut at = 0;
+    for c in cuts {
+        out.push(u.get(at..at + c).unwrap_or(""));
+        at += c;
+    }
+    out.join("-")
+}
+
+/// Find and parse the label in the first 2 KiB of a device.
+pub fn parse_label(head: &[u8]) -> Result<PvLabel> {
+    for sector in 0..4 {
+        let s = sector * 512;
+        let Some(l) = head.get(s..s + 512) else { break };
+        if &l[0..8] != b"LABELONE" || &l[24..32] != b"LVM2 001" {
+            continue;
+        }
+        let off = le32(l, 20).ok_or_else(|| bad("short label"))? as usize;
+        let pv = l
+            .get(off..)
+            .ok_or_else(|| bad("label points outside its sector"))?;
+        let uuid = std::str::from_utf8(pv.get(0..32).ok_or_else(|| bad("short PV header"))?)
+            .map_err(|_| bad("PV UUID is not text"))?;
+        // device size, then data areas (to a zero entry), then metadata
+        // areas (to a zero entry).
+        let mut at = 40;
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            loop {
+                let (o, z) = (le64(pv, at), le64(pv, at + 8));
+                at += 16;
+                match (o, z) {
+                    (Some(0), Some(0)) => break,
+                    (Some(o), Some(z)) => list.push((o, z)),
+                    _ => return Err(bad("PV header runs past its sector")),
+                }
+            }
+        }
+        return Ok(PvLabel {
+            uuid: dashed(uuid),
+            mdas: lists[1].clone(),
+        });
+    }
+    Err(bad(
+        "no LVM2 label (LABELONE) in the first four sectors: not a physical volume",
+    ))
+}
+
+/// The current metadata text of a metadata area, given the area's bytes.
+pub fn parse_mda(area: &[u8]) -> Result<String> {
+    if area.get(4..20) != Some(&MDA_MAGIC[..]) {
+        return Err(bad("metadata area has no LVM2 magic"));
+    }
+    let size = le64(area, 32).ok_or_else(|| bad("short metadata area header"))?;
+    let (off, len) = (
+        le64(area, 40).ok_or_else(|| bad("short metadata area header"))?,
+        le64(area, 48).ok_or_else(|| bad("short metadata area header"))?,
+    );
+    if off == 0 || len == 0 {
+        return Err(bad("metadata area holds no metadata"));
+    }
+    let (off, len, size) = (
+        usize::try_from(off).map_err(|_| bad("offset"))?,
+        usize::try_from(len).map_err(|_| bad("length"))?,
+        usize::try_from(size).map_err(|_| bad("size"))?,
+    );
+    let mut text = Vec::with_capacity(len);
+    // A circular buffer after the 512-byte header: the text may wrap.
+    let first = len.min(size.saturating_sub(off));
+    text.extend_from_slice(
+        area.get(off..off + first)
+            .ok_or_else(|| bad("metadata past its area"))?,
+    );
+    if first < len {
+        text.extend_from_slice(
+            area.get(512..512 + len - first)
+                .ok_or_else(|| bad("metadata past its area"))?,
+        );
+    }
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    String::from_utf8(text[..end].to_vec()).map_err(|_| bad("metadata is not text"))
+}
+
+/// A value of the LVM2 text format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// `key = 12`.
+    Int(i64),
+    /// `key = "text"`.
+    Str(String),
+    /// `key = [ ... ]`.
+    List(Vec<Value>),
+    /// `name { ... }`.
+    Section(BTreeMap<String, Value>),
+}
+
+impl Value {
+    /// A member of a section.
+    pub fn get(&self, k: &str) -> Option<&Value> {
+        match self {
+            Value::Section(m) => m.get(k),
+            _ => None,
+        }
+    }
+    /// As an integer.
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+    /// As text.
+    pub fn str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Lexer<'_> {
+    fn skip(&mut self) {
+        while self.i < self.s.len() {
+            match self.s[self.i] {
+                b' ' | b'\t' | b'\n' | b'\r' | b',' => self.i += 1,
+                b'#' => {
+                    while self.i < self.s.len() && self.s[self.i] != b'\n' {
+                        self.i += 1;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    fn word(&mut self) -> Option<String> {
+        self.skip();
+        let st = self.i;
+        while self.i < self.s.len()
+            && (self.s[self.i].is_ascii_alphanumeric() || b"_-.+".contains(&self.s[self.i]))
+        {
+            self.i += 1;
+        }
+        (self.i > st).then(|| String::from_utf8_lossy(&self.s[st..self.i]).to_string())
+    }
+    fn peek(&mut self) -> Option<u8> {
+        self.skip();
+        self.s.get(self.i).copied()
+    }
+    fn value(&mut self, depth: usize) -> Result<Value> {
+        if depth > 32 {
+            return Err(bad("metadata nested too deeply"));
+        }
+        match self.peek() {
+            Some(b'"') => {
+                self.i += 1;
+                let mut out = Vec::new();
+                while let Some(&c) = self.s.get(self.i) {
+                    self.i += 1;
+                    match c {
+                        b'"' => return Ok(Value::Str(String::from_utf8_lossy(&out).to_string())),
+                        b'\\' => {
+                            if let Some(&n) = self.s.get(self.i) {
+                                out.push(n);
+                                self.i += 1;
+                            }
+                        }
+                        c => out.push(c),
+                    }
+                }
+                Err(bad("unterminated string in metadata"))
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut v = Vec::new();
+                loop {
+                    match self.peek() {
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Value::List(v));
+                        }
+                        None => return Err(bad("unterminated list in metadata")),
+                        _ => v.push(self.value(depth + 1)?),
+                    }
+                }
+            }
+            _ => {
+                let w = self
+                    .word()
+                    .ok_or_else(|| bad(format!("unexpected byte in metadata at {}", self.i)))?;
+                w.parse::<i64>()
+                    .map(Value::Int)
+                    .map_err(|_| bad(format!("metadata value {w:?} is not a number")))
+            }
+        }
+    }
+    fn section(&mut self, depth: usize, top: bool) -> Result<BTreeMap<String, Value>> {
+        if depth > 32 {
+            return Err(bad("metadata nested too deeply"));
+        }
+        let mut m = BTreeMap::new();
+        loop {
+            match self.peek() {
+                None if top => return Ok(m),
+                None => return Err(bad("unterminated section in metadata")),
+                Some(b'}') if !top => {
+                    self.i += 1;
+                    return Ok(m);
+                }
+                _ => {}
+            }
+            let k = self
+                .word()
+                .ok_or_else(|| bad(format!("expected a name in metadata at {}", self.i)))?;
+            match self.peek() {
+                Some(b'=') => {
+                    self.i += 1;
+                    let v = self.value(depth)?;
+                    m.insert(k, v);
+                }
+                Some(b'{') => {
+                    self.i += 1;
+                    let v = self.section(depth + 1, false)?;
+                    m.insert(k, Value::Section(v));
+                }
+                _ => return Err(bad(format!("expected `=` or `{{` after {k:?} in metadata"))),
+            }
+        }
+    }
+}
+
+/// Parse LVM2 metadata text.
+pub fn parse_text(text: &str) -> Result<Value> {
+    let mut l = Lexer {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    Ok(Value::Section(l.section(0, true)?))
+}
+
+/// One segment of an LV: `extent_count` extents from `start_extent`,
+/// striped over `stripes` (PV name, first PV extent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// First LV extent.
+    pub start_extent: u64,
+    /// Extents.
+    pub extent_count: u64,
+    /// Stripe size in sectors (striped segments).
+    pub stripe_size: u64,
+    /// (PV name, first PV extent) per stripe.
+    pub stripes: Vec<(String, u64)>,
+}
+
+/// A volume group as its metadata describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeGroup {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub id: String,
+    /// The metadata sequence number: changes on every change.
+    pub seqno: u64,
+    /// Extent size in 512-byte sectors.
+    pub extent_size: u64,
+    /// PV name → (UUID, pe_start in sectors).
+    pub pvs: BTreeMap<String, (String, u64)>,
+    /// LV name → segments.
+    pub lvs: BTreeMap<String, Vec<Segment>>,
+}
+
+/// The volume group of a parsed metadata text.
+pub fn volume_group(meta: &Value) -> Result<VolumeGroup> {
+    let Value::Section(top) = meta else {
+        return Err(bad("metadata is not a section"));
+    };
+    let (name, vg) = top
+        .iter()
+        .find(|(_, v)| matches!(v, Value::Section(_)) && v.get("seqno").is_some())
+        .ok_or_else(|| bad("metadata holds no volume group"))?;
+    let int = |v: &Value, k: &str| -> Result<u64> {
+        v.get(k)
+            .and_then(Value::int)
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or_else(|| bad(format!("metadata lacks {k}")))
+    };
+    let mut pvs = BTreeMap::new();
+    if let Some(Value::Section(m)) = vg.get("physical_volumes") {
+        for (pn, pv) in m {
+            let id = pv
+                .get("id")
+                .and_then(Value::str)
+                .ok_or_else(|| bad(format!("PV {pn} has no id")))?;
+            pvs.insert(pn.clone(), (id.to_string(), int(pv, "pe_start")?));
+        }
+    }
+    let mut lvs = BTreeMap::new();
+    if let Some(Value::Section(m)) = vg.get("logical_volumes") {
+        for (ln, lv) in m {
+            let Value::Section(fields) = lv else { continue };
+            let mut segs = Vec::new();
+            for (k, seg) in fields {
+                if !k.starts_with("segment") || !matches!(seg, Value::Section(_)) {
+                    continue; // `segment_count`
+                }
+                let ty = seg.get("type").and_then(Value::str).unwrap_or("");
+                if ty != "striped" {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "LV {ln} has a {ty:?} segment: only linear and striped LVs are mapped"
+                        ),
+                    ));
+                }
+                let Some(Value::List(st)) = seg.get("stripes") else {
+                    return Err(bad(format!("LV {ln} segment has no stripes")));
+                };
+                let mut stripes = Vec::new();
+                for pair in st.chunks(2) {
+                    match pair {
+                        [Value::Str(pv), Value::Int(e)] => stripes.push((
+                            pv.clone(),
+                            u64::try_from(*e).map_err(|_| bad("negative extent"))?,
+                        )),
+                        _ => return Err(bad(format!("LV {ln} has malformed stripes"))),
+                    }
+                }
+                segs.push(Segment {
+                    start_extent: int(seg, "start_extent")?,
+                    extent_count: int(seg, "extent_count")?,
+                    stripe_size: seg
+                        .get("stripe_size")
+                        .and_then(Value::int)
+                        .and_then(|i| u64::try_from(i).ok())
+                        .unwrap_or(0),
+                    stripes,
+                });
+            }
+            segs.sort_by_key(|s| s.start_extent);
+            lvs.insert(ln.clone(), segs);
+        }
+    }
+    Ok(VolumeGroup {
+        name: name.clone(),
+        id: vg.get("id").and_then(Value::str).unwrap_or("").to_string(),
+        seqno: int(vg, "seqno")?,
+        extent_size: int(vg, "extent_size")?,
+        pvs,
+        lvs,
+    })
+}
+
+/// One piece of an LV on a PV: LV byte offset, length, PV UUID, PV byte
+/// offset.
+pub type LvPiece = (u64, u64, String, u64);
+
+/// Map every byte of an LV to its PVs, in LV order. Pure.
+pub fn map_lv(vg: &VolumeGroup, lv: &str) -> Result<(u64, Vec<LvPiece>)> {
+    let segs = vg
+        .lvs
+        .get(lv)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no LV {lv} in VG {}", vg.name)))?;
+    let ext = vg.extent_size * 512;
+    let mut out: Vec<LvPiece> = Vec::new();
+    let mut at = 0u64;
+    for s in segs {
+        if s.start_extent * ext != at {
+            return Err(bad(format!(
+                "LV {lv} segments leave a gap at extent {}",
+                s.start_extent
+            )));
+        }
+        let n = u64::try_from(s.stripes.len()).unwrap_or(0).max(1);
+        let pv = |name: &str| {
+            vg.pvs
+                .get(name)
+                .cloned()
+                .ok_or_else(|| bad(format!("LV {lv} names an unknown PV {name}")))
+        };
+        let len = s.extent_count * ext;
+        if n == 1 {
+            let (uuid, pe_start) = pv(&s.stripes[0].0)?;
+            out.push((at, len, uuid, pe_start * 512 + s.stripes[0].1 * ext));
+        } else {
+            let chunk = s.stripe_size * 512;
+            if chunk == 0 || !len.is_multiple_of(chunk * n) {
+                return Err(bad(format!("LV {lv} has a striped segment of odd size")));
+            }
+            let per = s.extent_count / n * ext; // bytes per stripe
+            let mut off = 0;
+            while off < len {
+                let row = off / (chunk * n);
+                let col = (off / chunk) % n;
+                let (name, first) = &s.stripes[usize::try_from(col).unwrap_or(0)];
+                let (uuid, pe_start) = pv(name)?;
+                let dev = pe_start * 512 + first * ext + row * chunk;
+                debug_assert!(row * chunk < per);
+                match out.last_mut() {
+                    Some((l, n2, u, d))
+                        if *u == uuid && *d + *n2 == dev && *l + *n2 == at + off =>
+                    {
+                        *n2 += chunk
+                    }
+                    _ => out.push((at + off, chunk, uuid, dev)),
+                }
+                off += chunk;
+            }
+        }
+        at += len;
+    }
+    Ok((at, out))
+}
+
+/// Read a PV's label and current metadata from its device.
+pub fn read_pv(dev: &std::path::Path) -> Result<(PvLabel, VolumeGroup)> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).map_err(|e| Error::io("open", e).path(dev))?;
+    let mut head = vec![0u8; 2048];
+    f.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io("read label", e).path(dev))?;
+    let label = parse_label(&head).map_err(|e| e.path(dev))?;
+    let (off, size) = *label
+        .mdas
+        .first()
+        .ok_or_else(|| bad("PV has no metadata area").path(dev))?;
+    let mut area = vec![0u8; usize::try_from(size.min(64 << 20)).unwrap_or(0)];
+    f.read_exact_at(&mut area, off)
+        .map_err(|e| Error::io("read metadata", e).path(dev))?;
+    let text = parse_mda(&area).map_err(|e| e.path(dev))?;
+    let vg = volume_group(&parse_text(&text)?).map_err(|e| e.path(dev))?;
+    Ok((label, vg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const META: &str = r#"
+vg0 {
+    id = "abc"
+    seqno = 7
+    extent_size = 8192   # 4 MiB
+    physical_volumes {
+        pv0 { id = "P0" pe_start = 2048 pe_count = 15 }
+        pv1 { id = "P1" pe_start = 2048 pe_count = 15 }
+    }
+    logical_volumes {
+        lin {
+            segment_count = 2
+            segment1 { start_extent = 0 extent_count = 2 type = "striped" stripe_count = 1 stripes = ["pv0", 3] }
+            segment2 { start_extent = 2 extent_count = 1 type = "striped" stripe_count = 1 stripes = ["pv1", 0] }
+        }
+        str {
+            segment1 { start_extent = 0 extent_count = 2 type = "striped" stripe_count = 2 stripe_size = 128
+                       stripes = ["pv0", 5, "pv1", 5] }
+        }
+    }
+}
+"#;
+
+    #[test]
+    fn text_parses_and_maps_linear_and_striped() {
+        let vg = volume_group(&parse_text(META).unwrap()).unwrap();
+        assert_eq!((vg.seqno, vg.extent_size), (7, 8192));
+        let e = 4u64 << 20;
+        let (size, lin) = map_lv(&vg, "lin").unwrap();
+        assert_eq!(size, 3 * e);
+        assert_eq!(
+            lin,
+            vec![
+                (0, 2 * e, "P0".into(), (1 << 20) + 3 * e),
+                (2 * e, e, "P1".into(), 1 << 20)
+            ]
+        );
+        let (size, st) = map_lv(&vg, "str").unwrap();
+        assert_eq!(size, 2 * e);
+        // 64 KiB chunks alternate between the PVs.
+        assert_eq!(st[0], (0, 65536, "P0".into(), (1 << 20) + 5 * e));
+        assert_eq!(st[1], (65536, 65536, "P1".into(), (1 << 20) + 5 * e));
+        assert_eq!(
+            st[2],
+            (131072, 65536, "P0".into(), (1 << 20) + 5 * e + 65536)
+        );
+        assert_eq!(st.iter().map(|p| p.1).sum::<u64>(), 2 * e);
+        assert!(map_lv(&vg, "nope").is_err());
+    }
+
+    #[test]
+    fn labels_and_metadata_areas_decode() {
+        let mut head = vec![0u8; 2048];
+        head[512..520].copy_from_slice(b"LABELONE");
+        head[512 + 20..512 + 24].copy_from_slice(&32u32.to_le_bytes());
+        head[512 + 24..512 + 32].copy_from_slice(b"LVM2 001");
+        head[544..576].copy_from_slice(b"ZfJnv40nncweMmyt7Dwd8dmzTzT8b7ST");
+        // data area (1 MiB, 0), end; metadata area (4096, 1 MiB - 4096), end.
+        head[584..592].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        head[616..624].copy_from_slice(&4096u64.to_le_bytes());
+        head[624..632].copy_from_slice(&((1u64 << 20) - 4096).to_le_bytes());
+        let l = parse_label(&head).unwrap();
+        assert_eq!(l.uuid, "ZfJnv4-0nnc-weMm-yt7D-wd8d-mzTz-T8b7ST");
+        assert_eq!(l.mdas, vec![(4096, (1 << 20) - 4096)]);
+        assert!(parse_label(&[0u8; 2048]).is_err());
+        let mut area = vec![0u8; 8192];
+        area[4..20].copy_from_slice(MDA_MAGIC);
+        area[32..40].copy_from_slice(&8192u64.to_le_bytes());
+        area[40..48].copy_from_slice(&8000u64.to_le_bytes()); // wraps
+        area[48..56].copy_from_slice(&300u64.to_le_bytes());
+        let text = "x".repeat(192) + &"y".repeat(108);
+        area[8000..8192].copy_from_slice(&text.as_bytes()[..192]);
+        area[512..620].copy_from_slice(&text.as_bytes()[192..]);
+        assert_eq!(parse_mda(&area).unwrap(), text);
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_label(&bytes);
+            let _ = parse_mda(&bytes);
+            let _ = parse_text(&String::from_utf8_lossy(&bytes));
+        }
+    }
+}

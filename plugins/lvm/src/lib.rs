@@ -1,0 +1,235 @@
+//! Floe plugin `lvm`: LVM2 logical volumes as volume items. The map comes
+//! from the LVM2 metadata read from a physical volume itself (label,
+//! metadata area, text — `floe_hostfs::lvm`), not from device-mapper:
+//! every LV byte maps to PV extents (linear and striped segments), each PV
+//! named `lvm-pv:UUID`, which the mover checks in the PV's own label.
+//! Validity: the volume group's metadata sequence number (any change of
+//! the VG — pvmove, lvextend, lvconvert — bumps it).
+//!
+//! Source `lvm:VG/LV`. Its freezer takes the LV as it is — no snapshot:
+//! for LVs whose users are stopped or read-only; the seqno guards the map,
+//! not the contents.
+
+use floe_core::abi::{Freezer, Interface, Mapper, Plugin, PluginInfo, ValidityIndicator};
+use floe_core::error::{Error, ErrorKind, Result};
+use floe_core::model::*;
+use floe_core::units::{BlockSize, Blocks, Bytes, ItemOffset};
+use floe_hostfs::lvm::{map_lv, read_pv, VolumeGroup};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The plugin.
+pub struct LvmPlugin;
+
+/// What the freezer records per LV.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LvHandle {
+    /// The volume group.
+    pub vg: String,
+    /// The logical volume.
+    pub lv: String,
+    /// Devices of the VG's PVs on this host (metadata is read from them).
+    pub pvs: Vec<PathBuf>,
+}
+
+fn handle(fi: &FrozenItem) -> Result<LvHandle> {
+    serde_json::from_value(fi.handle.clone()).map_err(|e| {
+        Error::new(ErrorKind::Plugin, "malformed lvm handle")
+            .item(&fi.id)
+            .source(e)
+    })
+}
+
+/// The PVs of `vg`, from `pvs` (lvm2).
+fn pvs_of(vg: &str) -> Result<Vec<PathBuf>> {
+    let out = Command::new("pvs")
+        .args(["--noheadings", "--separator", "|", "-o", "pv_name,vg_name"])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .map_err(|e| Error::new(ErrorKind::Config, "cannot run pvs (lvm2)").source(e))?;
+    let pvs: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().split_once('|'))
+        .filter(|(_, v)| *v == vg)
+        .map(|(p, _)| PathBuf::from(p))
+        .collect();
+    if pvs.is_empty() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no physical volume of VG {vg} on this host"),
+        ));
+    }
+    Ok(pvs)
+}
+
+/// The VG's current metadata, from the first of its PVs that reads.
+fn vg_of(h: &LvHandle) -> Result<VolumeGroup> {
+    let mut last = None;
+    for p in &h.pvs {
+        match read_pv(p) {
+            Ok((_, vg)) if vg.name == h.vg => return Ok(vg),
+            Ok((_, vg)) => {
+                last = Some(Error::new(
+                    ErrorKind::IdentityMismatch,
+                    format!("{} now belongs to VG {}", p.display(), vg.name),
+                ))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::new(ErrorKind::NotFound, "no PV")))
+}
+
+fn config(vg: &VolumeGroup) -> ConfigId {
+    ConfigId::new(format!("lvm:{}:seqno{}", vg.id, vg.seqno))
+}
+
+fn item_of(fi: &FrozenItem) -> Result<Item> {
+    let h = handle(fi)?;
+    let vg = vg_of(&h)?;
+    let (size, pieces) = map_lv(&vg, &h.lv).map_err(|e| e.item(&fi.id))?;
+    let extents = pieces
+        .into_iter()
+        .map(|(at, len, uuid, dev)| MapExtent {
+            logical: ItemOffset(at),
+            length: Bytes(len),
+            kind: ExtentKind::Data(ExtentChain {
+                layers: vec![Layer {
+                    kind: LayerKind::LogicalVolume,
+                    object: format!("{}/{}", h.vg, h.lv),
+                    offset: Bytes(at),
+                }],
+                physical: PhysicalExtent {
+                    device: DeviceId::new(format!("lvm-pv:{uuid}")),
+                    start: Blocks(dev / 512),
+                    count: Blocks(len / 512),
+                    block_size: BlockSize(512),
+                },
+            }),
+        })
+        .collect();
+    Ok(Item {
+        id: fi.id.clone(),
+        kind: ItemKind::Volume,
+        size: Bytes(size),
+        config: config(&vg),
+        extents,
+        meta: [
+            ("vg".to_string(), h.vg.clone()),
+            ("lv".to_string(), h.lv.clone()),
+        ]
+        .into_iter()
+        .collect(),
+        file: None,
+    })
+}
+
+fn frozen_item<'a>(image: &'a FrozenImage, item: &ItemId) -> Result<&'a FrozenItem> {
+    image
+        .items
+        .iter()
+        .find(|i| &i.id == item)
+        .ok_or_else(|| Error::new(ErrorKind::NotFound, "no such LV in the image").item(item))
+}
+
+/// The freezer (no snapshot).
+pub struct LvmFreezer;
+
+impl Freezer for LvmFreezer {
+    fn freeze(&mut self, sources: &[String]) -> Result<FrozenImage> {
+        let mut items = Vec::new();
+        for s in sources {
+            let spec = s.strip_prefix("lvm:").unwrap_or(s);
+            let (vg, lv) = spec
+                .split_once('/')
+                .filter(|(v, l)| !v.is_empty() && !l.is_empty() && !l.contains('/'))
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Config, format!("source {s} is not lvm:VG/LV"))
+                })?;
+            let h = LvHandle {
+                vg: vg.into(),
+                lv: lv.into(),
+                pvs: pvs_of(vg)?,
+            };
+            let v = vg_of(&h)?;
+            if !v.lvs.contains_key(lv) {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("VG {vg} has no LV {lv}"),
+                ));
+            }
+            items.push(FrozenItem {
+                id: ItemId::new(format!("{vg}/{lv}")),
+                source: s.clone(),
+                handle: serde_json::to_value(&h)
+                    .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
+            });
+        }
+        Ok(FrozenImage {
+            id: ImageId::new(format!("lvm-{}-{}", now_secs(), std::process::id())),
+            plugin: "lvm".into(),
+            items,
+            frozen_at: now_secs(),
+            mapper: None,
+        })
+    }
+    fn release(&mut self, _image: &FrozenImage) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The mapper.
+pub struct LvmMapper;
+
+impl Mapper for LvmMapper {
+    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap> {
+        Ok(ImageMap {
+            image: image.id.clone(),
+            items: image.items.iter().map(item_of).collect::<Result<_>>()?,
+            failures: Vec::new(),
+        })
+    }
+    fn remap(&mut self, image: &FrozenImage, item: &ItemId, _since: &ConfigId) -> Result<Remap> {
+        // The VG changed: the LV's whole map as it is now.
+        let it = item_of(frozen_item(image, item)?)?;
+        Ok(Remap {
+            item: it.id,
+            config: it.config,
+            extents: it.extents,
+            after_freeze: false,
+            size: Some(it.size),
+            file: None,
+        })
+    }
+}
+
+/// The validity indicator: the VG's seqno, read from a PV.
+pub struct LvmValidity;
+
+impl ValidityIndicator for LvmValidity {
+    fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId> {
+        Ok(config(&vg_of(&handle(frozen_item(image, item)?)?)?))
+    }
+}
+
+impl Plugin for LvmPlugin {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "lvm".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            interfaces: vec![Interface::Freezer, Interface::Mapper, Interface::Validity],
+        }
+    }
+    fn freezer(_c: &serde_json::Value) -> Result<Box<dyn Freezer>> {
+        Ok(Box::new(LvmFreezer))
+    }
+    fn mapper(_c: &serde_json::Value) -> Result<Box<dyn Mapper>> {
+        Ok(Box::new(LvmMapper))
+    }
+    fn validity(_c: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
+        Ok(Box::new(LvmValidity))
+    }
+}
+
+floe_core::export_plugin!(LvmPlugin);
