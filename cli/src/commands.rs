@@ -636,6 +636,7 @@ fn run_backup(
                 "rereads": report.rereads,
                 "bytes_read": report.bytes_read,
                 "bytes_written": report.bytes_written,
+                "bytes_from_agent": report.bytes_from_agent,
             })
         );
     } else {

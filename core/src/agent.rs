@@ -377,9 +377,23 @@ impl Agent {
     }
 }
 
+/// A reader that counts what passes.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+}
+
 /// The mover's side: a connection to an agent.
 pub struct AgentClient {
-    r: Box<dyn Read + Send>,
+    r: Counted<Box<dyn Read + Send>>,
     w: Box<dyn Write + Send>,
     /// The agent's host name.
     pub host: String,
@@ -390,7 +404,7 @@ impl AgentClient {
     /// Say hello over a byte stream.
     pub fn new(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) -> Result<AgentClient> {
         let mut c = AgentClient {
-            r,
+            r: Counted { inner: r, n: 0 },
             w,
             host: String::new(),
             max: DEFAULT_MAX_FRAME,
@@ -420,6 +434,11 @@ impl AgentClient {
         let s = crate::tls::connect(cfg, addr)?;
         let (r, w) = crate::tls::split(s);
         AgentClient::new(Box::new(r), Box::new(w))
+    }
+
+    /// Bytes received from the agent so far (frames as on the wire).
+    pub fn bytes_received(&self) -> u64 {
+        self.r.n
     }
 
     fn call(&mut self, req: Request) -> Result<Response> {

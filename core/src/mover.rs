@@ -130,6 +130,9 @@ pub struct BackupReport {
     pub bytes_read: u64,
     /// Bytes of items written to media.
     pub bytes_written: u64,
+    /// Bytes received from the agent (maps, remaps, answers), as on the
+    /// wire: the application host's network cost.
+    pub bytes_from_agent: u64,
 }
 
 #[derive(Default)]
@@ -1011,6 +1014,10 @@ fn finish(
 ) -> Result<BackupReport> {
     let result = move_image(agent, start, &image, map, resolver, media, opts, progress);
     let released = agent.release(&image.id);
+    let result = result.map(|mut r| {
+        r.bytes_from_agent = agent.bytes_received();
+        r
+    });
     match (result, released) {
         (Ok(r), Ok(())) => Ok(r),
         (Ok(r), Err(e)) => {
@@ -1118,6 +1125,7 @@ fn move_image(
                     rereads: counters.rereads,
                     bytes_read: counters.bytes_read,
                     bytes_written,
+                    bytes_from_agent: 0,
                 })
             }
             Err(e) => Err(fail(media, e)),

@@ -238,11 +238,13 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         t[2].push(w);
         cpu[2].push(after.0 - before.0);
         agent_read.push((after.1 - before.1) as f64);
-        agent_sent.push((after.2 - before.2) as f64);
+        // Socket sends are not in /proc/PID/io's wchar: the mover counts
+        // what it received from the agent.
+        agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
         mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
         eprintln!(
             "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B)",
-            t[0][round], t[1][round], w, after.0 - before.0, after.1 - before.1, after.2 - before.2
+            t[0][round], t[1][round], w, after.0 - before.0, after.1 - before.1, agent_sent[round]
         );
     }
     // Restore: the last round's set and archive, to fresh directories on
