@@ -305,8 +305,13 @@ pub struct VolumeGroup {
     pub extent_size: u64,
     /// PV name → (UUID, pe_start in sectors).
     pub pvs: BTreeMap<String, (String, u64)>,
-    /// LV name → segments.
+    /// LV name → segments (linear and striped LVs).
     pub lvs: BTreeMap<String, Vec<Segment>>,
+    /// LVs of other kinds, by name: their segment type (`snapshot`, `thin`…).
+    pub other: BTreeMap<String, String>,
+    /// Classic snapshots, by their copy-on-write LV: (origin LV, chunk
+    /// size in sectors).
+    pub snapshots: BTreeMap<String, (String, u64)>,
 }
 
 /// The volume group of a parsed metadata text.
@@ -335,6 +340,8 @@ pub fn volume_group(meta: &Value) -> Result<VolumeGroup> {
         }
     }
     let mut lvs = BTreeMap::new();
+    let mut other = BTreeMap::new();
+    let mut snapshots = BTreeMap::new();
     if let Some(Value::Section(m)) = vg.get("logical_volumes") {
         for (ln, lv) in m {
             let Value::Section(fields) = lv else { continue };
@@ -344,13 +351,20 @@ pub fn volume_group(meta: &Value) -> Result<VolumeGroup> {
                     continue; // `segment_count`
                 }
                 let ty = seg.get("type").and_then(Value::str).unwrap_or("");
+                if ty == "snapshot" {
+                    // A hidden `snapshotN` LV ties a COW LV to its origin.
+                    if let (Some(origin), Some(cow)) = (
+                        seg.get("origin").and_then(Value::str),
+                        seg.get("cow_store").and_then(Value::str),
+                    ) {
+                        let chunk = int(seg, "chunk_size")?;
+                        snapshots.insert(cow.to_string(), (origin.to_string(), chunk));
+                    }
+                }
                 if ty != "striped" {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        format!(
-                            "LV {ln} has a {ty:?} segment: only linear and striped LVs are mapped"
-                        ),
-                    ));
+                    other.insert(ln.clone(), ty.to_string());
+                    segs.clear();
+                    break;
                 }
                 let Some(Value::List(st)) = seg.get("stripes") else {
                     return Err(bad(format!("LV {ln} segment has no stripes")));
@@ -376,6 +390,9 @@ pub fn volume_group(meta: &Value) -> Result<VolumeGroup> {
                     stripes,
                 });
             }
+            if other.contains_key(ln) {
+                continue;
+            }
             segs.sort_by_key(|s| s.start_extent);
             lvs.insert(ln.clone(), segs);
         }
@@ -387,6 +404,8 @@ pub fn volume_group(meta: &Value) -> Result<VolumeGroup> {
         extent_size: int(vg, "extent_size")?,
         pvs,
         lvs,
+        other,
+        snapshots,
     })
 }
 
@@ -396,6 +415,12 @@ pub type LvPiece = (u64, u64, String, u64);
 
 /// Map every byte of an LV to its PVs, in LV order. Pure.
 pub fn map_lv(vg: &VolumeGroup, lv: &str) -> Result<(u64, Vec<LvPiece>)> {
+    if let Some(ty) = vg.other.get(lv) {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("LV {lv} is a {ty:?} LV: only linear and striped LVs (and classic snapshots of them) are mapped"),
+        ));
+    }
     let segs = vg
         .lvs
         .get(lv)
@@ -449,6 +474,108 @@ pub fn map_lv(vg: &VolumeGroup, lv: &str) -> Result<(u64, Vec<LvPiece>)> {
         at += len;
     }
     Ok((at, out))
+}
+
+/// The magic of a persistent snapshot exception store (`"SnAp"`).
+pub const SNAP_MAGIC: u32 = 0x7041_6e53;
+
+/// Parse a classic (dm-snapshot, persistent) exception store: chunk 0 is
+/// the header (magic, valid, version 1, chunk size in sectors); metadata
+/// areas of `chunk_size*512/16` exceptions `(old_chunk, new_chunk)` follow
+/// at chunks `1 + i*(per_area + 1)`, each followed by its data chunks; the
+/// list ends at the first exception whose `new_chunk` is 0. `chunk(k)`
+/// reads chunk k of the COW device. The exceptions, in store order.
+pub fn parse_exceptions(mut chunk: impl FnMut(u64) -> Result<Vec<u8>>) -> Result<Vec<(u64, u64)>> {
+    let head = chunk(0)?;
+    let (magic, valid, version, size) = (
+        le32(&head, 0),
+        le32(&head, 4),
+        le32(&head, 8),
+        le32(&head, 12),
+    );
+    if magic != Some(SNAP_MAGIC) {
+        return Err(bad("not a snapshot exception store (no SnAp magic)"));
+    }
+    if valid != Some(1) {
+        return Err(Error::new(
+            ErrorKind::Unstable,
+            "the snapshot is invalid (it overflowed): its frozen image is lost",
+        ));
+    }
+    if version != Some(1) {
+        return Err(bad(format!("exception store version {version:?}, not 1")));
+    }
+    let per_area = u64::from(size.unwrap_or(0)) * 512 / 16;
+    if per_area == 0 {
+        return Err(bad("exception store with a zero chunk size"));
+    }
+    let mut out = Vec::new();
+    for area in 0.. {
+        if area > 1 << 20 {
+            return Err(bad("exception store without an end"));
+        }
+        let b = chunk(1 + area * (per_area + 1))?;
+        for e in b.chunks_exact(16) {
+            let (old, new) = (le64(e, 0).unwrap_or(0), le64(e, 8).unwrap_or(0));
+            if new == 0 {
+                return Ok(out);
+            }
+            out.push((old, new));
+        }
+    }
+    Ok(out)
+}
+
+/// The frozen image of a classic snapshot as pieces on PVs: the origin's
+/// map, except that every chunk with an exception is read from the COW LV
+/// at its `new_chunk`. Pure.
+pub fn map_snapshot(
+    vg: &VolumeGroup,
+    cow: &str,
+    exceptions: &[(u64, u64)],
+) -> Result<(u64, Vec<LvPiece>)> {
+    let (origin, chunk_sectors) = vg.snapshots.get(cow).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{cow} is not a snapshot in VG {}", vg.name),
+        )
+    })?;
+    let chunk = chunk_sectors * 512;
+    let (size, base) = map_lv(vg, origin)?;
+    let cow_map = vg
+        .lvs
+        .get(cow)
+        .ok_or_else(|| {
+            bad(format!(
+                "the snapshot's COW LV {cow} is not a linear or striped LV"
+            ))
+        })
+        .and_then(|_| map_lv(vg, cow))?;
+    let moved: BTreeMap<u64, u64> = exceptions.iter().copied().collect();
+    // Where byte `at` of an LV map lies, for `len` bytes at most.
+    let locate = |m: &[LvPiece], at: u64| -> Result<(String, u64, u64)> {
+        m.iter()
+            .find(|(l, n, _, _)| *l <= at && at < l + n)
+            .map(|(l, n, u, d)| (u.clone(), d + (at - l), l + n - at))
+            .ok_or_else(|| bad(format!("offset {at} outside the LV")))
+    };
+    let mut out: Vec<LvPiece> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let c = at / chunk;
+        let end = ((c + 1) * chunk).min(size);
+        let (uuid, dev, left) = match moved.get(&c) {
+            Some(&n) => locate(&cow_map.1, n * chunk + (at - c * chunk))?,
+            None => locate(&base, at)?,
+        };
+        let n = (end - at).min(left);
+        match out.last_mut() {
+            Some((l, k, u, d)) if *u == uuid && *d + *k == dev && *l + *k == at => *k += n,
+            _ => out.push((at, n, uuid, dev)),
+        }
+        at += n;
+    }
+    Ok((size, out))
 }
 
 /// Read a PV's label and current metadata from its device.
@@ -550,6 +677,56 @@ vg0 {
         area[8000..8192].copy_from_slice(&text.as_bytes()[..192]);
         area[512..620].copy_from_slice(&text.as_bytes()[192..]);
         assert_eq!(parse_mda(&area).unwrap(), text);
+    }
+
+    #[test]
+    fn a_snapshot_reads_moved_chunks_from_its_cow_store() {
+        let meta = META.replace(
+            "        str {",
+            r#"        cow {
+            segment1 { start_extent = 0 extent_count = 1 type = "striped" stripe_count = 1 stripes = ["pv1", 10] }
+        }
+        snapshot0 {
+            segment1 { start_extent = 0 extent_count = 3 type = "snapshot" chunk_size = 8 origin = "lin" cow_store = "cow" }
+        }
+        str {"#,
+        );
+        let vg = volume_group(&parse_text(&meta).unwrap()).unwrap();
+        assert_eq!(vg.snapshots.get("cow"), Some(&("lin".to_string(), 8)));
+        assert!(map_lv(&vg, "snapshot0")
+            .unwrap_err()
+            .to_string()
+            .contains("snapshot"));
+        // Chunk 0 is the header, 1 the first metadata area, 2.. data.
+        let chunk = 4096u64;
+        let mut store = vec![vec![0u8; 4096]; 4];
+        store[0][0..4].copy_from_slice(&SNAP_MAGIC.to_le_bytes());
+        store[0][4..8].copy_from_slice(&1u32.to_le_bytes());
+        store[0][8..12].copy_from_slice(&1u32.to_le_bytes());
+        store[0][12..16].copy_from_slice(&8u32.to_le_bytes());
+        store[1][0..8].copy_from_slice(&5u64.to_le_bytes()); // origin chunk 5 -> 2
+        store[1][8..16].copy_from_slice(&2u64.to_le_bytes());
+        let ex = parse_exceptions(|k| {
+            Ok(store
+                .get(usize::try_from(k).unwrap())
+                .cloned()
+                .unwrap_or(vec![0; 4096]))
+        })
+        .unwrap();
+        assert_eq!(ex, vec![(5, 2)]);
+        let (size, pieces) = map_snapshot(&vg, "cow", &ex).unwrap();
+        let (_, origin) = map_lv(&vg, "lin").unwrap();
+        assert_eq!(size, 3 * (4 << 20));
+        let cow_at = (1u64 << 20) + 10 * (4 << 20) + 2 * chunk;
+        assert!(
+            pieces.contains(&(5 * chunk, chunk, "P1".into(), cow_at)),
+            "{pieces:?}"
+        );
+        assert_eq!(pieces[0], (0, 5 * chunk, "P0".into(), origin[0].3));
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), size);
+        // An overflowed snapshot is refused.
+        store[0][4..8].copy_from_slice(&0u32.to_le_bytes());
+        assert!(parse_exceptions(|k| Ok(store[usize::try_from(k).unwrap()].clone())).is_err());
     }
 
     proptest! {
