@@ -712,6 +712,7 @@ impl std::fmt::Display for Partial {
 impl std::error::Error for Partial {}
 
 fn run_restore_tree(
+    reg: &Arc<PluginRegistry>,
     reader: &mut dyn floe_core::abi::MediaReader,
     a: &RestoreArgs,
     dir: &std::path::Path,
@@ -736,7 +737,15 @@ fn run_restore_tree(
         return Ok(());
     }
     let pb = bar(steps.len() as u64);
-    let report = restore_tree(reader, &set, &steps, &a.tree, &mut |_| {
+    // Several readers of the media, each restoring different files.
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
+    let mut readers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        readers.push(media_reader(reg, &a.media.media)?);
+    }
+    let report = restore_tree(&mut readers, &set, &steps, &a.tree, &mut |_| {
         if let Some(pb) = &pb {
             pb.inc(1);
         }
@@ -763,7 +772,7 @@ fn run_restore_tree(
 fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
     let mut reader = media_reader(&reg, &a.media.media)?;
     if let Some(dir) = &a.to_dir {
-        return run_restore_tree(reader.as_mut(), &a, dir);
+        return run_restore_tree(&reg, reader.as_mut(), &a, dir);
     }
     let set = SetId::new(a.set.clone());
     for t in &a.targets {

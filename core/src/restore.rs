@@ -250,42 +250,79 @@ fn make(reader: &mut dyn MediaReader, set: &SetRecord, step: &TreeStep) -> Resul
     Ok(0)
 }
 
-/// Restore the planned steps from `reader`.
+/// Restore the planned steps. Files are made by as many workers as
+/// `readers` (each its own media reader: they read different items at
+/// once); hard links follow once every file exists; directories get their
+/// metadata last.
 pub fn restore_tree(
-    reader: &mut dyn MediaReader,
+    readers: &mut [Box<dyn MediaReader>],
     set: &SetRecord,
     steps: &[TreeStep],
     opts: &TreeOptions,
     progress: &mut dyn FnMut(&TreeStep),
 ) -> Result<TreeReport> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let owners = !opts.no_owners && rustix::process::geteuid().is_root();
     let mut report = TreeReport::default();
-    let mut dirs = Vec::new();
+    if readers.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "restore needs a media reader",
+        ));
+    }
     // Hard links after every file they may name (media order is read
     // order, not walk order).
     let (links, rest): (Vec<&TreeStep>, Vec<&TreeStep>) = steps
         .iter()
         .partition(|s| s.item.header.kind == ItemKind::HardLink);
-    for step in rest.into_iter().chain(links) {
-        progress(step);
+    let one = |reader: &mut dyn MediaReader, step: &TreeStep| -> Result<u64> {
         let h = &step.item.header;
-        let result = make(reader, set, step).and_then(|n| {
-            let f = h.file.as_ref().expect("planned");
-            match h.kind {
-                ItemKind::Directory => dirs.push(step),
-                ItemKind::HardLink => {} // shares the first name's inode
-                kind => crate::fsmeta::apply_meta(&step.dest, kind, f, owners)?,
-            }
-            Ok(n)
-        });
-        match result {
+        let n = make(reader, set, step)?;
+        let f = h.file.as_ref().expect("planned");
+        match h.kind {
+            ItemKind::Directory | ItemKind::HardLink => {} // later / shared inode
+            kind => crate::fsmeta::apply_meta(&step.dest, kind, f, owners)?,
+        }
+        Ok(n)
+    };
+    let mut record = |report: &mut TreeReport, step: &TreeStep, r: Result<u64>| {
+        progress(step);
+        match r {
             Ok(n) => {
                 report.items += 1;
                 report.bytes += n;
             }
-            Err(e) => report.failures.push((h.item.to_string(), e.to_string())),
+            Err(e) => report
+                .failures
+                .push((step.item.header.item.to_string(), e.to_string())),
         }
+    };
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<u64>)>();
+    std::thread::scope(|sc| {
+        for reader in readers.iter_mut() {
+            let (tx, next, rest, one) = (tx.clone(), &next, &rest, &one);
+            sc.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(step) = rest.get(k) else { return };
+                if tx.send((k, one(reader.as_mut(), step))).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        for (k, r) in rx {
+            record(&mut report, rest[k], r);
+        }
+    });
+    for step in links {
+        let r = one(readers[0].as_mut(), step);
+        record(&mut report, step, r);
     }
+    let dirs: Vec<&TreeStep> = steps
+        .iter()
+        .filter(|s| s.item.header.kind == ItemKind::Directory)
+        .collect();
     // Everything written becomes durable at once (one syncfs of the
     // destination's file system, not one fsync per file).
     if let Some(first) = steps.first() {
@@ -303,6 +340,7 @@ pub fn restore_tree(
         }
     }
     // Directories last, deepest first.
+    let mut dirs = dirs;
     dirs.sort_by_key(|s| std::cmp::Reverse(s.dest.components().count()));
     for step in dirs {
         let f = step.item.header.file.as_ref().expect("planned");
