@@ -410,6 +410,7 @@ impl DeviceResolver {
                 check_local_identity(id, p, &d.file)?;
                 check_btrfs_identity(id, p, &d)?;
                 check_lvm_identity(id, p, &d)?;
+                check_fs_uuid_identity(id, p, &d)?;
                 Arc::new(d)
             }
             (Some(Location::Nbd(addr, export)), _) => {
@@ -533,6 +534,51 @@ fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()
             found.map_or_else(
                 || "no btrfs device".to_string(),
                 |u| format!("btrfs device {u}")
+            )
+        ),
+    )
+    .op("verify device identity")
+    .device(id))
+}
+
+/// A device named by its file system's UUID (`fs-uuid:UUID`, for disks
+/// without a WWN or serial) must carry that UUID in its superblock (ext:
+/// magic 0xEF53 at 1024+56, UUID at 1024+104; XFS: `XFSB`, UUID at 32).
+fn check_fs_uuid_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
+    let Some(want) = id.as_str().strip_prefix("fs-uuid:") else {
+        return Ok(());
+    };
+    let mut buf = AlignedBuf::new(4096);
+    d.read_at(&mut buf, DeviceOffset(0))?;
+    let raw = if &buf[0..4] == b"XFSB" {
+        Some(&buf[32..48])
+    } else if buf[1024 + 56..1024 + 58] == [0x53, 0xEF] {
+        Some(&buf[1024 + 104..1024 + 120])
+    } else {
+        None
+    };
+    let found = raw.map(|u| {
+        let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    });
+    if found.as_deref() == Some(want) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::IdentityMismatch,
+        format!(
+            "{} is {}, not the file system the map names",
+            path.display(),
+            found.map_or_else(
+                || "no ext4 or XFS file system".to_string(),
+                |u| format!("file system {u}")
             )
         ),
     )

@@ -1434,3 +1434,54 @@ mod lvm {
             .status();
     }
 }
+
+/// A disk without a WWN, serial or backing file is named by its file
+/// system's UUID; the mover checks that UUID in the superblock before it
+/// reads, and refuses another file system.
+#[test]
+fn a_device_named_by_its_file_system_uuid_is_checked_in_its_superblock() {
+    use floe_core::device::{DeviceResolver, Location};
+    let name = "a_device_named_by_its_file_system_uuid_is_checked_in_its_superblock";
+    if !floe_tests::have("mkfs.ext4") || !floe_tests::have("blkid") {
+        return skip(name, "needs mkfs.ext4 and blkid");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    assert!(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    let uuid = String::from_utf8(
+        std::process::Command::new("blkid")
+            .args(["-p", "-s", "UUID", "-o", "value"])
+            .arg(&img)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let resolve = |id: &str| {
+        let table = [(DeviceId::new(id), Location::Path(img.clone()))]
+            .into_iter()
+            .collect();
+        DeviceResolver::new(table, None)
+            .resolve(&DeviceId::new(id))
+            .map(|_| ())
+    };
+    resolve(&format!("fs-uuid:{uuid}")).expect("the right file system");
+    let e = resolve("fs-uuid:00000000-1111-2222-3333-444444444444").unwrap_err();
+    assert!(
+        e.to_string().contains(&format!(
+            "is file system {uuid}, not the file system the map names"
+        )),
+        "{e}"
+    );
+}
