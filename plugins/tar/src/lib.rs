@@ -723,6 +723,9 @@ pub fn decode_index(bytes: &[u8], path: &Path) -> Result<SetRecord> {
 pub struct TarReader {
     dir: PathBuf,
     open: Option<(File, PathBuf, u64)>,
+    /// The last set's index, by item (a set of 70,000 files is opened
+    /// item by item).
+    cached: Option<(SetId, SetRecord, std::collections::HashMap<ItemId, usize>)>,
 }
 
 impl MediaReader for TarReader {
@@ -754,11 +757,20 @@ impl MediaReader for TarReader {
             .path(&path)
             .source(e)
         })?;
-        let record = read_index(&mut f, &path)?;
-        let rec = record
-            .items
-            .into_iter()
-            .find(|i| &i.header.item == item)
+        if self.cached.as_ref().is_none_or(|(s, _, _)| s != set) {
+            let record = read_index(&mut f, &path)?;
+            let index = record
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.header.item.clone(), i))
+                .collect();
+            self.cached = Some((set.clone(), record, index));
+        }
+        let (_, record, index) = self.cached.as_ref().expect("loaded above");
+        let rec = index
+            .get(item)
+            .map(|&i| record.items[i].clone())
             .ok_or_else(|| {
                 Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
             })?;
@@ -840,7 +852,11 @@ impl Plugin for TarPlugin {
     }
     fn media_reader(config: &serde_json::Value) -> Result<Box<dyn MediaReader>> {
         let (dir, _) = config_of(config)?;
-        Ok(Box::new(TarReader { dir, open: None }))
+        Ok(Box::new(TarReader {
+            dir,
+            open: None,
+            cached: None,
+        }))
     }
 }
 
