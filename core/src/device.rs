@@ -408,9 +408,7 @@ impl DeviceResolver {
             (Some(Location::Path(p)), _) => {
                 let d = DirectFile::open(id.clone(), p)?;
                 check_local_identity(id, p, &d.file)?;
-                check_btrfs_identity(id, p, &d)?;
-                check_lvm_identity(id, p, &d)?;
-                check_fs_uuid_identity(id, p, &d)?;
+                check_on_device_identity(id, p, &d)?;
                 Arc::new(d)
             }
             (Some(Location::Nbd(addr, export)), _) => {
@@ -500,137 +498,111 @@ fn check_local_identity(id: &DeviceId, path: &Path, file: &File) -> Result<()> {
     Ok(())
 }
 
-/// A btrfs device named by its device UUID (`btrfs-dev:UUID`) must carry
-/// that UUID in its own superblock (64 KiB in: magic `_BHRfS_M` at +64,
-/// `dev_item.uuid` at +201+66).
-fn check_btrfs_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
-    let Some(want) = id.as_str().strip_prefix("btrfs-dev:") else {
-        return Ok(());
-    };
-    let mut buf = AlignedBuf::new(4096);
-    d.read_at(&mut buf, DeviceOffset(65536))?;
-    let found = if &buf[64..72] == b"_BHRfS_M" {
-        let u = &buf[267..283];
-        let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-        Some(format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        ))
-    } else {
-        None
-    };
-    if found.as_deref() == Some(want) {
-        return Ok(());
-    }
-    Err(Error::new(
-        ErrorKind::IdentityMismatch,
-        format!(
-            "{} is {}, not the btrfs device the map names",
-            path.display(),
-            found.map_or_else(
-                || "no btrfs device".to_string(),
-                |u| format!("btrfs device {u}")
-            )
-        ),
+/// 16 bytes as a UUID, 8-4-4-4-12.
+fn uuid_text(u: &[u8]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
     )
-    .op("verify device identity")
-    .device(id))
 }
 
-/// A device named by its file system's UUID (`fs-uuid:UUID`, for disks
-/// without a WWN or serial) must carry that UUID in its superblock (ext:
-/// magic 0xEF53 at 1024+56, UUID at 1024+104; XFS: `XFSB`, UUID at 32).
-fn check_fs_uuid_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
-    let Some(want) = id.as_str().strip_prefix("fs-uuid:") else {
-        return Ok(());
-    };
-    let mut buf = AlignedBuf::new(4096);
-    d.read_at(&mut buf, DeviceOffset(0))?;
-    let raw = if &buf[0..4] == b"XFSB" {
-        Some(&buf[32..48])
-    } else if buf[1024 + 56..1024 + 58] == [0x53, 0xEF] {
-        Some(&buf[1024 + 104..1024 + 120])
-    } else {
-        None
-    };
-    let found = raw.map(|u| {
-        let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
-    });
-    if found.as_deref() == Some(want) {
-        return Ok(());
-    }
-    Err(Error::new(
-        ErrorKind::IdentityMismatch,
-        format!(
-            "{} is {}, not the file system the map names",
-            path.display(),
-            found.map_or_else(
-                || "no ext4 or XFS file system".to_string(),
-                |u| format!("file system {u}")
-            )
-        ),
-    )
-    .op("verify device identity")
-    .device(id))
+/// What a device says it is, from its own first bytes, for identities of
+/// the form `PREFIX:VALUE`: the prefix, where to read 4 KiB, how to find
+/// the value in them, and what to call the device.
+struct OnDevice {
+    prefix: &'static str,
+    offset: u64,
+    parse: fn(&[u8]) -> Option<String>,
+    kind: &'static str,
 }
 
-/// An LVM physical volume named by its UUID (`lvm-pv:UUID`) must carry
-/// that UUID in its own label (`LABELONE` in one of the first four
-/// sectors; the PV header's 32-character UUID, dashed 6-4-4-4-4-4-6).
-fn check_lvm_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
-    let Some(want) = id.as_str().strip_prefix("lvm-pv:") else {
-        return Ok(());
-    };
-    let mut buf = AlignedBuf::new(4096);
-    d.read_at(&mut buf, DeviceOffset(0))?;
-    let found = (0..4).find_map(|s| {
-        let l = &buf[s * 512..s * 512 + 512];
-        if &l[0..8] != b"LABELONE" {
-            return None;
+const ON_DEVICE: [OnDevice; 3] = [
+    // btrfs: superblock at 64 KiB, magic `_BHRfS_M` at +64, dev_item.uuid
+    // at +201+66.
+    OnDevice {
+        prefix: "btrfs-dev:",
+        offset: 65536,
+        parse: |b| (&b[64..72] == b"_BHRfS_M").then(|| uuid_text(&b[267..283])),
+        kind: "btrfs device",
+    },
+    // ext2/3/4: magic 0xEF53 at 1024+56, UUID at 1024+104; XFS: `XFSB`,
+    // UUID at 32.
+    OnDevice {
+        prefix: "fs-uuid:",
+        offset: 0,
+        parse: |b| {
+            if &b[0..4] == b"XFSB" {
+                Some(uuid_text(&b[32..48]))
+            } else if b[1024 + 56..1024 + 58] == [0x53, 0xEF] {
+                Some(uuid_text(&b[1024 + 104..1024 + 120]))
+            } else {
+                None
+            }
+        },
+        kind: "file system",
+    },
+    // LVM2 PV: `LABELONE` in one of the first four sectors; the PV
+    // header's 32-character UUID, dashed 6-4-4-4-4-4-6.
+    OnDevice {
+        prefix: "lvm-pv:",
+        offset: 0,
+        parse: |b| {
+            (0..4).find_map(|s| {
+                let l = &b[s * 512..s * 512 + 512];
+                if &l[0..8] != b"LABELONE" {
+                    return None;
+                }
+                let off = usize::try_from(u32::from_le_bytes([l[20], l[21], l[22], l[23]])).ok()?;
+                let u = std::str::from_utf8(l.get(off..off + 32)?).ok()?;
+                Some(
+                    [
+                        &u[0..6],
+                        &u[6..10],
+                        &u[10..14],
+                        &u[14..18],
+                        &u[18..22],
+                        &u[22..26],
+                        &u[26..32],
+                    ]
+                    .join("-"),
+                )
+            })
+        },
+        kind: "LVM physical volume",
+    },
+];
+
+/// A device named by an identity it carries itself (btrfs device UUID,
+/// file system UUID, LVM PV UUID) must carry exactly that one.
+fn check_on_device_identity(id: &DeviceId, path: &Path, d: &DirectFile) -> Result<()> {
+    for o in &ON_DEVICE {
+        let Some(want) = id.as_str().strip_prefix(o.prefix) else {
+            continue;
+        };
+        let mut buf = AlignedBuf::new(4096);
+        d.read_at(&mut buf, DeviceOffset(o.offset))?;
+        let found = (o.parse)(&buf);
+        if found.as_deref() == Some(want) {
+            return Ok(());
         }
-        let off = usize::try_from(u32::from_le_bytes([l[20], l[21], l[22], l[23]])).ok()?;
-        let u = std::str::from_utf8(l.get(off..off + 32)?).ok()?;
-        Some(
-            [
-                &u[0..6],
-                &u[6..10],
-                &u[10..14],
-                &u[14..18],
-                &u[18..22],
-                &u[22..26],
-                &u[26..32],
-            ]
-            .join("-"),
+        return Err(Error::new(
+            ErrorKind::IdentityMismatch,
+            format!(
+                "{} is {}, not the {} the map names",
+                path.display(),
+                found.map_or_else(|| format!("no {}", o.kind), |u| format!("{} {u}", o.kind)),
+                o.kind
+            ),
         )
-    });
-    if found.as_deref() == Some(want) {
-        return Ok(());
+        .op("verify device identity")
+        .device(id));
     }
-    Err(Error::new(
-        ErrorKind::IdentityMismatch,
-        format!(
-            "{} is {}, not the LVM physical volume the map names",
-            path.display(),
-            found.map_or_else(
-                || "no LVM physical volume".to_string(),
-                |u| format!("PV {u}")
-            )
-        ),
-    )
-    .op("verify device identity")
-    .device(id))
+    Ok(())
 }
 
 fn check_identity(id: &DeviceId, d: &NbdDevice, required: bool) -> Result<()> {
