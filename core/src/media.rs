@@ -223,6 +223,26 @@ pub fn pausepoint(name: &str) {
     }
 }
 
+/// One JSON line, newline included: a record of an append-only journal.
+pub fn json_line<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec(v)
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
+    b.push(b'\n');
+    Ok(b)
+}
+
+/// The complete, non-empty lines of an append-only journal. A last line
+/// without its newline was torn by a crash and is left out; `None` when
+/// not one line is complete.
+pub fn complete_lines(bytes: &[u8]) -> Option<impl Iterator<Item = &[u8]>> {
+    let end = bytes.iter().rposition(|&b| b == b'\n')?;
+    Some(
+        bytes[..=end]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty()),
+    )
+}
+
 /// A set id that is safe as a file name on media (no `/`, not hidden).
 pub fn checked_set_name(set: &SetId) -> Result<&str> {
     let s = set.as_str();

@@ -68,22 +68,11 @@ enum JournalLine {
     Failure(ItemFailure),
 }
 
-fn line_of<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut b = serde_json::to_vec(v)
-        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
-    b.push(b'\n');
-    Ok(b)
-}
-
 /// Decode and check a journal: a head line, then item and failure lines.
 /// A last line without its newline was torn by a crash and is ignored.
 pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
     let bad = |what: String| Error::new(ErrorKind::Media, what).path(path);
-    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
-        Some(end) => &bytes[..=end],
-        None => return Err(bad("empty or torn set journal".into())),
-    };
-    let mut lines = complete.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let mut lines = complete_lines(bytes).ok_or_else(|| bad("empty or torn set journal".into()))?;
     let head: JournalHead = lines
         .next()
         .and_then(|l| serde_json::from_slice(l).ok())
@@ -177,7 +166,9 @@ fn item_file(i: usize) -> String {
     format!("items/{i:06}.img")
 }
 
-use floe_core::media::{failpoint, fsync_dir, media_io_error as media_err};
+use floe_core::media::{
+    complete_lines, failpoint, fsync_dir, json_line, media_io_error as media_err,
+};
 
 fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
     config
@@ -253,16 +244,16 @@ impl DiskWriter {
             .set
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Media, "no set begun"))?;
-        let mut bytes = line_of(&JournalHead {
+        let mut bytes = json_line(&JournalHead {
             magic: JOURNAL_MAGIC.into(),
             version: JOURNAL_VERSION,
             header: header.clone(),
         })?;
         for it in &self.items {
-            bytes.extend(line_of(&JournalLine::Item(Box::new(it.clone())))?);
+            bytes.extend(json_line(&JournalLine::Item(Box::new(it.clone())))?);
         }
         for f in &self.failures {
-            bytes.extend(line_of(&JournalLine::Failure(f.clone()))?);
+            bytes.extend(json_line(&JournalLine::Failure(f.clone()))?);
         }
         let tmp = partial.join(format!("{JOURNAL}.tmp"));
         let f = File::create(&tmp).map_err(|e| media_err("create journal", &tmp, e))?;
@@ -478,7 +469,7 @@ impl MediaWriter for DiskWriter {
             position: position.clone(),
         };
         self.pending
-            .extend(line_of(&JournalLine::Item(Box::new(record.clone())))?);
+            .extend(json_line(&JournalLine::Item(Box::new(record.clone())))?);
         self.items.push(record);
         // The journal names items only once they are durable.
         self.unjournaled.0 += 1;
@@ -501,7 +492,7 @@ impl MediaWriter for DiskWriter {
         if !self.failures.iter().any(|f| f.item == failure.item) {
             self.failures.push(failure.clone());
             self.pending
-                .extend(line_of(&JournalLine::Failure(failure.clone()))?);
+                .extend(json_line(&JournalLine::Failure(failure.clone()))?);
         }
         Ok(())
     }
@@ -741,14 +732,14 @@ mod tests {
             frozen_at: 0,
             started_at: 0,
         };
-        let mut b = line_of(&JournalHead {
+        let mut b = json_line(&JournalHead {
             magic: JOURNAL_MAGIC.into(),
             version: JOURNAL_VERSION,
             header: head,
         })
         .unwrap();
         b.extend(
-            line_of(&JournalLine::Failure(ItemFailure {
+            json_line(&JournalLine::Failure(ItemFailure {
                 item: ItemId::new("/x"),
                 error: "gone".into(),
             }))
@@ -768,7 +759,7 @@ mod tests {
         let mut bad = b.clone();
         bad.extend_from_slice(b"garbage\n");
         bad.extend(
-            line_of(&JournalLine::Failure(ItemFailure {
+            json_line(&JournalLine::Failure(ItemFailure {
                 item: ItemId::new("/y"),
                 error: "e".into(),
             }))

@@ -84,22 +84,11 @@ enum JournalLine {
     Failure(ItemFailure),
 }
 
-fn line_of<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut b = serde_json::to_vec(v)
-        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode journal").source(e))?;
-    b.push(b'\n');
-    Ok(b)
-}
-
 /// Decode and check a journal: a head line, then item and failure lines.
 /// A last line without its newline was torn by a crash and is ignored.
 pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
     let bad = |what: String| Error::new(ErrorKind::Media, what).path(path);
-    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
-        Some(end) => &bytes[..=end],
-        None => return Err(bad("empty or torn tar journal".into())),
-    };
-    let mut lines = complete.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let mut lines = complete_lines(bytes).ok_or_else(|| bad("empty or torn tar journal".into()))?;
     let head: JournalHead = lines
         .next()
         .and_then(|l| serde_json::from_slice(l).ok())
@@ -137,7 +126,9 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
     Ok(j)
 }
 
-use floe_core::media::{checked_set_name as set_name, fsync_dir, media_io_error as media_err};
+use floe_core::media::{
+    checked_set_name as set_name, complete_lines, fsync_dir, json_line, media_io_error as media_err,
+};
 
 fn octal(field: &mut [u8], v: u64) {
     // width-1 octal digits, then NUL
@@ -279,7 +270,7 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     w.file
         .sync_data()
         .map_err(|e| media_err("fsync archive", &w.path, e))?;
-    let mut bytes = line_of(&JournalHead {
+    let mut bytes = json_line(&JournalHead {
         magic: JOURNAL_MAGIC.into(),
         version: JOURNAL_VERSION,
         header: w.header.clone(),
@@ -287,13 +278,13 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     // On resume the archive was cut at `pos`: the last item ends there.
     for (k, it) in w.items.iter().enumerate() {
         let end = if k + 1 == w.items.len() { w.pos } else { 0 };
-        bytes.extend(line_of(&JournalLine::Item {
+        bytes.extend(json_line(&JournalLine::Item {
             record: Box::new(it.clone()),
             end,
         })?);
     }
     for f in &w.failures {
-        bytes.extend(line_of(&JournalLine::Failure(f.clone()))?);
+        bytes.extend(json_line(&JournalLine::Failure(f.clone()))?);
     }
     let path = journal_path(dir, &w.header.set);
     let tmp = path.with_extension("tmp");
@@ -500,7 +491,7 @@ impl MediaWriter for TarWriter {
             trailer: trailer.clone(),
             position: position.clone(),
         };
-        let line = line_of(&JournalLine::Item {
+        let line = json_line(&JournalLine::Item {
             record: Box::new(record.clone()),
             end: w.pos,
         })?;
@@ -525,7 +516,7 @@ impl MediaWriter for TarWriter {
         }
         if !w.failures.iter().any(|f| f.item == failure.item) {
             w.failures.push(failure.clone());
-            let line = line_of(&JournalLine::Failure(failure.clone()))?;
+            let line = json_line(&JournalLine::Failure(failure.clone()))?;
             w.pending.extend(line);
         }
         Ok(())
