@@ -170,6 +170,23 @@ pub fn backup_meddled(
     media_dir: &std::path::Path,
     hook: Box<dyn FnOnce() + Send>,
 ) -> floe_core::Result<floe_core::mover::BackupReport> {
+    let args = if fs.fstype == "btrfs" {
+        fs.btrfs_device_args()
+    } else {
+        fs.device_args()
+    };
+    backup_meddled_devices(&args, agent, sources, media_dir, hook)
+}
+
+/// [`backup_meddled`] reading the devices that `--device ID=PATH`
+/// arguments name.
+pub fn backup_meddled_devices(
+    args: &[String],
+    agent: &AgentProcess,
+    sources: &[String],
+    media_dir: &std::path::Path,
+    hook: Box<dyn FnOnce() + Send>,
+) -> floe_core::Result<floe_core::mover::BackupReport> {
     use floe_core::agent::AgentClient;
     use floe_core::device::{DeviceResolver, Location};
     use floe_core::model::DeviceId;
@@ -177,11 +194,6 @@ pub fn backup_meddled(
     let mut media = Meddling {
         inner: floe_tests::Lab::disk_writer(media_dir),
         hook: Some(hook),
-    };
-    let args = if fs.fstype == "btrfs" {
-        fs.btrfs_device_args()
-    } else {
-        fs.device_args()
     };
     let table: std::collections::HashMap<DeviceId, Location> = args
         .chunks(2)
@@ -1024,6 +1036,34 @@ mod lvm {
             set_lvs(self.sysdir.path(), &self.name, lvs);
         }
 
+        /// Attach the mover's read-only views of the PVs; its
+        /// `--device`/`--allow-device` arguments for them.
+        fn mover_devices(&mut self) -> Vec<String> {
+            for img in self.images.clone() {
+                self.ro
+                    .push(floe_tests::hostfs::attach(&img, true).unwrap());
+            }
+            let mut devices = Vec::new();
+            for (uuid, ro) in self.pv_uuids().iter().zip(&self.ro) {
+                devices.extend([
+                    "--device".to_string(),
+                    format!("lvm-pv:{uuid}={ro}"),
+                    "--allow-device".to_string(),
+                    format!("lvm-pv:{uuid}"),
+                ]);
+            }
+            devices
+        }
+
+        /// An agent serving this VG's LVs, with LVM's files in our scratch.
+        fn agent(&self) -> AgentProcess {
+            let sys = self.sysdir.path().to_str().unwrap().to_string();
+            AgentProcess::start(
+                &["--allow-source", &format!("lvm:{}/*", self.name)],
+                &[("LVM_SYSTEM_DIR", &sys), ("LVM_SUPPRESS_FD_WARNINGS", "1")],
+            )
+        }
+
         fn pv_uuids(&self) -> Vec<String> {
             self.devs
                 .iter()
@@ -1033,6 +1073,20 @@ mod lvm {
                         .to_string()
                 })
                 .collect()
+        }
+    }
+
+    /// An item's record and bytes, read back from disk media.
+    fn read_item(media: &Path, set: &SetId, item: &str) -> (ItemRecord, Vec<u8>) {
+        let mut r = floe_tests::Lab::disk_reader(media);
+        let rec = r.open_item(set, &ItemId::new(item)).unwrap();
+        let mut bytes = Vec::new();
+        loop {
+            let c = r.read(1 << 20).unwrap();
+            if c.is_empty() {
+                return (rec, bytes);
+            }
+            bytes.extend(c);
         }
     }
 
@@ -1183,23 +1237,8 @@ mod lvm {
         );
         vg.set_lvs(&lvs);
         fill(&vg, 1);
-        for img in vg.images.clone() {
-            vg.ro.push(floe_tests::hostfs::attach(&img, true).unwrap());
-        }
-        let mut devices = Vec::new();
-        for (uuid, ro) in vg.pv_uuids().iter().zip(&vg.ro) {
-            devices.extend([
-                "--device".to_string(),
-                format!("lvm-pv:{uuid}={ro}"),
-                "--allow-device".to_string(),
-                format!("lvm-pv:{uuid}"),
-            ]);
-        }
-        let sys = vg.sysdir.path().to_str().unwrap().to_string();
-        let agent = AgentProcess::start(
-            &["--allow-source", &format!("lvm:{}/*", vg.name)],
-            &[("LVM_SYSTEM_DIR", &sys), ("LVM_SUPPRESS_FD_WARNINGS", "1")],
-        );
+        let devices = vg.mover_devices();
+        let agent = vg.agent();
         let media = dir.path().join("media");
         let sources = [
             format!("lvm:{}/lin", vg.name),
@@ -1261,71 +1300,23 @@ mod lvm {
         ));
         fill(&vg, 2);
         let want = expected(&vg, "data");
-        for img in vg.images.clone() {
-            vg.ro.push(floe_tests::hostfs::attach(&img, true).unwrap());
-        }
-        let sys = vg.sysdir.path().to_str().unwrap().to_string();
-        let agent = AgentProcess::start(
-            &["--allow-source", &format!("lvm:{}/*", vg.name)],
-            &[("LVM_SYSTEM_DIR", &sys), ("LVM_SUPPRESS_FD_WARNINGS", "1")],
-        );
-        let uuids = vg.pv_uuids();
-        let table: std::collections::HashMap<DeviceId, floe_core::device::Location> = uuids
-            .iter()
-            .zip(&vg.ro)
-            .map(|(u, r)| {
-                (
-                    DeviceId::new(format!("lvm-pv:{u}")),
-                    floe_core::device::Location::Path(r.into()),
-                )
-            })
-            .collect();
-        let resolver = floe_core::device::DeviceResolver::new(table, None);
+        let devices = vg.mover_devices();
+        let agent = vg.agent();
         let (sysdir, vg_name) = (vg.sysdir.path().to_path_buf(), vg.name.clone());
         let hook = move || {
             lvm_in(&sysdir, &["vgchange", "--addtag", "floe-test", &vg_name]);
         };
-        let mut media = Meddling {
-            inner: floe_tests::Lab::disk_writer(&dir.path().join("media")),
-            hook: Some(Box::new(hook)),
-        };
-        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
-        let opts = floe_core::mover::MoverOptions {
-            window: floe_core::units::Bytes(1 << 20),
-            parallel: 1,
-            ..Default::default()
-        };
-        let report = floe_core::mover::backup(
-            &mut client,
-            &[format!("lvm:{}/data", vg.name)],
-            &resolver,
-            &mut media,
-            &opts,
-            &mut |_| {},
-        )
-        .expect("backup across a VG change");
+        let media = dir.path().join("media");
+        let source = format!("lvm:{}/data", vg.name);
+        let report = backup_meddled_devices(&devices, &agent, &[source], &media, Box::new(hook))
+            .expect("backup across a VG change");
         assert!(
             report.remaps > 0 && report.rereads > 0,
             "remaps {} rereads {}",
             report.remaps,
             report.rereads
         );
-        let got = floe_tests::Lab::disk_reader(&dir.path().join("media"));
-        let mut got = got;
-        let rec = got
-            .open_item(
-                &report.set.header.set,
-                &ItemId::new(format!("{}/data", vg.name)),
-            )
-            .unwrap();
-        let mut bytes = Vec::new();
-        loop {
-            let c = got.read(1 << 20).unwrap();
-            if c.is_empty() {
-                break;
-            }
-            bytes.extend(c);
-        }
+        let (rec, bytes) = read_item(&media, &report.set.header.set, &format!("{}/data", vg.name));
         assert_eq!(rec.trailer.length.0 as usize, want.len());
         assert!(bytes == want, "the backup is not the LV's data");
     }
@@ -1364,26 +1355,8 @@ mod lvm {
         let mut rng = floe_tests::hostfs::Rng::new(3);
         let frozen = rng.bytes(16 << 20);
         std::fs::write(&lv_dev, &frozen).unwrap();
-        for img in vg.images.clone() {
-            vg.ro.push(floe_tests::hostfs::attach(&img, true).unwrap());
-        }
-        let sys = vg.sysdir.path().to_str().unwrap().to_string();
-        let agent = AgentProcess::start(
-            &["--allow-source", &format!("lvm:{}/*", vg.name)],
-            &[("LVM_SYSTEM_DIR", &sys), ("LVM_SUPPRESS_FD_WARNINGS", "1")],
-        );
-        let uuids = vg.pv_uuids();
-        let table: std::collections::HashMap<DeviceId, floe_core::device::Location> = uuids
-            .iter()
-            .zip(&vg.ro)
-            .map(|(u, r)| {
-                (
-                    DeviceId::new(format!("lvm-pv:{u}")),
-                    floe_core::device::Location::Path(r.into()),
-                )
-            })
-            .collect();
-        let resolver = floe_core::device::DeviceResolver::new(table, None);
+        let devices = vg.mover_devices();
+        let agent = vg.agent();
         let dev = lv_dev.clone();
         let hook = move || {
             use std::os::unix::fs::FileExt;
@@ -1391,46 +1364,18 @@ mod lvm {
             f.write_all_at(&vec![0x5Au8; 8 << 20], 4 << 20).unwrap();
             f.sync_all().unwrap();
         };
-        let mut media = Meddling {
-            inner: floe_tests::Lab::disk_writer(&dir.path().join("media")),
-            hook: Some(Box::new(hook)),
-        };
-        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
-        let opts = floe_core::mover::MoverOptions {
-            window: floe_core::units::Bytes(1 << 20),
-            parallel: 1,
-            ..Default::default()
-        };
-        let report = floe_core::mover::backup(
-            &mut client,
-            &[format!("lvm:{}/data?snapshot", vg.name)],
-            &resolver,
-            &mut media,
-            &opts,
-            &mut |_| {},
-        )
-        .expect("backup of a snapshot");
-        let mut r = floe_tests::Lab::disk_reader(&dir.path().join("media"));
-        r.open_item(
-            &report.set.header.set,
-            &ItemId::new(format!("{}/data", vg.name)),
-        )
-        .unwrap();
-        let mut bytes = Vec::new();
-        loop {
-            let c = r.read(1 << 20).unwrap();
-            if c.is_empty() {
-                break;
-            }
-            bytes.extend(c);
-        }
+        let media = dir.path().join("media");
+        let source = format!("lvm:{}/data?snapshot", vg.name);
+        let report = backup_meddled_devices(&devices, &agent, &[source], &media, Box::new(hook))
+            .expect("backup of a snapshot");
+        let (_, bytes) = read_item(&media, &report.set.header.set, &format!("{}/data", vg.name));
         assert!(
             bytes == frozen,
             "the backup is not the snapshot's frozen image"
         );
         let _ = Command::new("vgremove")
             .args(["-f", &vg.name])
-            .env("LVM_SYSTEM_DIR", &sys)
+            .env("LVM_SYSTEM_DIR", vg.sysdir.path())
             .status();
     }
 }
