@@ -601,3 +601,39 @@ impl ValidityIndicator for FileValidity {
             .collect()
     }
 }
+
+/// Define and export a file mapper plugin: its name and the translator of
+/// file system addresses to device extents (the only things the `fiemap`
+/// and `btrfs` plugins differ in).
+#[macro_export]
+macro_rules! file_mapper_plugin {
+    ($plugin:ident, $name:expr, $translator:path) => {
+        /// The plugin.
+        pub struct $plugin;
+
+        impl floe_core::abi::Plugin for $plugin {
+            fn info() -> floe_core::abi::PluginInfo {
+                floe_core::abi::PluginInfo {
+                    name: $name.into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    interfaces: vec![
+                        floe_core::abi::Interface::Mapper,
+                        floe_core::abi::Interface::Validity,
+                    ],
+                }
+            }
+            fn mapper(
+                _config: &serde_json::Value,
+            ) -> floe_core::error::Result<Box<dyn floe_core::abi::Mapper>> {
+                Ok(Box::new($crate::mapper::FileMapper::new($translator)))
+            }
+            fn validity(
+                _config: &serde_json::Value,
+            ) -> floe_core::error::Result<Box<dyn floe_core::abi::ValidityIndicator>> {
+                Ok(Box::new($crate::mapper::FileValidity::new($translator)))
+            }
+        }
+
+        floe_core::export_plugin!($plugin);
+    };
+}

@@ -10,14 +10,10 @@
 //! extent list and a digest of the chunk map and device UUIDs (balance
 //! moves chunks; device replace changes a device).
 
-use floe_core::abi::{Interface, Mapper, Plugin, PluginInfo, ValidityIndicator};
 use floe_core::error::{Error, Result};
 use floe_core::model::DeviceId;
 use floe_hostfs::btrfs::ChunkMap;
-use floe_hostfs::mapper::{check_mapper, FileMapper, FileValidity, SourceHandle, Translate};
-
-/// The plugin.
-pub struct BtrfsPlugin;
+use floe_hostfs::mapper::{check_mapper, SourceHandle, Translate};
 
 struct Chunks {
     map: ChunkMap,
@@ -41,20 +37,4 @@ fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
     Ok(Box::new(Chunks { map, epoch }))
 }
 
-impl Plugin for BtrfsPlugin {
-    fn info() -> PluginInfo {
-        PluginInfo {
-            name: "btrfs".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            interfaces: vec![Interface::Mapper, Interface::Validity],
-        }
-    }
-    fn mapper(_config: &serde_json::Value) -> Result<Box<dyn Mapper>> {
-        Ok(Box::new(FileMapper::new(translator)))
-    }
-    fn validity(_config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
-        Ok(Box::new(FileValidity::new(translator)))
-    }
-}
-
-floe_core::export_plugin!(BtrfsPlugin);
+floe_hostfs::file_mapper_plugin!(BtrfsPlugin, "btrfs", translator);

@@ -7,13 +7,9 @@
 //! It maps images made by a file system freezer (`fsflush`, `reflink`),
 //! which names it as the image's mapper.
 
-use floe_core::abi::{Interface, Mapper, Plugin, PluginInfo, ValidityIndicator};
 use floe_core::error::Result;
 use floe_hostfs::identity::{fs_device, mount_of};
-use floe_hostfs::mapper::{check_mapper, FileMapper, FileValidity, SourceHandle, Translate};
-
-/// The plugin.
-pub struct FiemapPlugin;
+use floe_hostfs::mapper::{check_mapper, SourceHandle, Translate};
 
 fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
     // btrfs's FIEMAP gives its logical addresses, not device offsets.
@@ -22,20 +18,4 @@ fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
     Ok(Box::new(fs_device(dev)?))
 }
 
-impl Plugin for FiemapPlugin {
-    fn info() -> PluginInfo {
-        PluginInfo {
-            name: "fiemap".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            interfaces: vec![Interface::Mapper, Interface::Validity],
-        }
-    }
-    fn mapper(_config: &serde_json::Value) -> Result<Box<dyn Mapper>> {
-        Ok(Box::new(FileMapper::new(translator)))
-    }
-    fn validity(_config: &serde_json::Value) -> Result<Box<dyn ValidityIndicator>> {
-        Ok(Box::new(FileValidity::new(translator)))
-    }
-}
-
-floe_core::export_plugin!(FiemapPlugin);
+floe_hostfs::file_mapper_plugin!(FiemapPlugin, "fiemap", translator);
