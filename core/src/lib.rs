@@ -11,6 +11,7 @@ pub mod map;
 pub mod media;
 pub mod model;
 pub mod pattern;
+pub mod pax;
 pub mod plan;
 pub mod protocol;
 pub mod retention;

@@ -661,14 +661,23 @@ pub fn floe_backup(
     media: &Path,
     extra: &[String],
 ) -> (i32, String, String) {
+    floe_backup_to(agent, sources, &format!("disk:{}", media.display()), extra)
+}
+
+/// Run `floe backup` against an agent onto media `PLUGIN:SPEC`; (exit
+/// code, stdout, stderr).
+pub fn floe_backup_to(
+    agent: &str,
+    sources: &[String],
+    media: &str,
+    extra: &[String],
+) -> (i32, String, String) {
     let mut c = crate::floe_cmd();
     c.args(["backup", "--agent", agent]);
     for s in sources {
         c.args(["--source", s]);
     }
-    c.arg("--media")
-        .arg(format!("disk:{}", media.display()))
-        .args(extra);
+    c.arg("--media").arg(media).args(extra);
     let out = c.output().expect("run floe backup");
     (
         out.status.code().unwrap_or(-1),

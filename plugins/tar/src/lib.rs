@@ -25,24 +25,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Block size of tar.
-pub const BLOCK: u64 = 512;
-/// Index magic.
-pub const INDEX_MAGIC: &str = "floe-tar-index";
-/// Index format version.
-pub const VERSION: u32 = 1;
+use floe_core::pax::{archive_end, index_entry, item_entry, EntryReader, EntryStream};
+pub use floe_core::pax::{Index, BLOCK, INDEX_MAGIC, INDEX_VERSION as VERSION};
 const DEFAULT_RECORD: u64 = 256 * 1024;
-
-/// The index entry's contents.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Index {
-    /// [`INDEX_MAGIC`].
-    pub magic: String,
-    /// [`VERSION`].
-    pub version: u32,
-    /// The set.
-    pub record: SetRecord,
-}
 
 /// What a partial archive's journal says: enough to resume it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,91 +115,6 @@ use floe_core::media::{
     checked_set_name as set_name, complete_lines, fsync_dir, json_line, media_io_error as media_err,
 };
 
-fn octal(field: &mut [u8], v: u64) {
-    // width-1 octal digits, then NUL
-    let w = field.len() - 1;
-    let s = format!("{v:0w$o}");
-    field[..w].copy_from_slice(&s.as_bytes()[s.len() - w..]);
-    field[w] = 0;
-}
-
-/// One ustar header block.
-fn ustar(name: &str, size: u64, typeflag: u8, mtime: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    let n = name.as_bytes();
-    let take = n.len().min(100);
-    h[..take].copy_from_slice(&n[..take]);
-    octal(&mut h[100..108], 0o644);
-    octal(&mut h[108..116], 0);
-    octal(&mut h[116..124], 0);
-    // Sizes of 8 GiB and more do not fit the field: the pax `size`
-    // keyword carries them, and the field says 0.
-    octal(
-        &mut h[124..136],
-        if size < 0o77777777777 { size } else { 0 },
-    );
-    octal(&mut h[136..148], mtime);
-    h[156] = typeflag;
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[265..269].copy_from_slice(b"root");
-    h[297..301].copy_from_slice(b"root");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-    let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
-    h
-}
-
-/// One pax record: "LEN key=value\n", LEN counting itself.
-fn pax_record(key: &str, value: &str) -> String {
-    let body = format!(" {key}={value}\n");
-    let mut len = body.len() + 1;
-    loop {
-        let candidate = len.to_string().len() + body.len();
-        if candidate == len {
-            return format!("{len}{body}");
-        }
-        len = candidate;
-    }
-}
-
-fn padding(n: u64) -> u64 {
-    (BLOCK - n % BLOCK) % BLOCK
-}
-
-/// A pax header + ustar header for an entry of `size` bytes.
-fn entry_headers(name: &str, size: u64, mtime: u64, keywords: &[(String, String)]) -> Vec<u8> {
-    let mut recs = String::new();
-    recs.push_str(&pax_record("path", name));
-    recs.push_str(&pax_record("size", &size.to_string()));
-    for (k, v) in keywords {
-        recs.push_str(&pax_record(k, v));
-    }
-    let mut out = Vec::new();
-    let short: String = name
-        .chars()
-        .rev()
-        .take(80)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    out.extend_from_slice(&ustar(
-        &format!("PaxHeaders/{short}"),
-        recs.len() as u64,
-        b'x',
-        mtime,
-    ));
-    out.extend_from_slice(recs.as_bytes());
-    out.resize(
-        out.len() + usize::try_from(padding(recs.len() as u64)).unwrap_or(0),
-        0,
-    );
-    out.extend_from_slice(&ustar(name, size, b'0', mtime));
-    out
-}
-
 struct Writing {
     header: SetHeader,
     path: PathBuf,
@@ -222,7 +122,9 @@ struct Writing {
     pos: u64,
     items: Vec<ItemRecord>,
     failures: Vec<ItemFailure>,
-    current: Option<(ItemHeader, u64, u64)>, // header, data start, bytes written
+    /// The item being written: its header, where its data area starts,
+    /// and the stream that stores its bytes.
+    current: Option<(ItemHeader, u64, EntryStream)>,
     /// Items ended since the journal was last written, and when it was.
     unjournaled: (usize, std::time::Instant),
     /// Journal lines waiting for the next checkpoint.
@@ -426,61 +328,51 @@ impl MediaWriter for TarWriter {
 
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
         let w = self.w()?;
-        let name = format!(
-            "{}/{}",
-            w.header.set,
-            header.item.as_str().trim_start_matches('/')
-        );
-        let mut kw = vec![
-            ("FLOE.item".to_string(), header.item.to_string()),
-            (
-                "FLOE.kind".to_string(),
-                format!("{:?}", header.kind).to_lowercase(),
-            ),
-            ("FLOE.config".to_string(), header.config.to_string()),
-        ];
-        for (k, v) in &header.meta {
-            kw.push((format!("FLOE.meta.{k}"), v.clone()));
+        if w.current.is_some() {
+            return Err(Error::new(ErrorKind::Media, "begin_item inside an item"));
         }
-        let h = entry_headers(&name, header.size.0, w.header.frozen_at, &kw);
-        put(w, &h)?;
-        let start = w.pos;
-        w.current = Some((header.clone(), start, 0));
+        let entry = item_entry(&w.header.set, header, w.header.frozen_at)?;
+        let stream = EntryStream::new(header.item.as_str(), &entry);
+        // Hard links and directories are written at commit: GNU tar links
+        // to a path it has already extracted, and sets a directory's times
+        // once no more members go into it.
+        let start = if floe_core::pax::written_last(header.kind) {
+            w.pos
+        } else {
+            put(w, &entry.head)?;
+            w.pos - (entry.head.len() - entry.data_at) as u64
+        };
+        w.current = Some((header.clone(), start, stream));
         Ok(())
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
         let w = self.w()?;
-        let Some((h, _, done)) = w.current.as_mut() else {
+        let Some((h, start, mut stream)) = w.current.take() else {
             return Err(Error::new(ErrorKind::Media, "write outside an item"));
         };
-        if *done + data.len() as u64 > h.size.0 {
-            return Err(Error::new(
-                ErrorKind::Media,
-                format!("item {} is longer than its header said", h.item),
-            ));
-        }
-        *done += data.len() as u64;
-        put(w, data)
+        let r = stream.feed(data, &mut |b| put(w, b));
+        w.current = Some((h, start, stream));
+        r
     }
 
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
         let medium = self.dir.display().to_string();
         let w = self.w()?;
-        let (h, start, done) = w
+        let (h, start, stream) = w
             .current
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Media, "end_item outside an item"))?;
-        if done != h.size.0 || trailer.length.0 != done {
+        let pad = stream.finish()?;
+        if trailer.length != h.size {
             return Err(Error::new(
                 ErrorKind::Media,
                 format!(
-                    "item {} is {} bytes, its header said {}",
-                    h.item, done, h.size
+                    "item {}: trailer says {} bytes, its header said {}",
+                    h.item, trailer.length, h.size
                 ),
             ));
         }
-        let pad = vec![0u8; usize::try_from(padding(done)).unwrap_or(0)];
         put(w, &pad)?;
         let position = MediaPosition {
             medium,
@@ -541,27 +433,16 @@ impl MediaWriter for TarWriter {
             failures: std::mem::take(&mut w.failures),
             committed_at: now_secs(),
         };
-        let index = serde_json::to_vec(&Index {
-            magic: INDEX_MAGIC.into(),
-            version: VERSION,
-            record: record.clone(),
-        })
-        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
         let result = (|| {
-            let name = format!("{}/floe-index.json", w.header.set);
-            let h = entry_headers(
-                &name,
-                index.len() as u64,
-                record.committed_at,
-                &[("FLOE.index".into(), "1".into())],
-            );
-            put(&mut w, &h)?;
-            put(&mut w, &index)?;
-            let pad =
-                vec![0u8; usize::try_from(padding(index.len() as u64) + 2 * BLOCK).unwrap_or(0)];
-            put(&mut w, &pad)?;
-            let rest = (record_size - w.pos % record_size) % record_size;
-            put(&mut w, &vec![0u8; usize::try_from(rest).unwrap_or(0)])?;
+            // Hard links and directories last, then the index, then the
+            // end of the archive.
+            for h in floe_core::pax::last_entries(&record.items) {
+                let e = item_entry(&w.header.set, &h, w.header.frozen_at)?;
+                put(&mut w, &e.head)?;
+            }
+            put(&mut w, &index_entry(&record)?)?;
+            let end = archive_end(w.pos, record_size);
+            put(&mut w, &end)?;
             w.file
                 .sync_all()
                 .map_err(|e| media_err("fsync archive", &w.path, e))?;
@@ -600,120 +481,22 @@ impl MediaWriter for TarWriter {
     }
 }
 
-/// Parse the numeric field of a ustar header.
-fn parse_octal(f: &[u8]) -> Option<u64> {
-    let s: String = f
-        .iter()
-        .take_while(|&&b| b != 0 && b != b' ')
-        .map(|&b| b as char)
-        .collect();
-    let s = s.trim();
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
-/// Parse pax records into key/value pairs.
-fn parse_pax(data: &[u8]) -> Option<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let sp = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return None;
-        }
-        let rec = std::str::from_utf8(&rest[sp + 1..len - 1]).ok()?;
-        let (k, v) = rec.split_once('=')?;
-        out.push((k.to_string(), v.to_string()));
-        rest = &rest[len..];
-    }
-    Some(out)
-}
-
-/// Find and decode a set's index by walking the archive's headers.
+/// Find and decode a set's index by walking the archive's headers
+/// (seeking over data).
 pub fn read_index(r: &mut (impl Read + Seek), path: &Path) -> Result<SetRecord> {
-    let bad = |msg: String| Error::new(ErrorKind::Media, msg).path(path);
-    let mut pos = 0u64;
-    let mut pax: Vec<(String, String)> = Vec::new();
-    loop {
-        let mut h = [0u8; 512];
-        r.seek(SeekFrom::Start(pos))
-            .map_err(|e| media_err("seek archive", path, e))?;
-        if r.read_exact(&mut h).is_err() {
-            return Err(bad("archive ends before its Floe index".into()));
-        }
-        if h.iter().all(|&b| b == 0) {
-            return Err(bad(
-                "archive has no Floe index: not a complete Floe set".into()
-            ));
-        }
-        let stored: u64 = parse_octal(&h[148..156])
-            .ok_or_else(|| bad(format!("bad header checksum at {pos}")))?;
-        let mut hh = h;
-        hh[148..156].copy_from_slice(b"        ");
-        let sum: u64 = hh.iter().map(|&b| u64::from(b)).sum();
-        if sum != stored {
-            return Err(bad(format!("header at byte {pos} fails its checksum")));
-        }
-        let mut size =
-            parse_octal(&h[124..136]).ok_or_else(|| bad(format!("bad size at {pos}")))?;
-        if let Some((_, v)) = pax.iter().find(|(k, _)| k == "size") {
-            size = v
-                .parse()
-                .map_err(|_| bad(format!("bad pax size at {pos}")))?;
-        }
-        let data_at = pos + BLOCK;
-        let typeflag = h[156];
-        if typeflag == b'x' {
-            if size > 1 << 20 {
-                return Err(bad(format!("pax header of {size} bytes at {pos}")));
-            }
-            let mut d = vec![0u8; usize::try_from(size).unwrap_or(0)];
-            r.read_exact(&mut d)
-                .map_err(|e| media_err("read archive", path, e))?;
-            pax = parse_pax(&d).ok_or_else(|| bad(format!("malformed pax records at {pos}")))?;
-        } else {
-            if pax.iter().any(|(k, v)| k == "FLOE.index" && v == "1") {
-                if size > 64 << 20 {
-                    return Err(bad(format!("index of {size} bytes")));
-                }
-                let mut d = vec![0u8; usize::try_from(size).unwrap_or(0)];
-                r.read_exact(&mut d)
-                    .map_err(|e| media_err("read archive", path, e))?;
-                return decode_index(&d, path);
-            }
-            pax.clear();
-        }
-        pos = data_at
-            .checked_add(size)
-            .and_then(|p| p.checked_add(padding(size)))
-            .ok_or_else(|| bad(format!("entry at {pos} overflows")))?;
-    }
-}
-
-/// Decode and check an index.
-pub fn decode_index(bytes: &[u8], path: &Path) -> Result<SetRecord> {
-    let i: Index = serde_json::from_slice(bytes).map_err(|e| {
-        Error::new(ErrorKind::Media, "malformed Floe index")
-            .path(path)
-            .source(e)
-    })?;
-    if i.magic != INDEX_MAGIC || i.version != VERSION {
-        return Err(Error::new(
-            ErrorKind::Media,
-            format!("not a Floe tar index of version {VERSION}"),
-        )
-        .path(path));
-    }
-    Ok(i.record)
+    r.seek(SeekFrom::Start(0))
+        .map_err(|e| media_err("seek archive", path, e))?;
+    floe_core::pax::find_index(r, &mut |r, n| {
+        let off = i64::try_from(n).map_err(std::io::Error::other)?;
+        r.seek(SeekFrom::Current(off)).map(|_| ())
+    })
+    .map_err(|e| e.path(path))
 }
 
 /// Reads sets from pax archives.
 pub struct TarReader {
     dir: PathBuf,
-    open: Option<(File, PathBuf, u64)>,
+    open: Option<(EntryReader<std::io::BufReader<File>>, PathBuf)>,
     /// The last set's index, by item (a set of 70,000 files is opened
     /// item by item).
     cached: Option<(SetId, SetRecord, std::collections::HashMap<ItemId, usize>)>,
@@ -777,23 +560,25 @@ impl MediaReader for TarReader {
                 )
                 .path(&path)
             })?;
+        let (size, sparse) = if rec.header.kind.has_bytes() {
+            (rec.header.size.0, floe_core::pax::is_sparse(&rec.header))
+        } else {
+            (0, false)
+        };
         f.seek(SeekFrom::Start(start))
             .map_err(|e| media_err("seek archive", &path, e))?;
-        self.open = Some((f, path, rec.trailer.length.0));
+        let entry = EntryReader::new(std::io::BufReader::with_capacity(1 << 20, f), size, sparse)
+            .map_err(|e| e.path(&path).item(item))?;
+        self.open = Some((entry, path));
         Ok(rec)
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<u8>> {
-        let (f, path, left) = self
+        let (entry, path) = self
             .open
             .as_mut()
             .ok_or_else(|| Error::new(ErrorKind::Media, "no item open"))?;
-        let n = usize::try_from((*left).min(max as u64)).unwrap_or(max);
-        let mut buf = vec![0u8; n];
-        f.read_exact(&mut buf)
-            .map_err(|e| media_err("read archive", path, e))?;
-        *left -= n as u64;
-        Ok(buf)
+        entry.read(max).map_err(|e| e.path(path.as_path()))
     }
 }
 
@@ -857,33 +642,6 @@ floe_core::export_plugin!(TarPlugin);
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn pax_records_count_their_own_length() {
-        for (k, v) in [
-            ("path", "a"),
-            ("size", "123456789012"),
-            ("FLOE.meta.x", &"y".repeat(120)[..]),
-        ] {
-            let r = pax_record(k, v);
-            let n: usize = r.split(' ').next().unwrap().parse().unwrap();
-            assert_eq!(n, r.len(), "{r:?}");
-            assert_eq!(
-                parse_pax(r.as_bytes()).unwrap(),
-                vec![(k.to_string(), v.to_string())]
-            );
-        }
-    }
-
-    #[test]
-    fn headers_checksum() {
-        let h = ustar("s/vol0", 1 << 20, b'0', 1);
-        let stored = parse_octal(&h[148..156]).unwrap();
-        let mut hh = h;
-        hh[148..156].copy_from_slice(b"        ");
-        assert_eq!(stored, hh.iter().map(|&b| u64::from(b)).sum::<u64>());
-        assert_eq!(parse_octal(&h[124..136]), Some(1 << 20));
-    }
 
     fn header(set: &str) -> SetHeader {
         SetHeader {
@@ -962,9 +720,5 @@ mod tests {
             let _ = read_index(&mut std::io::Cursor::new(bytes), Path::new("x.tar"));
         }
 
-        #[test]
-        fn pax_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse_pax(&bytes);
-        }
     }
 }

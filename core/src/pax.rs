@@ -1,0 +1,952 @@
+//! POSIX pax (tar) entries for Floe items, shared by the media plugins that
+//! write the open format (`tar` on disk, `tape`). Spec:
+//! `docs/formats/tar-media.md`. Pure: no I/O beyond the `Read` a reader is
+//! handed.
+//!
+//! An item becomes one entry GNU tar extracts as what it was: regular
+//! files (sparse ones in GNU sparse format 1.0: the map at the start of the
+//! data, then only the stored segments), directories, symlinks, hard
+//! links, FIFOs and device nodes, with mode, owner, nanosecond times and
+//! extended attributes (`SCHILY.xattr.*`). Floe's own metadata rides in
+//! vendor keywords (`FLOE.*`) that tar ignores.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsmeta::unhex;
+use crate::model::{FileMeta, ItemHeader, ItemKind, SetId, SetRecord, Timestamp};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+
+/// Block size of tar.
+pub const BLOCK: u64 = 512;
+/// The index entry's magic.
+pub const INDEX_MAGIC: &str = "floe-tar-index";
+/// Index (and entry layout) version written: 2 has typed entries and GNU
+/// sparse files; 1 (read too) stored every item as a plain file.
+pub const INDEX_VERSION: u32 = 2;
+/// Largest pax extended header a reader accepts.
+pub const MAX_PAX_HEADER: u64 = 1 << 20;
+/// Largest index a reader accepts.
+pub const MAX_INDEX: u64 = 256 << 20;
+/// Largest sparse map a reader accepts.
+pub const MAX_SPARSE_MAP: u64 = 64 << 20;
+
+/// The index entry's contents (the last entry of a set's archive).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// [`INDEX_MAGIC`].
+    pub magic: String,
+    /// [`INDEX_VERSION`] (or 1).
+    pub version: u32,
+    /// The set.
+    pub record: SetRecord,
+}
+
+/// Zero bytes that pad `n` to a whole block.
+pub fn padding(n: u64) -> u64 {
+    (BLOCK - n % BLOCK) % BLOCK
+}
+
+fn octal(field: &mut [u8], v: u64) {
+    // width-1 octal digits, then NUL; a value too wide for the field is
+    // written as 0 (its pax keyword is authoritative).
+    let w = field.len() - 1;
+    let s = format!("{v:0w$o}");
+    if s.len() > w {
+        field[..w].fill(b'0');
+    } else {
+        field[..w].copy_from_slice(s.as_bytes());
+    }
+    field[w] = 0;
+}
+
+/// The fields of one ustar header block.
+#[derive(Clone, Debug, Default)]
+pub struct Ustar<'a> {
+    /// Name (at most 100 bytes are kept; pax `path` carries the rest).
+    pub name: &'a str,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Bytes in the entry's data area.
+    pub size: u64,
+    /// Modification time, whole seconds.
+    pub mtime: u64,
+    /// `0` file, `1` hard link, `2` symlink, `3`/`4` char/block device,
+    /// `5` directory, `6` FIFO, `x` pax header.
+    pub typeflag: u8,
+    /// Link target (at most 100 bytes; pax `linkpath` carries it whole).
+    pub linkname: &'a str,
+    /// Device numbers of a node.
+    pub dev: (u64, u64),
+}
+
+fn keep_tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+impl Ustar<'_> {
+    /// The 512-byte header with its checksum.
+    pub fn block(&self) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        let n = keep_tail(self.name, 100).as_bytes();
+        h[..n.len()].copy_from_slice(n);
+        octal(&mut h[100..108], u64::from(self.mode & 0o7777));
+        octal(&mut h[108..116], self.uid);
+        octal(&mut h[116..124], self.gid);
+        octal(&mut h[124..136], self.size);
+        octal(&mut h[136..148], self.mtime);
+        h[156] = self.typeflag;
+        let l = keep_tail(self.linkname, 100).as_bytes();
+        h[157..157 + l.len()].copy_from_slice(l);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        if matches!(self.typeflag, b'3' | b'4') {
+            octal(&mut h[329..337], self.dev.0);
+            octal(&mut h[337..345], self.dev.1);
+        }
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        h
+    }
+}
+
+/// One pax record: `LEN key=value\n`, LEN counting itself. Values are
+/// bytes (extended attribute values need not be text).
+pub fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body_len = 1 + key.len() + 1 + value.len() + 1;
+    let mut len = body_len + 1;
+    loop {
+        let candidate = len.to_string().len() + body_len;
+        if candidate == len {
+            break;
+        }
+        len = candidate;
+    }
+    let mut out = format!("{len} {key}=").into_bytes();
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
+}
+
+/// Parse pax records into key/value pairs; `None` when malformed.
+pub fn parse_pax(data: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return None;
+        }
+        let rec = &rest[sp + 1..len - 1];
+        let eq = rec.iter().position(|&b| b == b'=')?;
+        let key = std::str::from_utf8(&rec[..eq]).ok()?.to_string();
+        out.push((key, rec[eq + 1..].to_vec()));
+        rest = &rest[len..];
+    }
+    Some(out)
+}
+
+/// Parse the numeric field of a ustar header.
+pub fn parse_octal(f: &[u8]) -> Option<u64> {
+    let s: String = f
+        .iter()
+        .take_while(|&&b| b != 0 && b != b' ')
+        .map(|&b| b as char)
+        .collect();
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// Does this 512-byte block carry a valid ustar checksum?
+pub fn checksum_ok(h: &[u8; 512]) -> bool {
+    let Some(stored) = parse_octal(&h[148..156]) else {
+        return false;
+    };
+    let mut hh = *h;
+    hh[148..156].copy_from_slice(b"        ");
+    hh.iter().map(|&b| u64::from(b)).sum::<u64>() == stored
+}
+
+fn time_value(t: Timestamp) -> String {
+    if t.sec >= 0 && t.nsec > 0 {
+        format!("{}.{:09}", t.sec, t.nsec)
+    } else {
+        t.sec.to_string()
+    }
+}
+
+/// A pax extended header (`x`) holding `records`, named after `name`.
+pub fn pax_header(name: &str, records: &[u8], mtime: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(
+        &Ustar {
+            name: &format!("PaxHeaders/{}", keep_tail(name, 80)),
+            mode: 0o644,
+            size: records.len() as u64,
+            mtime,
+            typeflag: b'x',
+            ..Default::default()
+        }
+        .block(),
+    );
+    out.extend_from_slice(records);
+    out.resize(out.len() + pad_usize(records.len() as u64), 0);
+    out
+}
+
+fn pad_usize(n: u64) -> usize {
+    usize::try_from(padding(n)).unwrap_or(0)
+}
+
+/// The archive name of an item of `set`: `<set>/<item path>`.
+pub fn entry_name(set: &SetId, item: &str) -> String {
+    format!("{set}/{}", item.trim_start_matches('/'))
+}
+
+/// The archive name a hard link's target has: its first path, under the
+/// same root.
+fn link_target_name(set: &SetId, f: &FileMeta, target: &str) -> String {
+    let root = f.root.trim_end_matches('/');
+    entry_name(set, &format!("{root}/{target}"))
+}
+
+/// An item as a pax entry: everything before its stored bytes, and which
+/// of its bytes are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemEntry {
+    /// The pax header, the ustar header and (sparse entries) the sparse
+    /// map, padded: write these first.
+    pub head: Vec<u8>,
+    /// Where within `head` the entry's data area starts: the item's
+    /// locator points there (at the map, for a sparse entry).
+    pub data_at: usize,
+    /// The item's logical size.
+    pub size: u64,
+    /// The `[offset, length]` ranges of the item stored in the entry, in
+    /// order (all of it, unless sparse).
+    pub stored: Vec<[u64; 2]>,
+    /// True for a GNU sparse 1.0 entry.
+    pub sparse: bool,
+}
+
+impl ItemEntry {
+    /// Bytes of item data the entry stores.
+    pub fn stored_len(&self) -> u64 {
+        self.stored.iter().map(|s| s[1]).sum()
+    }
+}
+
+/// The stored segments of a file of `size` bytes with `holes`.
+pub fn stored_segments(size: u64, holes: &[[u64; 2]]) -> Result<Vec<[u64; 2]>> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for h in holes {
+        let end = h[0].checked_add(h[1]).filter(|&e| e <= size);
+        let Some(end) = end.filter(|_| h[0] >= at) else {
+            return Err(Error::new(
+                ErrorKind::InvalidMap,
+                format!("hole {h:?} overlaps, is out of order or past the end ({size} bytes)"),
+            ));
+        };
+        if h[0] > at {
+            out.push([at, h[0] - at]);
+        }
+        at = end;
+    }
+    if at < size {
+        out.push([at, size - at]);
+    }
+    Ok(out)
+}
+
+/// The GNU sparse 1.0 map of `stored`, padded to a block. A file ending in
+/// a hole gets a last `size 0` segment at its end, as GNU tar writes it.
+pub fn sparse_map(size: u64, stored: &[[u64; 2]]) -> Vec<u8> {
+    let mut segs: Vec<[u64; 2]> = stored.to_vec();
+    if segs.last().is_none_or(|s| s[0] + s[1] < size) {
+        segs.push([size, 0]);
+    }
+    let mut s = format!("{}\n", segs.len());
+    for [o, l] in &segs {
+        s.push_str(&format!("{o}\n{l}\n"));
+    }
+    let mut out = s.into_bytes();
+    out.resize(out.len() + pad_usize(out.len() as u64), 0);
+    out
+}
+
+/// Parse a GNU sparse 1.0 map from the start of an entry's data: the
+/// segments (with a final zero-length one dropped) and the map's length.
+pub fn parse_sparse_map(r: &mut impl Read, realsize: u64) -> Result<(Vec<[u64; 2]>, u64)> {
+    let bad = |m: String| Error::new(ErrorKind::Media, m);
+    let mut buf = Vec::new();
+    let mut numbers = Vec::new();
+    let mut want: Option<u64> = None;
+    let mut consumed = 0usize;
+    loop {
+        // Parse what is buffered.
+        while let Some(nl) = buf[consumed..].iter().position(|&b| b == b'\n') {
+            let text = std::str::from_utf8(&buf[consumed..consumed + nl])
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| bad("malformed GNU sparse map".into()))?;
+            consumed += nl + 1;
+            match want {
+                None => {
+                    if text > MAX_SPARSE_MAP / 4 {
+                        return Err(bad(format!("sparse map of {text} segments")));
+                    }
+                    want = Some(text);
+                }
+                Some(_) => numbers.push(text),
+            }
+            if want.is_some_and(|w| numbers.len() as u64 == 2 * w) {
+                // The map ends inside the last block read; its padding is
+                // the rest of that block.
+                let map_len = buf.len() as u64;
+                let mut segs = Vec::new();
+                let mut at = 0u64;
+                for p in numbers.chunks(2) {
+                    let (o, l) = (p[0], p[1]);
+                    let end = o.checked_add(l).filter(|&e| e <= realsize && o >= at);
+                    let Some(end) = end else {
+                        return Err(bad(format!(
+                            "sparse segment {o}+{l} out of order or past {realsize}"
+                        )));
+                    };
+                    if l > 0 {
+                        segs.push([o, l]);
+                    }
+                    at = end;
+                }
+                return Ok((segs, map_len));
+            }
+        }
+        if buf.len() as u64 >= MAX_SPARSE_MAP {
+            return Err(bad("sparse map too long".into()));
+        }
+        // Read one more block.
+        let mut block = [0u8; 512];
+        r.read_exact(&mut block)
+            .map_err(|e| bad("archive ends inside a sparse map".into()).source(e))?;
+        buf.extend_from_slice(&block);
+    }
+}
+
+/// Build the entry of one item of `set`.
+pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEntry> {
+    let name = entry_name(set, h.item.as_str());
+    let size = h.size.0;
+    let mut recs = Vec::new();
+    let mut push = |k: &str, v: &[u8]| recs.extend(pax_record(k, v));
+    let mut ustar = Ustar {
+        mode: 0o600,
+        mtime: frozen_at,
+        typeflag: b'0',
+        ..Default::default()
+    };
+    let mut stored = if h.kind.has_bytes() {
+        vec![[0, size]]
+    } else {
+        Vec::new()
+    };
+    let mut sparse = false;
+    let mut linkname = String::new();
+    let mut dir_name = String::new();
+    if let Some(f) = &h.file {
+        ustar.mode = f.mode & 0o7777;
+        ustar.uid = u64::from(f.uid);
+        ustar.gid = u64::from(f.gid);
+        ustar.mtime = u64::try_from(f.mtime.sec).unwrap_or(0);
+        ustar.typeflag = match h.kind {
+            ItemKind::Volume | ItemKind::File => b'0',
+            ItemKind::HardLink => b'1',
+            ItemKind::Symlink => b'2',
+            ItemKind::CharDevice => b'3',
+            ItemKind::BlockDevice => b'4',
+            ItemKind::Directory => b'5',
+            ItemKind::Fifo => b'6',
+        };
+        // glibc's gnu_dev_major/minor.
+        let major =
+            ((f.rdev & 0x0000_0000_000f_ff00) >> 8) | ((f.rdev & 0xffff_f000_0000_0000) >> 32);
+        let minor = (f.rdev & 0xff) | ((f.rdev & 0x0000_0fff_fff0_0000) >> 12);
+        ustar.dev = (major, minor);
+        if ustar.uid > 0o7777777 {
+            push("uid", ustar.uid.to_string().as_bytes());
+        }
+        if ustar.gid > 0o7777777 {
+            push("gid", ustar.gid.to_string().as_bytes());
+        }
+        push("mtime", time_value(f.mtime).as_bytes());
+        push("atime", time_value(f.atime).as_bytes());
+        push("ctime", time_value(f.ctime).as_bytes());
+        match h.kind {
+            ItemKind::Symlink => linkname = f.target.clone().unwrap_or_default(),
+            ItemKind::HardLink => {
+                let t = f.target.as_deref().ok_or_else(|| {
+                    Error::new(ErrorKind::InvalidMap, "hard link without a target").item(&h.item)
+                })?;
+                linkname = link_target_name(set, f, t);
+            }
+            _ => {}
+        }
+        for (k, v) in &f.xattrs {
+            let bytes = unhex(v).ok_or_else(|| {
+                Error::new(ErrorKind::InvalidMap, format!("xattr {k} is not hex")).item(&h.item)
+            })?;
+            push(&format!("SCHILY.xattr.{k}"), &bytes);
+        }
+        if h.kind == ItemKind::File && !f.holes.is_empty() {
+            stored = stored_segments(size, &f.holes).map_err(|e| e.item(&h.item))?;
+            sparse = true;
+        }
+        if h.kind == ItemKind::Directory {
+            dir_name = format!("{name}/");
+        }
+    }
+    let name = if dir_name.is_empty() { name } else { dir_name };
+    let map = if sparse {
+        sparse_map(size, &stored)
+    } else {
+        Vec::new()
+    };
+    let stored_len: u64 = stored.iter().map(|s| s[1]).sum();
+    let data_len = map.len() as u64 + stored_len;
+    let ustar_name;
+    if sparse {
+        push("GNU.sparse.major", b"1");
+        push("GNU.sparse.minor", b"0");
+        push("GNU.sparse.name", name.as_bytes());
+        push("GNU.sparse.realsize", size.to_string().as_bytes());
+        let (dir, base) = name.rsplit_once('/').unwrap_or((".", &name));
+        ustar_name = format!("{dir}/GNUSparseFile.0/{base}");
+    } else {
+        push("path", name.as_bytes());
+        ustar_name = name.clone();
+    }
+    push("size", data_len.to_string().as_bytes());
+    if !linkname.is_empty() {
+        push("linkpath", linkname.as_bytes());
+    }
+    push("FLOE.item", h.item.as_str().as_bytes());
+    push(
+        "FLOE.kind",
+        format!("{:?}", h.kind).to_lowercase().as_bytes(),
+    );
+    push("FLOE.config", h.config.as_str().as_bytes());
+    for (k, v) in &h.meta {
+        push(&format!("FLOE.meta.{k}"), v.as_bytes());
+    }
+    ustar.name = &ustar_name;
+    ustar.size = data_len;
+    ustar.linkname = &linkname;
+    let mut head = pax_header(&name, &recs, ustar.mtime);
+    head.extend_from_slice(&ustar.block());
+    let data_at = head.len();
+    head.extend_from_slice(&map);
+    Ok(ItemEntry {
+        head,
+        data_at,
+        size,
+        stored,
+        sparse,
+    })
+}
+
+/// The index entry closing a set's archive (without the end-of-archive
+/// blocks).
+pub fn index_entry(record: &SetRecord) -> Result<Vec<u8>> {
+    let index = serde_json::to_vec(&Index {
+        magic: INDEX_MAGIC.into(),
+        version: INDEX_VERSION,
+        record: record.clone(),
+    })
+    .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
+    let name = format!("{}/floe-index.json", record.header.set);
+    let mut recs = pax_record("path", name.as_bytes());
+    recs.extend(pax_record("size", index.len().to_string().as_bytes()));
+    recs.extend(pax_record("FLOE.index", b"1"));
+    let mut out = pax_header(&name, &recs, record.committed_at);
+    out.extend_from_slice(
+        &Ustar {
+            name: &name,
+            mode: 0o600,
+            size: index.len() as u64,
+            mtime: record.committed_at,
+            typeflag: b'0',
+            ..Default::default()
+        }
+        .block(),
+    );
+    out.extend_from_slice(&index);
+    out.resize(out.len() + pad_usize(index.len() as u64), 0);
+    Ok(out)
+}
+
+/// Decode and check an index entry's bytes.
+pub fn decode_index(bytes: &[u8]) -> Result<SetRecord> {
+    let i: Index = serde_json::from_slice(bytes)
+        .map_err(|e| Error::new(ErrorKind::Media, "malformed Floe index").source(e))?;
+    if i.magic != INDEX_MAGIC || !(1..=INDEX_VERSION).contains(&i.version) {
+        return Err(Error::new(
+            ErrorKind::Media,
+            format!(
+                "not a Floe tar index of version 1..={INDEX_VERSION}: {:?} version {}",
+                i.magic, i.version
+            ),
+        ));
+    }
+    Ok(i.record)
+}
+
+/// The end of an archive: two zero blocks, then zeros to a whole record
+/// of `record` bytes, given the archive's length `pos` before it.
+pub fn archive_end(pos: u64, record: u64) -> Vec<u8> {
+    let after = pos + 2 * BLOCK;
+    let rest = (record - after % record) % record;
+    vec![0u8; usize::try_from(2 * BLOCK + rest).unwrap_or(0)]
+}
+
+/// Turns an item's bytes, as the mover hands them over, into the bytes
+/// its entry stores: everything, or only the segments outside its holes —
+/// and refuses non-zero bytes where the map said a hole is (never drop
+/// data silently).
+#[derive(Debug)]
+pub struct EntryStream {
+    item: String,
+    size: u64,
+    stored: Vec<[u64; 2]>,
+    next: usize,
+    pos: u64,
+    written: u64,
+}
+
+impl EntryStream {
+    /// A stream for `entry` of item `item`.
+    pub fn new(item: &str, entry: &ItemEntry) -> EntryStream {
+        EntryStream {
+            item: item.to_string(),
+            size: entry.size,
+            stored: entry.stored.clone(),
+            next: 0,
+            pos: 0,
+            written: 0,
+        }
+    }
+
+    /// Feed the next bytes of the item; `out` gets the parts to store.
+    pub fn feed(&mut self, data: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let end = self.pos + data.len() as u64;
+        if end > self.size {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!("item {} is longer than its header said", self.item),
+            ));
+        }
+        let mut at = self.pos;
+        while at < end {
+            // Skip segments that end before `at`.
+            while self.next < self.stored.len()
+                && self.stored[self.next][0] + self.stored[self.next][1] <= at
+            {
+                self.next += 1;
+            }
+            let (seg_start, seg_end) = match self.stored.get(self.next) {
+                Some(s) => (s[0], s[0] + s[1]),
+                None => (self.size, self.size),
+            };
+            let lo = usize::try_from(at - self.pos).unwrap_or(0);
+            if at < seg_start {
+                // In a hole: must be zeros.
+                let stop = seg_start.min(end);
+                let hi = usize::try_from(stop - self.pos).unwrap_or(0);
+                if let Some(k) = data[lo..hi].iter().position(|&b| b != 0) {
+                    return Err(Error::new(
+                        ErrorKind::Media,
+                        format!(
+                            "item {}: byte {} is not zero but its map says it is in a hole",
+                            self.item,
+                            at + k as u64
+                        ),
+                    ));
+                }
+                at = stop;
+            } else {
+                let stop = seg_end.min(end);
+                let hi = usize::try_from(stop - self.pos).unwrap_or(0);
+                out(&data[lo..hi])?;
+                self.written += (hi - lo) as u64;
+                at = stop;
+            }
+        }
+        self.pos = end;
+        Ok(())
+    }
+
+    /// The item's bytes are all fed: the padding that closes the entry.
+    pub fn finish(&self) -> Result<Vec<u8>> {
+        if self.pos != self.size {
+            return Err(Error::new(
+                ErrorKind::Media,
+                format!(
+                    "item {} is {} bytes, its header said {}",
+                    self.item, self.pos, self.size
+                ),
+            ));
+        }
+        // A sparse map is padded to a block: only the data counts.
+        Ok(vec![0u8; pad_usize(self.written)])
+    }
+}
+
+/// Reads an item back from its entry's data area: a plain entry as is, a
+/// sparse one by its map, with zeros for the holes.
+pub struct EntryReader<R: Read> {
+    inner: R,
+    size: u64,
+    stored: Vec<[u64; 2]>,
+    next: usize,
+    pos: u64,
+}
+
+impl<R: Read> EntryReader<R> {
+    /// `inner` is positioned at the entry's data area (the item's
+    /// locator); `sparse` says whether a map starts there.
+    pub fn new(mut inner: R, size: u64, sparse: bool) -> Result<EntryReader<R>> {
+        let stored = if sparse {
+            parse_sparse_map(&mut inner, size)?.0
+        } else {
+            vec![[0, size]]
+        };
+        Ok(EntryReader {
+            inner,
+            size,
+            stored,
+            next: 0,
+            pos: 0,
+        })
+    }
+
+    /// Up to `max` more bytes of the item; empty at its end.
+    pub fn read(&mut self, max: usize) -> Result<Vec<u8>> {
+        let left = self.size - self.pos;
+        let n = usize::try_from(left.min(max as u64)).unwrap_or(max);
+        let mut buf = vec![0u8; n];
+        let mut at = 0usize;
+        while at < n {
+            let pos = self.pos + at as u64;
+            while self.next < self.stored.len()
+                && self.stored[self.next][0] + self.stored[self.next][1] <= pos
+            {
+                self.next += 1;
+            }
+            let (s, e) = self
+                .stored
+                .get(self.next)
+                .map_or((self.size, self.size), |g| (g[0], g[0] + g[1]));
+            let room = (n - at) as u64;
+            if pos < s {
+                // Hole: zeros already in `buf`.
+                at += usize::try_from((s - pos).min(room)).unwrap_or(0);
+            } else {
+                let take = usize::try_from((e - pos).min(room)).unwrap_or(0);
+                self.inner
+                    .read_exact(&mut buf[at..at + take])
+                    .map_err(|e| {
+                        Error::new(ErrorKind::Media, "archive ends inside an item").source(e)
+                    })?;
+                at += take;
+            }
+        }
+        self.pos += n as u64;
+        Ok(buf)
+    }
+
+    /// The reader underneath.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+/// Items whose entries a writer holds back until the set's end: hard
+/// links (GNU tar links only to a path it has already extracted) and
+/// directories (it sets a directory's times when it moves past it, so no
+/// member may follow into it).
+pub fn written_last(kind: ItemKind) -> bool {
+    matches!(kind, ItemKind::HardLink | ItemKind::Directory)
+}
+
+/// The held-back items of a set, in the order they are written: hard
+/// links, then directories by name (parents before children).
+pub fn last_entries(items: &[crate::model::ItemRecord]) -> Vec<ItemHeader> {
+    let mut links: Vec<ItemHeader> = Vec::new();
+    let mut dirs: Vec<ItemHeader> = Vec::new();
+    for i in items {
+        match i.header.kind {
+            ItemKind::HardLink => links.push(i.header.clone()),
+            ItemKind::Directory => dirs.push(i.header.clone()),
+            _ => {}
+        }
+    }
+    dirs.sort_by(|a, b| a.item.as_str().cmp(b.item.as_str()));
+    links.extend(dirs);
+    links
+}
+
+/// Is this entry of a set's archive sparse (by its item's metadata)?
+pub fn is_sparse(h: &ItemHeader) -> bool {
+    h.kind == ItemKind::File && h.file.as_ref().is_some_and(|f| !f.holes.is_empty())
+}
+
+/// Walk an archive's headers from the start until the index entry and
+/// decode it; `skip(n)` moves the reader over `n` bytes of data (a seek on
+/// a file, reads or record spacing on tape).
+pub fn find_index<R: Read>(
+    r: &mut R,
+    skip: &mut dyn FnMut(&mut R, u64) -> std::io::Result<()>,
+) -> Result<SetRecord> {
+    let bad = |msg: String| Error::new(ErrorKind::Media, msg);
+    let mut pos = 0u64;
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    loop {
+        let mut h = [0u8; 512];
+        if r.read_exact(&mut h).is_err() {
+            return Err(bad("archive ends before its Floe index".into()));
+        }
+        if h.iter().all(|&b| b == 0) {
+            return Err(bad(
+                "archive has no Floe index: not a complete Floe set".into()
+            ));
+        }
+        if !checksum_ok(&h) {
+            return Err(bad(format!("header at byte {pos} fails its checksum")));
+        }
+        let mut size =
+            parse_octal(&h[124..136]).ok_or_else(|| bad(format!("bad size at {pos}")))?;
+        if let Some((_, v)) = pax.iter().find(|(k, _)| k == "size") {
+            size = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad(format!("bad pax size at {pos}")))?;
+        }
+        let padded = size
+            .checked_add(padding(size))
+            .ok_or_else(|| bad(format!("entry at {pos} overflows")))?;
+        if h[156] == b'x' {
+            if size > MAX_PAX_HEADER {
+                return Err(bad(format!("pax header of {size} bytes at {pos}")));
+            }
+            let mut d = vec![0u8; usize::try_from(padded).unwrap_or(0)];
+            r.read_exact(&mut d)
+                .map_err(|e| bad("archive ends inside a pax header".into()).source(e))?;
+            pax = parse_pax(&d[..usize::try_from(size).unwrap_or(0)])
+                .ok_or_else(|| bad(format!("malformed pax records at {pos}")))?;
+        } else {
+            if pax.iter().any(|(k, v)| k == "FLOE.index" && v == b"1") {
+                if size > MAX_INDEX {
+                    return Err(bad(format!("index of {size} bytes")));
+                }
+                let mut d = vec![0u8; usize::try_from(size).unwrap_or(0)];
+                r.read_exact(&mut d)
+                    .map_err(|e| bad("archive ends inside its index".into()).source(e))?;
+                return decode_index(&d);
+            }
+            pax.clear();
+            skip(r, padded)
+                .map_err(|e| bad(format!("cannot skip the entry at {pos}")).source(e))?;
+        }
+        pos = pos
+            .checked_add(BLOCK + padded)
+            .ok_or_else(|| bad(format!("entry at {pos} overflows")))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigId, ItemId};
+    use crate::units::Bytes;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        for (k, v) in [
+            ("path", &b"a"[..]),
+            ("size", b"123456789012"),
+            ("FLOE.meta.x", &[b'y'; 120][..]),
+            ("SCHILY.xattr.user.bin", &[0, 10, 255, b'='][..]),
+        ] {
+            let r = pax_record(k, v);
+            let n: usize = std::str::from_utf8(&r[..r.iter().position(|&b| b == b' ').unwrap()])
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(n, r.len());
+            assert_eq!(parse_pax(&r).unwrap(), vec![(k.to_string(), v.to_vec())]);
+        }
+    }
+
+    #[test]
+    fn headers_checksum_and_big_values_fall_back_to_zero() {
+        let h = Ustar {
+            name: "s/vol0",
+            size: 1 << 20,
+            typeflag: b'0',
+            ..Default::default()
+        }
+        .block();
+        assert!(checksum_ok(&h));
+        assert_eq!(parse_octal(&h[124..136]), Some(1 << 20));
+        let big = Ustar {
+            name: "s/big",
+            size: 1 << 40,
+            ..Default::default()
+        }
+        .block();
+        assert_eq!(parse_octal(&big[124..136]), Some(0));
+    }
+
+    fn file(size: u64, holes: Vec<[u64; 2]>) -> ItemHeader {
+        ItemHeader {
+            item: ItemId::new("/srv/a/f"),
+            kind: ItemKind::File,
+            size: Bytes(size),
+            config: ConfigId::new("c"),
+            meta: Default::default(),
+            file: Some(FileMeta {
+                root: "/srv/a".into(),
+                path: "f".into(),
+                mode: 0o100640,
+                holes,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_sparse_file_stores_only_its_data_and_reads_back_whole() {
+        let h = file(10_000, vec![[0, 4096], [6000, 4000]]);
+        let e = item_entry(&SetId::new("s"), &h, 1).unwrap();
+        assert!(e.sparse);
+        assert_eq!(e.stored, vec![[4096, 1904]]);
+        let map = &e.head[e.data_at..];
+        assert!(map.starts_with(b"2\n4096\n1904\n10000\n0\n"), "{map:?}");
+        let mut data = vec![0u8; 10_000];
+        data[4096..6000].fill(7);
+        let mut s = EntryStream::new("f", &e);
+        let mut stored = Vec::new();
+        for c in data.chunks(999) {
+            s.feed(c, &mut |b| {
+                stored.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(stored, vec![7u8; 1904]);
+        let pad = s.finish().unwrap();
+        assert_eq!((stored.len() + pad.len()) % 512, 0);
+        let mut area = map.to_vec();
+        area.extend_from_slice(&stored);
+        let mut r = EntryReader::new(std::io::Cursor::new(area), 10_000, true).unwrap();
+        let mut back = Vec::new();
+        loop {
+            let c = r.read(777).unwrap();
+            if c.is_empty() {
+                break;
+            }
+            back.extend(c);
+        }
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn bytes_in_a_hole_that_are_not_zero_are_refused() {
+        let h = file(8192, vec![[0, 4096]]);
+        let e = item_entry(&SetId::new("s"), &h, 1).unwrap();
+        let mut s = EntryStream::new("f", &e);
+        let mut data = vec![0u8; 8192];
+        data[100] = 1;
+        let err = s.feed(&data, &mut |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("byte 100 is not zero"), "{err}");
+    }
+
+    #[test]
+    fn holes_that_overlap_are_a_bad_map() {
+        assert!(stored_segments(100, &[[0, 50], [40, 10]]).is_err());
+        assert!(stored_segments(100, &[[90, 20]]).is_err());
+        assert_eq!(
+            stored_segments(100, &[[10, 10], [50, 50]]).unwrap(),
+            vec![[0, 10], [20, 30]]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn stream_and_reader_round_trip_any_holes(
+            size in 0u64..20_000,
+            cuts in proptest::collection::vec(0u64..20_000, 0..8),
+            chunk in 1usize..5000,
+        ) {
+            let mut cuts: Vec<u64> = cuts.into_iter().map(|c| c % (size + 1)).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let holes: Vec<[u64; 2]> = cuts.chunks(2).filter(|p| p.len() == 2 && p[1] > p[0]).map(|p| [p[0], p[1] - p[0]]).collect();
+            let h = file(size, holes.clone());
+            let e = item_entry(&SetId::new("s"), &h, 1).unwrap();
+            let mut data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+            for hole in &holes {
+                data[hole[0] as usize..(hole[0] + hole[1]) as usize].fill(0);
+            }
+            let mut s = EntryStream::new("f", &e);
+            let mut area = e.head[e.data_at..].to_vec();
+            for c in data.chunks(chunk) {
+                s.feed(c, &mut |b| { area.extend_from_slice(b); Ok(()) }).unwrap();
+            }
+            area.extend(s.finish().unwrap());
+            prop_assert_eq!(area.len() % 512, 0);
+            let mut r = EntryReader::new(std::io::Cursor::new(area), size, e.sparse).unwrap();
+            let mut back = Vec::new();
+            loop {
+                let c = r.read(chunk).unwrap();
+                if c.is_empty() { break; }
+                back.extend(c);
+            }
+            prop_assert_eq!(back, data);
+        }
+
+        #[test]
+        fn the_sparse_map_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048), size in any::<u64>()) {
+            let _ = parse_sparse_map(&mut std::io::Cursor::new(bytes), size);
+        }
+
+        #[test]
+        fn the_index_finder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut c = std::io::Cursor::new(bytes);
+            let _ = find_index(&mut c, &mut |r, n| {
+                std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).map(|_| ())
+            });
+        }
+
+        #[test]
+        fn the_pax_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_pax(&bytes);
+        }
+    }
+}
