@@ -169,9 +169,23 @@ enum AgentAction {
 
 #[derive(Args)]
 struct MediaArgs {
-    /// Media: PLUGIN:PATH (disk:/backup, null:).
+    /// Media: PLUGIN:PATH (disk:/backup, tar:/backup, tape:/dev/nst0,
+    /// tape:vtl://HOST:PORT/DRIVE, null:).
     #[arg(long)]
     media: String,
+    /// A media plugin option, KEY=VALUE (repeatable): record_size=64K,
+    /// changer='mtx-wrapper', label=FL0001, cartridges=FL0001,FL0002.
+    #[arg(long = "media-opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
+}
+
+impl MediaArgs {
+    fn plain(media: &str) -> MediaArgs {
+        MediaArgs {
+            media: media.to_string(),
+            opts: Vec::new(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -393,7 +407,8 @@ fn registry(extra: &[PathBuf]) -> Arc<PluginRegistry> {
     Arc::new(reg)
 }
 
-fn media_plugin(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
+fn media_plugin(m: &MediaArgs) -> anyhow::Result<(String, serde_json::Value)> {
+    let spec = m.media.as_str();
     let (name, arg) = spec
         .split_once(':')
         .ok_or_else(|| anyhow!("media {spec:?} is not PLUGIN:PATH (e.g. disk:/backup)"))?;
@@ -401,18 +416,24 @@ fn media_plugin(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
     if !arg.is_empty() {
         cfg.insert("dir".into(), arg.into());
     }
+    for o in &m.opts {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--media-opt {o:?} is not KEY=VALUE"))?;
+        cfg.insert(k.to_string(), v.into());
+    }
     Ok((name.to_string(), serde_json::Value::Object(cfg)))
 }
 
-fn media_writer(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaWriter>> {
-    let (name, cfg) = media_plugin(spec)?;
+fn media_writer(reg: &PluginRegistry, m: &MediaArgs) -> anyhow::Result<Box<dyn MediaWriter>> {
+    let (name, cfg) = media_plugin(m)?;
     Ok(reg
         .require(&name, Interface::MediaWriter)?
         .media_writer(&cfg)?)
 }
 
-fn media_reader(reg: &PluginRegistry, spec: &str) -> anyhow::Result<Box<dyn MediaReader>> {
-    let (name, cfg) = media_plugin(spec)?;
+fn media_reader(reg: &PluginRegistry, m: &MediaArgs) -> anyhow::Result<Box<dyn MediaReader>> {
+    let (name, cfg) = media_plugin(m)?;
     Ok(reg
         .require(&name, Interface::MediaReader)?
         .media_reader(&cfg)?)
@@ -559,7 +580,7 @@ fn run_backup(
             "say which devices this agent may have the mover read: --allow-device ID (repeatable), or --allow-any-device"
         ),
     };
-    let mut media = media_writer(&reg, &a.media.media)?;
+    let mut media = media_writer(&reg, &a.media)?;
     let mut client = connect_agent(&a.agent, &a.ssh)?;
     let mut pb: Option<ProgressBar> = None;
     let mut base = 0u64;
@@ -713,7 +734,7 @@ impl std::error::Error for Partial {}
 
 fn run_restore_tree(
     reg: &Arc<PluginRegistry>,
-    reader: &mut dyn floe_core::abi::MediaReader,
+    mut reader: Box<dyn floe_core::abi::MediaReader>,
     a: &RestoreArgs,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
@@ -738,12 +759,22 @@ fn run_restore_tree(
     }
     let pb = bar(steps.len() as u64);
     // Several readers of the media, each restoring different files.
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4);
+    // Tape is read by one reader, in order.
+    let sequential = media_plugin(&a.media)
+        .ok()
+        .and_then(|(name, _)| reg.require(&name, Interface::MediaReader).ok())
+        .is_some_and(|p| p.info.sequential_media);
+    let workers = if sequential {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4)
+    };
     let mut readers = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        readers.push(media_reader(reg, &a.media.media)?);
+    readers.push(reader);
+    for _ in 1..workers {
+        readers.push(media_reader(reg, &a.media)?);
     }
     let report = restore_tree(&mut readers, &set, &steps, &a.tree, &mut |_| {
         if let Some(pb) = &pb {
@@ -770,9 +801,9 @@ fn run_restore_tree(
 }
 
 fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
-    let mut reader = media_reader(&reg, &a.media.media)?;
+    let mut reader = media_reader(&reg, &a.media)?;
     if let Some(dir) = &a.to_dir {
-        return run_restore_tree(&reg, reader.as_mut(), &a, dir);
+        return run_restore_tree(&reg, reader, &a, dir);
     }
     let set = SetId::new(a.set.clone());
     for t in &a.targets {
@@ -827,7 +858,7 @@ fn run_list(
     catalog: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
     let sets = match &a.media {
-        Some(m) => media_reader(&reg, m)?.list_sets()?,
+        Some(m) => media_reader(&reg, &MediaArgs::plain(m))?.list_sets()?,
         None => open_catalog(catalog)?
             .sets()?
             .into_iter()
@@ -874,8 +905,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls { set } => {
             let e = open_catalog(cli.catalog.as_ref())?.set(&SetId::new(set))?;
             for i in &e.record.items {
+                // A cartridge label is shown; a disk path already is.
+                let medium = if e.media.ends_with(&i.position.medium) {
+                    String::new()
+                } else {
+                    format!("{} ", i.position.medium)
+                };
                 println!(
-                    "{:<8} {:<16} {:>14} bytes  blake3 {}  {} {}",
+                    "{:<8} {:<16} {:>14} bytes  blake3 {}  {} {medium}{}",
                     format!("{:?}", i.header.kind).to_lowercase(),
                     i.header.item.as_str(),
                     i.trailer.length.0,
@@ -888,7 +925,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { media, set } => {
             let reg = registry(&cli.plugin_dirs);
-            let mut reader = media_reader(&reg, &media.media)?;
+            let mut reader = media_reader(&reg, &media)?;
             let sets: Vec<SetId> = match set {
                 Some(s) => vec![SetId::new(s)],
                 None => reader
@@ -928,7 +965,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let reg = registry(&cli.plugin_dirs);
-            let sets = media_reader(&reg, &media.media)?.list_sets()?;
+            let sets = media_reader(&reg, &media)?.list_sets()?;
             let (keep, forget) = floe_core::retention::plan(&sets, &policy);
             for k in &keep {
                 println!("keep    {k}");
@@ -940,7 +977,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let mut cat = open_catalog(cli.catalog.as_ref())?;
-            let mut writer = media_writer(&reg, &media.media)?;
+            let mut writer = media_writer(&reg, &media)?;
             for f in &forget {
                 cat.forget(f)?;
                 writer.delete_set(f)?;
@@ -950,7 +987,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {
             let reg = registry(&cli.plugin_dirs);
-            let mut reader = media_reader(&reg, &media.media)?;
+            let mut reader = media_reader(&reg, &media)?;
             let n = open_catalog(cli.catalog.as_ref())?.rebuild(&media.media, reader.as_mut())?;
             println!("catalog rebuilt from {}: {n} set(s)", media.media);
             Ok(())

@@ -133,6 +133,10 @@ pub struct PluginInfo {
     pub version: String,
     /// What it provides.
     pub interfaces: Vec<Interface>,
+    /// Its media are read by one reader at a time, in order (tape): a
+    /// restore opens one reader, not several in parallel.
+    #[serde(default)]
+    pub sequential_media: bool,
 }
 
 /// A plugin: its name and constructors. `config` is the JSON object of

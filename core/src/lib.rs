@@ -15,6 +15,7 @@ pub mod pax;
 pub mod plan;
 pub mod protocol;
 pub mod retention;
+pub mod tape;
 pub mod units;
 
 #[cfg(feature = "engine")]

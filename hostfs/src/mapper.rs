@@ -620,6 +620,7 @@ macro_rules! file_mapper_plugin {
                         floe_core::abi::Interface::Mapper,
                         floe_core::abi::Interface::Validity,
                     ],
+                    sequential_media: false,
                 }
             }
             fn mapper(

@@ -11,6 +11,7 @@ pub mod array;
 pub mod cli;
 pub mod control;
 pub mod nbd;
+pub mod vtl;
 
 use array::Array;
 use std::net::{SocketAddr, TcpListener};

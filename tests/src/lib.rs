@@ -433,6 +433,92 @@ impl Drop for SimSanProcess {
     }
 }
 
+/// sim-san's virtual tape library as a process (`floe-sim-san vtl
+/// serve`), killed (by its pid) when dropped.
+pub struct VtlProcess {
+    child: std::process::Child,
+    /// The library's address.
+    pub addr: String,
+    /// Its cartridge files.
+    pub dir: tempfile::TempDir,
+}
+
+impl VtlProcess {
+    /// A library of `drives` drives and `cartridges` empty cartridges of
+    /// `capacity` bytes, the last `early_warning` of them past the early
+    /// warning.
+    pub fn start(drives: u32, cartridges: u32, capacity: u64, early_warning: u64) -> VtlProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(build_dir().join("floe-sim-san"))
+            .args(["vtl", "serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir.path())
+            .args(["--drives", &drives.to_string()])
+            .args(["--cartridges", &cartridges.to_string()])
+            .args(["--capacity", &capacity.to_string()])
+            .args(["--early-warning", &early_warning.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start floe-sim-san vtl serve");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("ready line");
+        VtlProcess {
+            child,
+            addr: v["library"].as_str().unwrap().to_string(),
+            dir,
+        }
+    }
+
+    /// The drive's device name for the tape plugin.
+    pub fn device(&self, drive: u32) -> String {
+        format!("vtl://{}/{drive}", self.addr)
+    }
+
+    /// The changer command a tape plugin runs (`… next`, `… load L`).
+    pub fn changer(&self, drive: u32) -> String {
+        format!(
+            "{} vtl changer --library {} --drive {drive}",
+            build_dir().join("floe-sim-san").display(),
+            self.addr
+        )
+    }
+
+    /// Run a changer verb; its stdout.
+    pub fn change(&self, drive: u32, verb: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(build_dir().join("floe-sim-san"))
+            .args([
+                "vtl",
+                "changer",
+                "--library",
+                &self.addr,
+                "--drive",
+                &drive.to_string(),
+            ])
+            .args(verb)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// The library's inventory (slots, drives, per-drive counters).
+    pub fn inventory(&self) -> serde_json::Value {
+        serde_json::from_str(&self.change(0, &["inventory"]).expect("inventory")).unwrap()
+    }
+}
+
+impl Drop for VtlProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// An item of one data extent: `blocks` 512-byte blocks of `device` from
 /// `start_block` — the shape of the crafted maps a bad agent sends.
 pub fn one_extent_item(

@@ -38,6 +38,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-plugin-null",
     "floe-plugin-reflink",
     "floe-plugin-tar",
+    "floe-plugin-tape",
 ];
 
 /// Build the shipped packages (`release` or debug).

@@ -271,6 +271,7 @@ impl Plugin for ArrayPlugin {
             name: "array".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer, Interface::Mapper, Interface::Validity],
+            sequential_media: false,
         }
     }
     fn freezer(config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

@@ -201,6 +201,7 @@ impl Plugin for BtrfsSnapshotPlugin {
             name: "btrfs-snapshot".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer],
+            sequential_media: false,
         }
     }
     fn freezer(_config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

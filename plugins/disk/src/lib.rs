@@ -703,6 +703,7 @@ impl Plugin for DiskPlugin {
             name: "disk".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
+            sequential_media: false,
         }
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {

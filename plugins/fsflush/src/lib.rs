@@ -210,6 +210,7 @@ impl Plugin for FsFlushPlugin {
             name: "fsflush".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer],
+            sequential_media: false,
         }
     }
     fn freezer(config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

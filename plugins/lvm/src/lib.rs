@@ -420,6 +420,7 @@ impl Plugin for LvmPlugin {
             name: "lvm".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer, Interface::Mapper, Interface::Validity],
+            sequential_media: false,
         }
     }
     fn freezer(_c: &serde_json::Value) -> Result<Box<dyn Freezer>> {

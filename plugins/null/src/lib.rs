@@ -15,6 +15,7 @@ impl Plugin for NullPlugin {
             name: "null".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter],
+            sequential_media: false,
         }
     }
     fn media_writer(_config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {

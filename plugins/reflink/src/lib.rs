@@ -133,6 +133,7 @@ impl Plugin for ReflinkPlugin {
             name: "reflink".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer],
+            sequential_media: false,
         }
     }
     fn freezer(_config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

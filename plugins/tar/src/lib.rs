@@ -616,6 +616,7 @@ impl Plugin for TarPlugin {
             name: "tar".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
+            sequential_media: false,
         }
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
