@@ -429,18 +429,17 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
     };
     let stored_len: u64 = stored.iter().map(|s| s[1]).sum();
     let data_len = map.len() as u64 + stored_len;
-    let ustar_name;
-    if sparse {
+    let ustar_name = if sparse {
         push("GNU.sparse.major", b"1");
         push("GNU.sparse.minor", b"0");
         push("GNU.sparse.name", name.as_bytes());
         push("GNU.sparse.realsize", size.to_string().as_bytes());
         let (dir, base) = name.rsplit_once('/').unwrap_or((".", &name));
-        ustar_name = format!("{dir}/GNUSparseFile.0/{base}");
+        format!("{dir}/GNUSparseFile.0/{base}")
     } else {
         push("path", name.as_bytes());
-        ustar_name = name.clone();
-    }
+        name.clone()
+    };
     push("size", data_len.to_string().as_bytes());
     if !linkname.is_empty() {
         push("linkpath", linkname.as_bytes());
@@ -912,7 +911,8 @@ mod tests {
             let e = item_entry(&SetId::new("s"), &h, 1).unwrap();
             let mut data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
             for hole in &holes {
-                data[hole[0] as usize..(hole[0] + hole[1]) as usize].fill(0);
+                let (a, b) = (usize::try_from(hole[0]).unwrap(), usize::try_from(hole[0] + hole[1]).unwrap());
+                data[a..b].fill(0);
             }
             let mut s = EntryStream::new("f", &e);
             let mut area = e.head[e.data_at..].to_vec();

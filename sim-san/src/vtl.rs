@@ -500,7 +500,10 @@ impl Library {
                     return Err((errno::EROFS, "write-protected".into()));
                 }
                 if payload.is_empty()
-                    || (bs > 0 && payload.len() % usize::try_from(bs).unwrap_or(1) != 0)
+                    || (bs > 0
+                        && !payload
+                            .len()
+                            .is_multiple_of(usize::try_from(bs).unwrap_or(1)))
                 {
                     return Err((
                         errno::EINVAL,

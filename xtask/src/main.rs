@@ -116,6 +116,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "nbd_negotiation",
     "control_requests",
     "tar_index",
+    "tape_records",
 ];
 
 /// Run every fuzz target for `seconds`, with the committed seeds. cargo-fuzz
