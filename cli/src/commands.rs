@@ -425,6 +425,12 @@ fn media_plugin(m: &MediaArgs) -> anyhow::Result<(String, serde_json::Value)> {
     Ok((name.to_string(), serde_json::Value::Object(cfg)))
 }
 
+/// What the media's plugin says about itself.
+fn media_info(reg: &PluginRegistry, m: &MediaArgs) -> Option<floe_core::abi::PluginInfo> {
+    let (name, _) = media_plugin(m).ok()?;
+    reg.get(&name).map(|p| p.info.clone())
+}
+
 fn media_writer(reg: &PluginRegistry, m: &MediaArgs) -> anyhow::Result<Box<dyn MediaWriter>> {
     let (name, cfg) = media_plugin(m)?;
     Ok(reg
@@ -581,6 +587,9 @@ fn run_backup(
         ),
     };
     let mut media = media_writer(&reg, &a.media)?;
+    // Media that build trees as they go (restic) take items in path order.
+    let mut mover = a.mover.clone();
+    mover.path_order = media_info(&reg, &a.media).is_some_and(|i| i.path_order);
     let mut client = connect_agent(&a.agent, &a.ssh)?;
     let mut pb: Option<ProgressBar> = None;
     let mut base = 0u64;
@@ -620,7 +629,7 @@ fn run_backup(
             &SetId::new(set.clone()),
             &resolver,
             media.as_mut(),
-            &a.mover,
+            &mover,
             &mut progress,
         )
         .with_context(|| format!("resume of set {set} failed; nothing was recorded as complete"))?,
@@ -629,7 +638,7 @@ fn run_backup(
             &a.sources,
             &resolver,
             media.as_mut(),
-            &a.mover,
+            &mover,
             &mut progress,
         )
         .with_context(|| {
@@ -760,10 +769,7 @@ fn run_restore_tree(
     let pb = bar(steps.len() as u64);
     // Several readers of the media, each restoring different files.
     // Tape is read by one reader, in order.
-    let sequential = media_plugin(&a.media)
-        .ok()
-        .and_then(|(name, _)| reg.require(&name, Interface::MediaReader).ok())
-        .is_some_and(|p| p.info.sequential_media);
+    let sequential = media_info(reg, &a.media).is_some_and(|i| i.sequential_media);
     let workers = if sequential {
         1
     } else {

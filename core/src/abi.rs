@@ -137,6 +137,10 @@ pub struct PluginInfo {
     /// restore opens one reader, not several in parallel.
     #[serde(default)]
     pub sequential_media: bool,
+    /// Its media writer needs items in path order (it builds directory
+    /// trees as they come, like restic): the mover writes them so.
+    #[serde(default)]
+    pub path_order: bool,
 }
 
 /// A plugin: its name and constructors. `config` is the JSON object of

@@ -199,6 +199,12 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// Error injection for tests: true when `FLOE_ERRPOINT` names this
+/// point; the caller then fails the way the real fault would.
+pub fn errpoint(name: &str) -> bool {
+    std::env::var("FLOE_ERRPOINT").is_ok_and(|v| v == name)
+}
+
 /// Pause injection for tests: when `FLOE_PAUSEPOINT` names this point
 /// (`NAME`, or `NAME:MILLIS`), the process says so on stderr
 /// (`floe: pausepoint NAME: waiting`) and waits here — until it is killed,

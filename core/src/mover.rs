@@ -55,6 +55,11 @@ pub struct MoverOptions {
     /// A label for the set.
     #[cfg_attr(feature = "cli", arg(long, default_value = ""))]
     pub label: String,
+    /// Write file items in path order instead of disk order: media that
+    /// build directory trees as they go (restic) need it. Set from the
+    /// media plugin's `PluginInfo::path_order`.
+    #[cfg_attr(feature = "cli", arg(skip = false))]
+    pub path_order: bool,
 }
 
 impl Default for MoverOptions {
@@ -67,6 +72,7 @@ impl Default for MoverOptions {
             max_read: Bytes(8 * 1024 * 1024),
             recheck_after_read: true,
             label: String::new(),
+            path_order: false,
         }
     }
 }
@@ -227,6 +233,20 @@ fn first_extent(item: &Item) -> Option<(&crate::model::DeviceId, u64)> {
 /// in walk order), then by where their bytes start on disk, so that reads
 /// sweep each device once instead of seeking back and forth in name order.
 /// Volumes keep the map's order. Pure.
+///
+/// With `by_path`, file items are ordered by path instead (component by
+/// component, as directory trees are built), volumes by id.
+pub fn order_items(items: &mut [Item], by_path: bool) {
+    if by_path {
+        items.sort_by(|a, b| {
+            std::path::Path::new(a.id.as_str()).cmp(std::path::Path::new(b.id.as_str()))
+        });
+    } else {
+        order_for_reading(items);
+    }
+}
+
+/// Disk order (see [`order_items`]).
 pub fn order_for_reading(items: &mut [Item]) {
     if !items.iter().any(|i| i.kind != ItemKind::Volume) {
         return;
@@ -1085,7 +1105,7 @@ fn move_image(
         }
     }
     map.items = keep;
-    order_for_reading(&mut map.items);
+    order_items(&mut map.items, opts.path_order);
     progress(&Progress::Frozen {
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),

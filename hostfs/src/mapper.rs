@@ -621,6 +621,7 @@ macro_rules! file_mapper_plugin {
                         floe_core::abi::Interface::Validity,
                     ],
                     sequential_media: false,
+                    path_order: false,
                 }
             }
             fn mapper(

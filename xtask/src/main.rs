@@ -50,6 +50,10 @@ fn test(extra: &[String]) -> Result<()> {
         ("blkid", "util-linux"),
         ("fsfreeze", "util-linux"),
         ("pvcreate", "lvm2"),
+        // Media (issue 4's tests): GNU tar and Debian's restic read what
+        // Floe writes, without Floe.
+        ("tar", "tar"),
+        ("restic", "restic"),
     ])?;
     util::cargo(&["build", "--workspace", "--all-targets"])?;
     // A short fuzz run of every decoder that takes bytes from a peer, then

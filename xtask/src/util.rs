@@ -39,6 +39,7 @@ pub const SHIPPED: &[&str] = &[
     "floe-plugin-reflink",
     "floe-plugin-tar",
     "floe-plugin-tape",
+    "floe-plugin-restic",
 ];
 
 /// Build the shipped packages (`release` or debug).

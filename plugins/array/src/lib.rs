@@ -272,6 +272,7 @@ impl Plugin for ArrayPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer, Interface::Mapper, Interface::Validity],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn freezer(config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

@@ -704,6 +704,7 @@ impl Plugin for DiskPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {

@@ -211,6 +211,7 @@ impl Plugin for FsFlushPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn freezer(config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

@@ -421,6 +421,7 @@ impl Plugin for LvmPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer, Interface::Mapper, Interface::Validity],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn freezer(_c: &serde_json::Value) -> Result<Box<dyn Freezer>> {

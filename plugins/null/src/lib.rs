@@ -16,6 +16,7 @@ impl Plugin for NullPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn media_writer(_config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {

@@ -134,6 +134,7 @@ impl Plugin for ReflinkPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::Freezer],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn freezer(_config: &serde_json::Value) -> Result<Box<dyn Freezer>> {

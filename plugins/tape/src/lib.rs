@@ -1079,6 +1079,7 @@ impl Plugin for TapePlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
             sequential_media: true,
+            path_order: false,
         }
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {

@@ -617,6 +617,7 @@ impl Plugin for TarPlugin {
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: vec![Interface::MediaWriter, Interface::MediaReader],
             sequential_media: false,
+            path_order: false,
         }
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
