@@ -1453,3 +1453,32 @@ pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<Verif
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use crate::model::ConfigId;
+
+    fn file(path: &str) -> Item {
+        Item {
+            id: ItemId::new(path),
+            kind: ItemKind::File,
+            size: Bytes(0),
+            config: ConfigId::new("c"),
+            meta: Default::default(),
+            extents: Vec::new(),
+            file: None,
+        }
+    }
+
+    #[test]
+    fn path_order_puts_a_directory_s_contents_before_its_next_sibling() {
+        let mut items: Vec<Item> = ["/r/a.txt", "/r/a/z", "/r/b", "/r", "/r/a"]
+            .into_iter()
+            .map(file)
+            .collect();
+        order_items(&mut items, true);
+        let got: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(got, ["/r", "/r/a", "/r/a/z", "/r/a.txt", "/r/b"]);
+    }
+}
