@@ -186,18 +186,23 @@ fn open_drive(device: &str, write: bool) -> Result<Box<dyn TapeDrive>> {
     }
 }
 
+/// Run `CHANGER VERB` through the shell, the drive in `FLOE_TAPE_DEVICE`.
+fn run_changer(ch: &str, device: &str, verb: &str) -> Result<std::process::Output> {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ch} {verb}"))
+        .env("FLOE_TAPE_DEVICE", device)
+        .output()
+        .map_err(|e| {
+            Error::new(ErrorKind::Media, format!("cannot run the changer {ch:?}")).source(e)
+        })
+}
+
 /// Run the changer (`next`, or `load LABEL`), or ask an operator at a
 /// terminal. Returns the barcode the changer printed, if any.
 fn change(cfg: &Config, verb: &str, why: &str) -> Result<Option<String>> {
     if let Some(ch) = &cfg.changer {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("{ch} {verb}"))
-            .env("FLOE_TAPE_DEVICE", &cfg.device)
-            .output()
-            .map_err(|e| {
-                Error::new(ErrorKind::Media, format!("cannot run the changer {ch:?}")).source(e)
-            })?;
+        let out = run_changer(ch, &cfg.device, verb)?;
         if !out.status.success() {
             let kind = if verb == "next" {
                 ErrorKind::MediaFull
@@ -251,14 +256,7 @@ fn changer_list(cfg: &Config) -> Result<Vec<String>> {
     let Some(ch) = &cfg.changer else {
         return Ok(Vec::new());
     };
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{ch} list"))
-        .env("FLOE_TAPE_DEVICE", &cfg.device)
-        .output()
-        .map_err(|e| {
-            Error::new(ErrorKind::Media, format!("cannot run the changer {ch:?}")).source(e)
-        })?;
+    let out = run_changer(ch, &cfg.device, "list")?;
     if !out.status.success() {
         return Err(Error::new(
             ErrorKind::Media,
