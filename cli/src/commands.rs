@@ -133,6 +133,11 @@ struct AgentArgs {
     /// array:vol* (repeatable). Nothing else is frozen or mapped.
     #[arg(long = "allow-source", value_name = "PATTERN", required = true)]
     allow_sources: Vec<String>,
+    /// A directory a mover may restore files under through this agent
+    /// (`floe restore --agent … --to-dir DIR`), repeatable. Without it,
+    /// nothing is restored through this agent.
+    #[arg(long = "allow-restore", value_name = "DIR")]
+    allow_restore: Vec<String>,
     /// Seconds a frozen image waits for its mover to come back (to resume)
     /// after the mover vanished without releasing it. Not with --stdio.
     #[arg(long, default_value_t = 900)]
@@ -329,6 +334,13 @@ struct RestoreArgs {
     to_dir: Option<PathBuf>,
     #[command(flatten)]
     tree: floe_core::restore::TreeOptions,
+    /// With --to-dir: restore on the agent's host instead of here, through
+    /// the agent (which must allow DIR with --allow-restore). Same forms as
+    /// `floe backup --agent`.
+    #[arg(long, requires = "to_dir")]
+    agent: Option<String>,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// Show what would be restored, write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -496,6 +508,7 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
         host: a.host.unwrap_or_else(hostname),
         max_frame: None,
         allow_sources: a.allow_sources,
+        allow_restore: a.allow_restore,
         image_lease: std::time::Duration::from_secs(a.image_lease),
     };
     let agent = Arc::new(Agent::new(reg, opts));
@@ -747,7 +760,7 @@ fn run_restore_tree(
     a: &RestoreArgs,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use floe_core::restore::{plan_tree, restore_tree};
+    use floe_core::restore::plan_tree;
     let set = reader
         .list_sets()?
         .into_iter()
@@ -767,26 +780,27 @@ fn run_restore_tree(
         return Ok(());
     }
     let pb = bar(steps.len() as u64);
-    // Several readers of the media, each restoring different files.
-    // Tape is read by one reader, in order.
-    let sequential = media_info(reg, &a.media).is_some_and(|i| i.sequential_media);
-    let workers = if sequential {
-        1
+    let report = if let Some(agent) = &a.agent {
+        // On the agent's host: one reader here, the files made there.
+        let mut client = connect_agent(agent, &a.ssh)?;
+        let host = client.host.clone();
+        let r = floe_core::restore::restore_tree_via_agent(
+            &mut client,
+            reader.as_mut(),
+            &set,
+            dir,
+            &a.tree,
+            &mut |_| {
+                if let Some(pb) = &pb {
+                    pb.inc(1);
+                }
+            },
+        )?;
+        eprintln!("floe: restored on {host} through its agent");
+        r
     } else {
-        std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(1, 4)
+        restore_here(reg, reader, a, &set, &steps, pb.as_ref())?
     };
-    let mut readers = Vec::with_capacity(workers);
-    readers.push(reader);
-    for _ in 1..workers {
-        readers.push(media_reader(reg, &a.media)?);
-    }
-    let report = restore_tree(&mut readers, &set, &steps, &a.tree, &mut |_| {
-        if let Some(pb) = &pb {
-            pb.inc(1);
-        }
-    })?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -804,6 +818,45 @@ fn run_restore_tree(
         bail!("{} item(s) could not be restored", report.failures.len());
     }
     Ok(())
+}
+
+/// Restore a tree to a directory on this host, with several media readers
+/// in parallel (one for sequential media such as tape).
+fn restore_here(
+    reg: &Arc<PluginRegistry>,
+    reader: Box<dyn floe_core::abi::MediaReader>,
+    a: &RestoreArgs,
+    set: &floe_core::model::SetRecord,
+    steps: &[floe_core::restore::TreeStep],
+    pb: Option<&ProgressBar>,
+) -> anyhow::Result<floe_core::restore::TreeReport> {
+    use floe_core::restore::restore_tree;
+    // Several readers of the media, each restoring different files.
+    // Tape is read by one reader, in order.
+    let sequential = media_info(reg, &a.media).is_some_and(|i| i.sequential_media);
+    let workers = if sequential {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4)
+    };
+    let mut readers = Vec::with_capacity(workers);
+    readers.push(reader);
+    for _ in 1..workers {
+        readers.push(media_reader(reg, &a.media)?);
+    }
+    Ok(restore_tree(
+        &mut readers,
+        set,
+        steps,
+        &a.tree,
+        &mut |_| {
+            if let Some(pb) = pb {
+                pb.inc(1);
+            }
+        },
+    )?)
 }
 
 fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {

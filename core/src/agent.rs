@@ -7,7 +7,7 @@ use crate::abi::{Freezer, Interface, Mapper, ValidityIndicator};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::PluginRegistry;
 use crate::map::validate_item;
-use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, Remap};
+use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, Remap};
 use crate::protocol::{read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -30,6 +30,9 @@ pub struct AgentOptions {
     /// Sources this agent may freeze and map, as patterns (`*` matches any
     /// run of characters, `?` one): `array:vol*`. Nothing else is served.
     pub allow_sources: Vec<String>,
+    /// Directories a mover may restore files under, through this agent
+    /// (`--allow-restore`). Empty: no restore through this agent.
+    pub allow_restore: Vec<String>,
 }
 
 pub use crate::pattern::glob_match;
@@ -201,8 +204,56 @@ impl Agent {
         ))
     }
 
-    fn answer(&self, images: &mut HashMap<ImageId, Frozen>, req: Request) -> Result<Response> {
+    fn answer(
+        &self,
+        images: &mut HashMap<ImageId, Frozen>,
+        restore: &mut Option<crate::restore::RestoreSession>,
+        req: Request,
+    ) -> Result<Response> {
+        let session = |r: &mut Option<crate::restore::RestoreSession>| {
+            r.take()
+                .ok_or_else(|| Error::new(ErrorKind::Protocol, "no restore begun"))
+        };
         Ok(match req {
+            Request::RestoreBegin { dest, no_owners } => {
+                let s = crate::restore::RestoreSession::begin(
+                    &dest,
+                    &self.opts.allow_restore,
+                    no_owners,
+                )
+                .map_err(|e| e.agent(&self.opts.host))?;
+                let dest = s.root().display().to_string();
+                *restore = Some(s);
+                Response::RestoreBegun { dest }
+            }
+            Request::RestoreItem { dest, record } => {
+                let mut s = session(restore)?;
+                let r = s.item(&dest, *record);
+                *restore = Some(s);
+                Response::RestoreWritten { bytes: r? }
+            }
+            Request::RestoreData { data } => {
+                let bytes = crate::protocol::b64_decode(&data)
+                    .ok_or_else(|| Error::new(ErrorKind::Protocol, "restore data is not base64"))?;
+                let mut s = session(restore)?;
+                let r = s.data(&bytes);
+                *restore = Some(s);
+                Response::RestoreWritten { bytes: r? }
+            }
+            Request::RestoreItemEnd => {
+                let mut s = session(restore)?;
+                let r = s.end_item();
+                *restore = Some(s);
+                Response::RestoreWritten { bytes: r? }
+            }
+            Request::RestoreFinish => {
+                let r = session(restore)?.finish()?;
+                Response::RestoreFinished {
+                    items: r.items as u64,
+                    bytes: r.bytes,
+                    failures: r.failures,
+                }
+            }
             Request::Hello { protocol, .. } => {
                 if protocol != VERSION {
                     return Err(Error::new(
@@ -302,6 +353,7 @@ impl Agent {
     /// the agent ends with the stream).
     pub fn serve_with_lease(&self, mut r: impl Read, mut w: impl Write, lease: bool) -> Result<()> {
         let mut images: HashMap<ImageId, Frozen> = HashMap::new();
+        let mut restore = None;
         let max = self.opts.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
         let result = loop {
             let req: Request = match read_message(&mut r, max) {
@@ -312,7 +364,7 @@ impl Agent {
                     break Err(e);
                 }
             };
-            let resp = match self.answer(&mut images, req) {
+            let resp = match self.answer(&mut images, &mut restore, req) {
                 Ok(r) => r,
                 Err(e) => Response::Error { error: e.to_wire() },
             };
@@ -447,6 +499,63 @@ impl AgentClient {
             None => Err(Error::new(ErrorKind::Remote, "the agent hung up")),
             Some(Response::Error { error }) => Err(Error::from(error)),
             Some(r) => Ok(r),
+        }
+    }
+
+    /// Begin a restore under `dest` on the agent's host; the destination
+    /// as the agent resolved it.
+    pub fn restore_begin(&mut self, dest: &str, no_owners: bool) -> Result<String> {
+        match self.call(Request::RestoreBegin {
+            dest: dest.to_string(),
+            no_owners,
+        })? {
+            Response::RestoreBegun { dest } => Ok(dest),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Make one item (a file then takes `restore_data` and
+    /// `restore_item_end`).
+    pub fn restore_item(&mut self, dest: &str, record: &ItemRecord) -> Result<u64> {
+        self.restore_written(Request::RestoreItem {
+            dest: dest.to_string(),
+            record: Box::new(record.clone()),
+        })
+    }
+
+    /// The open file's next bytes.
+    pub fn restore_data(&mut self, data: &[u8]) -> Result<u64> {
+        self.restore_written(Request::RestoreData {
+            data: crate::protocol::b64_encode(data),
+        })
+    }
+
+    /// Close and check the open file.
+    pub fn restore_item_end(&mut self) -> Result<u64> {
+        self.restore_written(Request::RestoreItemEnd)
+    }
+
+    fn restore_written(&mut self, req: Request) -> Result<u64> {
+        match self.call(req)? {
+            Response::RestoreWritten { bytes } => Ok(bytes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// End the restore: what the agent made (failures: directories whose
+    /// metadata could not be set).
+    pub fn restore_finish(&mut self) -> Result<crate::restore::TreeReport> {
+        match self.call(Request::RestoreFinish)? {
+            Response::RestoreFinished {
+                items,
+                bytes,
+                failures,
+            } => Ok(crate::restore::TreeReport {
+                items: usize::try_from(items).unwrap_or(usize::MAX),
+                bytes,
+                failures,
+            }),
+            other => Err(unexpected(&other)),
         }
     }
 

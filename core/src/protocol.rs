@@ -6,7 +6,7 @@
 //! BE, zero), payload length (u32 BE) — then the payload: one JSON message.
 
 use crate::error::{Error, ErrorKind, Result, WireError};
-use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, Remap};
+use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, Remap};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"FLOE";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// The default limit on one frame's payload (a map of millions of extents
@@ -74,6 +74,31 @@ pub enum Request {
         /// The image.
         image: ImageId,
     },
+    /// Restore through the agent: files go under `dest` on the agent's
+    /// host (which must be under one of its `--allow-restore` dirs).
+    RestoreBegin {
+        /// The destination directory, absolute.
+        dest: String,
+        /// Leave owners as the agent's user.
+        no_owners: bool,
+    },
+    /// Make this item at `dest` (under the session's destination). A file
+    /// then takes `RestoreData` frames and a `RestoreItemEnd`.
+    RestoreItem {
+        /// Where, absolute.
+        dest: String,
+        /// The item as the set recorded it (its checksum included).
+        record: Box<ItemRecord>,
+    },
+    /// The next bytes of the file being restored.
+    RestoreData {
+        /// The bytes, base64.
+        data: String,
+    },
+    /// The file's bytes are all sent: check and close it.
+    RestoreItemEnd,
+    /// The items are all sent: directories' metadata, and sync.
+    RestoreFinish,
 }
 
 /// What the agent answers.
@@ -114,11 +139,80 @@ pub enum Response {
     },
     /// Answer to `Release`.
     Released,
+    /// Answer to `RestoreBegin`: the destination as the agent resolved it.
+    RestoreBegun {
+        /// Canonical destination.
+        dest: String,
+    },
+    /// Answer to `RestoreItem`, `RestoreData` and `RestoreItemEnd`: bytes
+    /// written so far for the item (holes not counted).
+    RestoreWritten {
+        /// Bytes.
+        bytes: u64,
+    },
+    /// Answer to `RestoreFinish`.
+    RestoreFinished {
+        /// Items made.
+        items: u64,
+        /// Bytes of file content written.
+        bytes: u64,
+        /// Directories whose metadata could not be set: (item, error).
+        failures: Vec<(String, String)>,
+    },
     /// Any request failed.
     Error {
         /// What failed.
         error: WireError,
     },
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard, padded base64 (bytes inside JSON messages).
+pub fn b64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            out.push(if i <= c.len() {
+                char::from(B64[usize::try_from((n >> shift) & 63).unwrap_or(0)])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// Decode [`b64_encode`]'s form; `None` when malformed.
+pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return None;
+    }
+    let val = |c: u8| {
+        B64.iter()
+            .position(|&x| x == c)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for (k, q) in b.chunks(4).enumerate() {
+        let last = k + 1 == b.len() / 4;
+        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &q[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * u32::try_from(pad).unwrap_or(0);
+        let bytes = n.to_be_bytes();
+        let bytes = [bytes[1], bytes[2], bytes[3]];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// Frame flag: the payload is zstd-compressed JSON.
@@ -358,13 +452,21 @@ mod tests {
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(
             e.to_string()
-                .contains("protocol version 9, this build speaks 2"),
+                .contains("protocol version 9, this build speaks 3"),
             "{e}"
         );
 
         assert!(read_message::<Request>(&mut &[][..], DEFAULT_MAX_FRAME)
             .unwrap()
             .is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn base64_round_trips_and_its_decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), junk in ".{0,40}") {
+            prop_assert_eq!(b64_decode(&b64_encode(&data)), Some(data));
+            let _ = b64_decode(&junk);
+        }
     }
 
     proptest! {

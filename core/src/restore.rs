@@ -125,75 +125,159 @@ pub fn plan_tree(set: &SetRecord, dest: &Path, opts: &TreeOptions) -> Result<Vec
 
 use crate::fsmeta::io;
 
-/// Write one file's bytes from the open media item, leaving its holes
-/// unwritten, and check them against the record.
+/// A file being restored: its bytes come in chunks (from a media reader,
+/// or over the wire through the agent); holes are left unwritten and the
+/// whole is checked against the record at the end.
+pub struct FileWriter {
+    out: std::fs::File,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    pos: u64,
+    written: u64,
+    holes: Vec<[u64; 2]>,
+}
+
+impl FileWriter {
+    /// Create (replacing) the file at `path`.
+    pub fn create(path: &Path, holes: &[[u64; 2]]) -> Result<FileWriter> {
+        let _ = std::fs::remove_file(path);
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| io("create", path, e))?;
+        Ok(FileWriter {
+            out,
+            path: path.to_path_buf(),
+            hasher: blake3::Hasher::new(),
+            pos: 0,
+            written: 0,
+            holes: holes.to_vec(),
+        })
+    }
+
+    /// The next bytes of the file.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        let path = &self.path;
+        self.hasher.update(chunk);
+        // Write the parts of the chunk that are not holes.
+        let (lo, hi) = (self.pos, self.pos + chunk.len() as u64);
+        let mut at = lo;
+        for h in self.holes.iter().filter(|h| h[0] < hi && h[0] + h[1] > lo) {
+            let (hs, he) = (h[0].max(lo), (h[0] + h[1]).min(hi));
+            if hs > at {
+                let s = usize::try_from(at - lo).unwrap_or(0);
+                let e = usize::try_from(hs - lo).unwrap_or(0);
+                self.out
+                    .write_all_at(&chunk[s..e], at)
+                    .map_err(|e| io("write", path, e))?;
+                self.written += (e - s) as u64;
+            }
+            at = at.max(he);
+        }
+        if at < hi {
+            let s = usize::try_from(at - lo).unwrap_or(0);
+            self.out
+                .write_all_at(&chunk[s..], at)
+                .map_err(|e| io("write", path, e))?;
+            self.written += (chunk.len() - s) as u64;
+        }
+        self.pos = hi;
+        Ok(())
+    }
+
+    /// All bytes are in: set the length and check them against the
+    /// record; the bytes written (holes not counted).
+    pub fn finish(self, rec: &ItemRecord) -> Result<u64> {
+        let path = &self.path;
+        self.out
+            .set_len(self.pos)
+            .map_err(|e| io("set the length of", path, e))?;
+        let sum = self.hasher.finalize().to_hex().to_string();
+        if self.pos != rec.trailer.length.0 || sum != rec.trailer.blake3 {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "restored {} bytes with BLAKE3 {sum}, the set recorded {} bytes with {}",
+                    self.pos, rec.trailer.length, rec.trailer.blake3
+                ),
+            )
+            .item(&rec.header.item)
+            .path(path));
+        }
+        Ok(self.written)
+    }
+}
+
+/// Write one file's bytes from the open media item.
 fn write_file(
     reader: &mut dyn MediaReader,
     path: &Path,
     rec: &ItemRecord,
     holes: &[[u64; 2]],
 ) -> Result<u64> {
-    let _ = std::fs::remove_file(path);
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| io("create", path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut pos = 0u64;
-    let mut written = 0u64;
+    let mut w = FileWriter::create(path, holes)?;
     loop {
         let chunk = reader.read(4 << 20)?;
         if chunk.is_empty() {
             break;
         }
-        hasher.update(&chunk);
-        // Write the parts of the chunk that are not holes.
-        let (lo, hi) = (pos, pos + chunk.len() as u64);
-        let mut at = lo;
-        for h in holes.iter().filter(|h| h[0] < hi && h[0] + h[1] > lo) {
-            let (hs, he) = (h[0].max(lo), (h[0] + h[1]).min(hi));
-            if hs > at {
-                let s = usize::try_from(at - lo).unwrap_or(0);
-                let e = usize::try_from(hs - lo).unwrap_or(0);
-                out.write_all_at(&chunk[s..e], at)
-                    .map_err(|e| io("write", path, e))?;
-                written += (e - s) as u64;
-            }
-            at = at.max(he);
-        }
-        if at < hi {
-            let s = usize::try_from(at - lo).unwrap_or(0);
-            out.write_all_at(&chunk[s..], at)
-                .map_err(|e| io("write", path, e))?;
-            written += (chunk.len() - s) as u64;
-        }
-        pos = hi;
+        w.push(&chunk)?;
     }
-    out.set_len(pos)
-        .map_err(|e| io("set the length of", path, e))?;
-    let sum = hasher.finalize().to_hex().to_string();
-    if pos != rec.trailer.length.0 || sum != rec.trailer.blake3 {
-        return Err(Error::new(
-            ErrorKind::ChecksumMismatch,
-            format!(
-                "restored {pos} bytes with BLAKE3 {sum}, the set recorded {} bytes with {}",
-                rec.trailer.length, rec.trailer.blake3
-            ),
-        )
-        .item(&rec.header.item)
-        .path(path));
-    }
-    Ok(written)
+    w.finish(rec)
 }
 
 fn make(reader: &mut dyn MediaReader, set: &SetRecord, step: &TreeStep) -> Result<u64> {
     let h = &step.item.header;
-    let f = h.file.as_ref().expect("planned items have file metadata");
-    let p = &step.dest;
+    if h.kind == ItemKind::File {
+        let f = h.file.as_ref().expect("planned items have file metadata");
+        make_parent(&step.dest)?;
+        let rec = reader.open_item(&set.header.set, &h.item)?;
+        return write_file(reader, &step.dest, &rec, &f.holes);
+    }
+    make_node(step)
+}
+
+fn make_parent(p: &Path) -> Result<()> {
     if let Some(parent) = p.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io("create directory", parent, e))?;
     }
+    Ok(())
+}
+
+/// Where a hard link's first name was restored: at the same depth below
+/// the same base as the link.
+fn hard_link_source(step: &TreeStep) -> Result<PathBuf> {
+    let h = &step.item.header;
+    let f = h.file.as_ref().ok_or_else(|| {
+        Error::new(ErrorKind::Media, "a hard link without file metadata").item(&h.item)
+    })?;
+    let t = f.target.as_deref().ok_or_else(|| {
+        Error::new(ErrorKind::Media, "link without a target on media").item(&h.item)
+    })?;
+    let rel = safe_rel(t).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Media,
+            format!("hard link target {t:?} is outside the destination"),
+        )
+        .item(&h.item)
+    })?;
+    let depth = Path::new(&f.path).components().count();
+    let mut base = step.dest.clone();
+    for _ in 0..depth {
+        base.pop();
+    }
+    Ok(base.join(rel))
+}
+
+/// Make an item that has no bytes: a directory, link, FIFO or node.
+fn make_node(step: &TreeStep) -> Result<u64> {
+    let h = &step.item.header;
+    let f = h.file.as_ref().ok_or_else(|| {
+        Error::new(ErrorKind::Media, "a file item without file metadata").item(&h.item)
+    })?;
+    let p = &step.dest;
+    make_parent(p)?;
     let node = |ft: rustix::fs::FileType, dev: u64| {
         let _ = std::fs::remove_file(p);
         rustix::fs::mknodat(
@@ -212,32 +296,22 @@ fn make(reader: &mut dyn MediaReader, set: &SetRecord, step: &TreeStep) -> Resul
     };
     match h.kind {
         ItemKind::Directory => {
+            // A symlink where a directory goes is replaced, never followed
+            // (its target's metadata is not ours to set).
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                std::fs::remove_file(p).map_err(|e| io("replace symlink", p, e))?;
+            }
             std::fs::create_dir_all(p).map_err(|e| io("create directory", p, e))?;
         }
         ItemKind::File => {
-            let rec = reader.open_item(&set.header.set, &h.item)?;
-            return write_file(reader, p, &rec, &f.holes);
+            return Err(Error::new(ErrorKind::Media, "a file needs its bytes").item(&h.item))
         }
         ItemKind::Symlink => {
             let _ = std::fs::remove_file(p);
             std::os::unix::fs::symlink(target()?, p).map_err(|e| io("create symlink", p, e))?;
         }
         ItemKind::HardLink => {
-            let t = target()?;
-            let rel = safe_rel(&t).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Media,
-                    format!("hard link target {t:?} is outside the destination"),
-                )
-                .item(&h.item)
-            })?;
-            // The first name sits at the same depth below the same base.
-            let depth = Path::new(&f.path).components().count();
-            let mut base = p.clone();
-            for _ in 0..depth {
-                base.pop();
-            }
-            let first = base.join(rel);
+            let first = hard_link_source(step)?;
             let _ = std::fs::remove_file(p);
             std::fs::hard_link(&first, p).map_err(|e| io("create hard link", p, e))?;
             return Ok(0);
@@ -350,6 +424,244 @@ pub fn restore_tree(
                 .push((step.item.header.item.to_string(), e.to_string()));
         }
     }
+    Ok(report)
+}
+
+/// Restore through the agent, on the agent's side: one session per
+/// connection. The mover sends each planned item (and a file's bytes);
+/// the session makes it under a destination the agent allows
+/// (`--allow-restore`), never through a symlink and never outside it.
+pub struct RestoreSession {
+    root: PathBuf,
+    owners: bool,
+    file: Option<(FileWriter, TreeStep)>,
+    dirs: Vec<TreeStep>,
+    items: u64,
+    bytes: u64,
+}
+
+impl RestoreSession {
+    /// Begin restoring under `dest`, which must lie under one of `allow`.
+    pub fn begin(dest: &str, allow: &[String], no_owners: bool) -> Result<RestoreSession> {
+        let denied = |why: String| Error::new(ErrorKind::Denied, why).op("restore");
+        let d = Path::new(dest);
+        if !d.is_absolute() || d.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(denied(format!(
+                "restore destination {dest:?} must be absolute, without `..`"
+            )));
+        }
+        let allowed: Vec<PathBuf> = allow
+            .iter()
+            .filter_map(|a| std::fs::canonicalize(a).ok())
+            .collect();
+        // The nearest existing ancestor decides (what is created below it
+        // cannot be a symlink yet).
+        let mut existing = d.to_path_buf();
+        while !existing.exists() {
+            if !existing.pop() {
+                break;
+            }
+        }
+        let canon = std::fs::canonicalize(&existing).map_err(|e| io("resolve", &existing, e))?;
+        if !allowed.iter().any(|a| canon.starts_with(a)) {
+            return Err(denied(format!(
+                "restore destination {dest} is not under this agent's --allow-restore directories ({})",
+                allow.join(", ")
+            )));
+        }
+        let root = canon.join(d.strip_prefix(&existing).unwrap_or(Path::new("")));
+        std::fs::create_dir_all(&root).map_err(|e| io("create directory", &root, e))?;
+        Ok(RestoreSession {
+            root,
+            owners: !no_owners && rustix::process::geteuid().is_root(),
+            file: None,
+            dirs: Vec::new(),
+            items: 0,
+            bytes: 0,
+        })
+    }
+
+    /// The destination, resolved.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `path` lies under the root, and no directory on the way there is a
+    /// symlink (a restored symlink must not carry later items elsewhere).
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |why: &str| {
+            Error::new(ErrorKind::Denied, format!("{}: {why}", path.display())).op("restore")
+        };
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| bad("outside the destination"))?;
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(bad("not a plain path below the destination"));
+        }
+        let mut at = self.root.clone();
+        let comps: Vec<_> = rel.components().collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
+                    return Err(bad(
+                        "a directory on the way is a symlink or not a directory",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Make an item at `dest`. A file is opened and waits for its bytes.
+    pub fn item(&mut self, dest: &str, record: ItemRecord) -> Result<u64> {
+        if self.file.is_some() {
+            return Err(Error::new(ErrorKind::Protocol, "a file is still open"));
+        }
+        let step = TreeStep {
+            dest: PathBuf::from(dest),
+            item: record,
+        };
+        self.check(&step.dest)?;
+        let h = &step.item.header;
+        let f = h.file.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Media,
+                "only file-system items restore through the agent",
+            )
+            .item(&h.item)
+        })?;
+        match h.kind {
+            ItemKind::File => {
+                make_parent(&step.dest)?;
+                self.file = Some((FileWriter::create(&step.dest, &f.holes)?, step));
+                return Ok(0);
+            }
+            ItemKind::HardLink => self.check(&hard_link_source(&step)?)?,
+            _ => {}
+        }
+        make_node(&step)?;
+        match h.kind {
+            ItemKind::Directory => self.dirs.push(step),
+            ItemKind::HardLink => {}
+            kind => crate::fsmeta::apply_meta(&step.dest, kind, &f, self.owners)?,
+        }
+        self.items += 1;
+        Ok(0)
+    }
+
+    /// The open file's next bytes.
+    pub fn data(&mut self, bytes: &[u8]) -> Result<u64> {
+        let (w, _) = self
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Protocol, "no file open"))?;
+        if let Err(e) = w.push(bytes) {
+            if let Some((_, step)) = self.file.take() {
+                let _ = std::fs::remove_file(&step.dest);
+            }
+            return Err(e);
+        }
+        Ok(w.written)
+    }
+
+    /// The open file is complete: check it, set its metadata.
+    pub fn end_item(&mut self) -> Result<u64> {
+        let (w, step) = self
+            .file
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Protocol, "no file open"))?;
+        let n = w.finish(&step.item).inspect_err(|_| {
+            // A file that is not what the set recorded is not left behind.
+            let _ = std::fs::remove_file(&step.dest);
+        })?;
+        let f = step.item.header.file.as_ref().expect("checked at item");
+        crate::fsmeta::apply_meta(&step.dest, ItemKind::File, f, self.owners)?;
+        self.items += 1;
+        self.bytes += n;
+        Ok(n)
+    }
+
+    /// Everything is made: sync, then directories' metadata, deepest
+    /// first. The failures are directories whose metadata failed.
+    pub fn finish(mut self) -> Result<TreeReport> {
+        if let Ok(d) = std::fs::File::open(&self.root) {
+            rustix::fs::syncfs(&d).map_err(|e| io("sync", &self.root, e))?;
+        }
+        self.dirs
+            .sort_by_key(|s| std::cmp::Reverse(s.dest.components().count()));
+        let mut failures = Vec::new();
+        for step in &self.dirs {
+            let f = step.item.header.file.as_ref().expect("checked at item");
+            if let Err(e) =
+                crate::fsmeta::apply_meta(&step.dest, ItemKind::Directory, f, self.owners)
+            {
+                failures.push((step.item.header.item.to_string(), e.to_string()));
+            }
+        }
+        Ok(TreeReport {
+            items: usize::try_from(self.items).unwrap_or(usize::MAX) + self.dirs.len(),
+            bytes: self.bytes,
+            failures,
+        })
+    }
+}
+
+/// Restore through the agent, on the mover's side: read each planned item
+/// from the media and send it to the agent, which makes it on its host
+/// under `dest`. Hard links go after every file; the agent sets
+/// directories' metadata last.
+pub fn restore_tree_via_agent(
+    agent: &mut crate::agent::AgentClient,
+    reader: &mut dyn MediaReader,
+    set: &SetRecord,
+    dest: &Path,
+    opts: &TreeOptions,
+    progress: &mut dyn FnMut(&TreeStep),
+) -> Result<TreeReport> {
+    let root = agent.restore_begin(&dest.to_string_lossy(), opts.no_owners)?;
+    let steps = plan_tree(set, Path::new(&root), opts)?;
+    let (links, rest): (Vec<&TreeStep>, Vec<&TreeStep>) = steps
+        .iter()
+        .partition(|s| s.item.header.kind == ItemKind::HardLink);
+    let mut report = TreeReport::default();
+    for step in rest.into_iter().chain(links) {
+        let h = &step.item.header;
+        let dest = step.dest.to_string_lossy().to_string();
+        let r = (|| -> Result<u64> {
+            if h.kind != ItemKind::File {
+                return agent.restore_item(&dest, &step.item);
+            }
+            let rec = reader.open_item(&set.header.set, &h.item)?;
+            agent.restore_item(&dest, &rec)?;
+            let sent = (|| -> Result<()> {
+                loop {
+                    let chunk = reader.read(1 << 20)?;
+                    if chunk.is_empty() {
+                        return Ok(());
+                    }
+                    agent.restore_data(&chunk)?;
+                }
+            })();
+            // Closing checks the bytes; after a failure it closes the file
+            // (the agent removes it) so the next item can begin.
+            let end = agent.restore_item_end();
+            sent?;
+            end
+        })();
+        progress(step);
+        match r {
+            Ok(n) => {
+                report.bytes += n;
+            }
+            Err(e) => report.failures.push((h.item.to_string(), e.to_string())),
+        }
+    }
+    let done = agent.restore_finish()?;
+    report.items = done.items;
+    report.bytes = done.bytes;
+    report.failures.extend(done.failures);
     Ok(report)
 }
 

@@ -115,6 +115,7 @@ impl Lab {
                 host: "apphost".into(),
                 max_frame: None,
                 allow_sources: vec!["array:*".into()],
+                allow_restore: vec![],
                 image_lease: std::time::Duration::ZERO,
             },
         ));

@@ -237,6 +237,7 @@ fn the_agent_refuses_sources_outside_its_allowed_roots() {
             host: "strict".into(),
             max_frame: None,
             allow_sources: vec!["array:public*".into()],
+            allow_restore: vec![],
             image_lease: Duration::ZERO,
         },
     ));
