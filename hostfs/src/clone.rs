@@ -150,3 +150,69 @@ pub fn remove_clone(dest: &Path) -> Result<()> {
     unlock(dest);
     std::fs::remove_dir_all(dest).map_err(|e| io("remove", dest, e))
 }
+
+/// Frozen copies an agent left behind when it died (killed while it held
+/// an image): the entries of `dir` named `<prefix>-<secs>-<pid>[-<n>]`
+/// whose agent process is gone. A live `floe` process's copies, and this
+/// process's own, are never named. Freezers reap these before they make a
+/// new copy beside them.
+pub fn leftovers(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split('-').nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != me && !floe_alive(pid) {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Is `pid` a running `floe` process? (A reused pid of another program
+/// does not keep a dead agent's copy alive.)
+fn floe_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("floe"))
+}
+
+#[cfg(test)]
+mod leftover_tests {
+    use super::*;
+
+    #[test]
+    fn only_copies_of_dead_agents_are_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let me = std::process::id();
+        for n in [
+            format!("reflink-100-{dead_pid}"),
+            format!("reflink-100-{dead_pid}-2"),
+            format!("reflink-100-{me}"),
+            "reflink-notanumber".to_string(),
+            format!("other-100-{dead_pid}"),
+        ] {
+            std::fs::create_dir(d.path().join(n)).unwrap();
+        }
+        let got: Vec<String> = leftovers(d.path(), "reflink")
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                format!("reflink-100-{dead_pid}"),
+                format!("reflink-100-{dead_pid}-2")
+            ]
+        );
+    }
+}

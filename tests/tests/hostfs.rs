@@ -921,6 +921,90 @@ mod snapshots {
         assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
     }
 
+    /// An agent killed while it held an image leaves its snapshot or its
+    /// clones behind; the next freeze beside them removes them — only
+    /// those of agents that are gone.
+    #[test]
+    fn copies_left_by_a_dead_agent_are_reaped_by_the_next_freeze() {
+        let name = "copies_left_by_a_dead_agent_are_reaped_by_the_next_freeze";
+        let mut fs = match LoopFs::new("btrfs", 1, 512, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        make_tree(&fs.mnt, 50, 4);
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        // What a killed agent leaves: a read-only snapshot, and immutable
+        // reflink clones.
+        let snaps = fs.mnt.join(".floe-snapshots");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let left_snap = snaps.join(format!("btrfs-snapshot-100-{dead}"));
+        let st = Command::new("btrfs")
+            .args(["subvolume", "snapshot", "-r"])
+            .arg(&fs.mnt)
+            .arg(&left_snap)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let clones = fs.mnt.join(".floe-clones");
+        let left_clone = clones.join(format!("reflink-100-{dead}")).join("0");
+        std::fs::create_dir_all(&left_clone).unwrap();
+        let cp = Command::new("cp")
+            .args(["--reflink=always"])
+            .arg(fs.mnt.join("links/target.txt"))
+            .arg(left_clone.join("target.txt"))
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        assert!(Command::new("chattr")
+            .arg("+i")
+            .arg(left_clone.join("target.txt"))
+            .status()
+            .unwrap()
+            .success());
+        fs.sync();
+        fs.mover_view().unwrap();
+        for (freezer, left, dir) in [
+            ("btrfs-snapshot", left_snap.clone(), snaps.clone()),
+            (
+                "reflink",
+                left_clone.parent().unwrap().to_path_buf(),
+                clones.clone(),
+            ),
+        ] {
+            let source = format!("{freezer}:{}", fs.mnt.display());
+            let agent = AgentProcess::start(&["--allow-source", &source], &[]);
+            let media = fs.dir.path().join(format!("media-{freezer}"));
+            let (code, out, err) = floe_backup(
+                &agent.addr,
+                std::slice::from_ref(&source),
+                &media,
+                &fs.btrfs_device_args(),
+            );
+            assert_eq!(code, 0, "{freezer}: {out}\n{err}");
+            assert!(!left.exists(), "{freezer} left {} in place", left.display());
+            assert!(
+                agent
+                    .wait_for(
+                        "left by an agent that died",
+                        std::time::Duration::from_secs(5)
+                    )
+                    .is_some(),
+                "{freezer}: the agent did not say what it removed"
+            );
+            assert!(
+                !dir.exists(),
+                "{freezer}: {} not removed once empty",
+                dir.display()
+            );
+        }
+    }
+
     #[test]
     fn btrfs_snapshot_backs_up_the_frozen_tree_whatever_the_application_does() {
         frozen_copy_holds(

@@ -133,6 +133,15 @@ impl Freezer for BtrfsSnapshot {
                             std::fs::create_dir_all(&dir)
                                 .map_err(|e| Error::io("create snapshot directory", e).path(&dir))
                         })?;
+                        // Snapshots of agents that died holding them go first.
+                        for left in floe_hostfs::clone::leftovers(&dir, "btrfs-snapshot") {
+                            eprintln!(
+                                "floe agent: removing {}, left by an agent that died",
+                                left.display()
+                            );
+                            let _ =
+                                btrfs(&["subvolume".as_ref(), "delete".as_ref(), left.as_os_str()]);
+                        }
                         let snap = dir.join(id.as_str());
                         btrfs(&[
                             "subvolume".as_ref(),

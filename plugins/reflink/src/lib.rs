@@ -83,6 +83,14 @@ impl Freezer for Reflink {
                     std::fs::create_dir_all(&base)
                         .map_err(|e| Error::io("create clone directory", e).path(&base))
                 })?;
+                // Clones of agents that died holding them go first.
+                for left in floe_hostfs::clone::leftovers(&base, "reflink") {
+                    eprintln!(
+                        "floe agent: removing {}, left by an agent that died",
+                        left.display()
+                    );
+                    let _ = remove_clone(&left);
+                }
                 let dest = base.join(id.as_str()).join(k.to_string());
                 let skip = if spec.root == mp {
                     vec![CLONE_DIR.to_string()]
