@@ -1037,11 +1037,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut cat = open_catalog(cli.catalog.as_ref())?;
             let mut writer = media_writer(&reg, &media)?;
+            let mut stays = 0usize;
             for f in &forget {
                 cat.forget(f)?;
-                writer.delete_set(f)?;
+                match writer.delete_set(f) {
+                    Ok(()) => {}
+                    // Tape cannot drop one set: the catalog forgets it, the
+                    // bytes stay until the cartridge is written over.
+                    Err(e) if e.kind() == floe_core::error::ErrorKind::Unsupported => stays += 1,
+                    Err(e) => return Err(e.into()),
+                }
             }
             println!("{} set(s) kept, {} forgotten", keep.len(), forget.len());
+            if stays > 0 {
+                println!(
+                    "{stays} forgotten set(s) stay on {} until their cartridges are written over",
+                    media.media
+                );
+            }
             Ok(())
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {

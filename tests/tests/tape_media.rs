@@ -287,8 +287,10 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
     };
     let vtl = VtlProcess::start(1, 1, 256 << 20, 4 << 20);
     let media = format!("tape:{}", vtl.device(0));
+    let cat = src.dir.path().join("catalog.db");
     let mut args = src.device_args();
     args.extend(tape_spec(&vtl, 256 * K));
+    args.extend(["--catalog".to_string(), cat.display().to_string()]);
     let (code, out, err) = floe_backup_to(
         &agent.addr,
         &[format!("fsflush:{}", src.mnt.display())],
@@ -332,6 +334,33 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
     let root = x.join(&set).join(src.mnt.strip_prefix("/").unwrap());
     let diffs = compare_trees(&src.mnt, &root);
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    // A second set appends after the first; pruning to one forgets the
+    // older in the catalog and says it stays on tape.
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // a distinct set id
+    let (code, out, err) = floe_backup_to(
+        &agent.addr,
+        &[format!("fsflush:{}", src.mnt.display())],
+        &media,
+        &args,
+    );
+    assert_eq!(code, 0, "second backup failed:\n{out}\n{err}");
+    let p = floe_cmd()
+        .args(["prune", "--media", &media])
+        .args(tape_spec(&vtl, 256 * K))
+        .args(["--keep-last", "1", "--catalog"])
+        .arg(&cat)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&p.stdout);
+    assert!(
+        p.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&p.stderr)
+    );
+    assert!(
+        text.contains(&format!("forget  {set}")) && text.contains("stay on"),
+        "{text}"
+    );
 }
 
 #[test]
