@@ -12,3 +12,4 @@ pub mod mapper;
 pub mod meta;
 pub mod source;
 pub mod sys;
+pub mod volume;

@@ -39,6 +39,10 @@ pub struct SourceHandle {
     /// directory), left out of the walk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skip: Vec<String>,
+    /// The file system's volume as one item instead of its files (the
+    /// freezer holds it frozen until release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<crate::volume::VolumeMode>,
 }
 
 /// The mapper plugin for a file system type.
@@ -394,6 +398,14 @@ impl Mapper for FileMapper {
                     continue;
                 }
             };
+            if let Some(mode) = h.volume {
+                match crate::volume::map_volume(h, mode, tr.as_ref()) {
+                    Ok(item) => items.push(item),
+                    // A volume is all or nothing: the backup fails.
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
             let w = walk_skipping(spec, &h.frozen, &h.skip);
             failures.extend(w.failures);
             // In walk order: which entries to map, and the first name of
@@ -478,6 +490,24 @@ impl Mapper for FileMapper {
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
         let hs = handles(image)?;
         let (h, spec, rel, path) = locate(&hs, item)?;
+        if h.volume.is_some() {
+            let now = crate::volume::volume_config(&h.frozen);
+            if &now == since {
+                return Ok(Remap {
+                    item: item.clone(),
+                    config: now,
+                    extents: Vec::new(),
+                    after_freeze: false,
+                    size: None,
+                    file: None,
+                });
+            }
+            return Err(Error::new(
+                ErrorKind::Unstable,
+                "the file system was thawed before its volume was read: the image would not be of one point in time (raise fsflush.freeze_timeout)",
+            )
+            .item(item));
+        }
         let meta = std::fs::symlink_metadata(&path).map_err(|e| {
             Error::new(
                 ErrorKind::NotFound,
@@ -563,6 +593,9 @@ impl FileValidity {
         item: &ItemId,
     ) -> Result<ConfigId> {
         let (h, _, _, path) = locate(hs, item)?;
+        if h.volume.is_some() {
+            return Ok(crate::volume::volume_config(&h.frozen));
+        }
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),

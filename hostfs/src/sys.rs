@@ -14,6 +14,19 @@
 //! struct fiemap { __u64 fm_start, fm_length; __u32 fm_flags,
 //!                 fm_mapped_extents, fm_extent_count, fm_reserved;
 //!                 struct fiemap_extent fm_extents[]; };        /* 32 + n*56 */
+//! /* include/uapi/linux/fsmap.h */
+//! struct fsmap { __u32 fmr_device, fmr_flags; __u64 fmr_physical,
+//!                fmr_owner, fmr_offset, fmr_length;
+//!                __u64 fmr_reserved[3]; };                     /* 64 bytes */
+//! struct fsmap_head { __u32 fmh_iflags, fmh_oflags, fmh_count,
+//!                     fmh_entries; __u64 fmh_reserved[6];
+//!                     struct fsmap fmh_keys[2];
+//!                     struct fsmap fmh_recs[]; };              /* 192 + n*64 */
+//! #define FS_IOC_GETFSMAP _IOWR('X', 59, struct fsmap_head)    /* 0xC0C0583B */
+//! #define FMR_OF_LAST  0x20          /* segment is the last in the dataset */
+//! #define FMR_OWNER(type, code) (((__u64)type << 32) | ((__u64)code & 0xFFFFFFFFULL))
+//! #define FMR_OF_SPECIAL_OWNER 0x10  /* owner is a special value */
+//! #define FMR_OWN_FREE FMR_OWNER(0, 1)     /* free space */
 //! ```
 //!
 //! The thaw guard is a forked child that only calls async-signal-safe
@@ -26,6 +39,12 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 const FS_IOC_GETVERSION: libc::c_ulong = 0x8008_7601;
+const FS_IOC_GETFSMAP: libc::c_ulong = 0xC0C0_583B;
+const FMR_OF_LAST: u32 = 0x20;
+/// `FMR_OWN_FREE`: the owner of free space in a `GETFSMAP` record.
+pub const FMR_OWN_FREE: u64 = 1;
+/// `FMR_OF_SPECIAL_OWNER`: the record's owner is a special value.
+pub const FMR_OF_SPECIAL_OWNER: u32 = 0x10;
 
 /// `FIEMAP_FLAG_SYNC`: write the file's dirty data back before mapping.
 pub const FIEMAP_FLAG_SYNC: u32 = 0x1;
@@ -118,6 +137,91 @@ pub fn fiemap(fd: &impl AsRawFd, flags: u32) -> std::io::Result<Vec<FiemapExtent
         }
         start = next;
         // The kernel asks for a new call from fm_start = end of the last.
+    }
+}
+
+/// One `GETFSMAP` record: which device, where, how long, whose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsmapRecord {
+    /// `fmr_device` (the kernel's encoding of the device number).
+    pub device: u32,
+    /// Byte offset on the device.
+    pub physical: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Owner (an inode number, or a special owner such as [`FMR_OWN_FREE`]).
+    pub owner: u64,
+    /// `fmr_flags`.
+    pub flags: u32,
+}
+
+/// Every `GETFSMAP` record of the file system `fd` is on (ext4, XFS):
+/// what each physical range of its devices holds, free space included.
+pub fn getfsmap(fd: &impl AsRawFd) -> std::io::Result<Vec<FsmapRecord>> {
+    const N: usize = 512;
+    const HEAD: usize = 192;
+    const REC: usize = 64;
+    let u32_at =
+        |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+    // u64 words keep the buffer aligned for the kernel's structs.
+    let mut words = vec![0u64; (HEAD + N * REC) / 8];
+    let mut out = Vec::new();
+    // The high key: everything (device, flags, physical, owner, offset
+    // all ones; length zero, as XFS insists).
+    let mut high = [0u8; REC];
+    high[..32].fill(0xff);
+    let mut low = [0u8; REC];
+    loop {
+        words.fill(0);
+        {
+            // SAFETY: viewing the u64 buffer as bytes of the same length
+            // (u8 has no alignment or validity requirements).
+            let b = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8)
+            };
+            b[8..12].copy_from_slice(&u32::try_from(N).unwrap_or(0).to_ne_bytes());
+            b[64..64 + REC].copy_from_slice(&low);
+            b[64 + REC..64 + 2 * REC].copy_from_slice(&high);
+        }
+        // SAFETY: FS_IOC_GETFSMAP reads the head and keys and writes at most
+        // fmh_count (N) records after them; the buffer holds HEAD + N*REC
+        // bytes, 8-byte aligned.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSMAP, words.as_mut_ptr()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "GETFSMAP after {} records, low key {low:02x?}: {e}",
+                    out.len()
+                ),
+            ));
+        }
+        // SAFETY: as above.
+        let b = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) };
+        let entries = usize::try_from(u32_at(b, 12)).unwrap_or(0).min(N);
+        if entries == 0 {
+            return Ok(out);
+        }
+        let mut last_flags = 0;
+        for k in 0..entries {
+            let r = &b[HEAD + k * REC..HEAD + (k + 1) * REC];
+            out.push(FsmapRecord {
+                device: u32_at(r, 0),
+                physical: u64_at(r, 8),
+                owner: u64_at(r, 16),
+                length: u64_at(r, 32),
+                flags: u32_at(r, 4),
+            });
+            last_flags = u32_at(r, 4);
+        }
+        if last_flags & FMR_OF_LAST != 0 {
+            return Ok(out);
+        }
+        // Go on after the last record returned.
+        low.copy_from_slice(&b[HEAD + (entries - 1) * REC..HEAD + entries * REC]);
     }
 }
 

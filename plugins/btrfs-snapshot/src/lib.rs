@@ -174,6 +174,7 @@ impl Freezer for BtrfsSnapshot {
                         snapshot: true,
                         fstype,
                         skip,
+                        volume: None,
                     })
                     .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
                 });

@@ -14,7 +14,13 @@
 //! whole in its newer version and recorded as captured after the freeze.
 //!
 //! Sources: `fsflush:/mount/point` (a file system), `fsflush:/dir`,
-//! `fsflush:/dir/file`, `fsflush:/dir/*.log`, `fsflush:/dir?from=/dir/list`.
+//! `fsflush:/dir/file`, `fsflush:/dir/*.log`, `fsflush:/dir?from=/dir/list`;
+//! and a file system's volume as one image, `fsflush:/mount/point?volume`
+//! (every block) or `?volume=allocated` (only allocated blocks, from
+//! `GETFSMAP`; ext4 and XFS). A set with a volume source stays frozen until
+//! it is released — the image is read while writes are held — still
+//! bounded by the freeze timeout: if the guard thaws first, the volume's
+//! config id changes and the backup fails rather than record a mixed image.
 
 use floe_core::abi::{Freezer, Interface, Plugin, PluginInfo};
 use floe_core::error::{Error, ErrorKind, Result};
@@ -24,6 +30,7 @@ use floe_hostfs::identity::mount_of;
 use floe_hostfs::mapper::{mapper_for, SourceHandle};
 use floe_hostfs::source::parse_source;
 use floe_hostfs::sys::{freeze, thaw, ThawGuard};
+use floe_hostfs::volume::volume_mode;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -36,6 +43,8 @@ pub struct FsFlushPlugin;
 struct Held {
     mounts: Vec<(PathBuf, File)>,
     guard: Option<ThawGuard>,
+    /// Volume sources: frozen until release, not just while mapped.
+    hold: bool,
 }
 
 impl Held {
@@ -69,12 +78,33 @@ impl Freezer for FsFlush {
         let mut items = Vec::new();
         let mut mounts: Vec<PathBuf> = Vec::new();
         let mut mapper: Option<&'static str> = None;
+        let mut hold = false;
         for s in sources {
             let text = s.strip_prefix("fsflush:").ok_or_else(|| {
                 Error::new(ErrorKind::Config, format!("{s} is not an fsflush: source"))
             })?;
-            let spec = parse_source(text)?;
+            let (path, volume) = volume_mode(text)?;
+            let spec = parse_source(path)?;
             let (mp, fstype, _) = mount_of(&spec.root)?;
+            if volume.is_some() {
+                if spec.root != mp {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "{s}: a volume source names a mount point ({} is on {})",
+                            spec.root.display(),
+                            mp.display()
+                        ),
+                    ));
+                }
+                if !matches!(fstype.as_str(), "ext4" | "ext3" | "ext2" | "xfs") {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("{s}: volume images are of ext4 and XFS file systems (this is {fstype}; btrfs spans devices: back up its files)"),
+                    ));
+                }
+                hold = true;
+            }
             // A source on a file system no mapper supports is not frozen;
             // the mapper names it as a failure and the set goes on.
             if let Some(m) = mapper_for(&fstype) {
@@ -93,11 +123,12 @@ impl Freezer for FsFlush {
                 id: floe_core::model::ItemId::new(s.clone()),
                 source: s.clone(),
                 handle: serde_json::to_value(SourceHandle {
-                    spec: text.to_string(),
+                    spec: path.to_string(),
                     frozen: spec.root.clone(),
                     snapshot: false,
                     fstype,
                     skip: Vec::new(),
+                    volume,
                 })
                 .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
             });
@@ -138,6 +169,7 @@ impl Freezer for FsFlush {
         let mut held = Held {
             mounts: Vec::new(),
             guard: Some(guard),
+            hold,
         };
         for (mp, d) in dirs {
             if let Err(e) = freeze(&d) {
@@ -169,6 +201,11 @@ impl Freezer for FsFlush {
             return Ok(());
         };
         let fired = h.guard.as_ref().is_some_and(ThawGuard::fired);
+        if h.hold && !fired {
+            // A volume image is read while the file system stays frozen;
+            // the guard still thaws at the bound or if the agent dies.
+            return Ok(());
+        }
         h.thaw_all();
         if let Some(g) = h.guard.take() {
             g.finish();
@@ -189,6 +226,9 @@ impl Freezer for FsFlush {
     fn release(&mut self, image: &FrozenImage) -> Result<()> {
         if let Some(mut h) = self.held.remove(&image.id) {
             h.thaw_all();
+            if let Some(g) = h.guard.take() {
+                g.finish();
+            }
         }
         Ok(())
     }

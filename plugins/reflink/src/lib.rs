@@ -108,6 +108,7 @@ impl Freezer for Reflink {
                         snapshot: true,
                         fstype,
                         skip: Vec::new(),
+                        volume: None,
                     })
                     .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode handle").source(e))?,
                 });
