@@ -1627,3 +1627,35 @@ fn a_frozen_file_system_backs_up_as_a_volume_of_its_allocated_blocks() {
         std::fs::write(src.mnt.join("after.txt"), b"written after the backup").unwrap();
     }
 }
+
+/// A volume's config id holds only while its file system stays frozen:
+/// once thawed, every check sees a new id (and leaves it thawed).
+#[test]
+fn a_volume_config_id_changes_once_the_file_system_thaws() {
+    use floe_hostfs::volume::volume_config;
+    use std::process::Command;
+    let name = "a_volume_config_id_changes_once_the_file_system_thaws";
+    let fs = match LoopFs::new("ext4", 1, 64, &[], "") {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    assert!(Command::new("fsfreeze")
+        .arg("-f")
+        .arg(&fs.mnt)
+        .status()
+        .unwrap()
+        .success());
+    let frozen = volume_config(&fs.mnt);
+    assert_eq!(frozen, volume_config(&fs.mnt));
+    assert!(Command::new("fsfreeze")
+        .arg("-u")
+        .arg(&fs.mnt)
+        .status()
+        .unwrap()
+        .success());
+    let a = volume_config(&fs.mnt);
+    let b = volume_config(&fs.mnt);
+    assert!(a != frozen && b != frozen && a != b, "{frozen} {a} {b}");
+    // The probe left it thawed: writes go through.
+    std::fs::write(fs.mnt.join("w"), b"ok").unwrap();
+}
