@@ -461,6 +461,22 @@ mod tests {
             .is_none());
     }
 
+    #[test]
+    fn base64_is_the_standard_padded_alphabet() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(b64_encode(plain.as_bytes()), enc);
+            assert_eq!(b64_decode(enc).as_deref(), Some(plain.as_bytes()));
+        }
+        assert_eq!(b64_decode("Zg="), None);
+        assert_eq!(b64_decode("Zg==Zg=="), None);
+    }
+
     proptest! {
         #[test]
         fn base64_round_trips_and_its_decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300), junk in ".{0,40}") {

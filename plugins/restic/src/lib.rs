@@ -382,25 +382,6 @@ pub fn go_mode(mode: u32) -> u32 {
     g
 }
 
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= c.len() {
-                out.push(char::from(
-                    T[usize::try_from((n >> shift) & 63).unwrap_or(0)],
-                ));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn ts(t: Timestamp) -> Option<rustic_core::jiff::Timestamp> {
     rustic_core::jiff::Timestamp::new(t.sec, i32::try_from(t.nsec).unwrap_or(0)).ok()
 }
@@ -423,7 +404,8 @@ fn node_of(h: &ItemHeader, name: &str, frozen_at: u64) -> Result<Node> {
         let bytes = floe_core::fsmeta::unhex(v).ok_or_else(|| {
             Error::new(ErrorKind::InvalidMap, format!("xattr {k} is not hex")).item(&h.item)
         })?;
-        xattrs.push(serde_json::json!({"name": k, "value": base64(&bytes)}));
+        xattrs
+            .push(serde_json::json!({"name": k, "value": floe_core::protocol::b64_encode(&bytes)}));
     }
     let frozen = Timestamp {
         sec: i64::try_from(frozen_at).unwrap_or(0),
@@ -1031,16 +1013,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_map_to_go_and_base64_is_standard() {
+    fn modes_map_to_go() {
         assert_eq!(go_mode(0o100_644), 0o644);
         assert_eq!(go_mode(0o040_755), (1 << 31) | 0o755);
         assert_eq!(go_mode(0o104_755), (1 << 23) | 0o755);
         assert_eq!(go_mode(0o120_777), (1 << 27) | 0o777);
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
         assert!(decode_index(b"{}").is_err());
     }
 }
