@@ -806,3 +806,32 @@ impl AgentProcess {
         }
     }
 }
+
+/// An ext4 file system of `mib` MiB on a loop device holding a realistic
+/// tree (`make_tree(files, seed)`), synced, with a read-only view for the
+/// mover, and an agent allowed to back it up with `fsflush` (plus
+/// `agent_args`). `None`, after a loud skip naming what is missing, where
+/// this machine cannot make one.
+pub fn tree_host(
+    test: &str,
+    mib: u64,
+    files: usize,
+    seed: u64,
+    agent_args: &[&str],
+) -> Option<(LoopFs, AgentProcess, TreeFacts)> {
+    let mut src = match LoopFs::new("ext4", 1, mib, &[], "") {
+        Ok(f) => f,
+        Err(why) => {
+            crate::skip(test, &why);
+            return None;
+        }
+    };
+    let facts = make_tree(&src.mnt, files, seed);
+    src.sync();
+    src.mover_view().expect("read-only view");
+    let allow = format!("fsflush:{}*", src.mnt.display());
+    let mut args = vec!["--allow-source", allow.as_str()];
+    args.extend_from_slice(agent_args);
+    let agent = AgentProcess::start(&args, &[]);
+    Some((src, agent, facts))
+}

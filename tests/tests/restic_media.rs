@@ -4,7 +4,7 @@
 //! backup of a mostly unchanged tree adds little (deduplication); a reader
 //! error fails the set and leaves no snapshot.
 
-use floe_tests::hostfs::{compare_trees, floe_backup_to, make_tree, set_of, AgentProcess, LoopFs};
+use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host};
 use floe_tests::{floe_cmd, have, skip};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -37,15 +37,9 @@ fn restic_checks_and_restores_a_floe_snapshot_and_dedups_the_next() {
     if !have("restic") {
         return skip(name, "Debian's restic is not installed");
     }
-    let mut src = match LoopFs::new("ext4", 1, 256, &[], "") {
-        Ok(f) => f,
-        Err(why) => return skip(name, &why),
+    let Some((src, agent, facts)) = tree_host(name, 256, 500, 9, &[]) else {
+        return;
     };
-    let facts = make_tree(&src.mnt, 500, 9);
-    src.sync();
-    src.mover_view().expect("read-only view");
-    let allow = format!("fsflush:{}*", src.mnt.display());
-    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let repo = src.dir.path().join("repo");
     let pw = src.dir.path().join("pw");
     std::fs::write(&pw, "correct horse battery staple\n").unwrap();
@@ -137,15 +131,9 @@ fn a_reader_error_fails_the_set_and_leaves_no_snapshot() {
     if !have("restic") {
         return skip(name, "Debian's restic is not installed");
     }
-    let mut src = match LoopFs::new("ext4", 1, 128, &[], "") {
-        Ok(f) => f,
-        Err(why) => return skip(name, &why),
+    let Some((src, agent, _)) = tree_host(name, 128, 60, 3, &[]) else {
+        return;
     };
-    make_tree(&src.mnt, 60, 3);
-    src.sync();
-    src.mover_view().expect("read-only view");
-    let allow = format!("fsflush:{}*", src.mnt.display());
-    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let repo = src.dir.path().join("repo");
     let pw = src.dir.path().join("pw");
     std::fs::write(&pw, "pw\n").unwrap();

@@ -4,33 +4,29 @@
 //! symlink; the tree comes back exactly.
 
 use floe_tests::floe_cmd;
-use floe_tests::hostfs::{compare_trees, floe_backup, make_tree, set_of, AgentProcess, LoopFs};
+use floe_tests::hostfs::{compare_trees, floe_backup, set_of, tree_host, LoopFs};
 use floe_tests::skip;
 
 #[test]
 fn a_tree_restores_through_the_agent_only_where_it_allows() {
     let name = "a_tree_restores_through_the_agent_only_where_it_allows";
-    let mut src = match LoopFs::new("ext4", 1, 256, &[], "") {
+    // The "original host": an agent allowed to back up a file system and
+    // to restore under one directory of another file system.
+    let dst = match LoopFs::new("ext4", 1, 256, &[], "") {
         Ok(f) => f,
         Err(why) => return skip(name, &why),
     };
-    make_tree(&src.mnt, 400, 21);
-    src.sync();
-    src.mover_view().expect("read-only view");
-    // The "original host": an agent allowed to back up the file system and
-    // to restore under one directory of another file system.
-    let dst = LoopFs::new("ext4", 1, 256, &[], "").expect("second file system");
     let allowed = dst.mnt.join("restores");
     std::fs::create_dir_all(&allowed).unwrap();
-    let agent = AgentProcess::start(
-        &[
-            "--allow-source",
-            &format!("fsflush:{}*", src.mnt.display()),
-            "--allow-restore",
-            allowed.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let Some((src, agent, _)) = tree_host(
+        name,
+        256,
+        400,
+        21,
+        &["--allow-restore", allowed.to_str().unwrap()],
+    ) else {
+        return;
+    };
     let media = src.dir.path().join("media");
     let (code, out, err) = floe_backup(
         &agent.addr,

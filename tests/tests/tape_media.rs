@@ -6,7 +6,7 @@
 //! full library fail clearly and record nothing.
 
 use floe_core::tape::{errno, errno_of, MtOp, TapeDrive, VtlDrive};
-use floe_tests::hostfs::{compare_trees, floe_backup_to, make_tree, set_of, AgentProcess, LoopFs};
+use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host};
 use floe_tests::{floe_cmd, have, skip, VtlProcess};
 use std::process::Command;
 
@@ -125,30 +125,14 @@ fn tape_spec(vtl: &VtlProcess, record: u64) -> Vec<String> {
     ]
 }
 
-fn tree_source(name: &str, files: usize) -> Option<(LoopFs, AgentProcess, u64)> {
-    let mut src = match LoopFs::new("ext4", 1, 256, &[], "") {
-        Ok(f) => f,
-        Err(why) => {
-            skip(name, &why);
-            return None;
-        }
-    };
-    let facts = make_tree(&src.mnt, files, 5);
-    src.sync();
-    src.mover_view().expect("read-only view");
-    let allow = format!("fsflush:{}*", src.mnt.display());
-    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
-    Some((src, agent, facts.bytes))
-}
-
 #[test]
 fn a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_positioning() {
     let name = "a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_positioning";
-    let Some((src, agent, bytes)) = tree_source(name, 400) else {
+    let Some((src, agent, facts)) = tree_host(name, 256, 400, 5, &[]) else {
         return;
     };
     // Cartridges that hold a little over a third of the tree each.
-    let capacity = (bytes * 2 / 5).max(2 << 20);
+    let capacity = (facts.bytes * 2 / 5).max(2 << 20);
     let vtl = VtlProcess::start(1, 5, capacity, 128 * K);
     let media = format!("tape:{}", vtl.device(0));
     let opts = tape_spec(&vtl, 64 * K);
@@ -233,7 +217,10 @@ fn a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_position
     );
     let after = drive_stats(&vtl);
     let read = after["bytes_read"].as_u64().unwrap() - before["bytes_read"].as_u64().unwrap();
-    eprintln!("one file: {read} bytes of tape read; the whole set: {whole}; tree {bytes} bytes on cartridges of {capacity}");
+    eprintln!(
+        "one file: {read} bytes of tape read; the whole set: {whole}; tree {} bytes on cartridges of {capacity}",
+        facts.bytes
+    );
     assert!(
         read < whole / 10,
         "restoring one {}-byte file read {read} bytes of tape (a whole restore read {whole})",
@@ -282,7 +269,7 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
     if !have("tar") || !have("dd") {
         return skip(name, "GNU tar or dd is missing");
     }
-    let Some((src, agent, _)) = tree_source(name, 150) else {
+    let Some((src, agent, _)) = tree_host(name, 256, 150, 5, &[]) else {
         return;
     };
     let vtl = VtlProcess::start(1, 1, 256 << 20, 4 << 20);
@@ -366,7 +353,7 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
 #[test]
 fn write_protected_and_full_cartridges_fail_clearly_and_record_nothing() {
     let name = "write_protected_and_full_cartridges_fail_clearly_and_record_nothing";
-    let Some((src, agent, bytes)) = tree_source(name, 150) else {
+    let Some((src, agent, facts)) = tree_host(name, 256, 150, 5, &[]) else {
         return;
     };
     let source = [format!("fsflush:{}", src.mnt.display())];
@@ -400,7 +387,7 @@ fn write_protected_and_full_cartridges_fail_clearly_and_record_nothing() {
     assert!(err.contains("write-protected"), "{err}");
 
     // One small cartridge and nothing after it: the medium ends mid-set.
-    let small = VtlProcess::start(1, 1, (bytes / 3).max(1 << 20), 64 * K);
+    let small = VtlProcess::start(1, 1, (facts.bytes / 3).max(1 << 20), 64 * K);
     let media = format!("tape:{}", small.device(0));
     let mut args = src.device_args();
     args.extend(tape_spec(&small, 64 * K));

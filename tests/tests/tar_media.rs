@@ -158,23 +158,15 @@ fn gnu_tar_extracts_a_floe_set_byte_identical() {
 /// Floe, extracts exactly the tree — and so does `floe restore --to-dir`.
 #[test]
 fn gnu_tar_extracts_a_file_tree_set_with_its_metadata() {
-    use floe_tests::hostfs::{
-        compare_trees, floe_backup_to, make_tree, set_of, AgentProcess, LoopFs,
-    };
+    use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host};
     let name = "gnu_tar_extracts_a_file_tree_set_with_its_metadata";
     if !have("tar") {
         return skip(name, "GNU tar is not installed");
     }
-    let mut src = match LoopFs::new("ext4", 1, 256, &[], "") {
-        Ok(f) => f,
-        Err(why) => return skip(name, &why),
+    let Some((src, agent, facts)) = tree_host(name, 256, 600, 11, &[]) else {
+        return;
     };
-    let facts = make_tree(&src.mnt, 600, 11);
     assert!(facts.files > 600, "{facts:?}");
-    src.sync();
-    src.mover_view().expect("read-only view");
-    let allow = format!("fsflush:{}*", src.mnt.display());
-    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
     let media = src.dir.path().join("tar-media");
     let spec = format!("tar:{}", media.display());
     let (code, out, err) = floe_backup_to(
