@@ -257,3 +257,96 @@ pub fn checked_set_name(set: &SetId) -> Result<&str> {
     }
     Ok(s)
 }
+
+/// A committed set with its items found by id: what a media reader keeps
+/// between `open_item` calls (a set of 70,000 files is opened item by
+/// item).
+#[derive(Clone, Debug)]
+pub struct SetIndex {
+    /// The set.
+    pub record: SetRecord,
+    by_item: std::collections::HashMap<crate::model::ItemId, usize>,
+}
+
+impl SetIndex {
+    /// Index `record`'s items.
+    pub fn new(record: SetRecord) -> SetIndex {
+        let by_item = record
+            .items
+            .iter()
+            .enumerate()
+            .map(|(k, r)| (r.header.item.clone(), k))
+            .collect();
+        SetIndex { record, by_item }
+    }
+
+    /// The set's id.
+    pub fn set(&self) -> &SetId {
+        &self.record.header.set
+    }
+
+    /// One item's record, or `NotFound` naming set and item.
+    pub fn item(&self, item: &crate::model::ItemId) -> Result<crate::model::ItemRecord> {
+        self.by_item
+            .get(item)
+            .map(|&k| self.record.items[k].clone())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("set {} has no item {item}", self.set()),
+                )
+                .item(item)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigId, ImageId, ItemId, ItemKind};
+    use crate::units::Bytes;
+
+    #[test]
+    fn a_set_index_finds_items_and_names_a_missing_one() {
+        let rec = |name: &str| ItemRecord {
+            header: ItemHeader {
+                item: ItemId::new(name),
+                kind: ItemKind::Volume,
+                size: Bytes(1),
+                config: ConfigId::new("c"),
+                meta: Default::default(),
+                file: None,
+            },
+            trailer: ItemTrailer {
+                length: Bytes(1),
+                blake3: String::new(),
+                config: ConfigId::new("c"),
+                remaps: 0,
+                captured_after_freeze: false,
+            },
+            position: MediaPosition {
+                medium: "m".into(),
+                locator: name.into(),
+            },
+        };
+        let index = SetIndex::new(SetRecord {
+            header: SetHeader {
+                set: SetId::new("s1"),
+                label: String::new(),
+                agent: "h".into(),
+                sources: vec![],
+                image: ImageId::new("i"),
+                frozen_at: 1,
+                started_at: 1,
+            },
+            items: vec![rec("a"), rec("b")],
+            failures: vec![],
+            committed_at: 1,
+        });
+        assert_eq!(index.set().as_str(), "s1");
+        assert_eq!(index.item(&ItemId::new("b")).unwrap().position.locator, "b");
+        let e = index.item(&ItemId::new("zz")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.to_string().contains("set s1 has no item zz"), "{e}");
+    }
+}

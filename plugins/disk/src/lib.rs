@@ -584,7 +584,7 @@ pub struct DiskReader {
     open: Option<(File, PathBuf, u64, u64)>,
     /// The last set's record and an index of its items (a set of 70,000
     /// files is opened item by item).
-    cached: Option<(SetId, SetRecord, std::collections::HashMap<ItemId, usize>)>,
+    cached: Option<floe_core::media::SetIndex>,
 }
 
 impl DiskReader {
@@ -631,23 +631,11 @@ impl MediaReader for DiskReader {
     }
 
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
-        if self.cached.as_ref().is_none_or(|(s, _, _)| s != set) {
+        if self.cached.as_ref().is_none_or(|c| c.set() != set) {
             let record = self.load(set)?;
-            let index = record
-                .items
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.header.item.clone(), i))
-                .collect();
-            self.cached = Some((set.clone(), record, index));
+            self.cached = Some(floe_core::media::SetIndex::new(record));
         }
-        let (_, record, index) = self.cached.as_ref().expect("loaded above");
-        let rec = index
-            .get(item)
-            .map(|&i| record.items[i].clone())
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
-            })?;
+        let rec = self.cached.as_ref().expect("loaded above").item(item)?;
         let path = self.dir.join(set.as_str()).join(&rec.position.locator);
         let f = File::open(&path).map_err(|e| media_err("open item", &path, e))?;
         let len = f

@@ -827,7 +827,7 @@ impl MediaWriter for ResticWriter {
 pub struct ResticReader {
     cfg: Config,
     repo: Option<Repository<IndexedFullStatus>>,
-    sets: HashMap<SetId, (SnapshotFile, SetRecord, HashMap<ItemId, usize>)>,
+    sets: HashMap<SetId, (SnapshotFile, floe_core::media::SetIndex)>,
     open: Option<(rustic_core::vfs::OpenFile, usize, usize)>,
 }
 
@@ -878,13 +878,7 @@ impl ResticReader {
             let set = SetId::new(set);
             let bytes = Self::read_all(repo, &s, &index_path(&set))?;
             let record = decode_index(&bytes)?;
-            let by_item = record
-                .items
-                .iter()
-                .enumerate()
-                .map(|(k, r)| (r.header.item.clone(), k))
-                .collect();
-            sets.insert(set, (s, record, by_item));
+            sets.insert(set, (s, floe_core::media::SetIndex::new(record)));
         }
         self.sets = sets;
         Ok(())
@@ -894,7 +888,7 @@ impl ResticReader {
 impl MediaReader for ResticReader {
     fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
         self.load()?;
-        let mut out: Vec<SetRecord> = self.sets.values().map(|(_, r, _)| r.clone()).collect();
+        let mut out: Vec<SetRecord> = self.sets.values().map(|(_, i)| i.record.clone()).collect();
         out.sort_by(|a, b| (a.committed_at, &a.header.set).cmp(&(b.committed_at, &b.header.set)));
         Ok(out)
     }
@@ -903,18 +897,13 @@ impl MediaReader for ResticReader {
         if !self.sets.contains_key(set) {
             self.load()?;
         }
-        let (snap, record, by_item) = self.sets.get(set).ok_or_else(|| {
+        let (snap, index) = self.sets.get(set).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 format!("no set {set} in {}", self.cfg.repo.display()),
             )
         })?;
-        let rec = by_item
-            .get(item)
-            .map(|&k| record.items[k].clone())
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
-            })?;
+        let rec = index.item(item)?;
         if !rec.header.kind.has_bytes() {
             self.open = None;
             return Ok(rec);

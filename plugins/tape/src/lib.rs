@@ -858,7 +858,7 @@ pub struct TapeReader {
     /// The drive, label and position, between items.
     stream: Option<ArchiveStream>,
     open: Option<EntryReader<ArchiveStream>>,
-    sets: HashMap<SetId, (TapeIndex, HashMap<ItemId, usize>)>,
+    sets: HashMap<SetId, (TapeIndex, floe_core::media::SetIndex)>,
 }
 
 impl TapeReader {
@@ -948,15 +948,9 @@ impl TapeReader {
         self.stream = Some(s);
         let found = r?;
         for i in &found {
-            let by_item = i
-                .record
-                .items
-                .iter()
-                .enumerate()
-                .map(|(k, r)| (r.header.item.clone(), k))
-                .collect();
+            let index = floe_core::media::SetIndex::new(i.record.clone());
             self.sets
-                .insert(i.record.header.set.clone(), (i.clone(), by_item));
+                .insert(i.record.header.set.clone(), (i.clone(), index));
         }
         Ok(found)
     }
@@ -1012,7 +1006,7 @@ impl MediaReader for TapeReader {
                 self.scan(Some(&l))?;
             }
         }
-        let (index, by_item) = self.sets.get(set).ok_or_else(|| {
+        let (index, items) = self.sets.get(set).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 format!(
@@ -1021,12 +1015,7 @@ impl MediaReader for TapeReader {
                 ),
             )
         })?;
-        let rec = by_item
-            .get(item)
-            .map(|&k| index.record.items[k].clone())
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
-            })?;
+        let rec = items.item(item)?;
         let (pieces, record_size) = (index.pieces.clone(), index.record_size);
         let mut s = self.take_stream();
         if s.pieces != pieces {

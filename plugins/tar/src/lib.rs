@@ -499,7 +499,7 @@ pub struct TarReader {
     open: Option<(EntryReader<std::io::BufReader<File>>, PathBuf)>,
     /// The last set's index, by item (a set of 70,000 files is opened
     /// item by item).
-    cached: Option<(SetId, SetRecord, std::collections::HashMap<ItemId, usize>)>,
+    cached: Option<floe_core::media::SetIndex>,
 }
 
 impl MediaReader for TarReader {
@@ -531,23 +531,11 @@ impl MediaReader for TarReader {
             .path(&path)
             .source(e)
         })?;
-        if self.cached.as_ref().is_none_or(|(s, _, _)| s != set) {
+        if self.cached.as_ref().is_none_or(|c| c.set() != set) {
             let record = read_index(&mut f, &path)?;
-            let index = record
-                .items
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.header.item.clone(), i))
-                .collect();
-            self.cached = Some((set.clone(), record, index));
+            self.cached = Some(floe_core::media::SetIndex::new(record));
         }
-        let (_, record, index) = self.cached.as_ref().expect("loaded above");
-        let rec = index
-            .get(item)
-            .map(|&i| record.items[i].clone())
-            .ok_or_else(|| {
-                Error::new(ErrorKind::NotFound, format!("set {set} has no item {item}")).item(item)
-            })?;
+        let rec = self.cached.as_ref().expect("loaded above").item(item)?;
         let start: u64 = rec
             .position
             .locator
