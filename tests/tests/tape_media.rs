@@ -6,7 +6,7 @@
 //! full library fail clearly and record nothing.
 
 use floe_core::tape::{errno, errno_of, MtOp, TapeDrive, VtlDrive};
-use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host};
+use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host, AgentProcess, LoopFs};
 use floe_tests::{floe_cmd, have, skip, VtlProcess};
 use std::process::Command;
 
@@ -125,6 +125,21 @@ fn tape_spec(vtl: &VtlProcess, record: u64) -> Vec<String> {
     ]
 }
 
+/// Back up the whole tree of `src` through `agent` to the tape `media`
+/// with `args` (device arguments come first); the set id.
+fn backup_tree(src: &LoopFs, agent: &AgentProcess, media: &str, args: &[String]) -> String {
+    let mut all = src.device_args();
+    all.extend_from_slice(args);
+    let (code, out, err) = floe_backup_to(
+        &agent.addr,
+        &[format!("fsflush:{}", src.mnt.display())],
+        media,
+        &all,
+    );
+    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
+    set_of(&out)
+}
+
 #[test]
 fn a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_positioning() {
     let name = "a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_positioning";
@@ -137,17 +152,9 @@ fn a_set_spanning_three_cartridges_round_trips_and_one_file_restores_by_position
     let media = format!("tape:{}", vtl.device(0));
     let opts = tape_spec(&vtl, 64 * K);
     let cat = src.dir.path().join("catalog.db");
-    let mut args = src.device_args();
-    args.extend(opts.iter().cloned());
+    let mut args = opts.clone();
     args.extend(["--catalog".to_string(), cat.display().to_string()]);
-    let (code, out, err) = floe_backup_to(
-        &agent.addr,
-        &[format!("fsflush:{}", src.mnt.display())],
-        &media,
-        &args,
-    );
-    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
-    let set = set_of(&out);
+    let set = backup_tree(&src, &agent, &media, &args);
     let inv = vtl.inventory();
     assert_eq!(
         inv["drives"][0]["loaded"], "FL0003",
@@ -275,17 +282,9 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
     let vtl = VtlProcess::start(1, 1, 256 << 20, 4 << 20);
     let media = format!("tape:{}", vtl.device(0));
     let cat = src.dir.path().join("catalog.db");
-    let mut args = src.device_args();
-    args.extend(tape_spec(&vtl, 256 * K));
+    let mut args = tape_spec(&vtl, 256 * K);
     args.extend(["--catalog".to_string(), cat.display().to_string()]);
-    let (code, out, err) = floe_backup_to(
-        &agent.addr,
-        &[format!("fsflush:{}", src.mnt.display())],
-        &media,
-        &args,
-    );
-    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
-    let set = set_of(&out);
+    let set = backup_tree(&src, &agent, &media, &args);
     // Tape file 1 is the set's archive (file 0 is Floe's label).
     let x = src.dir.path().join("x");
     std::fs::create_dir_all(&x).unwrap();
@@ -324,13 +323,7 @@ fn gnu_tar_extracts_a_tape_file_read_out_with_dd() {
     // A second set appends after the first; pruning to one forgets the
     // older in the catalog and says it stays on tape.
     std::thread::sleep(std::time::Duration::from_millis(1100)); // a distinct set id
-    let (code, out, err) = floe_backup_to(
-        &agent.addr,
-        &[format!("fsflush:{}", src.mnt.display())],
-        &media,
-        &args,
-    );
-    assert_eq!(code, 0, "second backup failed:\n{out}\n{err}");
+    backup_tree(&src, &agent, &media, &args);
     let p = floe_cmd()
         .args(["prune", "--media", &media])
         .args(tape_spec(&vtl, 256 * K))
