@@ -662,6 +662,7 @@ fn run_backup(
         })?,
     };
     // The catalog commit is last: the set is durable on media already.
+    let catalogued = std::time::Instant::now();
     if let Some(cat) = cat.as_mut() {
         cat.record(&a.media.media, &report.set).with_context(|| {
             format!(
@@ -680,6 +681,12 @@ fn run_backup(
                 "bytes_read": report.bytes_read,
                 "bytes_written": report.bytes_written,
                 "bytes_from_agent": report.bytes_from_agent,
+                "seconds": {
+                    "map": report.timings.map.as_secs_f64(),
+                    "move": report.timings.r#move.as_secs_f64(),
+                    "media_commit": report.timings.commit.as_secs_f64(),
+                    "catalog": catalogued.elapsed().as_secs_f64(),
+                },
             })
         );
     } else {

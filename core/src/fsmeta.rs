@@ -39,16 +39,32 @@ fn ts(t: Timestamp) -> rustix::fs::Timespec {
 /// order, since a chown clears set-id bits and a chmod adjusts an ACL's
 /// mask. Never follows a symlink.
 pub fn apply_meta(path: &Path, kind: ItemKind, f: &FileMeta, owners: bool) -> Result<()> {
+    apply(Target::Path(path, kind), path, f, owners)
+}
+
+/// [`apply_meta`] through an open regular file: no path lookups (a tree
+/// restore sets the metadata of every file it just wrote).
+pub fn apply_meta_fd(file: &std::fs::File, path: &Path, f: &FileMeta, owners: bool) -> Result<()> {
+    apply(Target::Fd(file), path, f, owners)
+}
+
+enum Target<'a> {
+    Path(&'a Path, ItemKind),
+    Fd(&'a std::fs::File),
+}
+
+fn apply(target: Target<'_>, path: &Path, f: &FileMeta, owners: bool) -> Result<()> {
     use rustix::fs::{AtFlags, CWD};
     let nofollow = AtFlags::SYMLINK_NOFOLLOW;
     if owners {
-        rustix::fs::chownat(
-            CWD,
-            path,
+        let (uid, gid) = (
             Some(rustix::fs::Uid::from_raw(f.uid)),
             Some(rustix::fs::Gid::from_raw(f.gid)),
-            nofollow,
-        )
+        );
+        match target {
+            Target::Path(p, _) => rustix::fs::chownat(CWD, p, uid, gid, nofollow),
+            Target::Fd(fd) => rustix::fs::fchown(fd, uid, gid),
+        }
         .map_err(|e| io("chown", path, e))?;
     }
     for (name, value) in &f.xattrs {
@@ -59,22 +75,28 @@ pub fn apply_meta(path: &Path, kind: ItemKind, f: &FileMeta, owners: bool) -> Re
             )
             .path(path)
         })?;
-        rustix::fs::lsetxattr(path, name.as_str(), &v, rustix::fs::XattrFlags::empty())
-            .map_err(|e| io(&format!("set xattr {name} on"), path, e))?;
+        let flags = rustix::fs::XattrFlags::empty();
+        match target {
+            Target::Path(p, _) => rustix::fs::lsetxattr(p, name.as_str(), &v, flags),
+            Target::Fd(fd) => rustix::fs::fsetxattr(fd, name.as_str(), &v, flags),
+        }
+        .map_err(|e| io(&format!("set xattr {name} on"), path, e))?;
     }
-    if kind != ItemKind::Symlink {
-        rustix::fs::chmodat(
-            CWD,
-            path,
-            rustix::fs::Mode::from_raw_mode(f.mode & 0o7777),
-            AtFlags::empty(),
-        )
-        .map_err(|e| io("chmod", path, e))?;
+    let mode = rustix::fs::Mode::from_raw_mode(f.mode & 0o7777);
+    match target {
+        Target::Path(_, ItemKind::Symlink) => Ok(()),
+        Target::Path(p, _) => rustix::fs::chmodat(CWD, p, mode, AtFlags::empty()),
+        Target::Fd(fd) => rustix::fs::fchmod(fd, mode),
     }
+    .map_err(|e| io("chmod", path, e))?;
     let times = rustix::fs::Timestamps {
         last_access: ts(f.atime),
         last_modification: ts(f.mtime),
     };
-    rustix::fs::utimensat(CWD, path, &times, nofollow).map_err(|e| io("set times of", path, e))?;
+    match target {
+        Target::Path(p, _) => rustix::fs::utimensat(CWD, p, &times, nofollow),
+        Target::Fd(fd) => rustix::fs::futimens(fd, &times),
+    }
+    .map_err(|e| io("set times of", path, e))?;
     Ok(())
 }

@@ -139,6 +139,19 @@ pub struct BackupReport {
     /// Bytes received from the agent (maps, remaps, answers), as on the
     /// wire: the application host's network cost.
     pub bytes_from_agent: u64,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Wall time of a backup's phases.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// Freeze and map on the agent, until the map is in the mover's hands.
+    pub map: std::time::Duration,
+    /// Reading, checking and writing every item to media.
+    pub r#move: std::time::Duration,
+    /// The media commit (the set made durable).
+    pub commit: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -977,12 +990,17 @@ pub fn backup(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
     let started_at = now_secs();
+    let t = std::time::Instant::now();
     let (image, map) = agent.freeze(sources)?;
+    let mapped = t.elapsed();
     let start = Start::New {
         sources: sources.to_vec(),
         started_at,
     };
-    finish(agent, start, image, map, resolver, media, opts, progress)
+    finish(agent, start, image, map, resolver, media, opts, progress).map(|mut r| {
+        r.timings.map = mapped;
+        r
+    })
 }
 
 /// Resume a set whose mover died: reopen it on the media, take over its
@@ -1135,9 +1153,10 @@ fn move_image(
             return Err(fail(media, e));
         }
     }
+    let t = std::time::Instant::now();
     match write_items(agent, image, map, resolver, media, opts, progress) {
-        Ok(counters) => match media.commit() {
-            Ok(record) => {
+        Ok(counters) => match (t.elapsed(), std::time::Instant::now(), media.commit()) {
+            (moved, t, Ok(record)) => {
                 let bytes_written = record.items.iter().map(|i| i.trailer.length.0).sum();
                 Ok(BackupReport {
                     set: record,
@@ -1146,9 +1165,14 @@ fn move_image(
                     bytes_read: counters.bytes_read,
                     bytes_written,
                     bytes_from_agent: 0,
+                    timings: Timings {
+                        map: std::time::Duration::ZERO,
+                        r#move: moved,
+                        commit: t.elapsed(),
+                    },
                 })
             }
-            Err(e) => Err(fail(media, e)),
+            (_, _, Err(e)) => Err(fail(media, e)),
         },
         Err(e) => Err(fail(media, e)),
     }
@@ -1174,33 +1198,39 @@ fn write_items(
     std::thread::scope(|s| {
         for _ in 0..opts.parallel.max(1) {
             let (jobs, done, pool) = (job_rx.clone(), done_tx.clone(), &pool);
-            s.spawn(move || read_worker(jobs, done, pool));
+            std::thread::Builder::new()
+                .name("floe-read-io".into())
+                .spawn_scoped(s, move || read_worker(jobs, done, pool))
+                .map_err(|e| Error::new(ErrorKind::Io, "start a read thread").source(e))?;
         }
         drop(done_tx);
         let budget = &budget;
-        let reader = s.spawn(move || {
-            let mut r = Reader {
-                agent,
-                image,
-                resolver,
-                opts,
-                tx,
-                budget,
-                jobs: job_tx,
-                done: done_rx,
-                next_seq: 0,
-                counters: Counters::default(),
-            };
-            match r.run(map.items) {
-                Ok(()) => {
-                    let _ = r.tx.send(Msg::Done(std::mem::take(&mut r.counters)));
+        let reader = std::thread::Builder::new()
+            .name("floe-reader".into())
+            .spawn_scoped(s, move || {
+                let mut r = Reader {
+                    agent,
+                    image,
+                    resolver,
+                    opts,
+                    tx,
+                    budget,
+                    jobs: job_tx,
+                    done: done_rx,
+                    next_seq: 0,
+                    counters: Counters::default(),
+                };
+                match r.run(map.items) {
+                    Ok(()) => {
+                        let _ = r.tx.send(Msg::Done(std::mem::take(&mut r.counters)));
+                    }
+                    Err(e) => {
+                        let _ = r.tx.send(Msg::Failed(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = r.tx.send(Msg::Failed(e));
-                }
-            }
-            // Dropping r closes the job channel: the workers end.
-        });
+                // Dropping r closes the job channel: the workers end.
+            })
+            .map_err(|e| Error::new(ErrorKind::Io, "start the reader thread").source(e))?;
         // However the writer ends — result, error or panic — the reader
         // must not stay waiting for room to hand it more.
         struct CloseOnDrop<'b>(&'b Budget);

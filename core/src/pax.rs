@@ -523,6 +523,67 @@ pub fn archive_end(pos: u64, record: u64) -> Vec<u8> {
     vec![0u8; usize::try_from(2 * BLOCK + rest).unwrap_or(0)]
 }
 
+/// Magic of the index locator: the last block of a Floe archive on disk
+/// says where its index entry starts, so a reader finds the index without
+/// walking every header (GNU tar stops at the two zero blocks before it).
+pub const LOCATOR_MAGIC: &[u8; 8] = b"FLOEILOC";
+/// Index locator version.
+pub const LOCATOR_VERSION: u32 = 1;
+
+/// The end of an archive whose index entry is `index_len` bytes at
+/// `index_at`: [`archive_end`], with one more record when the padding has
+/// no room, and the locator in the very last block.
+pub fn archive_end_located(pos: u64, record: u64, index_at: u64, index_len: u64) -> Vec<u8> {
+    let mut end = archive_end(pos, record);
+    let block = usize::try_from(BLOCK).unwrap_or(512);
+    if end.len() < 2 * block + block {
+        end.resize(end.len() + usize::try_from(record).unwrap_or(block), 0);
+    }
+    let at = end.len() - block;
+    end[at..].copy_from_slice(&locator(index_at, index_len));
+    end
+}
+
+/// The locator block: magic, version, index offset and length (little
+/// endian), the FNV-1a 64 of those 28 bytes (little endian), zeros.
+pub fn locator(index_at: u64, index_len: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    b[..8].copy_from_slice(LOCATOR_MAGIC);
+    b[8..12].copy_from_slice(&LOCATOR_VERSION.to_le_bytes());
+    b[12..20].copy_from_slice(&index_at.to_le_bytes());
+    b[20..28].copy_from_slice(&index_len.to_le_bytes());
+    let sum = fnv1a(&b[..28]);
+    b[28..36].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+/// FNV-1a, 64 bits: a check against torn or stray bytes, not an
+/// adversary (the index it leads to is decoded and checked in full).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Decode an archive's last block as a locator: (index offset, length),
+/// or None when it is not one (an older archive: walk the headers).
+pub fn read_locator(block: &[u8]) -> Option<(u64, u64)> {
+    if block.len() != 512 || &block[..8] != LOCATOR_MAGIC {
+        return None;
+    }
+    let word = |r: std::ops::Range<usize>| -> Option<u64> {
+        Some(u64::from_le_bytes(block.get(r)?.try_into().ok()?))
+    };
+    let version = u32::from_le_bytes(block[8..12].try_into().ok()?);
+    if version != LOCATOR_VERSION
+        || word(28..36)? != fnv1a(&block[..28])
+        || block[36..].iter().any(|&b| b != 0)
+    {
+        return None;
+    }
+    Some((word(12..20)?, word(20..28)?))
+}
+
 /// Turns an item's bytes, as the mover hands them over, into the bytes
 /// its entry stores: everything, or only the segments outside its holes —
 /// and refuses non-zero bytes where the map said a hole is (never drop
@@ -820,6 +881,36 @@ mod tests {
         }
         .block();
         assert_eq!(parse_octal(&big[124..136]), Some(0));
+    }
+
+    #[test]
+    fn the_locator_ends_every_record_aligned_archive_and_round_trips() {
+        for (pos, record) in [
+            (0u64, 512u64),
+            (1024, 1024),
+            (512 * 7, 4096),
+            (3 * 262_144, 262_144),
+        ] {
+            let end = archive_end_located(pos, record, 12_345, 678);
+            assert_eq!((pos + end.len() as u64) % record, 0, "record aligned");
+            assert!(end[..1024].iter().all(|&b| b == 0), "two zero blocks first");
+            assert_eq!(read_locator(&end[end.len() - 512..]), Some((12_345, 678)));
+        }
+        // Any changed byte makes it not a locator.
+        let good = locator(1 << 40, 99);
+        for k in [0usize, 9, 13, 21, 30, 50, 511] {
+            let mut bad = good;
+            bad[k] ^= 1;
+            assert_eq!(read_locator(&bad), None, "byte {k}");
+        }
+        assert_eq!(read_locator(&[0u8; 512]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn the_locator_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = read_locator(&bytes);
+        }
     }
 
     fn file(size: u64, holes: Vec<[u64; 2]>) -> ItemHeader {

@@ -134,24 +134,38 @@ pub struct FileWriter {
     hasher: blake3::Hasher,
     pos: u64,
     written: u64,
+    /// The end of the last bytes written (the length, unless a hole ends
+    /// the file).
+    data_end: u64,
     holes: Vec<[u64; 2]>,
 }
 
 impl FileWriter {
     /// Create (replacing) the file at `path`.
     pub fn create(path: &Path, holes: &[[u64; 2]]) -> Result<FileWriter> {
-        let _ = std::fs::remove_file(path);
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| io("create", path, e))?;
+        // Whatever is at the path (a file, a planted symlink) is replaced,
+        // never written through.
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+        };
+        let out = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(path).map_err(|e| io("replace", path, e))?;
+                open()
+            }
+            r => r,
+        }
+        .map_err(|e| io("create", path, e))?;
         Ok(FileWriter {
             out,
             path: path.to_path_buf(),
             hasher: blake3::Hasher::new(),
             pos: 0,
             written: 0,
+            data_end: 0,
             holes: holes.to_vec(),
         })
     }
@@ -172,6 +186,7 @@ impl FileWriter {
                     .write_all_at(&chunk[s..e], at)
                     .map_err(|e| io("write", path, e))?;
                 self.written += (e - s) as u64;
+                self.data_end = hs;
             }
             at = at.max(he);
         }
@@ -181,6 +196,7 @@ impl FileWriter {
                 .write_all_at(&chunk[s..], at)
                 .map_err(|e| io("write", path, e))?;
             self.written += (chunk.len() - s) as u64;
+            self.data_end = hi;
         }
         self.pos = hi;
         Ok(())
@@ -189,10 +205,19 @@ impl FileWriter {
     /// All bytes are in: set the length and check them against the
     /// record; the bytes written (holes not counted).
     pub fn finish(self, rec: &ItemRecord) -> Result<u64> {
+        self.finish_file(rec).map(|(n, _)| n)
+    }
+
+    /// [`FileWriter::finish`], handing back the open file (to set its
+    /// metadata without a path lookup).
+    pub fn finish_file(self, rec: &ItemRecord) -> Result<(u64, std::fs::File)> {
         let path = &self.path;
-        self.out
-            .set_len(self.pos)
-            .map_err(|e| io("set the length of", path, e))?;
+        if self.data_end != self.pos {
+            // A hole ends the file: its length is not written yet.
+            self.out
+                .set_len(self.pos)
+                .map_err(|e| io("set the length of", path, e))?;
+        }
         let sum = self.hasher.finalize().to_hex().to_string();
         if self.pos != rec.trailer.length.0 || sum != rec.trailer.blake3 {
             return Err(Error::new(
@@ -205,7 +230,7 @@ impl FileWriter {
             .item(&rec.header.item)
             .path(path));
         }
-        Ok(self.written)
+        Ok((self.written, self.out))
     }
 }
 
@@ -215,7 +240,7 @@ fn write_file(
     path: &Path,
     rec: &ItemRecord,
     holes: &[[u64; 2]],
-) -> Result<u64> {
+) -> Result<(u64, std::fs::File)> {
     let mut w = FileWriter::create(path, holes)?;
     loop {
         let chunk = reader.read(4 << 20)?;
@@ -224,18 +249,50 @@ fn write_file(
         }
         w.push(&chunk)?;
     }
-    w.finish(rec)
+    w.finish_file(rec)
 }
 
-fn make(reader: &mut dyn MediaReader, set: &SetRecord, step: &TreeStep) -> Result<u64> {
+/// Make a planned item (its parent directory exists) and give it its
+/// metadata, except a directory's (set last) and a hard link's (its
+/// inode's is set through its first name).
+fn make(
+    reader: &mut dyn MediaReader,
+    set: &SetRecord,
+    step: &TreeStep,
+    owners: bool,
+) -> Result<u64> {
     let h = &step.item.header;
+    let f = h.file.as_ref().ok_or_else(|| {
+        Error::new(ErrorKind::Media, "a file item without file metadata").item(&h.item)
+    })?;
     if h.kind == ItemKind::File {
-        let f = h.file.as_ref().expect("planned items have file metadata");
-        make_parent(&step.dest)?;
         let rec = reader.open_item(&set.header.set, &h.item)?;
-        return write_file(reader, &step.dest, &rec, &f.holes);
+        let (n, file) = write_file(reader, &step.dest, &rec, &f.holes)?;
+        crate::fsmeta::apply_meta_fd(&file, &step.dest, f, owners)?;
+        return Ok(n);
     }
-    make_node(step)
+    let n = make_node(step)?;
+    match h.kind {
+        ItemKind::Directory | ItemKind::HardLink => {}
+        kind => crate::fsmeta::apply_meta(&step.dest, kind, f, owners)?,
+    }
+    Ok(n)
+}
+
+/// Every directory the steps need to exist before their items are made:
+/// the parents of every step, parents before children.
+fn parents(steps: &[TreeStep]) -> BTreeSet<PathBuf> {
+    let mut dirs = BTreeSet::new();
+    for s in steps {
+        let mut p = s.dest.parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            if !dirs.insert(d.to_path_buf()) {
+                break;
+            }
+            p = d.parent();
+        }
+    }
+    dirs
 }
 
 fn make_parent(p: &Path) -> Result<()> {
@@ -349,15 +406,22 @@ pub fn restore_tree(
     let (links, rest): (Vec<&TreeStep>, Vec<&TreeStep>) = steps
         .iter()
         .partition(|s| s.item.header.kind == ItemKind::HardLink);
-    let one = |reader: &mut dyn MediaReader, step: &TreeStep| -> Result<u64> {
-        let h = &step.item.header;
-        let n = make(reader, set, step)?;
-        let f = h.file.as_ref().expect("planned");
-        match h.kind {
-            ItemKind::Directory | ItemKind::HardLink => {} // later / shared inode
-            kind => crate::fsmeta::apply_meta(&step.dest, kind, f, owners)?,
+    // Parent directories first, once (not a mkdir per file). A symlink
+    // where one goes is replaced, never followed.
+    for d in parents(steps) {
+        match std::fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+                    std::fs::remove_file(&d).map_err(|e| io("replace symlink", &d, e))?;
+                    std::fs::create_dir(&d).map_err(|e| io("create directory", &d, e))?;
+                }
+            }
+            Err(e) => return Err(io("create directory", &d, e)),
         }
-        Ok(n)
+    }
+    let one = |reader: &mut dyn MediaReader, step: &TreeStep| -> Result<u64> {
+        make(reader, set, step, owners)
     };
     let mut record = |report: &mut TreeReport, step: &TreeStep, r: Result<u64>| {
         progress(step);

@@ -1,4 +1,4 @@
-//! Tar media: finding and decoding a set's index in an archive from the
+//! Tar media: finding (by its locator, or by walking) and decoding a set's index in an archive from the
 //! media, a GNU sparse map, and the journal — any bytes decode or fail
 //! cleanly, never a panic or a runaway.
 #![no_main]
@@ -8,6 +8,7 @@ use std::path::Path;
 fuzz_target!(|data: &[u8]| {
     let _ = floe_plugin_tar::read_index(&mut std::io::Cursor::new(data), Path::new("set.tar"));
     let _ = floe_core::pax::decode_index(data);
+    let _ = floe_core::pax::read_locator(data);
     let _ = floe_core::pax::parse_sparse_map(&mut std::io::Cursor::new(data), 1 << 40);
     let _ = floe_plugin_tar::decode_journal(data, Path::new("set.tar.journal"));
 });

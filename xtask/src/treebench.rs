@@ -1,7 +1,8 @@
 //! `cargo xtask bench --case tree`: a cold tree of 70,000 files
 //! (`../shared/bench/make-tree.py`, a source-tree-like mix) on ext4 on a
 //! loop device, backed up by Floe (agent: fsflush + fiemap; mover: reads
-//! a read-only loop device over the image with O_DIRECT) to disk media,
+//! a read-only loop device over the image with O_DIRECT) to disk media in
+//! the open format (plugin `tar`: one pax archive per set on the disk),
 //! beside `tar -cf` and `restic backup` of the same tree to the same disk,
 //! rounds interleaved, page cache dropped before each run. Then restore:
 //! `floe restore --to-dir` beside `tar -xf`.
@@ -181,6 +182,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
     let mut cpu: [Vec<f64>; 3] = Default::default();
     let (mut agent_read, mut agent_sent, mut mover_read) = (Vec::new(), Vec::new(), Vec::new());
     let mut set = String::new();
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
@@ -221,7 +223,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
             .args([
                 "backup", "--agent", &addr, "--source", &source, "--json", "--media",
             ])
-            .arg(format!("disk:{}", out.join("floe").display()))
+            .arg(format!("tar:{}", out.join("floe").display()))
             .args(["--device", &format!("{id}={ro}"), "--allow-device", &id])
             .output()?;
         if !o.status.success() {
@@ -242,6 +244,12 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         // what it received from the agent.
         agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
         mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        for (k, phase) in ["map", "move", "media_commit", "catalog"]
+            .iter()
+            .enumerate()
+        {
+            phases[k].push(v["seconds"][phase].as_f64().unwrap_or(0.0));
+        }
         eprintln!(
             "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B)",
             t[0][round], t[1][round], w, after.0 - before.0, after.1 - before.1, agent_sent[round]
@@ -255,7 +263,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dest);
         let (w, _) = timed_shell(
             &format!(
-                "'{}' restore --media disk:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
+                "'{}' restore --media tar:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
                 bin.join("floe").display(),
                 out.join("floe").display(),
                 dest.display(),
@@ -295,6 +303,13 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         median(&agent_sent),
         median(&mover_read)
     );
+    println!(
+        "    phases: freeze+map {:.2} s, move {:.2} s, media commit {:.2} s, catalog {:.2} s",
+        median(&phases[0]),
+        median(&phases[1]),
+        median(&phases[2]),
+        median(&phases[3])
+    );
     println!("  floe / tar         {:.3}  (target <= 0.2)", floe / tar);
     println!(
         "  floe / restic      {:.3}  (target <= 0.15)",
@@ -321,6 +336,8 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         "agent_read_bytes": median(&agent_read), "agent_sent_bytes": median(&agent_sent),
         "mover_read_bytes": median(&mover_read),
         "restore_floe_s": median(&rt[0]), "restore_tar_s": median(&rt[1]),
+        "floe_phases_s": {"map": median(&phases[0]), "move": median(&phases[1]),
+            "media_commit": median(&phases[2]), "catalog": median(&phases[3])},
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;
     std::fs::write(

@@ -25,9 +25,15 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use floe_core::pax::{archive_end, index_entry, item_entry, EntryReader, EntryStream};
+use floe_core::pax::{archive_end_located, index_entry, item_entry, EntryReader, EntryStream};
 pub use floe_core::pax::{Index, BLOCK, INDEX_MAGIC, INDEX_VERSION as VERSION};
 const DEFAULT_RECORD: u64 = 256 * 1024;
+/// Read buffer of a restore: a tree's small items come from it without
+/// a read each.
+const READ_BUFFER: usize = 256 * 1024;
+/// Largest index entry a locator may point at (a set of millions of items
+/// stays well below).
+const MAX_INDEX: u64 = 4 << 30;
 
 /// What a partial archive's journal says: enough to resume it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,8 +446,10 @@ impl MediaWriter for TarWriter {
                 let e = item_entry(&w.header.set, &h, w.header.frozen_at)?;
                 put(&mut w, &e.head)?;
             }
-            put(&mut w, &index_entry(&record)?)?;
-            let end = archive_end(w.pos, record_size);
+            let index = index_entry(&record)?;
+            let index_at = w.pos;
+            put(&mut w, &index)?;
+            let end = archive_end_located(w.pos, record_size, index_at, index.len() as u64);
             put(&mut w, &end)?;
             w.file
                 .sync_all()
@@ -484,6 +492,35 @@ impl MediaWriter for TarWriter {
 /// Find and decode a set's index by walking the archive's headers
 /// (seeking over data).
 pub fn read_index(r: &mut (impl Read + Seek), path: &Path) -> Result<SetRecord> {
+    // The last block locates the index entry; archives without one are
+    // walked header by header.
+    let len = r
+        .seek(SeekFrom::End(0))
+        .map_err(|e| media_err("seek archive", path, e))?;
+    if len >= 2 * BLOCK {
+        let mut last = [0u8; 512];
+        r.seek(SeekFrom::Start(len - BLOCK))
+            .and_then(|_| r.read_exact(&mut last))
+            .map_err(|e| media_err("read archive", path, e))?;
+        if let Some((at, n)) = floe_core::pax::read_locator(&last).filter(|(at, n)| {
+            at.checked_add(*n).is_some_and(|e| e <= len - BLOCK) && *n <= MAX_INDEX
+        }) {
+            let mut entry = vec![0u8; usize::try_from(n).unwrap_or(0)];
+            r.seek(SeekFrom::Start(at))
+                .and_then(|_| r.read_exact(&mut entry))
+                .map_err(|e| media_err("read archive index", path, e))?;
+            let located =
+                floe_core::pax::find_index(&mut std::io::Cursor::new(entry), &mut |c, n| {
+                    let off = i64::try_from(n).map_err(std::io::Error::other)?;
+                    c.seek(SeekFrom::Current(off)).map(|_| ())
+                });
+            // A locator that points at anything but an index is ignored:
+            // the walk below is the authority.
+            if let Ok(record) = located {
+                return Ok(record);
+            }
+        }
+    }
     r.seek(SeekFrom::Start(0))
         .map_err(|e| media_err("seek archive", path, e))?;
     floe_core::pax::find_index(r, &mut |r, n| {
@@ -497,6 +534,9 @@ pub fn read_index(r: &mut (impl Read + Seek), path: &Path) -> Result<SetRecord> 
 pub struct TarReader {
     dir: PathBuf,
     open: Option<(EntryReader<std::io::BufReader<File>>, PathBuf)>,
+    /// The archive last read, between items: a tree's items are read one
+    /// after another from one open, buffered file.
+    idle: Option<(std::io::BufReader<File>, PathBuf)>,
     /// The last set's index, by item (a set of 70,000 files is opened
     /// item by item).
     cached: Option<floe_core::media::SetIndex>,
@@ -523,18 +563,31 @@ impl MediaReader for TarReader {
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
         let name = set_name(set)?;
         let path = self.dir.join(format!("{name}.tar"));
-        let mut f = File::open(&path).map_err(|e| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no set {set} on media {}", self.dir.display()),
-            )
-            .path(&path)
-            .source(e)
-        })?;
-        if self.cached.as_ref().is_none_or(|c| c.set() != set) {
-            let record = read_index(&mut f, &path)?;
-            self.cached = Some(floe_core::media::SetIndex::new(record));
+        if let Some((entry, p)) = self.open.take() {
+            self.idle = Some((entry.into_inner(), p));
         }
+        let reuse = self
+            .idle
+            .take()
+            .filter(|(_, p)| *p == path && self.cached.as_ref().is_some_and(|c| c.set() == set));
+        let mut f = match reuse {
+            Some((f, _)) => f,
+            None => {
+                let mut f = File::open(&path).map_err(|e| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("no set {set} on media {}", self.dir.display()),
+                    )
+                    .path(&path)
+                    .source(e)
+                })?;
+                if self.cached.as_ref().is_none_or(|c| c.set() != set) {
+                    let record = read_index(&mut f, &path)?;
+                    self.cached = Some(floe_core::media::SetIndex::new(record));
+                }
+                std::io::BufReader::with_capacity(READ_BUFFER, f)
+            }
+        };
         let rec = self.cached.as_ref().expect("loaded above").item(item)?;
         let start: u64 = rec
             .position
@@ -553,10 +606,17 @@ impl MediaReader for TarReader {
         } else {
             (0, false)
         };
-        f.seek(SeekFrom::Start(start))
+        // Within the buffer (the next item, or the one after), no read.
+        let at = f
+            .stream_position()
             .map_err(|e| media_err("seek archive", &path, e))?;
-        let entry = EntryReader::new(std::io::BufReader::with_capacity(1 << 20, f), size, sparse)
-            .map_err(|e| e.path(&path).item(item))?;
+        let by = i64::try_from(start).ok().zip(i64::try_from(at).ok());
+        match by {
+            Some((s, a)) => f.seek_relative(s - a),
+            None => f.seek(SeekFrom::Start(start)).map(|_| ()),
+        }
+        .map_err(|e| media_err("seek archive", &path, e))?;
+        let entry = EntryReader::new(f, size, sparse).map_err(|e| e.path(&path).item(item))?;
         self.open = Some((entry, path));
         Ok(rec)
     }
@@ -619,6 +679,7 @@ impl Plugin for TarPlugin {
     fn media_reader(config: &serde_json::Value) -> Result<Box<dyn MediaReader>> {
         let (dir, _) = config_of(config)?;
         Ok(Box::new(TarReader {
+            idle: None,
             dir,
             open: None,
             cached: None,
@@ -697,6 +758,54 @@ mod tests {
             std::fs::metadata(d.path().join("s.tar")).unwrap().len() % 1024,
             0
         );
+    }
+
+    #[test]
+    fn the_index_is_found_by_its_locator_and_without_it_by_walking() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"dir": d.path(), "record_size": 1024});
+        let mut w = TarPlugin::media_writer(&cfg).unwrap();
+        w.begin_set(&header("s")).unwrap();
+        let items: Vec<(String, Vec<u8>)> = (0..40u8)
+            .map(|k| (format!("i{k}"), vec![k; usize::from(k) * 97]))
+            .collect();
+        for (name, data) in &items {
+            let (h, t) = item(name, data);
+            w.begin_item(&h).unwrap();
+            w.write(data).unwrap();
+            w.end_item(&t).unwrap();
+        }
+        w.commit().unwrap();
+        let path = d.path().join("s.tar");
+        let bytes = std::fs::read(&path).unwrap();
+        let (at, len) = floe_core::pax::read_locator(&bytes[bytes.len() - 512..]).unwrap();
+        let tail = &bytes[usize::try_from(at + len).unwrap()..bytes.len() - 512];
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "zeros between index and locator"
+        );
+        let by_locator = read_index(&mut std::io::Cursor::new(&bytes), &path).unwrap();
+        assert_eq!(by_locator.items.len(), 40);
+        // An archive without the locator (written before it) is walked.
+        let mut old = bytes.clone();
+        let n = old.len();
+        old[n - 512..].fill(0);
+        let walked = read_index(&mut std::io::Cursor::new(&old), &path).unwrap();
+        assert_eq!(walked, by_locator);
+        // A locator pointing elsewhere is ignored, not trusted.
+        let mut wrong = bytes.clone();
+        wrong[n - 512..].copy_from_slice(&floe_core::pax::locator(0, 512));
+        assert_eq!(
+            read_index(&mut std::io::Cursor::new(&wrong), &path).unwrap(),
+            by_locator
+        );
+        // Items come back in any order from one reader (one open file).
+        let mut r = TarPlugin::media_reader(&cfg).unwrap();
+        for k in [5usize, 6, 39, 0, 7, 6] {
+            r.open_item(&SetId::new("s"), &ItemId::new(&items[k].0))
+                .unwrap();
+            assert_eq!(r.read(1 << 20).unwrap(), items[k].1, "item {k}");
+        }
     }
 
     proptest! {
