@@ -616,6 +616,11 @@ fn run_backup(
             }
         }
         Progress::Frozen { bytes, .. } => pb = bar(bytes.0),
+        Progress::Mapped { bytes, .. } => {
+            if let Some(pb) = &pb {
+                pb.inc_length(bytes.0);
+            }
+        }
         Progress::Written { item, done, size } => {
             if let Some(pb) = &pb {
                 if last_item.as_ref() != Some(item) {
@@ -681,6 +686,7 @@ fn run_backup(
                 "bytes_read": report.bytes_read,
                 "bytes_written": report.bytes_written,
                 "bytes_from_agent": report.bytes_from_agent,
+                "map_parts": report.map_parts,
                 "seconds": {
                     "map": report.timings.map.as_secs_f64(),
                     "move": report.timings.r#move.as_secs_f64(),
@@ -691,7 +697,7 @@ fn run_backup(
         );
     } else {
         println!(
-            "set {} committed{} ({} items, {} bytes, {} remaps, {} re-reads)",
+            "set {} committed{} ({} items, {} bytes, {} remaps, {} re-reads, map in {} part(s))",
             report.set.header.set,
             if report.set.failures.is_empty() {
                 ""
@@ -701,7 +707,8 @@ fn run_backup(
             report.set.items.len(),
             report.bytes_written,
             report.remaps,
-            report.rereads
+            report.rereads,
+            report.map_parts
         );
         const SHOWN: usize = 40;
         for i in report.set.items.iter().take(SHOWN) {

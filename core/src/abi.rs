@@ -19,7 +19,7 @@
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::model::{
     ConfigId, FrozenImage, ImageMap, ItemFailure, ItemHeader, ItemId, ItemRecord, ItemTrailer,
-    MediaPosition, Remap, SetHeader, SetId, SetRecord,
+    MapPart, MediaPosition, Remap, SetHeader, SetId, SetRecord,
 };
 use abi_stable::library::RootModule;
 use abi_stable::prefix_type::PrefixTypeTrait;
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -59,6 +59,16 @@ pub trait Mapper: Send {
     fn map(&mut self, image: &FrozenImage) -> Result<ImageMap>;
     /// Only the extents of `item` that changed since `since`.
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap>;
+    /// The map in parts, so the mover reads the first items while the
+    /// rest are mapped: each call gives the next items and failures, `more`
+    /// false on the last; not called again after it. Default: the whole
+    /// map in one part.
+    fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
+        Ok(MapPart {
+            map: self.map(image)?,
+            more: false,
+        })
+    }
 }
 
 /// Says whether an item's map is still valid.
@@ -195,8 +205,10 @@ pub trait MapperAbi: Send {
     /// JSON [`FrozenImage`] → JSON [`ImageMap`].
     fn map(&mut self, image: RStr<'_>) -> RResult<RString, RString>;
     /// JSON `[FrozenImage, ItemId, ConfigId]` → JSON [`Remap`].
-    #[sabi(last_prefix_field)]
     fn remap(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON [`FrozenImage`] → JSON [`MapPart`].
+    #[sabi(last_prefix_field)]
+    fn map_part(&mut self, image: RStr<'_>) -> RResult<RString, RString>;
 }
 
 /// ABI twin of [`ValidityIndicator`].
@@ -373,6 +385,11 @@ impl MapperAbi for MapperExport {
             let (img, item, since): (FrozenImage, ItemId, ConfigId) =
                 from_json(args.as_str(), "remap arguments")?;
             self.0.remap(&img, &item, &since)
+        })
+    }
+    fn map_part(&mut self, image: RStr<'_>) -> RResult<RString, RString> {
+        json_out("map part", || {
+            self.0.map_part(&from_json(image.as_str(), "image")?)
         })
     }
 }
@@ -613,6 +630,10 @@ impl Mapper for LoadedMapper {
             .1
             .remap(to_json(&(image, item, since))?.as_str().into());
         back(&self.0, "remap", r)
+    }
+    fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
+        let r = self.1.map_part(to_json(image)?.as_str().into());
+        back(&self.0, "map part", r)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::abi::{Freezer, Interface, Mapper, ValidityIndicator};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::PluginRegistry;
 use crate::map::validate_item;
-use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, Remap};
+use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, MapPart, Remap};
 use crate::protocol::{read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -37,11 +37,113 @@ pub struct AgentOptions {
 
 pub use crate::pattern::glob_match;
 
+type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Frozen {
     image: FrozenImage,
-    freezer: Box<dyn Freezer>,
-    mapper: Box<dyn Mapper>,
+    freezer: Shared<Box<dyn Freezer>>,
+    mapper: Shared<Box<dyn Mapper>>,
     validity: Box<dyn ValidityIndicator>,
+    /// The rest of a map handed out in parts, while it is being made.
+    parts: Option<MapParts>,
+}
+
+/// A mapping thread: it maps part after part at its own pace (the image
+/// may be frozen meanwhile: it never waits for the mover), lets the
+/// freezer's writes go after the last, then hands that last part out.
+struct MapParts {
+    rx: std::sync::mpsc::Receiver<Result<MapPart>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MapParts {
+    fn start(
+        image: FrozenImage,
+        freezer: Shared<Box<dyn Freezer>>,
+        mapper: Shared<Box<dyn Mapper>>,
+    ) -> Result<MapParts> {
+        use std::sync::atomic::Ordering;
+        // Unbounded: a slow mover never holds the freeze longer.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("floe-map".into())
+            .spawn(move || {
+                loop {
+                    if halt.load(Ordering::Relaxed) {
+                        // Released mid-map: let the writes go, nothing more.
+                        let _ = lock(&freezer).mapped(&image);
+                        return;
+                    }
+                    let part = lock(&mapper)
+                        .map_part(&image)
+                        .map_err(|e| e.op("map"))
+                        .and_then(|p| {
+                            p.map.items.iter().try_for_each(validate_item)?;
+                            Ok(p)
+                        });
+                    let last = part.as_ref().map_or(true, |p| !p.more);
+                    if last {
+                        // Writes held for the map go before the last part
+                        // is handed out, mapped or not.
+                        let settled = lock(&freezer).mapped(&image).map_err(|e| e.op("thaw"));
+                        let _ = tx.send(settled.and(part));
+                        return;
+                    }
+                    if tx.send(part).is_err() {
+                        let _ = lock(&freezer).mapped(&image);
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::new(ErrorKind::Io, "start the mapping thread").source(e))?;
+        Ok(MapParts {
+            rx,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The next part (blocking until it is mapped).
+    fn next(&mut self) -> Result<MapPart> {
+        let r = self.rx.recv().unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Plugin,
+                "the mapping thread ended without its last part",
+            ))
+        });
+        if r.as_ref().map_or(true, |p| !p.more) {
+            self.join();
+        }
+        r
+    }
+
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MapParts {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.join();
+    }
+}
+
+impl Frozen {
+    /// Stop mapping (if parts are still being made) and let the image go.
+    fn release(&mut self) -> Result<()> {
+        self.parts = None;
+        lock(&self.freezer).release(&self.image)
+    }
 }
 
 /// The agent.
@@ -102,7 +204,7 @@ impl Agent {
                 .collect()
         };
         for mut f in expired {
-            if let Err(e) = f.freezer.release(&f.image) {
+            if let Err(e) = f.release() {
                 eprintln!(
                     "floe agent: cannot release orphaned image {}: {e}",
                     f.image.id
@@ -133,7 +235,18 @@ impl Agent {
             .unwrap_or_else(|| serde_json::json!({}))
     }
 
-    fn freeze(&self, sources: &[String]) -> Result<(Frozen, ImageMap)> {
+    /// Check the sources, freeze them, and take the mapper and validity
+    /// indicator for what was frozen (on error, the image is let go).
+    #[allow(clippy::type_complexity)]
+    fn freeze_only(
+        &self,
+        sources: &[String],
+    ) -> Result<(
+        FrozenImage,
+        Box<dyn Freezer>,
+        Box<dyn Mapper>,
+        Box<dyn ValidityIndicator>,
+    )> {
         let first = sources
             .first()
             .ok_or_else(|| Error::new(ErrorKind::Config, "nothing to back up: no sources"))?;
@@ -164,10 +277,10 @@ impl Agent {
         let image = freezer.freeze(sources).map_err(|e| e.op("freeze"))?;
         // The freezer names the mapper for what it froze (fsflush on ext4 →
         // fiemap); by default it maps its own images.
-        let mapping = (|| {
+        let plugins = (|| {
             let name = image.mapper.as_deref().unwrap_or(plugin);
             let cfg = self.config(name);
-            let mut mapper = self
+            let mapper = self
                 .plugins
                 .require(name, Interface::Mapper)?
                 .mapper(&cfg)?;
@@ -175,12 +288,25 @@ impl Agent {
                 .plugins
                 .require(name, Interface::Validity)?
                 .validity(&cfg)?;
-            let map = mapper.map(&image).map_err(|e| e.op("map"))?;
-            Ok((mapper, validity, map))
+            Ok((mapper, validity))
         })();
+        match plugins {
+            Ok((mapper, validity)) => Ok((image, freezer, mapper, validity)),
+            Err(e) => {
+                let _ = freezer.mapped(&image);
+                let _ = freezer.release(&image);
+                Err(e)
+            }
+        }
+    }
+
+    /// Freeze and map the whole image before answering.
+    fn freeze(&self, sources: &[String]) -> Result<(Frozen, ImageMap)> {
+        let (image, mut freezer, mut mapper, validity) = self.freeze_only(sources)?;
+        let mapping = mapper.map(&image).map_err(|e| e.op("map"));
         // Writes held for the map (FIFREEZE) are let go now, mapped or not.
         let settled = freezer.mapped(&image).map_err(|e| e.op("thaw"));
-        let (mapper, validity, map) = match (mapping, settled) {
+        let map = match (mapping, settled) {
             (Ok(m), Ok(())) => m,
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let _ = freezer.release(&image);
@@ -196,12 +322,50 @@ impl Agent {
         Ok((
             Frozen {
                 image,
-                freezer,
-                mapper,
+                freezer: Arc::new(std::sync::Mutex::new(freezer)),
+                mapper: Arc::new(std::sync::Mutex::new(mapper)),
                 validity,
+                parts: None,
             },
             map,
         ))
+    }
+
+    /// Freeze, and answer with the first part of the map while a thread
+    /// maps the rest (`MapMore` hands it out).
+    fn freeze_in_parts(&self, sources: &[String]) -> Result<(Frozen, MapPart)> {
+        let (image, freezer, mapper, validity) = self.freeze_only(sources)?;
+        let freezer = Arc::new(std::sync::Mutex::new(freezer));
+        let mapper = Arc::new(std::sync::Mutex::new(mapper));
+        let parts = match MapParts::start(image.clone(), freezer.clone(), mapper.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                let mut f = lock(&freezer);
+                let _ = f.mapped(&image);
+                let _ = f.release(&image);
+                return Err(e);
+            }
+        };
+        let mut frozen = Frozen {
+            image,
+            freezer,
+            mapper,
+            validity,
+            parts: Some(parts),
+        };
+        let first = frozen.parts.as_mut().expect("started above").next();
+        match first {
+            Ok(part) => {
+                if !part.more {
+                    frozen.parts = None;
+                }
+                Ok((frozen, part))
+            }
+            Err(e) => {
+                let _ = frozen.release();
+                Err(e)
+            }
+        }
     }
 
     fn answer(
@@ -266,22 +430,61 @@ impl Agent {
                     host: self.opts.host.clone(),
                 }
             }
-            Request::Freeze { sources } => {
+            Request::Freeze {
+                sources,
+                parts: false,
+            } => {
                 let (frozen, map) = self.freeze(&sources)?;
                 let image = frozen.image.clone();
                 images.insert(image.id.clone(), frozen);
-                Response::Frozen { image, map }
+                Response::Frozen {
+                    image,
+                    map,
+                    more: false,
+                }
+            }
+            Request::Freeze {
+                sources,
+                parts: true,
+            } => {
+                let (frozen, part) = self.freeze_in_parts(&sources)?;
+                let image = frozen.image.clone();
+                images.insert(image.id.clone(), frozen);
+                Response::Frozen {
+                    image,
+                    map: part.map,
+                    more: part.more,
+                }
+            }
+            Request::MapMore { image } => {
+                let f = frozen(images, &image)?;
+                let parts = f.parts.as_mut().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Protocol,
+                        format!("image {image} has no more of its map to hand out"),
+                    )
+                })?;
+                let part = parts.next();
+                if part.as_ref().map_or(true, |p| !p.more) {
+                    f.parts = None;
+                }
+                let part = part?;
+                Response::MapPart {
+                    map: part.map,
+                    more: part.more,
+                }
             }
             Request::Attach { image } => {
                 self.reap();
-                let (mut frozen, _) = self.orphans().remove(&image).ok_or_else(|| {
+                let (frozen, _) = self.orphans().remove(&image).ok_or_else(|| {
                     Error::new(
                         ErrorKind::NotFound,
                         format!("frozen image {image} is not waiting on this agent (released, or its lease ran out)"),
                     )
                     .agent(&self.opts.host)
                 })?;
-                let map = match frozen.mapper.map(&frozen.image) {
+                let mapped = lock(&frozen.mapper).map(&frozen.image);
+                let map = match mapped {
                     Ok(m) => m,
                     Err(e) => {
                         self.orphans()
@@ -292,6 +495,7 @@ impl Agent {
                 let resp = Response::Frozen {
                     image: frozen.image.clone(),
                     map,
+                    more: false,
                 };
                 images.insert(image, frozen);
                 resp
@@ -327,8 +531,7 @@ impl Agent {
             }
             Request::Remap { image, item, since } => {
                 let f = frozen(images, &image)?;
-                let remap = f
-                    .mapper
+                let remap = lock(&f.mapper)
                     .remap(&f.image, &item, &since)
                     .map_err(|e| e.item(&item).op("remap"))?;
                 Response::Remapped { remap }
@@ -336,7 +539,7 @@ impl Agent {
             Request::Release { image } => {
                 frozen(images, &image)?;
                 let mut f = images.remove(&image).expect("checked above");
-                f.freezer.release(&f.image).map_err(|e| e.op("release"))?;
+                f.release().map_err(|e| e.op("release"))?;
                 Response::Released
             }
         })
@@ -373,10 +576,13 @@ impl Agent {
             }
         };
         for (id, mut f) in images.drain() {
+            // A map still being made stops (and lets held writes go): an
+            // attaching mover maps the image again.
+            f.parts = None;
             if lease {
                 self.orphans().insert(id, (f, std::time::Instant::now()));
             } else {
-                let _ = f.freezer.release(&f.image);
+                let _ = f.release();
             }
         }
         result
@@ -559,12 +765,40 @@ impl AgentClient {
         }
     }
 
-    /// Freeze sources.
+    /// Freeze sources; the whole map.
     pub fn freeze(&mut self, sources: &[String]) -> Result<(FrozenImage, ImageMap)> {
+        let (image, mut map, mut more) = self.freeze_in_parts(sources, false)?;
+        while more {
+            let part = self.map_more(&image.id)?;
+            map.items.extend(part.map.items);
+            map.failures.extend(part.map.failures);
+            more = part.more;
+        }
+        Ok((image, map))
+    }
+
+    /// Freeze sources; with `parts`, the agent answers with the first part
+    /// of the map (and whether more follow, from [`AgentClient::map_more`]).
+    pub fn freeze_in_parts(
+        &mut self,
+        sources: &[String],
+        parts: bool,
+    ) -> Result<(FrozenImage, ImageMap, bool)> {
         match self.call(Request::Freeze {
             sources: sources.to_vec(),
+            parts,
         })? {
-            Response::Frozen { image, map } => Ok((image, map)),
+            Response::Frozen { image, map, more } => Ok((image, map, more)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The next part of a map asked for in parts.
+    pub fn map_more(&mut self, image: &ImageId) -> Result<MapPart> {
+        match self.call(Request::MapMore {
+            image: image.clone(),
+        })? {
+            Response::MapPart { map, more } => Ok(MapPart { map, more }),
             other => Err(unexpected(&other)),
         }
     }
@@ -574,7 +808,7 @@ impl AgentClient {
         match self.call(Request::Attach {
             image: image.clone(),
         })? {
-            Response::Frozen { image, map } => Ok((image, map)),
+            Response::Frozen { image, map, .. } => Ok((image, map)),
             other => Err(unexpected(&other)),
         }
     }

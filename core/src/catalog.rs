@@ -141,10 +141,13 @@ impl Catalog {
             ],
         )
         .map_err(e("insert set"))?;
+        // One prepared statement for every item (a tree has 70,000).
+        let mut insert = tx
+            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
+            .map_err(e("prepare item insert"))?;
         for (i, it) in set.items.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
+            insert
+                .execute(params![
                     h.set.as_str(),
                     sql_int(i as u64)?,
                     it.header.item.as_str(),
@@ -156,10 +159,10 @@ impl Catalog {
                     i64::from(it.trailer.captured_after_freeze),
                     it.position.medium,
                     it.position.locator
-                ],
-            )
-            .map_err(e("insert item"))?;
+                ])
+                .map_err(e("insert item"))?;
         }
+        drop(insert);
         failpoint("catalog-before-commit");
         tx.commit().map_err(e("commit"))
     }

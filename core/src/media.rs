@@ -315,6 +315,7 @@ mod tests {
                 size: Bytes(1),
                 config: ConfigId::new("c"),
                 meta: Default::default(),
+                holes: Vec::new(),
                 file: None,
             },
             trailer: ItemTrailer {

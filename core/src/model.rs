@@ -264,6 +264,16 @@ pub struct ImageMap {
     pub failures: Vec<ItemFailure>,
 }
 
+/// One part of an image's map, for a mover that starts reading before the
+/// whole image is mapped ([`crate::abi::Mapper::map_part`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapPart {
+    /// The items and failures of this part (never repeated in another).
+    pub map: ImageMap,
+    /// False on the last part.
+    pub more: bool,
+}
+
 /// The agent's answer to "what changed since config id X": the new config
 /// id and extents for only the logical ranges whose mapping changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +374,22 @@ pub struct ItemHeader {
     /// A file's metadata, from the map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileMeta>,
+    /// A volume's holes (`[offset, length]`, sorted, apart): ranges its map
+    /// says hold no data (unallocated blocks), so media may store it
+    /// sparse. A file's holes are in its `file` metadata.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holes: Vec<[u64; 2]>,
+}
+
+impl ItemHeader {
+    /// The item's holes: a file's (from its metadata) or a volume's.
+    pub fn holes(&self) -> &[[u64; 2]] {
+        match (&self.kind, &self.file) {
+            (ItemKind::File, Some(f)) => &f.holes,
+            (ItemKind::Volume, _) => &self.holes,
+            _ => &[],
+        }
+    }
 }
 
 /// What the mover knows about an item after its bytes.

@@ -60,6 +60,10 @@ pub struct MoverOptions {
     /// media plugin's `PluginInfo::path_order`.
     #[cfg_attr(feature = "cli", arg(skip = false))]
     pub path_order: bool,
+    /// Take the whole map before the first read (by default reading starts
+    /// with the first part of the map while the agent maps the rest).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub map_whole: bool,
 }
 
 impl Default for MoverOptions {
@@ -73,6 +77,7 @@ impl Default for MoverOptions {
             recheck_after_read: true,
             label: String::new(),
             path_order: false,
+            map_whole: false,
         }
     }
 }
@@ -101,6 +106,14 @@ pub enum Progress {
     /// The image is frozen and mapped.
     Frozen {
         /// Items.
+        items: usize,
+        /// Their total size.
+        bytes: Bytes,
+    },
+    /// Another part of the map came in while the first were moved (the
+    /// totals grow by this much).
+    Mapped {
+        /// Items in it.
         items: usize,
         /// Their total size.
         bytes: Bytes,
@@ -141,12 +154,15 @@ pub struct BackupReport {
     pub bytes_from_agent: u64,
     /// Where the time went.
     pub timings: Timings,
+    /// Parts the map came in (1: whole).
+    pub map_parts: u32,
 }
 
 /// Wall time of a backup's phases.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
-    /// Freeze and map on the agent, until the map is in the mover's hands.
+    /// Freeze and map on the agent, until the map (its first part, when
+    /// it comes in parts: reading starts then) is in the mover's hands.
     pub map: std::time::Duration,
     /// Reading, checking and writing every item to media.
     pub r#move: std::time::Duration,
@@ -156,6 +172,8 @@ pub struct Timings {
 
 #[derive(Default)]
 struct Counters {
+    /// Parts of the map fetched while moving.
+    more_parts: u32,
     remaps: u32,
     rereads: u32,
     bytes_read: u64,
@@ -172,6 +190,11 @@ enum Msg {
     /// An item that cannot be backed up (a file that vanished): the set
     /// goes on without it and lists it.
     Skip(ItemFailure),
+    /// Another part of the map came in.
+    Mapped {
+        items: usize,
+        bytes: Bytes,
+    },
     Done(Counters),
     Failed(Error),
 }
@@ -224,6 +247,34 @@ fn remap_item(
     check_devices(item, &remap.extents, resolver).map_err(|e| e.agent(&agent.host))?;
     *item = apply_remap(item, &remap).map_err(|e| e.agent(&agent.host))?;
     Ok(remap.after_freeze)
+}
+
+/// Take (a part of) the map in: items the mover can read as mapped, in
+/// the order they are moved, and the failures of the set so far. An item
+/// it cannot read as mapped: a volume fails the set (it is
+/// all-or-nothing); a file is listed as a failure of a partial set.
+fn admit(
+    map: ImageMap,
+    resolver: &DeviceResolver,
+    host: &str,
+    opts: &MoverOptions,
+) -> Result<(Vec<Item>, Vec<ItemFailure>)> {
+    let mut failures = map.failures;
+    let mut keep = Vec::with_capacity(map.items.len());
+    for item in map.items {
+        let checked =
+            validate_item(&item).and_then(|()| check_devices(&item, &item.extents, resolver));
+        match checked {
+            Ok(()) => keep.push(item),
+            Err(e) if item.kind != ItemKind::Volume => failures.push(ItemFailure {
+                item: item.id.clone(),
+                error: e.agent(host).to_string(),
+            }),
+            Err(e) => return Err(e.agent(host)),
+        }
+    }
+    order_items(&mut keep, opts.path_order);
+    Ok((keep, failures))
 }
 
 /// Where an item's bytes start on disk: its first data extent's device
@@ -281,7 +332,28 @@ fn header_of(item: &Item) -> ItemHeader {
         config: item.config.clone(),
         meta: item.meta.clone(),
         file: item.file.clone(),
+        holes: if item.kind == ItemKind::Volume {
+            volume_holes(&item.extents)
+        } else {
+            Vec::new()
+        },
     }
+}
+
+/// The hole extents of a volume's map, adjacent ones merged. Pure.
+pub fn volume_holes(extents: &[MapExtent]) -> Vec<[u64; 2]> {
+    let mut holes: Vec<[u64; 2]> = Vec::new();
+    for e in extents
+        .iter()
+        .filter(|e| matches!(e.kind, ExtentKind::Hole))
+    {
+        match holes.last_mut() {
+            Some(h) if h[0] + h[1] == e.logical.0 => h[1] += e.length.0,
+            _ => holes.push([e.logical.0, e.length.0]),
+        }
+    }
+    holes.retain(|h| h[1] > 0);
+    holes
 }
 
 /// Items at most this large are moved in batches: their extents are read
@@ -408,13 +480,39 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn run(&mut self, items: Vec<Item>) -> Result<()> {
+    /// Move `items`, then (while `more`) the next parts of the map as the
+    /// agent hands them out.
+    fn run(&mut self, items: Vec<Item>, mut more: bool) -> Result<()> {
         let batch_max = self.opts.window.0.min(BATCH_ITEM_MAX);
-        let mut items = items.into_iter().peekable();
+        let mut items: std::collections::VecDeque<Item> = items.into();
         // Batches in flight, oldest first: the reads of the next ones
         // overlap the check of the first.
         let mut queue: std::collections::VecDeque<Batch> = std::collections::VecDeque::new();
-        while let Some(item) = items.next() {
+        loop {
+            if items.is_empty() && more {
+                let part = self.agent.map_more(&self.image.id)?;
+                self.counters.more_parts += 1;
+                more = part.more;
+                let (admitted, failures) =
+                    admit(part.map, self.resolver, &self.agent.host, self.opts)?;
+                for f in failures {
+                    if !self.send(Msg::Skip(f)) {
+                        return Ok(());
+                    }
+                }
+                let mapped = Msg::Mapped {
+                    items: admitted.len(),
+                    bytes: Bytes(admitted.iter().map(|i| i.size.0).sum()),
+                };
+                if !self.send(mapped) {
+                    return Ok(());
+                }
+                items.extend(admitted);
+                continue;
+            }
+            let Some(item) = items.pop_front() else {
+                break;
+            };
             if item.size.0 > batch_max {
                 // Items go to media in order: finish the batches before it.
                 if !self.drain(&mut queue, 0)? || !self.item(item)? {
@@ -424,7 +522,7 @@ impl Reader<'_> {
             }
             let mut bytes = item.size.0;
             let mut batch = vec![item];
-            while let Some(next) = items.peek() {
+            while let Some(next) = items.front() {
                 let fits = next.size.0 <= batch_max
                     && bytes + next.size.0 <= self.opts.window.0
                     && batch.len() < BATCH_ITEMS_MAX;
@@ -432,7 +530,7 @@ impl Reader<'_> {
                     break;
                 }
                 bytes += next.size.0;
-                batch.extend(items.next());
+                batch.extend(items.pop_front());
             }
             let members = batch
                 .into_iter()
@@ -991,13 +1089,17 @@ pub fn backup(
 ) -> Result<BackupReport> {
     let started_at = now_secs();
     let t = std::time::Instant::now();
-    let (image, map) = agent.freeze(sources)?;
+    // In parts (reading starts with the first), unless the media need
+    // every item before the first (path order).
+    let parts = !opts.path_order && !opts.map_whole;
+    let (image, map, more) = agent.freeze_in_parts(sources, parts)?;
     let mapped = t.elapsed();
     let start = Start::New {
         sources: sources.to_vec(),
         started_at,
     };
-    finish(agent, start, image, map, resolver, media, opts, progress).map(|mut r| {
+    let first = MapStart { map, more };
+    finish(agent, start, image, first, resolver, media, opts, progress).map(|mut r| {
         r.timings.map = mapped;
         r
     })
@@ -1022,12 +1124,19 @@ pub fn resume(
         agent,
         Start::Resume(record),
         image,
-        map,
+        MapStart { map, more: false },
         resolver,
         media,
         opts,
         progress,
     )
+}
+
+/// The map as the mover first holds it: whole, or its first part with
+/// more to fetch from the agent while reading.
+struct MapStart {
+    map: ImageMap,
+    more: bool,
 }
 
 /// How a set starts.
@@ -1044,7 +1153,7 @@ fn finish(
     agent: &mut AgentClient,
     start: Start,
     image: FrozenImage,
-    map: ImageMap,
+    map: MapStart,
     resolver: &DeviceResolver,
     media: &mut dyn MediaWriter,
     opts: &MoverOptions,
@@ -1076,12 +1185,13 @@ fn move_image(
     agent: &mut AgentClient,
     start: Start,
     image: &FrozenImage,
-    mut map: ImageMap,
+    map: MapStart,
     resolver: &DeviceResolver,
     media: &mut dyn MediaWriter,
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
+    let MapStart { mut map, more } = map;
     let fail = |media: &mut dyn MediaWriter, e: Error| {
         let _ = media.abort();
         e
@@ -1106,24 +1216,15 @@ fn move_image(
         }
         Start::New { .. } => 0,
     };
-    // An item the mover cannot read as mapped: a volume fails the set (it
-    // is all-or-nothing); a file is listed as a failure of a partial set.
-    let mut failures = std::mem::take(&mut map.failures);
-    let mut keep = Vec::with_capacity(map.items.len());
-    for item in map.items {
-        let checked =
-            validate_item(&item).and_then(|()| check_devices(&item, &item.extents, resolver));
-        match checked {
-            Ok(()) => keep.push(item),
-            Err(e) if item.kind != ItemKind::Volume => failures.push(ItemFailure {
-                item: item.id.clone(),
-                error: e.agent(&agent.host).to_string(),
-            }),
-            Err(e) => return Err(fail(media, e.agent(&agent.host))),
-        }
-    }
-    map.items = keep;
-    order_items(&mut map.items, opts.path_order);
+    let (items, failures) = match admit(map, resolver, &agent.host, opts) {
+        Ok(a) => a,
+        Err(e) => return Err(fail(media, e)),
+    };
+    map = ImageMap {
+        image: image.id.clone(),
+        items,
+        failures: Vec::new(),
+    };
     progress(&Progress::Frozen {
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),
@@ -1154,7 +1255,7 @@ fn move_image(
         }
     }
     let t = std::time::Instant::now();
-    match write_items(agent, image, map, resolver, media, opts, progress) {
+    match write_items(agent, image, map, more, resolver, media, opts, progress) {
         Ok(counters) => match (t.elapsed(), std::time::Instant::now(), media.commit()) {
             (moved, t, Ok(record)) => {
                 let bytes_written = record.items.iter().map(|i| i.trailer.length.0).sum();
@@ -1165,6 +1266,7 @@ fn move_image(
                     bytes_read: counters.bytes_read,
                     bytes_written,
                     bytes_from_agent: 0,
+                    map_parts: 1 + counters.more_parts,
                     timings: Timings {
                         map: std::time::Duration::ZERO,
                         r#move: moved,
@@ -1178,10 +1280,12 @@ fn move_image(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_items(
     agent: &mut AgentClient,
     image: &FrozenImage,
     map: ImageMap,
+    more: bool,
     resolver: &DeviceResolver,
     media: &mut dyn MediaWriter,
     opts: &MoverOptions,
@@ -1220,7 +1324,7 @@ fn write_items(
                     next_seq: 0,
                     counters: Counters::default(),
                 };
-                match r.run(map.items) {
+                match r.run(map.items, more) {
                     Ok(()) => {
                         let _ = r.tx.send(Msg::Done(std::mem::take(&mut r.counters)));
                     }
@@ -1332,6 +1436,7 @@ fn write_items(
                         break Err(e);
                     }
                 }
+                Msg::Mapped { items, bytes } => progress(&Progress::Mapped { items, bytes }),
                 Msg::Done(c) => break Ok(c),
                 Msg::Failed(e) => break Err(e),
             }
@@ -1487,6 +1592,25 @@ pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<Verif
 #[cfg(test)]
 mod order_tests {
     use super::*;
+
+    #[test]
+    fn a_volume_s_holes_are_its_hole_extents_merged() {
+        let ext = |at: u64, len: u64, kind: ExtentKind| MapExtent {
+            logical: ItemOffset(at),
+            length: Bytes(len),
+            kind,
+        };
+        let extents = vec![
+            ext(0, 10, ExtentKind::Hole),
+            ext(10, 5, ExtentKind::Hole),
+            ext(15, 5, ExtentKind::Zero),
+            ext(20, 0, ExtentKind::Hole),
+            ext(20, 7, ExtentKind::Inline(vec![1; 7])),
+            ext(27, 3, ExtentKind::Hole),
+        ];
+        assert_eq!(volume_holes(&extents), vec![[0, 15], [27, 3]]);
+        assert!(volume_holes(&[]).is_empty());
+    }
     use crate::model::ConfigId;
 
     fn file(path: &str) -> Item {

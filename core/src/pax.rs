@@ -413,13 +413,14 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
             })?;
             push(&format!("SCHILY.xattr.{k}"), &bytes);
         }
-        if h.kind == ItemKind::File && !f.holes.is_empty() {
-            stored = stored_segments(size, &f.holes).map_err(|e| e.item(&h.item))?;
-            sparse = true;
-        }
         if h.kind == ItemKind::Directory {
             dir_name = format!("{name}/");
         }
+    }
+    // Files and volumes with holes are stored sparse (GNU sparse 1.0).
+    if h.kind.has_bytes() && !h.holes().is_empty() {
+        stored = stored_segments(size, h.holes()).map_err(|e| e.item(&h.item))?;
+        sparse = true;
     }
     let name = if dir_name.is_empty() { name } else { dir_name };
     let map = if sparse {
@@ -772,7 +773,7 @@ pub fn last_entries(items: &[crate::model::ItemRecord]) -> Vec<ItemHeader> {
 
 /// Is this entry of a set's archive sparse (by its item's metadata)?
 pub fn is_sparse(h: &ItemHeader) -> bool {
-    h.kind == ItemKind::File && h.file.as_ref().is_some_and(|f| !f.holes.is_empty())
+    h.kind.has_bytes() && !h.holes().is_empty()
 }
 
 /// Walk an archive's headers from the start until the index entry and
@@ -920,6 +921,7 @@ mod tests {
             size: Bytes(size),
             config: ConfigId::new("c"),
             meta: Default::default(),
+            holes: Vec::new(),
             file: Some(FileMeta {
                 root: "/srv/a".into(),
                 path: "f".into(),
@@ -964,6 +966,36 @@ mod tests {
             back.extend(c);
         }
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_volume_with_holes_is_a_sparse_entry_and_a_file_s_header_holes_are_ignored() {
+        let vol = ItemHeader {
+            item: ItemId::new("vol0"),
+            kind: ItemKind::Volume,
+            size: Bytes(1 << 20),
+            config: ConfigId::new("c"),
+            meta: Default::default(),
+            file: None,
+            holes: vec![[4096, (1 << 20) - 8192]],
+        };
+        assert!(is_sparse(&vol));
+        let e = item_entry(&SetId::new("s"), &vol, 1).unwrap();
+        assert!(e.sparse);
+        assert_eq!(e.stored, vec![[0, 4096], [(1 << 20) - 4096, 4096]]);
+        let head = String::from_utf8_lossy(&e.head);
+        assert!(head.contains("GNU.sparse.name=s/vol0"), "{head}");
+        assert!(head.contains("GNU.sparse.realsize=1048576"), "{head}");
+        // Without holes: a plain entry.
+        let plain = ItemHeader {
+            holes: Vec::new(),
+            ..vol.clone()
+        };
+        assert!(!is_sparse(&plain) && !item_entry(&SetId::new("s"), &plain, 1).unwrap().sparse);
+        // A file's holes are its metadata's, never the header's.
+        let mut f = file(8192, Vec::new());
+        f.holes = vec![[0, 4096]];
+        assert!(!is_sparse(&f) && f.holes().is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"FLOE";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// The default limit on one frame's payload (a map of millions of extents
@@ -36,6 +36,15 @@ pub enum Request {
     Freeze {
         /// Sources (`array:vol0`, ...).
         sources: Vec<String>,
+        /// Answer with the first part of the map as soon as it is made;
+        /// `MapMore` fetches the rest (the mover reads meanwhile).
+        #[serde(default)]
+        parts: bool,
+    },
+    /// The next part of the map of an image frozen with `parts`.
+    MapMore {
+        /// The image.
+        image: ImageId,
     },
     /// Take over a frozen image whose mover vanished (to resume its
     /// backup); answered like `Freeze`, with the current map.
@@ -112,12 +121,22 @@ pub enum Response {
         /// The agent's host name.
         host: String,
     },
-    /// Answer to `Freeze`.
+    /// Answer to `Freeze` and `Attach`.
     Frozen {
         /// The frozen image.
         image: FrozenImage,
-        /// Its map.
+        /// Its map (the first part, when asked for parts).
         map: ImageMap,
+        /// More parts follow (`MapMore`).
+        #[serde(default)]
+        more: bool,
+    },
+    /// Answer to `MapMore`: the next part of the map.
+    MapPart {
+        /// Its items and failures.
+        map: ImageMap,
+        /// More parts follow.
+        more: bool,
     },
     /// Answer to `CheckConfig`.
     Config {
@@ -388,6 +407,7 @@ mod tests {
             sources: (0..20_000)
                 .map(|i| format!("fsflush:/srv/data/file{i}"))
                 .collect(),
+            parts: true,
         };
         let mut buf = Vec::new();
         write_message(&mut buf, &req).unwrap();
@@ -422,6 +442,7 @@ mod tests {
     fn round_trip_and_errors() {
         let msg = Request::Freeze {
             sources: vec!["array:vol0".into()],
+            parts: false,
         };
         let mut buf = Vec::new();
         write_message(&mut buf, &msg).unwrap();
@@ -429,6 +450,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(back, msg);
+        // A freeze without `parts` (an older mover's) asks for the whole
+        // map; a `frozen` without `more` is whole.
+        let old: Request =
+            serde_json::from_str(r#"{"type":"freeze","sources":["array:vol0"]}"#).unwrap();
+        assert_eq!(old, msg);
+        let whole: Response = serde_json::from_str(
+            r#"{"type":"frozen","image":{"id":"i","plugin":"p","items":[],"frozen_at":0},"map":{"image":"i","items":[]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(whole, Response::Frozen { more: false, .. }));
 
         let e = read_message::<Request>(&mut &buf[..buf.len() - 3], DEFAULT_MAX_FRAME).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Protocol);
@@ -452,7 +483,7 @@ mod tests {
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(
             e.to_string()
-                .contains("protocol version 9, this build speaks 3"),
+                .contains("protocol version 9, this build speaks 4"),
             "{e}"
         );
 

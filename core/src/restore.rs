@@ -743,6 +743,7 @@ mod tests {
                 size: Bytes(0),
                 config: ConfigId::new("c"),
                 meta: Default::default(),
+                holes: Vec::new(),
                 file: Some(FileMeta {
                     root: root.into(),
                     path: path.into(),

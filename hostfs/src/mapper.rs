@@ -109,6 +109,10 @@ pub struct FileMapper {
     /// The last map of each regular file, to answer remaps with only the
     /// extents that changed.
     cache: HashMap<ItemId, (ConfigId, Vec<MapExtent>)>,
+    /// A map being handed out in parts.
+    parts: Option<Parts>,
+    /// Entries per part.
+    part_entries: usize,
 }
 
 fn block_size_for(at: u64, len: u64) -> u32 {
@@ -221,7 +225,32 @@ impl FileMapper {
         FileMapper {
             translators,
             cache: HashMap::new(),
+            parts: None,
+            part_entries: PART_ENTRIES,
         }
+    }
+
+    /// A mapper configured by its plugin config: `part_entries` (entries
+    /// per part of the map, default [`PART_ENTRIES`]).
+    pub fn configured(
+        translators: TranslatorFactory,
+        config: &serde_json::Value,
+    ) -> Result<FileMapper> {
+        let mut m = FileMapper::new(translators);
+        if let Some(v) = config.get("part_entries") {
+            m.part_entries = v
+                .as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("part_entries must be a positive number of entries, got {v}"),
+                    )
+                })?;
+        }
+        Ok(m)
     }
 
     /// Map one walked entry; `link` is the first name of a file seen
@@ -378,11 +407,36 @@ impl FileMapper {
     }
 }
 
-impl Mapper for FileMapper {
-    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap> {
+/// Entries mapped per part of the map: the mover starts reading the first
+/// part while the agent maps the next.
+pub const PART_ENTRIES: usize = 4096;
+
+/// A map being produced part by part: what the walks found and what is
+/// left to map.
+struct Parts {
+    /// One translator per source (None: its file system is not mappable;
+    /// its failure is in `first`).
+    translators: Vec<Box<dyn Translate>>,
+    /// Each source's root.
+    roots: Vec<PathBuf>,
+    /// Entries left to map, in walk order: (source, entry, first name of a
+    /// hard-linked file seen before).
+    todo: std::collections::VecDeque<(usize, Entry, Option<String>)>,
+    /// Volumes and walk failures, handed out with the first part.
+    first: Option<(Vec<Item>, Vec<ItemFailure>)>,
+}
+
+impl FileMapper {
+    /// Walk every source of `image` (the part that cannot be split).
+    fn walk_all(&self, image: &FrozenImage) -> Result<Parts> {
         let hs = handles(image)?;
-        let mut items: Vec<Item> = Vec::new();
-        let mut failures = Vec::new();
+        let mut parts = Parts {
+            translators: Vec::new(),
+            roots: Vec::new(),
+            todo: std::collections::VecDeque::new(),
+            first: None,
+        };
+        let (mut items, mut failures) = (Vec::new(), Vec::new());
         let mut seen = std::collections::HashSet::new();
         let mut links = HashMap::new();
         for (h, spec) in &hs {
@@ -399,19 +453,18 @@ impl Mapper for FileMapper {
                 }
             };
             if let Some(mode) = h.volume {
-                match crate::volume::map_volume(h, mode, tr.as_ref()) {
-                    Ok(item) => items.push(item),
-                    // A volume is all or nothing: the backup fails.
-                    Err(e) => return Err(e),
-                }
+                // A volume is all or nothing: the backup fails.
+                items.push(crate::volume::map_volume(h, mode, tr.as_ref())?);
                 continue;
             }
             let w = walk_skipping(spec, &h.frozen, &h.skip);
             failures.extend(w.failures);
+            let source = parts.translators.len();
+            parts.translators.push(tr);
+            parts.roots.push(spec.root.clone());
             // In walk order: which entries to map, and the first name of
             // every file with several.
-            let mut todo: Vec<(&Entry, Option<String>)> = Vec::with_capacity(w.entries.len());
-            for e in &w.entries {
+            for e in w.entries {
                 if !seen.insert(item_id(&spec.root, &e.rel)) {
                     continue;
                 }
@@ -425,66 +478,119 @@ impl Mapper for FileMapper {
                         }
                     }
                 }
-                todo.push((e, link));
-            }
-            // Then stat, xattrs and FIEMAP on several threads: on a cold
-            // file system most of it is waiting for inode blocks.
-            let threads = std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(2, 8);
-            let chunk = todo.len().div_ceil(threads).max(1);
-            let tr = tr.as_ref();
-            let root = &spec.root;
-            let mapped: Vec<Vec<(ItemId, Result<Option<Item>>)>> = std::thread::scope(|sc| {
-                // A mapping thread that panicked loses nothing silently:
-                // the map fails.
-                let handles: Vec<_> = todo
-                    .chunks(chunk)
-                    .map(|part| {
-                        sc.spawn(move || {
-                            part.iter()
-                                .map(|(e, link)| {
-                                    (
-                                        item_id(root, &e.rel),
-                                        Self::map_entry(root, e, tr, link.as_ref(), true),
-                                    )
-                                })
-                                .collect()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .map_err(|_| Error::new(ErrorKind::Plugin, "a mapping thread panicked"))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })?;
-            for (id, r) in mapped.into_iter().flatten() {
-                match r {
-                    Ok(Some(item)) => {
-                        if item.kind == ItemKind::File {
-                            self.cache.insert(
-                                item.id.clone(),
-                                (item.config.clone(), item.extents.clone()),
-                            );
-                        }
-                        items.push(item);
-                    }
-                    Ok(None) => {}
-                    Err(err) => failures.push(ItemFailure {
-                        item: id,
-                        error: err.to_string(),
-                    }),
-                }
+                parts.todo.push_back((source, e, link));
             }
         }
-        Ok(ImageMap {
-            image: image.id.clone(),
-            items,
-            failures,
+        // Parts in inode order: on ext4 and XFS an inode's number says
+        // its group, and its data mostly lives in that group, so each part
+        // covers one region of the disk (the mover sorts within a part)
+        // and its inode blocks are read in order.
+        parts
+            .todo
+            .make_contiguous()
+            .sort_by_key(|(_, e, _)| (e.meta.dev(), e.meta.ino()));
+        parts.first = Some((items, failures));
+        Ok(parts)
+    }
+
+    /// Map the next `part_entries` entries: stat, xattrs and FIEMAP on
+    /// several threads (on a cold file system most of it is waiting for
+    /// inode blocks).
+    fn map_next(&mut self, image: &FrozenImage) -> Result<MapPart> {
+        if self.parts.is_none() {
+            self.parts = Some(self.walk_all(image)?);
+        } else {
+            floe_core::media::pausepoint("map-part");
+        }
+        let parts = self.parts.as_mut().expect("walked above");
+        let (mut items, mut failures) = parts.first.take().unwrap_or_default();
+        let n = parts.todo.len().min(self.part_entries);
+        let todo: Vec<(usize, Entry, Option<String>)> = parts.todo.drain(..n).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        let chunk = todo.len().div_ceil(threads).max(1);
+        let (translators, roots) = (&parts.translators, &parts.roots);
+        let mapped: Vec<Vec<(ItemId, Result<Option<Item>>)>> = std::thread::scope(|sc| {
+            // A mapping thread that panicked loses nothing silently: the
+            // map fails.
+            let handles: Vec<_> = todo
+                .chunks(chunk)
+                .map(|part| {
+                    sc.spawn(move || {
+                        part.iter()
+                            .map(|(source, e, link)| {
+                                let root = &roots[*source];
+                                let tr = translators[*source].as_ref();
+                                (
+                                    item_id(root, &e.rel),
+                                    Self::map_entry(root, e, tr, link.as_ref(), true),
+                                )
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| Error::new(ErrorKind::Plugin, "a mapping thread panicked"))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        for (id, r) in mapped.into_iter().flatten() {
+            match r {
+                Ok(Some(item)) => {
+                    if item.kind == ItemKind::File {
+                        self.cache
+                            .insert(item.id.clone(), (item.config.clone(), item.extents.clone()));
+                    }
+                    items.push(item);
+                }
+                Ok(None) => {}
+                Err(err) => failures.push(ItemFailure {
+                    item: id,
+                    error: err.to_string(),
+                }),
+            }
+        }
+        let more = self.parts.as_ref().is_some_and(|p| !p.todo.is_empty());
+        if !more {
+            self.parts = None;
+        }
+        Ok(MapPart {
+            map: ImageMap {
+                image: image.id.clone(),
+                items,
+                failures,
+            },
+            more,
         })
+    }
+}
+
+impl Mapper for FileMapper {
+    fn map(&mut self, image: &FrozenImage) -> Result<ImageMap> {
+        // The whole map: every part, from a fresh walk.
+        self.parts = None;
+        let mut all = ImageMap {
+            image: image.id.clone(),
+            items: Vec::new(),
+            failures: Vec::new(),
+        };
+        loop {
+            let part = self.map_next(image)?;
+            all.items.extend(part.map.items);
+            all.failures.extend(part.map.failures);
+            if !part.more {
+                return Ok(all);
+            }
+        }
+    }
+
+    fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
+        self.map_next(image).inspect_err(|_| self.parts = None)
     }
 
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
@@ -658,9 +764,12 @@ macro_rules! file_mapper_plugin {
                 }
             }
             fn mapper(
-                _config: &serde_json::Value,
+                config: &serde_json::Value,
             ) -> floe_core::error::Result<Box<dyn floe_core::abi::Mapper>> {
-                Ok(Box::new($crate::mapper::FileMapper::new($translator)))
+                Ok(Box::new($crate::mapper::FileMapper::configured(
+                    $translator,
+                    config,
+                )?))
             }
             fn validity(
                 _config: &serde_json::Value,

@@ -273,7 +273,7 @@ pub fn scripted_agent(script: Script) -> String {
                     let _ = w.write_all(&frame[..frame.len() / 2]);
                     return;
                 }
-                (Script::Map(map), Request::Freeze { sources }) => Response::Frozen {
+                (Script::Map(map), Request::Freeze { sources, .. }) => Response::Frozen {
                     image: FrozenImage {
                         id: map.image.clone(),
                         plugin: "crafted".into(),
@@ -291,6 +291,8 @@ pub fn scripted_agent(script: Script) -> String {
                         mapper: None,
                     },
                     map: map.clone(),
+                    // Asked for parts or not, this agent answers whole.
+                    more: false,
                 },
                 (Script::Map(map), Request::CheckConfig { item, .. }) => Response::Config {
                     current: map

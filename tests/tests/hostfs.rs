@@ -5,7 +5,9 @@
 //! the same image with O_DIRECT; the set is restored to a fresh file
 //! system of the same kind and compared exactly.
 
-use floe_tests::hostfs::{compare_trees, floe_backup, make_tree, set_of, AgentProcess, LoopFs};
+use floe_tests::hostfs::{
+    compare_trees, floe_backup, floe_backup_to, make_tree, set_of, AgentProcess, LoopFs,
+};
 use floe_tests::{floe_cmd, skip};
 
 fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &str) {
@@ -27,7 +29,19 @@ fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &st
     src.sync();
     src.mover_view().expect("read-only view");
     let allow = format!("fsflush:{}*", src.mnt.display());
-    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+    // Small parts: the map of ~2,600 files comes in several, the mover
+    // reading the first while the agent maps the rest.
+    let agent = AgentProcess::start(
+        &[
+            "--allow-source",
+            &allow,
+            "--plugin-opt",
+            "fiemap.part_entries=400",
+            "--plugin-opt",
+            "btrfs.part_entries=400",
+        ],
+        &[],
+    );
     let media = src.dir.path().join("media");
     let devices = if fstype == "btrfs" {
         src.btrfs_device_args()
@@ -43,6 +57,13 @@ fn round_trip(name: &str, fstype: &str, devices: usize, mkfs: &[&str], opts: &st
     assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
     let set = set_of(&out);
     assert!(out.contains("0 remaps"), "{out}");
+    let parts: u32 = out
+        .split("map in ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(parts >= 6, "the map came in {parts} part(s):\n{out}");
 
     let dst = LoopFs::new(fstype, 1, 512, &[], "").expect("second file system");
     let to = dst.mnt.join("restored");
@@ -286,7 +307,19 @@ mod invalidation {
         fs.sync();
         fs.mover_view().unwrap();
         let allow = format!("fsflush:{}", fs.mnt.display());
-        let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+        // The map in parts: the application's writes start (held by the
+        // freeze) while the agent still maps.
+        let agent = AgentProcess::start(
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                "fiemap.part_entries=40",
+                "--plugin-opt",
+                "btrfs.part_entries=40",
+            ],
+            &[],
+        );
 
         let mnt = fs.mnt.clone();
         let later: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>> = Default::default();
@@ -356,6 +389,7 @@ mod invalidation {
             Box::new(hook),
         )
         .expect("backup under writes");
+        assert!(report.map_parts >= 3, "map in {} part(s)", report.map_parts);
         // The file deleted after the freeze is the set's one failure.
         let gone = format!("{}/zz/gone", fs.mnt.display());
         assert_eq!(report.set.failures.len(), 1, "{:?}", report.set.failures);
@@ -483,6 +517,63 @@ mod freeze_guard {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// A mover that gives up while the agent still maps the rest of the
+    /// map (in parts, under FIFREEZE) — by releasing the image, or by
+    /// vanishing — leaves the file system thawed at once, not when the
+    /// map would have been done.
+    #[test]
+    fn a_mover_leaving_mid_map_leaves_the_file_system_thawed() {
+        let name = "a_mover_leaving_mid_map_leaves_the_file_system_thawed";
+        let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        for i in 0..40 {
+            std::fs::write(fs.mnt.join(format!("f{i:02}")), vec![i; 5000]).unwrap();
+        }
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        // 8+ parts of 5 entries, 500 ms each after the first: 4 s frozen
+        // if nobody stops it.
+        let agent = AgentProcess::start(
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                "fiemap.part_entries=5",
+            ],
+            &[("FLOE_PAUSEPOINT", "map-part:500")],
+        );
+        for leave in ["release", "vanish"] {
+            let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+            let (image, first, more) = client
+                .freeze_in_parts(std::slice::from_ref(&allow), true)
+                .unwrap();
+            assert!(more, "{leave}: the map came whole");
+            assert!(
+                first.items.len() <= 6,
+                "{leave}: {} items",
+                first.items.len()
+            );
+            let mut writer = probe(&fs);
+            assert!(
+                wait_exit(&mut writer, Duration::from_millis(300)).is_none(),
+                "{leave}: the file system is not frozen while the map is made"
+            );
+            let t = Instant::now();
+            match leave {
+                "release" => client.release(&image.id).unwrap(),
+                _ => drop(client),
+            }
+            wait_exit(&mut writer, Duration::from_secs(3))
+                .unwrap_or_else(|| panic!("{leave}: still frozen 3 s after the mover left"));
+            assert!(
+                t.elapsed() < Duration::from_millis(1500),
+                "{leave}: thawed only {:?} after the mover left",
+                t.elapsed()
+            );
+        }
     }
 
     fn frozen_agent(
@@ -1623,9 +1714,93 @@ fn a_frozen_file_system_backs_up_as_a_volume_of_its_allocated_blocks() {
             String::from_utf8_lossy(&fsck.stdout),
             String::from_utf8_lossy(&fsck.stderr)
         );
+
+        // On tar media the volume is a sparse entry: the archive holds its
+        // allocated blocks, and GNU tar extracts a sparse image equal to
+        // what `floe restore` makes of it.
+        let tar_media = src.dir.path().join("tar-media");
+        let (code, out, err) = floe_backup_to(
+            &agent.addr,
+            std::slice::from_ref(&source),
+            &format!("tar:{}", tar_media.display()),
+            &src.device_args(),
+        );
+        assert_eq!(code, 0, "{fstype}: tar backup failed:\n{out}\n{err}");
+        let tset = set_of(&out);
+        let archive = tar_media.join(format!("{tset}.tar"));
+        let archive_len = std::fs::metadata(&archive).unwrap().len();
+        assert!(
+            archive_len < allocated + (16 << 20),
+            "{fstype}: archive of {archive_len} bytes for {allocated} allocated"
+        );
+        let by_floe = src.dir.path().join("from-tar.img");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("tar:{}", tar_media.display()))
+            .args(["--set", &tset, "--to"])
+            .arg(format!("{item}={}", by_floe.display()))
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "{fstype}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let x = src.dir.path().join("gnu-tar-x");
+        std::fs::create_dir_all(&x).unwrap();
+        let t = Command::new("tar")
+            .args(["-x", "-S", "-f"])
+            .arg(&archive)
+            .arg("-C")
+            .arg(&x)
+            .output()
+            .unwrap();
+        assert!(
+            t.status.success(),
+            "{fstype}: {}",
+            String::from_utf8_lossy(&t.stderr)
+        );
+        let by_tar = walk_files(&x)
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == size))
+            .unwrap_or_else(|| panic!("{fstype}: GNU tar extracted no {size}-byte image"));
+        let cmp = Command::new("cmp")
+            .arg(&by_floe)
+            .arg(&by_tar)
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "{fstype}: GNU tar's image differs from floe's: {}",
+            String::from_utf8_lossy(&cmp.stdout)
+        );
+        let on_disk =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&by_tar).unwrap()) * 512;
+        assert!(
+            on_disk < size / 2,
+            "{fstype}: GNU tar's image is not sparse ({on_disk} bytes)"
+        );
+
         // Thawed after the backup: writes go through.
         std::fs::write(src.mnt.join("after.txt"), b"written after the backup").unwrap();
     }
+}
+
+/// Every regular file under `dir`.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                todo.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }
 
 /// A volume's config id holds only while its file system stays frozen:

@@ -88,6 +88,7 @@ fn one_item(w: &mut dyn MediaWriter, set: &str, data: &[u8]) -> SetRecord {
         size: Bytes(data.len() as u64),
         config: ConfigId::new("c"),
         meta: Default::default(),
+        holes: Vec::new(),
         file: None,
     })
     .unwrap();

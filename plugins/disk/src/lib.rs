@@ -781,6 +781,7 @@ mod tests {
             size: Bytes(size),
             config: ConfigId::new("c"),
             meta: Default::default(),
+            holes: Vec::new(),
             file: None,
         }
     }

@@ -752,6 +752,7 @@ impl MediaWriter for ResticWriter {
             size: floe_core::units::Bytes(index.len() as u64),
             config: ConfigId::new("index"),
             meta: Default::default(),
+            holes: Vec::new(),
             file: None,
         };
         let node = node_of(&ih, "floe-index.json", record.header.frozen_at)?;

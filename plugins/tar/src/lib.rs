@@ -714,6 +714,7 @@ mod tests {
                 size: Bytes(data.len() as u64),
                 config: ConfigId::new("c"),
                 meta: Default::default(),
+                holes: Vec::new(),
                 file: None,
             },
             ItemTrailer {
