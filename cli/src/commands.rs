@@ -1046,28 +1046,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for f in &forget {
                 println!("{} {f}", if dry_run { "would forget" } else { "forget " });
             }
+            let mut writer = media_writer(&reg, &media)?;
             if dry_run {
+                for c in writer.recycle(&forget, true)? {
+                    println!("would recycle {c} (every set on it forgotten)");
+                }
                 return Ok(());
             }
             let mut cat = open_catalog(cli.catalog.as_ref())?;
-            let mut writer = media_writer(&reg, &media)?;
-            let mut stays = 0usize;
+            let mut stays = Vec::new();
             for f in &forget {
                 cat.forget(f)?;
                 match writer.delete_set(f) {
                     Ok(()) => {}
                     // Tape cannot drop one set: the catalog forgets it, the
-                    // bytes stay until the cartridge is written over.
-                    Err(e) if e.kind() == floe_core::error::ErrorKind::Unsupported => stays += 1,
+                    // bytes stay until its cartridges are recycled.
+                    Err(e) if e.kind() == floe_core::error::ErrorKind::Unsupported => {
+                        stays.push(f.clone())
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
             println!("{} set(s) kept, {} forgotten", keep.len(), forget.len());
-            if stays > 0 {
-                println!(
-                    "{stays} forgotten set(s) stay on {} until their cartridges are written over",
-                    media.media
-                );
+            if !stays.is_empty() {
+                // A cartridge is recycled only when every set on it is
+                // forgotten.
+                let freed = writer.recycle(&forget, false)?;
+                for c in &freed {
+                    println!("recycled {c}: every set on it was forgotten; it takes new sets");
+                }
+                let left = media_reader(&reg, &media)?
+                    .list_sets()?
+                    .iter()
+                    .filter(|s| stays.contains(&s.header.set))
+                    .count();
+                if left > 0 {
+                    println!(
+                        "{left} forgotten set(s) stay on {} until every set on their cartridges is forgotten",
+                        media.media
+                    );
+                }
             }
             Ok(())
         }

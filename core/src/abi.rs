@@ -106,6 +106,14 @@ pub trait MediaWriter: Send {
     /// Remove a committed set from the media (retention). It disappears
     /// at once as a whole, or not at all.
     fn delete_set(&mut self, set: &SetId) -> Result<()>;
+    /// Retention forgot `forgotten`: free every medium that holds only
+    /// forgotten sets (tape: write a cartridge's label again, which ends
+    /// its data), never one that holds a set still kept. The media freed
+    /// (or that would be, with `dry_run`). Default: nothing to free
+    /// (media that delete sets one by one).
+    fn recycle(&mut self, _forgotten: &[SetId], _dry_run: bool) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Reads backup sets from media.
@@ -241,8 +249,10 @@ pub trait MediaWriterAbi: Send {
     /// Throw the set away.
     fn abort(&mut self) -> RResult<(), RString>;
     /// JSON [`SetId`]: remove a committed set.
-    #[sabi(last_prefix_field)]
     fn delete_set(&mut self, set: RStr<'_>) -> RResult<(), RString>;
+    /// JSON `[[SetId], bool]` → JSON `[String]`: media freed.
+    #[sabi(last_prefix_field)]
+    fn recycle(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
 }
 
 /// ABI twin of [`MediaReader`].
@@ -454,6 +464,13 @@ impl MediaWriterAbi for MediaWriterExport {
     fn delete_set(&mut self, set: RStr<'_>) -> RResult<(), RString> {
         guard("delete set", || {
             self.0.delete_set(&from_json(set.as_str(), "set id")?)
+        })
+    }
+    fn recycle(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("recycle", || {
+            let (sets, dry_run): (Vec<SetId>, bool) =
+                from_json(args.as_str(), "recycle arguments")?;
+            self.0.recycle(&sets, dry_run)
         })
     }
 }
@@ -684,6 +701,12 @@ impl MediaWriter for LoadedMediaWriter {
     fn delete_set(&mut self, set: &SetId) -> Result<()> {
         let r = self.1.delete_set(to_json(set)?.as_str().into());
         back_unit(&self.0, "delete set", r)
+    }
+    fn recycle(&mut self, forgotten: &[SetId], dry_run: bool) -> Result<Vec<String>> {
+        let r = self
+            .1
+            .recycle(to_json(&(forgotten, dry_run))?.as_str().into());
+        back(&self.0, "recycle", r)
     }
 }
 

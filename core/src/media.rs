@@ -140,6 +140,9 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
     fn delete_set(&mut self, set: &SetId) -> Result<()> {
         self.inner.delete_set(set)
     }
+    fn recycle(&mut self, forgotten: &[SetId], dry_run: bool) -> Result<Vec<String>> {
+        self.inner.recycle(forgotten, dry_run)
+    }
 }
 
 impl MediaWriter for Box<dyn MediaWriter> {
@@ -169,6 +172,9 @@ impl MediaWriter for Box<dyn MediaWriter> {
     }
     fn delete_set(&mut self, set: &SetId) -> Result<()> {
         (**self).delete_set(set)
+    }
+    fn recycle(&mut self, forgotten: &[SetId], dry_run: bool) -> Result<Vec<String>> {
+        (**self).recycle(forgotten, dry_run)
     }
 }
 

@@ -180,6 +180,9 @@ impl MediaWriter for Meddling {
     fn delete_set(&mut self, s: &SetId) -> floe_core::Result<()> {
         self.inner.delete_set(s)
     }
+    fn recycle(&mut self, f: &[SetId], dry_run: bool) -> floe_core::Result<Vec<String>> {
+        self.inner.recycle(f, dry_run)
+    }
 }
 
 /// Back up `sources` through `agent` with an in-process mover (1 MiB

@@ -413,3 +413,165 @@ fn write_protected_and_full_cartridges_fail_clearly_and_record_nothing() {
         "{text}"
     );
 }
+
+/// Retention on tape: `floe prune` forgets sets in the catalog, and
+/// recycles a cartridge (writes its label again, ending its data) only
+/// when every set on it is forgotten. A set that had a piece on a recycled
+/// cartridge is gone, even where its index file survives on another.
+#[test]
+fn prune_recycles_a_cartridge_only_when_every_set_on_it_is_forgotten() {
+    let name = "prune_recycles_a_cartridge_only_when_every_set_on_it_is_forgotten";
+    let Some((src, agent, facts)) = tree_host(name, 256, 150, 9, &[]) else {
+        return;
+    };
+    // How much tape one set takes, on a roomy library first.
+    let roomy = VtlProcess::start(1, 1, 1 << 30, 64 * K);
+    let mut probe_args = tape_spec(&roomy, 64 * K);
+    probe_args.extend([
+        "--catalog".to_string(),
+        src.dir.path().join("probe.db").display().to_string(),
+    ]);
+    backup_tree(
+        &src,
+        &agent,
+        &format!("tape:{}", roomy.device(0)),
+        &probe_args,
+    );
+    let size = drive_stats(&roomy)["bytes_written"].as_u64().unwrap();
+    assert!(
+        size > facts.bytes,
+        "{size} bytes of tape for {} of files",
+        facts.bytes
+    );
+    drop(roomy);
+    // Five cartridges of 80 % of a set: set 1 spans FL0001 → FL0002, set 2
+    // FL0002 → FL0003.
+    let vtl = VtlProcess::start(1, 5, size * 8 / 10, 64 * K);
+    let media = format!("tape:{}", vtl.device(0));
+    let opts = tape_spec(&vtl, 64 * K);
+    let cat = src.dir.path().join("catalog.db");
+    let mut args = opts.clone();
+    args.extend(["--catalog".to_string(), cat.display().to_string()]);
+    let set1 = backup_tree(&src, &agent, &media, &args);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct set ids
+    let set2 = backup_tree(&src, &agent, &media, &args);
+    assert_eq!(
+        vtl.inventory()["drives"][0]["loaded"],
+        "FL0003",
+        "{}",
+        vtl.inventory()
+    );
+    let prune = |keep: &str, dry: bool| {
+        let mut c = floe_cmd();
+        c.args(["prune", "--media", &media])
+            .args(&opts)
+            .args(["--keep-last", keep, "--catalog"])
+            .arg(&cat);
+        if dry {
+            c.arg("--dry-run");
+        }
+        let p = c.output().unwrap();
+        let text = String::from_utf8_lossy(&p.stdout).to_string();
+        assert!(
+            p.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&p.stderr)
+        );
+        text
+    };
+    let listed = |cartridges: &str| -> Vec<String> {
+        let db = src
+            .dir
+            .path()
+            .join(format!("rebuilt-{}.db", cartridges.len()));
+        let _ = std::fs::remove_file(&db);
+        let rb = floe_cmd()
+            .env("FLOE_CATALOG", &db)
+            .args(["catalog", "rebuild", "--media", &media])
+            .args(&opts)
+            .args(["--media-opt", &format!("cartridges={cartridges}")])
+            .output()
+            .unwrap();
+        assert!(
+            rb.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rb.stderr)
+        );
+        let l = floe_cmd()
+            .env("FLOE_CATALOG", &db)
+            .args(["list", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&l.stdout).expect("list JSON");
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["header"]["set"].as_str().unwrap_or_default().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let all = "FL0001,FL0002,FL0003";
+    assert_eq!(listed(all), vec![set1.clone(), set2.clone()]);
+
+    // Keep the last: set 1 is forgotten; FL0001 holds only set 1 and is
+    // recycled, FL0002 also holds set 2 and is not. A dry run says so and
+    // touches nothing.
+    let dry = prune("1", true);
+    assert!(
+        dry.contains("would recycle FL0001") && !dry.contains("FL0002"),
+        "{dry}"
+    );
+    assert_eq!(listed(all), vec![set1.clone(), set2.clone()]);
+    let text = prune("1", false);
+    assert!(text.contains(&format!("forget  {set1}")), "{text}");
+    assert!(text.contains("recycled FL0001"), "{text}");
+    assert!(
+        !text.contains("recycled FL0002") && !text.contains("recycled FL0003"),
+        "{text}"
+    );
+    // Set 1's index file is still on FL0002, but its first piece was
+    // written over: it is gone from the media, set 2 is whole.
+    assert_eq!(listed(all), vec![set2.clone()]);
+
+    // The next set on fresh cartridges.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    vtl.change(0, &["load", "FL0004"]).unwrap();
+    let set3 = backup_tree(&src, &agent, &media, &args);
+    assert_eq!(vtl.inventory()["drives"][0]["loaded"], "FL0005");
+    let every = "FL0001,FL0002,FL0003,FL0004,FL0005";
+    assert_eq!(listed(every), vec![set2.clone(), set3.clone()]);
+
+    // Keep the last again: set 2 is forgotten; FL0002 (set 1's dead tail
+    // and set 2) and FL0003 (set 2) are recycled; FL0001 (empty since its
+    // recycling) and FL0004/5 (set 3) are not.
+    let text = prune("1", false);
+    assert!(
+        text.contains("recycled FL0002") && text.contains("recycled FL0003"),
+        "{text}"
+    );
+    for c in ["FL0001", "FL0004", "FL0005"] {
+        assert!(!text.contains(&format!("recycled {c}")), "{c}: {text}");
+    }
+    assert_eq!(listed(every), vec![set3.clone()]);
+
+    // Recycled cartridges take new sets after their labels: a set spanning
+    // FL0001 → FL0002 restores exactly.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    vtl.change(0, &["load", "FL0001"]).unwrap();
+    let set4 = backup_tree(&src, &agent, &media, &args);
+    assert_eq!(vtl.inventory()["drives"][0]["loaded"], "FL0002");
+    assert_eq!(listed(every), vec![set3, set4.clone()]);
+    let to = src.dir.path().join("restored-4");
+    let r = floe_cmd()
+        .args(["restore", "--media", &media])
+        .args(&opts)
+        .args(["--set", &set4, "--to-dir"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diffs = compare_trees(&src.mnt, &to);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+}

@@ -54,6 +54,10 @@ pub struct Label {
     pub label: String,
     /// When it was labelled.
     pub created: u64,
+    /// Times it was recycled (labelled again, ending its data): a set whose
+    /// piece names an older generation of the cartridge is gone.
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// One stretch of a set's archive on one cartridge: one tape file.
@@ -67,6 +71,9 @@ pub struct Piece {
     pub offset: u64,
     /// Bytes of archive in the piece (whole records).
     pub length: u64,
+    /// The cartridge's generation when the piece was written.
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// The tape file after a set's archive: where every piece is, and the set.
@@ -305,6 +312,8 @@ pub struct TapeWriter {
     cfg: Config,
     drive: Option<Box<dyn TapeDrive>>,
     label: String,
+    /// The loaded cartridge's generation.
+    generation: u32,
     set: Option<Writing>,
     /// Cartridges labelled by this writer (for generated labels).
     labelled: u32,
@@ -336,6 +345,7 @@ impl TapeWriter {
             Some(Ok(l)) => {
                 drive.op(MtOp::Eom)?;
                 self.label = l.label;
+                self.generation = l.generation;
             }
             Some(Err(n)) => {
                 return Err(Error::new(
@@ -357,6 +367,7 @@ impl TapeWriter {
                         version: VERSION,
                         label: label.clone(),
                         created: now_secs(),
+                        generation: 0,
                     })
                     .map_err(|e| Error::new(ErrorKind::Media, "encode label").source(e))?,
                     self.cfg.record,
@@ -366,6 +377,7 @@ impl TapeWriter {
                 drive.write(&rec)?;
                 drive.op(MtOp::Weof(1))?;
                 self.label = label;
+                self.generation = 0;
             }
         }
         drive.op(MtOp::SetBlk(u32::try_from(self.cfg.record).unwrap_or(0)))?;
@@ -377,6 +389,59 @@ impl TapeWriter {
         self.drive
             .as_mut()
             .ok_or_else(|| Error::new(ErrorKind::Media, "no tape drive open"))
+    }
+
+    /// Recycle cartridge `label`: load it, check its label, and write the
+    /// label again (generation `generation`) at the beginning of the tape,
+    /// which ends its data there: its sets are gone, it takes new ones.
+    fn relabel(&mut self, label: &str, generation: u32) -> Result<()> {
+        self.drive = None;
+        if self.cfg.changer.is_some() {
+            change(
+                &self.cfg,
+                &format!("load {label}"),
+                &format!("cartridge {label} is to be recycled"),
+            )?;
+        }
+        let mut drive = open_drive(&self.cfg.device, true).map_err(|e| {
+            if errno_of(&e) == Some(errno::EROFS) {
+                Error::new(
+                    ErrorKind::Media,
+                    format!("cartridge {label} is write-protected: it cannot be recycled"),
+                )
+                .source(e)
+            } else {
+                e
+            }
+        })?;
+        match read_label(drive.as_mut())? {
+            Some(Ok(l)) if l.label == label => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Media,
+                    format!(
+                        "the cartridge in {} is not {label}: not recycling it",
+                        self.cfg.device
+                    ),
+                ))
+            }
+        }
+        let rec = pad_to(
+            serde_json::to_vec(&Label {
+                magic: LABEL_MAGIC.into(),
+                version: VERSION,
+                label: label.to_string(),
+                created: now_secs(),
+                generation,
+            })
+            .map_err(|e| Error::new(ErrorKind::Media, "encode label").source(e))?,
+            self.cfg.record,
+        );
+        drive.op(MtOp::Rewind)?;
+        drive.op(MtOp::SetBlk(u32::try_from(self.cfg.record).unwrap_or(0)))?;
+        drive.write(&rec)?;
+        drive.op(MtOp::Weof(1))?;
+        Ok(())
     }
 
     /// Close the current piece and go on on the next cartridge.
@@ -395,7 +460,7 @@ impl TapeWriter {
 
     fn start_piece(&mut self) -> Result<()> {
         let file = u64::try_from(self.drive()?.status()?.file_number).unwrap_or(0);
-        let label = self.label.clone();
+        let (label, generation) = (self.label.clone(), self.generation);
         let w = self.w()?;
         let offset = w.pieces.iter().map(|p| p.length).sum();
         w.pieces.push(Piece {
@@ -403,6 +468,7 @@ impl TapeWriter {
             file,
             offset,
             length: 0,
+            generation,
         });
         Ok(())
     }
@@ -689,6 +755,39 @@ impl MediaWriter for TapeWriter {
             format!("a set on tape ({set}) cannot be deleted alone: tape is recycled a whole cartridge at a time"),
         ))
     }
+
+    fn recycle(&mut self, forgotten: &[SetId], dry_run: bool) -> Result<Vec<String>> {
+        if self.set.is_some() {
+            return Err(Error::new(
+                ErrorKind::Media,
+                "cannot recycle while a set is written",
+            ));
+        }
+        self.drive = None;
+        let survey = {
+            let mut reader = TapeReader {
+                cfg: self.cfg.clone(),
+                stream: None,
+                open: None,
+                sets: HashMap::new(),
+            };
+            reader.survey()?
+            // the reader (and its drive) closes here
+        };
+        let mut freed = Vec::new();
+        for (label, generation) in &survey.cartridges {
+            let holding = survey.holding(label);
+            // Only a cartridge with sets, every one of them forgotten.
+            if holding.is_empty() || !holding.iter().all(|s| forgotten.contains(s)) {
+                continue;
+            }
+            if !dry_run {
+                self.relabel(label, generation + 1)?;
+            }
+            freed.push(label.clone());
+        }
+        Ok(freed)
+    }
 }
 
 /// Reads the archive of one set from tape, across its pieces.
@@ -696,6 +795,8 @@ struct ArchiveStream {
     cfg: Config,
     drive: Option<Box<dyn TapeDrive>>,
     label: Option<String>,
+    /// The loaded cartridge's generation.
+    generation: u32,
     pieces: Vec<Piece>,
     record_size: u64,
     /// Piece being read and the index (in it) of the next record the
@@ -728,7 +829,7 @@ impl ArchiveStream {
         }
         let mut d = open_drive(&self.cfg.device, false)?;
         match read_label(d.as_mut())? {
-            Some(Ok(l)) if l.label == label => {}
+            Some(Ok(l)) if l.label == label => self.generation = l.generation,
             other => {
                 return Err(Error::new(
                     ErrorKind::Media,
@@ -870,6 +971,7 @@ impl TapeReader {
             cfg: self.cfg.clone(),
             drive: None,
             label: None,
+            generation: 0,
             pieces: Vec::new(),
             record_size: self.cfg.record,
             piece: 0,
@@ -888,7 +990,10 @@ impl TapeReader {
             } else if s.drive.is_none() {
                 let mut d = open_drive(&self.cfg.device, false)?;
                 match read_label(d.as_mut())? {
-                    Some(Ok(l)) => s.label = Some(l.label),
+                    Some(Ok(l)) => {
+                        s.label = Some(l.label);
+                        s.generation = l.generation;
+                    }
                     _ => {
                         return Err(Error::new(
                             ErrorKind::Media,
@@ -956,9 +1061,29 @@ impl TapeReader {
     }
 }
 
-impl MediaReader for TapeReader {
-    fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
-        let mut all: HashMap<SetId, SetRecord> = HashMap::new();
+/// What a library holds: each cartridge scanned (label, generation) and
+/// each set found whole (its index, and the cartridge its index file is
+/// on). Sets with a piece on a cartridge recycled since are gone.
+struct Survey {
+    cartridges: Vec<(String, u32)>,
+    sets: Vec<(TapeIndex, String)>,
+}
+
+impl Survey {
+    /// The sets with any byte on cartridge `label`.
+    fn holding(&self, label: &str) -> Vec<&SetId> {
+        self.sets
+            .iter()
+            .filter(|(i, at)| at == label || i.pieces.iter().any(|p| p.label == label))
+            .map(|(i, _)| &i.record.header.set)
+            .collect()
+    }
+}
+
+impl TapeReader {
+    /// Scan every cartridge the reader knows of (`cartridges`, else the
+    /// changer's list, else the loaded one).
+    fn survey(&mut self) -> Result<Survey> {
         let labels: Vec<Option<String>> = if !self.cfg.cartridges.is_empty() {
             self.cfg.cartridges.iter().cloned().map(Some).collect()
         } else if self.cfg.changer.is_some() {
@@ -970,19 +1095,27 @@ impl MediaReader for TapeReader {
             vec![None]
         };
         let listed = labels.len();
-        let mut done: Vec<String> = Vec::new();
+        let mut cartridges: Vec<(String, u32)> = Vec::new();
+        let mut found: HashMap<SetId, (TapeIndex, String)> = HashMap::new();
         for l in labels {
-            if l.as_ref().is_some_and(|l| done.contains(l)) {
+            if l.as_ref()
+                .is_some_and(|l| cartridges.iter().any(|(c, _)| c == l))
+            {
                 continue;
             }
             let r = self.scan(l.as_deref());
-            if let Some(now) = self.stream.as_ref().and_then(|s| s.label.clone()) {
-                done.push(now);
-            }
+            let here = self
+                .stream
+                .as_ref()
+                .and_then(|s| s.label.clone().map(|l| (l, s.generation)));
             match r {
-                Ok(found) => {
-                    for i in found {
-                        all.insert(i.record.header.set.clone(), i.record);
+                Ok(sets) => {
+                    let (label, generation) = here.clone().unwrap_or_default();
+                    if here.is_some() {
+                        cartridges.push((label.clone(), generation));
+                    }
+                    for i in sets {
+                        found.insert(i.record.header.set.clone(), (i, label.clone()));
                     }
                 }
                 // A blank or foreign cartridge in a library holds no sets.
@@ -991,9 +1124,40 @@ impl MediaReader for TapeReader {
                 Err(e) => return Err(e),
             }
         }
-        let mut sets: Vec<SetRecord> = all.into_values().collect();
-        sets.sort_by(|a, b| (a.committed_at, &a.header.set).cmp(&(b.committed_at, &b.header.set)));
-        Ok(sets)
+        // A piece on a cartridge whose generation moved on was written
+        // over: its set is gone (only its index, elsewhere, remains).
+        let gen_of: HashMap<&str, u32> = cartridges.iter().map(|(l, g)| (l.as_str(), *g)).collect();
+        let mut sets: Vec<(TapeIndex, String)> = found
+            .into_values()
+            .filter(|(i, _)| {
+                i.pieces.iter().all(|p| {
+                    gen_of
+                        .get(p.label.as_str())
+                        .is_none_or(|g| *g == p.generation)
+                })
+            })
+            .collect();
+        sets.sort_by(|(a, _), (b, _)| {
+            (a.record.committed_at, &a.record.header.set)
+                .cmp(&(b.record.committed_at, &b.record.header.set))
+        });
+        for (i, _) in &sets {
+            let index = floe_core::media::SetIndex::new(i.record.clone());
+            self.sets
+                .insert(i.record.header.set.clone(), (i.clone(), index));
+        }
+        Ok(Survey { cartridges, sets })
+    }
+}
+
+impl MediaReader for TapeReader {
+    fn list_sets(&mut self) -> Result<Vec<SetRecord>> {
+        Ok(self
+            .survey()?
+            .sets
+            .into_iter()
+            .map(|(i, _)| i.record)
+            .collect())
     }
 
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
@@ -1074,6 +1238,7 @@ impl Plugin for TapePlugin {
             cfg: config_of(config)?,
             drive: None,
             label: String::new(),
+            generation: 0,
             set: None,
             labelled: 0,
         }))
@@ -1101,6 +1266,7 @@ mod tests {
             version: VERSION,
             label: "FL0001".into(),
             created: 1,
+            generation: 0,
         };
         let rec = pad_to(serde_json::to_vec(&l).unwrap(), 1024);
         assert_eq!(rec.len(), 1024);
@@ -1123,12 +1289,14 @@ mod tests {
                     file: 1,
                     offset: 0,
                     length: 1024,
+                    generation: 0,
                 },
                 Piece {
                     label: "B".into(),
                     file: 1,
                     offset: 2048,
                     length: 512,
+                    generation: 0,
                 },
             ],
             record: SetRecord {
