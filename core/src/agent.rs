@@ -50,6 +50,10 @@ struct Frozen {
     validity: Box<dyn ValidityIndicator>,
     /// The rest of a map handed out in parts, while it is being made.
     parts: Option<MapParts>,
+    /// Writes have been held since before the map (a FIFREEZE freezer
+    /// that has not been told `mapped` yet): everything read now is as
+    /// mapped, and config checks are answered without a look.
+    held: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A mapping thread: it maps part after part at its own pace (the image
@@ -66,6 +70,7 @@ impl MapParts {
         image: FrozenImage,
         freezer: Shared<Box<dyn Freezer>>,
         mapper: Shared<Box<dyn Mapper>>,
+        held: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<MapParts> {
         use std::sync::atomic::Ordering;
         // Unbounded: a slow mover never holds the freeze longer.
@@ -75,10 +80,15 @@ impl MapParts {
         let thread = std::thread::Builder::new()
             .name("floe-map".into())
             .spawn(move || {
+                // Checks stop trusting the freeze before it may end.
+                let settle = || {
+                    held.store(false, Ordering::SeqCst);
+                    lock(&freezer).mapped(&image)
+                };
                 loop {
                     if halt.load(Ordering::Relaxed) {
                         // Released mid-map: let the writes go, nothing more.
-                        let _ = lock(&freezer).mapped(&image);
+                        let _ = settle();
                         return;
                     }
                     let part = lock(&mapper)
@@ -92,12 +102,12 @@ impl MapParts {
                     if last {
                         // Writes held for the map go before the last part
                         // is handed out, mapped or not.
-                        let settled = lock(&freezer).mapped(&image).map_err(|e| e.op("thaw"));
+                        let settled = settle().map_err(|e| e.op("thaw"));
                         let _ = tx.send(settled.and(part));
                         return;
                     }
                     if tx.send(part).is_err() {
-                        let _ = lock(&freezer).mapped(&image);
+                        let _ = settle();
                         return;
                     }
                 }
@@ -139,6 +149,12 @@ impl Drop for MapParts {
 }
 
 impl Frozen {
+    /// Are writes still held since before the map? (Then anything read so
+    /// far is as mapped.)
+    fn still_held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stop mapping (if parts are still being made) and let the image go.
     fn release(&mut self) -> Result<()> {
         self.parts = None;
@@ -326,6 +342,7 @@ impl Agent {
                 mapper: Arc::new(std::sync::Mutex::new(mapper)),
                 validity,
                 parts: None,
+                held: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
             map,
         ))
@@ -337,21 +354,24 @@ impl Agent {
         let (image, freezer, mapper, validity) = self.freeze_only(sources)?;
         let freezer = Arc::new(std::sync::Mutex::new(freezer));
         let mapper = Arc::new(std::sync::Mutex::new(mapper));
-        let parts = match MapParts::start(image.clone(), freezer.clone(), mapper.clone()) {
-            Ok(p) => p,
-            Err(e) => {
-                let mut f = lock(&freezer);
-                let _ = f.mapped(&image);
-                let _ = f.release(&image);
-                return Err(e);
-            }
-        };
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(image.writes_held));
+        let parts =
+            match MapParts::start(image.clone(), freezer.clone(), mapper.clone(), held.clone()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let mut f = lock(&freezer);
+                    let _ = f.mapped(&image);
+                    let _ = f.release(&image);
+                    return Err(e);
+                }
+            };
         let mut frozen = Frozen {
             image,
             freezer,
             mapper,
             validity,
             parts: Some(parts),
+            held,
         };
         let first = frozen.parts.as_mut().expect("started above").next();
         match first {
@@ -506,15 +526,23 @@ impl Agent {
                 config,
             } => {
                 let f = frozen(images, &image)?;
-                let current = f
-                    .validity
-                    .config_id(&f.image, &item)
-                    .map_err(|e| e.item(&item))?;
+                let current = if f.still_held() {
+                    config.clone()
+                } else {
+                    f.validity
+                        .config_id(&f.image, &item)
+                        .map_err(|e| e.item(&item))?
+                };
                 let valid = current == config;
                 Response::Config { current, valid }
             }
             Request::CheckConfigs { image, items } => {
                 let f = frozen(images, &image)?;
+                if f.still_held() {
+                    return Ok(Response::Configs {
+                        current: items.into_iter().map(|(_, c)| c).collect(),
+                    });
+                }
                 let ids: Vec<ItemId> = items.iter().map(|(i, _)| i.clone()).collect();
                 let current = f.validity.config_ids(&f.image, &ids)?;
                 if current.len() != ids.len() {

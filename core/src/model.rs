@@ -327,6 +327,11 @@ pub struct FrozenImage {
     /// freezer itself (`fsflush` freezes, `fiemap` or `btrfs` maps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapper: Option<String>,
+    /// The freezer holds every write to what it froze from before the map
+    /// until `Freezer::mapped` (FIFREEZE): nothing read in that window can
+    /// have changed since it was mapped, so its checks need no look.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub writes_held: bool,
 }
 
 /// Where an item sits on media.

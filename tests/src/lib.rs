@@ -289,6 +289,7 @@ pub fn scripted_agent(script: Script) -> String {
                             .collect(),
                         frozen_at: 0,
                         mapper: None,
+                        writes_held: false,
                     },
                     map: map.clone(),
                     // Asked for parts or not, this agent answers whole.

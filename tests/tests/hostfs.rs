@@ -579,6 +579,57 @@ mod freeze_guard {
         }
     }
 
+    /// While FIFREEZE still holds writes from before the map, nothing read
+    /// can differ from the map: config checks are answered without a look
+    /// (the agent's CPU). From the moment the thaw may begin, every check
+    /// looks again.
+    #[test]
+    fn checks_trust_the_freeze_only_while_it_holds() {
+        let name = "checks_trust_the_freeze_only_while_it_holds";
+        let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        for i in 0..20 {
+            std::fs::write(fs.mnt.join(format!("f{i:02}")), vec![i; 5000]).unwrap();
+        }
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                "fiemap.part_entries=5",
+            ],
+            &[("FLOE_PAUSEPOINT", "map-part:400")],
+        );
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, first, more) = client
+            .freeze_in_parts(std::slice::from_ref(&allow), true)
+            .unwrap();
+        assert!(more);
+        let item = first
+            .items
+            .iter()
+            .find(|i| i.kind == ItemKind::File)
+            .expect("a file in the first part")
+            .clone();
+        let stale = ConfigId::new("not-the-config-id");
+        // Frozen, mapping the rest: answered as asked.
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(valid && current == stale, "{current}");
+        let current = client
+            .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
+            .unwrap();
+        assert_eq!(current, vec![stale.clone()]);
+        // The rest of the map; the file system thaws before the last part.
+        while client.map_more(&image.id).unwrap().more {}
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(!valid, "a check after the thaw trusted the freeze");
+        assert_eq!(current, item.config, "the real config id");
+        client.release(&image.id).unwrap();
+    }
+
     fn frozen_agent(
         name: &str,
         bound: &str,

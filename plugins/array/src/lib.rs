@@ -179,6 +179,7 @@ impl Freezer for Conn {
                 .collect(),
             frozen_at: now,
             mapper: None,
+            writes_held: false,
         })
     }
 

@@ -194,6 +194,7 @@ impl Freezer for BtrfsSnapshot {
             items,
             frozen_at: now_secs(),
             mapper: Some("btrfs".into()),
+            writes_held: false,
         })
     }
 

@@ -193,6 +193,7 @@ impl Freezer for FsFlush {
             items,
             frozen_at: now_secs(),
             mapper: mapper.map(String::from),
+            writes_held: true,
         })
     }
 

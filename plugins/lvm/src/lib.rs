@@ -239,6 +239,7 @@ impl Freezer for LvmFreezer {
             items,
             frozen_at: now_secs(),
             mapper: None,
+            writes_held: false,
         })
     }
     fn release(&mut self, _image: &FrozenImage) -> Result<()> {
@@ -380,6 +381,7 @@ impl Freezer for LvmSnapshotFreezer {
             items,
             frozen_at: now_secs(),
             mapper: Some("lvm".into()),
+            writes_held: false,
         })
     }
     fn release(&mut self, image: &FrozenImage) -> Result<()> {

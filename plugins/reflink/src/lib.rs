@@ -127,6 +127,7 @@ impl Freezer for Reflink {
             items,
             frozen_at: now_secs(),
             mapper: mapper.map(String::from),
+            writes_held: false,
         })
     }
 
