@@ -334,10 +334,12 @@ struct RestoreArgs {
     to_dir: Option<PathBuf>,
     #[command(flatten)]
     tree: floe_core::restore::TreeOptions,
-    /// With --to-dir: restore on the agent's host instead of here, through
-    /// the agent (which must allow DIR with --allow-restore). Same forms as
+    /// Restore on the agent's host instead of here, through the agent:
+    /// with --to-dir, the files under DIR; with --to ITEM=PATH, a volume to
+    /// an image file or block device PATH there. The agent must allow the
+    /// directory (DIR, or PATH's) with --allow-restore. Same forms as
     /// `floe backup --agent`.
-    #[arg(long, requires = "to_dir")]
+    #[arg(long)]
     agent: Option<String>,
     #[command(flatten)]
     ssh: SshArgs,
@@ -890,6 +892,25 @@ fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
             println!(
                 "would restore {item} ({} bytes, blake3 {}) to {target}",
                 rec.trailer.length, rec.trailer.blake3
+            );
+            continue;
+        }
+        if let Some(agent) = &a.agent {
+            // On the agent's host: an image file or a block device there,
+            // under its --allow-restore directories.
+            let mut client = connect_agent(agent, &a.ssh)?;
+            let host = client.host.clone();
+            let n = floe_core::restore::restore_volume_via_agent(
+                &mut client,
+                reader.as_mut(),
+                &set,
+                &item,
+                std::path::Path::new(target),
+            )
+            .with_context(|| format!("restore of {item} to {target} on {host} failed"))?;
+            println!(
+                "restored {item} to {target} on {host} through its agent: {} bytes, blake3 {} (verified there)",
+                n, rec.trailer.blake3
             );
             continue;
         }

@@ -138,6 +138,8 @@ pub struct FileWriter {
     /// the file).
     data_end: u64,
     holes: Vec<[u64; 2]>,
+    /// A block device: written whole, never truncated, synced at the end.
+    device: bool,
 }
 
 impl FileWriter {
@@ -167,6 +169,54 @@ impl FileWriter {
             written: 0,
             data_end: 0,
             holes: holes.to_vec(),
+            device: false,
+        })
+    }
+
+    /// Open the target of a volume of `size` bytes with `holes`: an
+    /// existing block device at least that large (written whole, zeros
+    /// included, and synced), or an image file (created or emptied, its
+    /// holes left sparse). A symlink is refused, never followed.
+    pub fn volume(path: &Path, size: u64, holes: &[[u64; 2]]) -> Result<FileWriter> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let meta = std::fs::symlink_metadata(path).ok();
+        if meta.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                "the volume's target is a symlink: refused",
+            )
+            .path(path));
+        }
+        let device = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(!device)
+            .truncate(!device)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| io("open the volume target", path, e))?;
+        if device {
+            let have = crate::sys::block_device_size(&out)
+                .map_err(|e| io("size (BLKGETSIZE64)", path, e))?;
+            if have < size {
+                return Err(Error::new(
+                    ErrorKind::WriteFailed,
+                    format!("the device holds {have} bytes, the volume needs {size}"),
+                )
+                .path(path));
+            }
+        }
+        Ok(FileWriter {
+            out,
+            path: path.to_path_buf(),
+            hasher: blake3::Hasher::new(),
+            pos: 0,
+            written: 0,
+            data_end: 0,
+            holes: if device { Vec::new() } else { holes.to_vec() },
+            device,
         })
     }
 
@@ -212,11 +262,14 @@ impl FileWriter {
     /// metadata without a path lookup).
     pub fn finish_file(self, rec: &ItemRecord) -> Result<(u64, std::fs::File)> {
         let path = &self.path;
-        if self.data_end != self.pos {
+        if self.data_end != self.pos && !self.device {
             // A hole ends the file: its length is not written yet.
             self.out
                 .set_len(self.pos)
                 .map_err(|e| io("set the length of", path, e))?;
+        }
+        if self.device {
+            self.out.sync_all().map_err(|e| io("sync", path, e))?;
         }
         let sum = self.hasher.finalize().to_hex().to_string();
         if self.pos != rec.trailer.length.0 || sum != rec.trailer.blake3 {
@@ -589,12 +642,13 @@ impl RestoreSession {
         };
         self.check(&step.dest)?;
         let h = &step.item.header;
+        if h.kind == ItemKind::Volume {
+            let w = FileWriter::volume(&step.dest, h.size.0, h.holes())?;
+            self.file = Some((w, step));
+            return Ok(0);
+        }
         let f = h.file.clone().ok_or_else(|| {
-            Error::new(
-                ErrorKind::Media,
-                "only file-system items restore through the agent",
-            )
-            .item(&h.item)
+            Error::new(ErrorKind::Media, "a file item without file metadata").item(&h.item)
         })?;
         match h.kind {
             ItemKind::File => {
@@ -622,8 +676,10 @@ impl RestoreSession {
             .as_mut()
             .ok_or_else(|| Error::new(ErrorKind::Protocol, "no file open"))?;
         if let Err(e) = w.push(bytes) {
-            if let Some((_, step)) = self.file.take() {
-                let _ = std::fs::remove_file(&step.dest);
+            if let Some((w, step)) = self.file.take() {
+                if !w.device {
+                    let _ = std::fs::remove_file(&step.dest);
+                }
             }
             return Err(e);
         }
@@ -636,12 +692,17 @@ impl RestoreSession {
             .file
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Protocol, "no file open"))?;
+        let device = w.device;
         let n = w.finish(&step.item).inspect_err(|_| {
-            // A file that is not what the set recorded is not left behind.
-            let _ = std::fs::remove_file(&step.dest);
+            // A file that is not what the set recorded is not left behind
+            // (a device stays: it is not ours to remove).
+            if !device {
+                let _ = std::fs::remove_file(&step.dest);
+            }
         })?;
-        let f = step.item.header.file.as_ref().expect("checked at item");
-        crate::fsmeta::apply_meta(&step.dest, ItemKind::File, f, self.owners)?;
+        if let Some(f) = step.item.header.file.as_ref() {
+            crate::fsmeta::apply_meta(&step.dest, ItemKind::File, f, self.owners)?;
+        }
         self.items += 1;
         self.bytes += n;
         Ok(n)
@@ -727,6 +788,50 @@ pub fn restore_tree_via_agent(
     report.bytes = done.bytes;
     report.failures.extend(done.failures);
     Ok(report)
+}
+
+/// Restore one volume through the agent to `target` on its host (an image
+/// file, or an existing block device at least as large), under one of the
+/// agent's `--allow-restore` directories; checked against its BLAKE3 there.
+/// The bytes written.
+pub fn restore_volume_via_agent(
+    agent: &mut crate::agent::AgentClient,
+    reader: &mut dyn MediaReader,
+    set: &crate::model::SetId,
+    item: &crate::model::ItemId,
+    target: &Path,
+) -> Result<u64> {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{} is not a path to restore a volume to", target.display()),
+        ));
+    };
+    let rec = reader.open_item(set, item)?;
+    if rec.header.kind != ItemKind::Volume {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "only volumes restore to a target path; files restore with --to-dir",
+        )
+        .item(item));
+    }
+    let root = agent.restore_begin(&parent.to_string_lossy(), true)?;
+    let dest = Path::new(&root).join(name).to_string_lossy().to_string();
+    agent.restore_item(&dest, &rec)?;
+    let sent = (|| -> Result<()> {
+        loop {
+            let chunk = reader.read(1 << 20)?;
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            agent.restore_data(&chunk)?;
+        }
+    })();
+    let end = agent.restore_item_end();
+    sent?;
+    let n = end?;
+    agent.restore_finish()?;
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -122,3 +122,179 @@ fn a_tree_restores_through_the_agent_only_where_it_allows() {
         "the symlink's target was given the directory's metadata"
     );
 }
+
+/// A loop device this test attached, detached when dropped.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+fn losetup(file: &std::path::Path) -> Option<Loop> {
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(file)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+}
+
+/// A volume restores through the agent to an image file or a block device
+/// on its host — only under `--allow-restore`, never through a symlink, and
+/// never onto a device too small — checked against its BLAKE3 there.
+#[test]
+fn a_volume_restores_through_the_agent_to_an_image_or_a_block_device() {
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
+    let name = "a_volume_restores_through_the_agent_to_an_image_or_a_block_device";
+    let dst = match LoopFs::new("ext4", 1, 256, &[], "") {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    let allowed = dst.mnt.join("restores");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let Some((src, agent, _)) = tree_host(
+        name,
+        64,
+        120,
+        23,
+        &["--allow-restore", allowed.to_str().unwrap()],
+    ) else {
+        return;
+    };
+    let media = src.dir.path().join("media");
+    let source = format!("fsflush:{}?volume=allocated", src.mnt.display());
+    let (code, out, err) = floe_backup(
+        &agent.addr,
+        std::slice::from_ref(&source),
+        &media,
+        &src.device_args(),
+    );
+    assert_eq!(code, 0, "backup failed:\n{out}\n{err}");
+    let set = set_of(&out);
+    let item = src.mnt.display().to_string();
+    let size = 64u64 << 20;
+    let restore = |target: &std::path::Path, via_agent: bool| {
+        let mut c = floe_cmd();
+        c.args(["restore", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(["--set", &set, "--to"])
+            .arg(format!("{item}={}", target.display()));
+        if via_agent {
+            c.args(["--agent", &agent.addr]);
+        }
+        c.output().unwrap()
+    };
+    // Here, for reference.
+    let here = src.dir.path().join("here.img");
+    let r = restore(&here, false);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // An image file on the agent's host: the same bytes, sparse.
+    let img = allowed.join("vol.img");
+    let r = restore(&img, true);
+    let text = String::from_utf8_lossy(&r.stdout).to_string();
+    assert!(
+        r.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(text.contains("through its agent"), "{text}");
+    let cmp = Command::new("cmp").arg(&here).arg(&img).output().unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let m = std::fs::metadata(&img).unwrap();
+    assert_eq!(m.len(), size);
+    assert!(
+        m.blocks() * 512 < size / 2,
+        "not sparse: {} bytes",
+        m.blocks() * 512
+    );
+
+    // A block device there (a node in the allowed directory for a loop
+    // device over a file holding old bytes): written whole, zeros included.
+    let backing = src.dir.path().join("disk.raw");
+    std::fs::write(&backing, vec![0xA5u8; usize::try_from(size).unwrap()]).unwrap();
+    let Some(dev) = losetup(&backing) else {
+        return skip(name, "losetup failed");
+    };
+    let rdev = std::fs::metadata(&dev.0).unwrap().rdev();
+    let node = allowed.join("disk");
+    let mk = Command::new("mknod")
+        .arg(&node)
+        .arg("b")
+        .arg(((rdev >> 8) & 0xfff).to_string())
+        .arg((rdev & 0xff | ((rdev >> 12) & 0xfff00)).to_string())
+        .status()
+        .unwrap();
+    assert!(mk.success());
+    let r = restore(&node, true);
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let cmp = Command::new("cmp").arg(&here).arg(&dev.0).output().unwrap();
+    assert!(
+        cmp.status.success(),
+        "device differs: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+
+    // Refused: outside the allowed directories, through a symlink, onto a
+    // device too small.
+    let outside = src.dir.path().join("elsewhere.img");
+    let r = restore(&outside, true);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("--allow-restore"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(!outside.exists());
+    let link = allowed.join("link.img");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let r = restore(&link, true);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("symlink"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(!outside.exists(), "written through a symlink");
+    let small = src.dir.path().join("small.raw");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let Some(sdev) = losetup(&small) else {
+        return skip(name, "losetup failed");
+    };
+    let srdev = std::fs::metadata(&sdev.0).unwrap().rdev();
+    let snode = allowed.join("small");
+    assert!(Command::new("mknod")
+        .arg(&snode)
+        .arg("b")
+        .arg(((srdev >> 8) & 0xfff).to_string())
+        .arg((srdev & 0xff | ((srdev >> 12) & 0xfff00)).to_string())
+        .status()
+        .unwrap()
+        .success());
+    let r = restore(&snode, true);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("the device holds"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
