@@ -11,7 +11,7 @@ use floe_core::model::{DeviceId, ItemId, SetId};
 use floe_core::mover::{backup, restore_item, resume, verify_set, MoverOptions, Progress};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -679,24 +679,45 @@ fn run_backup(
         })?;
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "set": report.set,
-                "remaps": report.remaps,
-                "rereads": report.rereads,
-                "bytes_read": report.bytes_read,
-                "bytes_written": report.bytes_written,
-                "bytes_from_agent": report.bytes_from_agent,
-                "map_parts": report.map_parts,
-                "seconds": {
-                    "map": report.timings.map.as_secs_f64(),
-                    "move": report.timings.r#move.as_secs_f64(),
-                    "media_commit": report.timings.commit.as_secs_f64(),
-                    "catalog": catalogued.elapsed().as_secs_f64(),
-                },
-            })
-        );
+        // Straight to stdout, by reference: a tree's set is tens of MB of
+        // JSON (a `Value` copy of it would cost a second).
+        #[derive(serde::Serialize)]
+        struct Seconds {
+            map: f64,
+            r#move: f64,
+            media_commit: f64,
+            catalog: f64,
+        }
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            set: &'a floe_core::model::SetRecord,
+            remaps: u32,
+            rereads: u32,
+            bytes_read: u64,
+            bytes_written: u64,
+            bytes_from_agent: u64,
+            map_parts: u32,
+            seconds: Seconds,
+        }
+        let json = Json {
+            set: &report.set,
+            remaps: report.remaps,
+            rereads: report.rereads,
+            bytes_read: report.bytes_read,
+            bytes_written: report.bytes_written,
+            bytes_from_agent: report.bytes_from_agent,
+            map_parts: report.map_parts,
+            seconds: Seconds {
+                map: report.timings.map.as_secs_f64(),
+                r#move: report.timings.r#move.as_secs_f64(),
+                media_commit: report.timings.commit.as_secs_f64(),
+                catalog: catalogued.elapsed().as_secs_f64(),
+            },
+        };
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        serde_json::to_writer(&mut out, &json)?;
+        writeln!(out)?;
+        out.flush()?;
     } else {
         println!(
             "set {} committed{} ({} items, {} bytes, {} remaps, {} re-reads, map in {} part(s))",
