@@ -369,7 +369,7 @@ pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
         .map_err(|e| Error::new(ErrorKind::Protocol, "cannot encode message").source(e))?;
     #[cfg(feature = "engine")]
     let frame = if payload.len() >= COMPRESS_FROM {
-        let packed = zstd::bulk::compress(&payload, 3)
+        let packed = zstd::bulk::compress(&payload, 1)
             .map_err(|e| Error::new(ErrorKind::Protocol, "cannot compress message").source(e))?;
         encode_frame_flags(&packed, FLAG_ZSTD)?
     } else {
