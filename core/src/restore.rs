@@ -161,7 +161,11 @@ impl FileWriter {
             r => r,
         }
         .map_err(|e| io("create", path, e))?;
-        Ok(FileWriter {
+        Ok(FileWriter::over(out, path, holes, false))
+    }
+
+    fn over(out: std::fs::File, path: &Path, holes: &[[u64; 2]], device: bool) -> FileWriter {
+        FileWriter {
             out,
             path: path.to_path_buf(),
             hasher: blake3::Hasher::new(),
@@ -169,8 +173,8 @@ impl FileWriter {
             written: 0,
             data_end: 0,
             holes: holes.to_vec(),
-            device: false,
-        })
+            device,
+        }
     }
 
     /// Open the target of a volume of `size` bytes with `holes`: an
@@ -208,16 +212,8 @@ impl FileWriter {
                 .path(path));
             }
         }
-        Ok(FileWriter {
-            out,
-            path: path.to_path_buf(),
-            hasher: blake3::Hasher::new(),
-            pos: 0,
-            written: 0,
-            data_end: 0,
-            holes: if device { Vec::new() } else { holes.to_vec() },
-            device,
-        })
+        let holes = if device { &[][..] } else { holes };
+        Ok(FileWriter::over(out, path, holes, device))
     }
 
     /// The next bytes of the file.

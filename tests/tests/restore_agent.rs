@@ -145,6 +145,22 @@ fn losetup(file: &std::path::Path) -> Option<Loop> {
         .then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_string()))
 }
 
+/// A block device node at `path` for the loop device `dev`.
+fn block_node(path: &std::path::Path, dev: &Loop) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(&dev.0).unwrap().rdev();
+    let ok = std::process::Command::new("mknod")
+        .arg(path)
+        .arg("b")
+        .arg(((rdev >> 8) & 0xfff).to_string())
+        .arg((rdev & 0xff | ((rdev >> 12) & 0xfff00)).to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mknod {}", path.display());
+    path.to_path_buf()
+}
+
 /// A volume restores through the agent to an image file or a block device
 /// on its host — only under `--allow-restore`, never through a symlink, and
 /// never onto a device too small — checked against its BLAKE3 there.
@@ -227,16 +243,7 @@ fn a_volume_restores_through_the_agent_to_an_image_or_a_block_device() {
     let Some(dev) = losetup(&backing) else {
         return skip(name, "losetup failed");
     };
-    let rdev = std::fs::metadata(&dev.0).unwrap().rdev();
-    let node = allowed.join("disk");
-    let mk = Command::new("mknod")
-        .arg(&node)
-        .arg("b")
-        .arg(((rdev >> 8) & 0xfff).to_string())
-        .arg((rdev & 0xff | ((rdev >> 12) & 0xfff00)).to_string())
-        .status()
-        .unwrap();
-    assert!(mk.success());
+    let node = block_node(&allowed.join("disk"), &dev);
     let r = restore(&node, true);
     assert!(
         r.status.success(),
@@ -280,16 +287,7 @@ fn a_volume_restores_through_the_agent_to_an_image_or_a_block_device() {
     let Some(sdev) = losetup(&small) else {
         return skip(name, "losetup failed");
     };
-    let srdev = std::fs::metadata(&sdev.0).unwrap().rdev();
-    let snode = allowed.join("small");
-    assert!(Command::new("mknod")
-        .arg(&snode)
-        .arg("b")
-        .arg(((srdev >> 8) & 0xfff).to_string())
-        .arg((srdev & 0xff | ((srdev >> 12) & 0xfff00)).to_string())
-        .status()
-        .unwrap()
-        .success());
+    let snode = block_node(&allowed.join("small"), &sdev);
     let r = restore(&snode, true);
     assert!(!r.status.success());
     assert!(

@@ -295,6 +295,26 @@ fn read_label(drive: &mut dyn TapeDrive) -> Result<Option<std::result::Result<La
     }
 }
 
+/// Write a Floe label as the tape's first file (at its beginning: what
+/// followed is gone).
+fn write_label(drive: &mut dyn TapeDrive, label: &str, generation: u32, record: u64) -> Result<()> {
+    let rec = pad_to(
+        serde_json::to_vec(&Label {
+            magic: LABEL_MAGIC.into(),
+            version: VERSION,
+            label: label.to_string(),
+            created: now_secs(),
+            generation,
+        })
+        .map_err(|e| Error::new(ErrorKind::Media, "encode label").source(e))?,
+        record,
+    );
+    drive.op(MtOp::Rewind)?;
+    drive.op(MtOp::SetBlk(u32::try_from(record).unwrap_or(0)))?;
+    drive.write(&rec)?;
+    drive.op(MtOp::Weof(1))
+}
+
 struct Writing {
     header: SetHeader,
     /// Archive bytes put so far (written or buffered).
@@ -361,21 +381,7 @@ impl TapeWriter {
                 let label = barcode
                     .or_else(|| self.cfg.label.clone().filter(|_| self.labelled == 1))
                     .unwrap_or_else(|| format!("FLOE{:06}{:02}", now_secs() % 1_000_000, self.labelled));
-                let rec = pad_to(
-                    serde_json::to_vec(&Label {
-                        magic: LABEL_MAGIC.into(),
-                        version: VERSION,
-                        label: label.clone(),
-                        created: now_secs(),
-                        generation: 0,
-                    })
-                    .map_err(|e| Error::new(ErrorKind::Media, "encode label").source(e))?,
-                    self.cfg.record,
-                );
-                drive.op(MtOp::Rewind)?;
-                drive.op(MtOp::SetBlk(u32::try_from(self.cfg.record).unwrap_or(0)))?;
-                drive.write(&rec)?;
-                drive.op(MtOp::Weof(1))?;
+                write_label(drive.as_mut(), &label, 0, self.cfg.record)?;
                 self.label = label;
                 self.generation = 0;
             }
@@ -426,22 +432,7 @@ impl TapeWriter {
                 ))
             }
         }
-        let rec = pad_to(
-            serde_json::to_vec(&Label {
-                magic: LABEL_MAGIC.into(),
-                version: VERSION,
-                label: label.to_string(),
-                created: now_secs(),
-                generation,
-            })
-            .map_err(|e| Error::new(ErrorKind::Media, "encode label").source(e))?,
-            self.cfg.record,
-        );
-        drive.op(MtOp::Rewind)?;
-        drive.op(MtOp::SetBlk(u32::try_from(self.cfg.record).unwrap_or(0)))?;
-        drive.write(&rec)?;
-        drive.op(MtOp::Weof(1))?;
-        Ok(())
+        write_label(drive.as_mut(), label, generation, self.cfg.record)
     }
 
     /// Close the current piece and go on on the next cartridge.

@@ -510,10 +510,7 @@ pub fn read_index(r: &mut (impl Read + Seek), path: &Path) -> Result<SetRecord> 
                 .and_then(|_| r.read_exact(&mut entry))
                 .map_err(|e| media_err("read archive index", path, e))?;
             let located =
-                floe_core::pax::find_index(&mut std::io::Cursor::new(entry), &mut |c, n| {
-                    let off = i64::try_from(n).map_err(std::io::Error::other)?;
-                    c.seek(SeekFrom::Current(off)).map(|_| ())
-                });
+                floe_core::pax::find_index(&mut std::io::Cursor::new(entry), &mut seek_over);
             // A locator that points at anything but an index is ignored:
             // the walk below is the authority.
             if let Ok(record) = located {
@@ -523,11 +520,13 @@ pub fn read_index(r: &mut (impl Read + Seek), path: &Path) -> Result<SetRecord> 
     }
     r.seek(SeekFrom::Start(0))
         .map_err(|e| media_err("seek archive", path, e))?;
-    floe_core::pax::find_index(r, &mut |r, n| {
-        let off = i64::try_from(n).map_err(std::io::Error::other)?;
-        r.seek(SeekFrom::Current(off)).map(|_| ())
-    })
-    .map_err(|e| e.path(path))
+    floe_core::pax::find_index(r, &mut seek_over).map_err(|e| e.path(path))
+}
+
+/// Skip `n` bytes of entry data by seeking.
+fn seek_over<S: Seek>(s: &mut S, n: u64) -> std::io::Result<()> {
+    let off = i64::try_from(n).map_err(std::io::Error::other)?;
+    s.seek(SeekFrom::Current(off)).map(|_| ())
 }
 
 /// Reads sets from pax archives.
