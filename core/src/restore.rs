@@ -484,16 +484,24 @@ pub fn restore_tree(
                 .push((step.item.header.item.to_string(), e.to_string())),
         }
     };
+    const RUN: usize = 64;
     let next = AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<u64>)>();
     std::thread::scope(|sc| {
         for reader in readers.iter_mut() {
             let (tx, next, rest, one) = (tx.clone(), &next, &rest, &one);
+            // Runs of consecutive items per worker: each reader then reads
+            // its own stretch of the media (an archive's items lie in
+            // order), not every other item of the same stretch.
             sc.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(step) = rest.get(k) else { return };
-                if tx.send((k, one(reader.as_mut(), step))).is_err() {
+                let from = next.fetch_add(RUN, Ordering::Relaxed);
+                if from >= rest.len() {
                     return;
+                }
+                for (k, step) in rest.iter().enumerate().skip(from).take(RUN) {
+                    if tx.send((k, one(reader.as_mut(), step))).is_err() {
+                        return;
+                    }
                 }
             });
         }
