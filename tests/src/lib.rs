@@ -95,7 +95,11 @@ impl Lab {
     /// Start a simulator with LUNs of the given sizes and an agent that
     /// keeps snapshots after release when `keep` is set.
     pub fn start(seed: u64, luns: &[(&str, u64)], keep: bool) -> Lab {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Lab::start_in(tempfile::tempdir().expect("tempdir"), seed, luns, keep)
+    }
+
+    /// [`Lab::start`] in the scratch directory `dir` (removed with the lab).
+    pub fn start_in(dir: tempfile::TempDir, seed: u64, luns: &[(&str, u64)], keep: bool) -> Lab {
         let san = SimSan::start(&dir.path().join("san"), seed, "127.0.0.1:0", "127.0.0.1:0")
             .expect("start sim-san");
         for (name, size) in luns {
@@ -193,7 +197,9 @@ impl Lab {
             target.as_mut(),
             &mut |_| {},
         )?;
-        Ok(std::fs::read(&path).expect("read restored image"))
+        let bytes = std::fs::read(&path).expect("read restored image");
+        let _ = std::fs::remove_file(&path);
+        Ok(bytes)
     }
 
     /// A target's bytes as the array has them now.

@@ -21,10 +21,26 @@ use std::sync::OnceLock;
 const CHUNK: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
 
+/// One lab for every case, in cargo's scratch directory for integration
+/// tests (a static is never dropped: the lab of an earlier run is removed
+/// here instead, and each case deletes its set).
 fn lab() -> &'static Lab {
     static LAB: OnceLock<Lab> = OnceLock::new();
     LAB.get_or_init(|| {
-        Lab::start(
+        let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(old) = std::fs::read_dir(base) {
+            for e in old.flatten() {
+                if e.file_name().to_string_lossy().starts_with("remap-lab-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("remap-lab-")
+            .tempdir_in(base)
+            .expect("scratch directory");
+        Lab::start_in(
+            dir,
             7,
             &[("lun0", 96 * MIB), ("lun1", 96 * MIB), ("lun2", 96 * MIB)],
             false,
@@ -237,6 +253,9 @@ fn run(c: &Case) -> Result<(), TestCaseError> {
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 assert_same_bytes(&got, &frozen[i], v);
             }
+            Lab::disk_writer(&lab.media_dir())
+                .delete_set(&report.set.header.set)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
         Err(e) => {
             prop_assert!(
