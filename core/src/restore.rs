@@ -763,21 +763,7 @@ pub fn restore_tree_via_agent(
                 return agent.restore_item(&dest, &step.item);
             }
             let rec = reader.open_item(&set.header.set, &h.item)?;
-            agent.restore_item(&dest, &rec)?;
-            let sent = (|| -> Result<()> {
-                loop {
-                    let chunk = reader.read(1 << 20)?;
-                    if chunk.is_empty() {
-                        return Ok(());
-                    }
-                    agent.restore_data(&chunk)?;
-                }
-            })();
-            // Closing checks the bytes; after a failure it closes the file
-            // (the agent removes it) so the next item can begin.
-            let end = agent.restore_item_end();
-            sent?;
-            end
+            send_item(agent, reader, &dest, &rec)
         })();
         progress(step);
         match r {
@@ -821,7 +807,21 @@ pub fn restore_volume_via_agent(
     }
     let root = agent.restore_begin(&parent.to_string_lossy(), true)?;
     let dest = Path::new(&root).join(name).to_string_lossy().to_string();
-    agent.restore_item(&dest, &rec)?;
+    let n = send_item(agent, reader, &dest, &rec)?;
+    agent.restore_finish()?;
+    Ok(n)
+}
+
+/// Send the item open on `reader` (`rec`) to the agent, to be made at
+/// `dest`: its record, its bytes, its end (where the agent checks them).
+/// The bytes the agent wrote.
+fn send_item(
+    agent: &mut crate::agent::AgentClient,
+    reader: &mut dyn MediaReader,
+    dest: &str,
+    rec: &ItemRecord,
+) -> Result<u64> {
+    agent.restore_item(dest, rec)?;
     let sent = (|| -> Result<()> {
         loop {
             let chunk = reader.read(1 << 20)?;
@@ -831,11 +831,11 @@ pub fn restore_volume_via_agent(
             agent.restore_data(&chunk)?;
         }
     })();
+    // Closing checks the bytes; after a failure it closes the item (the
+    // agent removes a file) so the next item can begin.
     let end = agent.restore_item_end();
     sent?;
-    let n = end?;
-    agent.restore_finish()?;
-    Ok(n)
+    end
 }
 
 #[cfg(test)]

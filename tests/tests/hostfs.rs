@@ -522,23 +522,26 @@ mod freeze_guard {
         None
     }
 
-    /// A mover that gives up while the agent still maps the rest of the
-    /// map (in parts, under FIFREEZE) — by releasing the image, or by
-    /// vanishing — leaves the file system thawed at once, not when the
-    /// map would have been done.
-    #[test]
-    fn a_mover_leaving_mid_map_leaves_the_file_system_thawed() {
-        let name = "a_mover_leaving_mid_map_leaves_the_file_system_thawed";
+    /// An ext4 file system of `files` small files and an agent that maps
+    /// it in parts of 5 entries, pausing `pause_ms` before each after the
+    /// first (the file system frozen meanwhile); its source.
+    fn slowly_mapping_agent(
+        name: &str,
+        files: u8,
+        pause_ms: u32,
+    ) -> Option<(LoopFs, AgentProcess, String)> {
         let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
             Ok(f) => f,
-            Err(why) => return skip(name, &why),
+            Err(why) => {
+                skip(name, &why);
+                return None;
+            }
         };
-        for i in 0..40 {
+        for i in 0..files {
             std::fs::write(fs.mnt.join(format!("f{i:02}")), vec![i; 5000]).unwrap();
         }
         let allow = format!("fsflush:{}", fs.mnt.display());
-        // 8+ parts of 5 entries, 500 ms each after the first: 4 s frozen
-        // if nobody stops it.
+        let pause = format!("map-part:{pause_ms}");
         let agent = AgentProcess::start(
             &[
                 "--allow-source",
@@ -546,8 +549,23 @@ mod freeze_guard {
                 "--plugin-opt",
                 "fiemap.part_entries=5",
             ],
-            &[("FLOE_PAUSEPOINT", "map-part:500")],
+            &[("FLOE_PAUSEPOINT", &pause)],
         );
+        Some((fs, agent, allow))
+    }
+
+    /// A mover that gives up while the agent still maps the rest of the
+    /// map (in parts, under FIFREEZE) — by releasing the image, or by
+    /// vanishing — leaves the file system thawed at once, not when the
+    /// map would have been done.
+    #[test]
+    fn a_mover_leaving_mid_map_leaves_the_file_system_thawed() {
+        let name = "a_mover_leaving_mid_map_leaves_the_file_system_thawed";
+        // 8+ parts of 5 entries, 500 ms each after the first: 4 s frozen
+        // if nobody stops it.
+        let Some((fs, agent, allow)) = slowly_mapping_agent(name, 40, 500) else {
+            return;
+        };
         for leave in ["release", "vanish"] {
             let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
             let (image, first, more) = client
@@ -586,23 +604,9 @@ mod freeze_guard {
     #[test]
     fn checks_trust_the_freeze_only_while_it_holds() {
         let name = "checks_trust_the_freeze_only_while_it_holds";
-        let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
-            Ok(f) => f,
-            Err(why) => return skip(name, &why),
+        let Some((_fs, agent, allow)) = slowly_mapping_agent(name, 20, 400) else {
+            return;
         };
-        for i in 0..20 {
-            std::fs::write(fs.mnt.join(format!("f{i:02}")), vec![i; 5000]).unwrap();
-        }
-        let allow = format!("fsflush:{}", fs.mnt.display());
-        let agent = AgentProcess::start(
-            &[
-                "--allow-source",
-                &allow,
-                "--plugin-opt",
-                "fiemap.part_entries=5",
-            ],
-            &[("FLOE_PAUSEPOINT", "map-part:400")],
-        );
         let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
         let (image, first, more) = client
             .freeze_in_parts(std::slice::from_ref(&allow), true)
