@@ -186,6 +186,9 @@ enum Msg {
         config: crate::model::ConfigId,
         remaps: u32,
         after_freeze: bool,
+        /// BLAKE3 of the item's bytes, as the windows before it hold
+        /// them (hashed by the reader thread, so the writer only writes).
+        blake3: blake3::Hash,
     },
     /// An item that cannot be backed up (a file that vanished): the set
     /// goes on without it and lists it.
@@ -356,9 +359,13 @@ pub fn volume_holes(extents: &[MapExtent]) -> Vec<[u64; 2]> {
     holes
 }
 
-/// Items at most this large are moved in batches: their extents are read
-/// together, in physical order, and checked with one round trip.
-const BATCH_ITEM_MAX: u64 = 1 << 20;
+/// Items at most this large (and at most a window) are moved in batches:
+/// their extents are read together, in physical order, with the reads of
+/// the next batches in flight, and checked with one round trip. (Each
+/// larger item stops that pipeline: the batches before it are finished
+/// first. With a 1 MiB bound, the 190 files over 1 MiB of the 70,000-file
+/// bench tree cost ~0.3 s of waiting.)
+const BATCH_ITEM_MAX: u64 = 32 << 20;
 /// Items in one batch at most.
 const BATCH_ITEMS_MAX: usize = 4096;
 
@@ -434,6 +441,29 @@ enum Segment {
     Zeros(usize),
     /// Bytes carried in the map.
     Inline(Vec<u8>),
+}
+
+/// Add a window's segments to an item's BLAKE3, in order.
+fn hash_segments(hasher: &mut blake3::Hasher, segments: &[Segment]) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    for seg in segments {
+        match seg {
+            Segment::Buf(b, from, len) => {
+                hasher.update(&b[*from..*from + *len]);
+            }
+            Segment::Zeros(len) => {
+                let mut left = *len;
+                while left > 0 {
+                    let k = left.min(ZEROS.len());
+                    hasher.update(&ZEROS[..k]);
+                    left -= k;
+                }
+            }
+            Segment::Inline(bytes) => {
+                hasher.update(bytes);
+            }
+        }
+    }
 }
 
 /// One device read for the pool.
@@ -744,8 +774,10 @@ impl Reader<'_> {
             if !self.send(Msg::Begin(Box::new(header_of(&m.item)))) {
                 return Ok(Some(false));
             }
+            let mut hasher = blake3::Hasher::new();
             if m.item.size.0 > 0 {
                 let n = to_usize(m.item.size.0)?;
+                hash_segments(&mut hasher, &segs);
                 if !self.send(Msg::Window(segs, n)) {
                     return Ok(Some(false));
                 }
@@ -754,6 +786,7 @@ impl Reader<'_> {
                 config: m.item.config.clone(),
                 remaps: m.remaps,
                 after_freeze: m.after_freeze,
+                blake3: hasher.finalize(),
             };
             if !self.send(end) {
                 return Ok(Some(false));
@@ -793,6 +826,7 @@ impl Reader<'_> {
         // The header goes out with the first verified window: until then a
         // remap may still replace the item whole (new size).
         let mut begun = false;
+        let mut hasher = blake3::Hasher::new();
         let mut next = 0usize;
         let mut inflight: std::collections::VecDeque<(usize, Pending)> =
             std::collections::VecDeque::new();
@@ -874,6 +908,7 @@ impl Reader<'_> {
                     return Ok(false);
                 }
             }
+            hash_segments(&mut hasher, &segments);
             if !self.send(Msg::Window(segments, len)) {
                 return Ok(false);
             }
@@ -886,6 +921,7 @@ impl Reader<'_> {
             config: item.config.clone(),
             remaps,
             after_freeze,
+            blake3: hasher.finalize(),
         }))
     }
 }
@@ -1346,7 +1382,7 @@ fn write_items(
         let _closer = CloseOnDrop(budget);
         let rx = rx; // dropped with this frame, even when unwinding
         let zeros = vec![0u8; 1 << 20];
-        let mut current: Option<(ItemHeader, blake3::Hasher, u64)> = None;
+        let mut current: Option<(ItemHeader, u64)> = None;
         let outcome = loop {
             let Ok(msg) = rx.recv() else {
                 break Err(Error::new(
@@ -1359,16 +1395,13 @@ fn write_items(
                     if let Err(e) = media.begin_item(&h) {
                         break Err(e.item(&h.item));
                     }
-                    current = Some((*h, blake3::Hasher::new(), 0));
+                    current = Some((*h, 0));
                 }
                 Msg::Window(segments, n) => {
-                    let Some((h, hasher, done)) = current.as_mut() else {
+                    let Some((h, done)) = current.as_mut() else {
                         break Err(Error::new(ErrorKind::Io, "window outside an item"));
                     };
-                    let mut write = |data: &[u8]| -> Result<()> {
-                        hasher.update(data);
-                        media.write(data)
-                    };
+                    let mut write = |data: &[u8]| -> Result<()> { media.write(data) };
                     let mut failed = None;
                     for seg in segments {
                         let r = match &seg {
@@ -1410,8 +1443,9 @@ fn write_items(
                     config,
                     remaps,
                     after_freeze,
+                    blake3,
                 } => {
-                    let Some((h, hasher, done)) = current.take() else {
+                    let Some((h, done)) = current.take() else {
                         break Err(Error::new(ErrorKind::Io, "item end outside an item"));
                     };
                     if remaps > 0 {
@@ -1422,7 +1456,7 @@ fn write_items(
                     }
                     let trailer = ItemTrailer {
                         length: Bytes(done),
-                        blake3: hasher.finalize().to_hex().to_string(),
+                        blake3: blake3.to_hex().to_string(),
                         config,
                         remaps,
                         captured_after_freeze: after_freeze,

@@ -848,6 +848,63 @@ fn resuming_after_the_image_lease_ran_out_fails_clearly_and_leaves_nothing() {
 }
 
 #[test]
+fn an_archive_that_cannot_be_made_durable_fails_the_backup_and_records_nothing() {
+    // The tar writer's fsyncs run behind it, on their own thread: an EIO
+    // there must still fail the set, never commit it.
+    let san = SimSanProcess::start(&["lun0=64M"], &[]);
+    san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
+    let (_agent, addr) = agent_daemon(&san, 60);
+    let media = tempfile::tempdir().unwrap();
+    let out = floe_cmd()
+        .env("FLOE_ERRPOINT", "tar-sync")
+        .args([
+            "backup",
+            "--agent",
+            &addr,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+            "--source",
+            "array:vol0",
+            "--source",
+            "array:vol1",
+        ])
+        .arg("--media")
+        .arg(format!("tar:{}", media.path().display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the backup succeeded: {err}");
+    assert!(
+        err.contains("fsync archive") && err.contains("Input/output error"),
+        "{err}"
+    );
+    let committed: Vec<_> = std::fs::read_dir(media.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar"))
+        .collect();
+    assert!(
+        committed.is_empty(),
+        "an archive was committed: {committed:?}"
+    );
+    let list = floe_cmd()
+        .args([
+            "list",
+            "--media",
+            &format!("tar:{}", media.path().display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success() && list.stdout.is_empty(),
+        "no set is listed: {}{}",
+        String::from_utf8_lossy(&list.stdout),
+        String::from_utf8_lossy(&list.stderr)
+    );
+}
+
+#[test]
 fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
     let san = SimSanProcess::start(&["lun0=64M"], &[]);
     let want = san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);

@@ -118,13 +118,20 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
 }
 
 use floe_core::media::{
-    checked_set_name as set_name, complete_lines, fsync_dir, json_line, media_io_error as media_err,
+    checked_set_name as set_name, complete_lines, errpoint, fsync_dir, json_line,
+    media_io_error as media_err,
 };
 
 struct Writing {
     header: SetHeader,
     path: PathBuf,
     file: File,
+    /// Bytes of the archive not yet handed to the kernel (they follow
+    /// what `file` holds; `pos` counts them).
+    buf: Vec<u8>,
+    /// Makes the archive durable and appends journal lines behind the
+    /// writer (started once the journal exists).
+    syncer: Option<Syncer>,
     pos: u64,
     items: Vec<ItemRecord>,
     failures: Vec<ItemFailure>,
@@ -203,33 +210,163 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Make the archive durable up to `w.pos`, then append the pending lines
-/// to the journal: it never names bytes that are not on the media.
-fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
-    w.file
-        .sync_data()
-        .map_err(|e| media_err("fsync archive", &w.path, e))?;
-    if !w.pending.is_empty() {
-        let path = journal_path(dir, &w.header.set);
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| media_err("open journal", &path, e))?;
-        f.write_all(&w.pending)
-            .and_then(|()| f.sync_data())
-            .map_err(|e| media_err("append to journal", &path, e))?;
-        w.pending.clear();
+/// Makes the archive durable and then appends journal lines, on a thread
+/// of its own: the writer hands the lines of the items it has written
+/// (all their bytes already given to the kernel) and goes on, so a tree
+/// of small files never waits for an fsync. Each batch of lines is
+/// appended only after an fsync of the archive that began after they were
+/// handed over, so the journal never names bytes that are not on the
+/// media.
+struct Syncer {
+    lines: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Syncer {
+    fn start(w: &Writing, journal: PathBuf) -> Result<Syncer> {
+        let archive = w
+            .file
+            .try_clone()
+            .map_err(|e| media_err("open archive for fsync", &w.path, e))?;
+        let path = w.path.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let thread = std::thread::Builder::new()
+            .name("floe-tar-sync".into())
+            .spawn(move || {
+                let mut log: Option<File> = None;
+                while let Ok(mut lines) = rx.recv() {
+                    // Whatever queued meanwhile rides on the same fsync.
+                    while let Ok(more) = rx.try_recv() {
+                        lines.extend(more);
+                    }
+                    let synced = if errpoint("tar-sync") {
+                        Err(std::io::Error::from_raw_os_error(5)) // EIO
+                    } else {
+                        archive.sync_data()
+                    };
+                    synced.map_err(|e| media_err("fsync archive", &path, e))?;
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    let f = match &mut log {
+                        Some(f) => f,
+                        None => log.insert(
+                            OpenOptions::new()
+                                .append(true)
+                                .open(&journal)
+                                .map_err(|e| media_err("open journal", &journal, e))?,
+                        ),
+                    };
+                    f.write_all(&lines)
+                        .and_then(|()| f.sync_data())
+                        .map_err(|e| media_err("append to journal", &journal, e))?;
+                }
+                Ok(())
+            })
+            .map_err(|e| media_err("start the archive's fsync thread", &w.path, e))?;
+        Ok(Syncer {
+            lines: Some(tx),
+            thread: Some(thread),
+        })
     }
+
+    /// Hand over lines; the error of a syncer that stopped.
+    fn send(&mut self, lines: Vec<u8>) -> Result<()> {
+        let sent = self.lines.as_ref().is_some_and(|tx| tx.send(lines).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            self.stop()
+        }
+    }
+
+    /// Wait until everything handed over is durable and journaled.
+    fn stop(&mut self) -> Result<()> {
+        drop(self.lines.take());
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(Error::new(
+                ErrorKind::Media,
+                "the archive's fsync thread panicked",
+            )),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    /// A writer dropped without commit or abort (its set stays resumable)
+    /// leaves the journal as complete as what it handed over.
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Record the items written so far in the journal once the archive holds
+/// them durably (behind the writer, see [`Syncer`]).
+fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
+    flush(w)?;
+    let lines = std::mem::take(&mut w.pending);
+    let syncer = match &mut w.syncer {
+        Some(s) => s,
+        None => w
+            .syncer
+            .insert(Syncer::start(w, journal_path(dir, &w.header.set))?),
+    };
+    syncer.send(lines)?;
     w.unjournaled = (0, std::time::Instant::now());
     Ok(())
 }
 
+/// Bytes gathered before a write to the archive: the headers, small files
+/// and padding of a tree go out in a few large writes.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Larger pieces go straight to the kernel (after what is gathered, in one
+/// vectored write) instead of being copied.
+const COPY_MAX: usize = 64 << 10;
+
+/// Append bytes to the archive.
 fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
-    w.file
-        .write_all(bytes)
-        .map_err(|e| media_err("write archive", &w.path, e))?;
+    if bytes.len() > COPY_MAX {
+        write_two(&mut w.file, &w.buf, bytes)
+            .map_err(|e| media_err("write archive", &w.path, e))?;
+        w.buf.clear();
+    } else {
+        if w.buf.len() + bytes.len() > WRITE_BUFFER {
+            flush(w)?;
+        }
+        w.buf.extend_from_slice(bytes);
+    }
     w.pos += bytes.len() as u64;
     Ok(())
+}
+
+/// Hand what is gathered to the kernel.
+fn flush(w: &mut Writing) -> Result<()> {
+    if !w.buf.is_empty() {
+        w.file
+            .write_all(&w.buf)
+            .map_err(|e| media_err("write archive", &w.path, e))?;
+        w.buf.clear();
+    }
+    Ok(())
+}
+
+/// Write `a` then `b`, whole, in as few system calls as the kernel takes.
+fn write_two(f: &mut File, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    while !a.is_empty() {
+        let n = f.write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    f.write_all(b)
 }
 
 impl MediaWriter for TarWriter {
@@ -254,6 +391,8 @@ impl MediaWriter for TarWriter {
             header: header.clone(),
             path,
             file,
+            buf: Vec::with_capacity(WRITE_BUFFER),
+            syncer: None,
             pos: 0,
             items: Vec::new(),
             failures: Vec::new(),
@@ -319,6 +458,8 @@ impl MediaWriter for TarWriter {
             header: j.header,
             path,
             file,
+            buf: Vec::with_capacity(WRITE_BUFFER),
+            syncer: None,
             pos: j.end,
             items: j.items,
             failures: j.failures,
@@ -440,6 +581,9 @@ impl MediaWriter for TarWriter {
             committed_at: now_secs(),
         };
         let result = (|| {
+            if let Some(mut s) = w.syncer.take() {
+                s.stop()?;
+            }
             // Hard links and directories last, then the index, then the
             // end of the archive.
             for h in floe_core::pax::last_entries(&record.items) {
@@ -451,6 +595,7 @@ impl MediaWriter for TarWriter {
             put(&mut w, &index)?;
             let end = archive_end_located(w.pos, record_size, index_at, index.len() as u64);
             put(&mut w, &end)?;
+            flush(&mut w)?;
             w.file
                 .sync_all()
                 .map_err(|e| media_err("fsync archive", &w.path, e))?;
@@ -468,7 +613,10 @@ impl MediaWriter for TarWriter {
     }
 
     fn abort(&mut self) -> Result<()> {
-        if let Some(w) = self.set.take() {
+        if let Some(mut w) = self.set.take() {
+            if let Some(mut s) = w.syncer.take() {
+                let _ = s.stop();
+            }
             let _ = std::fs::remove_file(journal_path(&self.dir, &w.header.set));
             std::fs::remove_file(&w.path)
                 .map_err(|e| media_err("remove partial archive", &w.path, e))?;
@@ -758,6 +906,92 @@ mod tests {
             std::fs::metadata(d.path().join("s.tar")).unwrap().len() % 1024,
             0
         );
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_written_fails_the_set() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"dir": d.path()});
+        let mut w = TarPlugin::media_writer(&cfg).unwrap();
+        w.begin_set(&header("s")).unwrap();
+        // The journal goes: the next checkpoint (a volume's, at once)
+        // cannot append to it.
+        std::fs::remove_file(journal_path(d.path(), &SetId::new("s"))).unwrap();
+        let (h, t) = item("a", b"AAAAAAA");
+        w.begin_item(&h).unwrap();
+        w.write(b"AAAAAAA").unwrap();
+        // The fsync thread works behind the writer: its failure shows at
+        // the next checkpoint or, at the latest, at commit.
+        let err = match w.end_item(&t) {
+            Err(e) => e,
+            Ok(_) => w.commit().expect_err("a set whose journal failed commits"),
+        };
+        assert_eq!(err.kind(), ErrorKind::Media, "{err}");
+        assert!(err.to_string().contains("journal"), "{err}");
+        assert!(!d.path().join("s.tar").exists());
+    }
+
+    #[test]
+    fn many_small_items_and_large_ones_land_in_order_through_the_write_buffer() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"dir": d.path()});
+        let mut w = TarPlugin::media_writer(&cfg).unwrap();
+        w.begin_set(&header("s")).unwrap();
+        // Sizes across the copy bound and the buffer's size, written in
+        // pieces of several sizes; more items than a checkpoint holds.
+        let sizes = [
+            0usize,
+            1,
+            511,
+            512,
+            4097,
+            COPY_MAX,
+            COPY_MAX + 1,
+            WRITE_BUFFER - 3,
+            WRITE_BUFFER + 5,
+            3 * WRITE_BUFFER,
+        ];
+        let items: Vec<(String, Vec<u8>)> = (0..CHECKPOINT_ITEMS + 40)
+            .map(|k| {
+                let n = if k % 97 == 0 {
+                    sizes[(k / 97) % sizes.len()]
+                } else {
+                    k % 700
+                };
+                let data: Vec<u8> = (0..n)
+                    .map(|i| u8::try_from((i * 31 + k) % 251).unwrap())
+                    .collect();
+                (format!("i{k}"), data)
+            })
+            .collect();
+        for (k, (name, data)) in items.iter().enumerate() {
+            let (h, t) = item(name, data);
+            w.begin_item(&h).unwrap();
+            for piece in data.chunks([1usize, 7000, COPY_MAX + 9, 1 << 20][k % 4]) {
+                w.write(piece).unwrap();
+            }
+            w.end_item(&t).unwrap();
+        }
+        let rec = w.commit().unwrap();
+        assert_eq!(rec.items.len(), items.len());
+        let mut r = TarPlugin::media_reader(&cfg).unwrap();
+        for (name, data) in items.iter().rev() {
+            r.open_item(&SetId::new("s"), &ItemId::new(name)).unwrap();
+            let mut got = Vec::new();
+            loop {
+                let b = r.read(1 << 20).unwrap();
+                if b.is_empty() {
+                    break;
+                }
+                got.extend(b);
+            }
+            assert!(
+                got == *data,
+                "item {name}: {} bytes back, {} written",
+                got.len(),
+                data.len()
+            );
+        }
     }
 
     #[test]
