@@ -488,11 +488,7 @@ impl Agent {
                 if part.as_ref().map_or(true, |p| !p.more) {
                     f.parts = None;
                 }
-                let part = part?;
-                Response::MapPart {
-                    map: part.map,
-                    more: part.more,
-                }
+                Response::MapPart(part?)
             }
             Request::Attach { image } => {
                 self.reap();
@@ -826,7 +822,7 @@ impl AgentClient {
         match self.call(Request::MapMore {
             image: image.clone(),
         })? {
-            Response::MapPart { map, more } => Ok(MapPart { map, more }),
+            Response::MapPart(part) => Ok(part),
             other => Err(unexpected(&other)),
         }
     }

@@ -10,7 +10,7 @@
 
 use crate::filemap::{extents_digest, plan_file, FilePiece};
 use crate::identity::FsDevice;
-use crate::meta::{capture, kind_of};
+use crate::meta::{capture, capture_from, kind_of, XattrSource};
 use crate::source::{item_id, parse_source, walk_skipping, Entry};
 use crate::sys::{fiemap, generation, FiemapExtent, FIEMAP_FLAG_SYNC};
 use floe_core::abi::{Mapper, ValidityIndicator};
@@ -175,12 +175,13 @@ fn locate<'a>(
 
 fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();
+    // O_NONBLOCK: a FIFO put in a regular file's place is not waited on.
     o.read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME | libc::O_CLOEXEC);
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME | libc::O_CLOEXEC | libc::O_NONBLOCK);
     o.open(path).or_else(|_| {
         std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
     })
 }
@@ -266,6 +267,15 @@ impl FileMapper {
         let Some(kind) = kind_of(&e.meta) else {
             return Ok(None); // a socket: made by whoever listens on it
         };
+        if kind == ItemKind::File && link.is_none() {
+            // Open once: extended attributes, stat and FIEMAP all through
+            // the descriptor.
+            let f =
+                open_file(&e.path).map_err(|err| Error::io("open", err).item(&id).path(&e.path))?;
+            let file = capture_from(root, &e.rel, &e.path, &e.meta, XattrSource::File(&f))
+                .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
+            return Self::map_file(&id, &e.path, &f, file, tr, sync).map(Some);
+        }
         let mut file = capture(root, &e.rel, &e.path, &e.meta)
             .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
         if kind == ItemKind::File {
@@ -282,34 +292,31 @@ impl FileMapper {
                 }));
             }
         }
-        if kind != ItemKind::File {
-            return Ok(Some(Item {
-                id,
-                kind,
-                size: Bytes(0),
-                config: node_config(&e.meta),
-                extents: Vec::new(),
-                meta: Default::default(),
-                file: Some(file),
-            }));
-        }
-        let item = Self::map_file(&id, &e.path, file, tr, sync)?;
-        Ok(Some(item))
+        Ok(Some(Item {
+            id,
+            kind,
+            size: Bytes(0),
+            config: node_config(&e.meta),
+            extents: Vec::new(),
+            meta: Default::default(),
+            file: Some(file),
+        }))
     }
 
-    /// Map a regular file: stat, FIEMAP, plan, translate, inline reads.
+    /// Map a regular file open as `f`: stat, FIEMAP, plan, translate,
+    /// inline reads.
     fn map_file(
         id: &ItemId,
         path: &Path,
+        f: &std::fs::File,
         mut file: FileMeta,
         tr: &dyn Translate,
         sync: bool,
     ) -> Result<Item> {
-        let f = open_file(path).map_err(|e| Error::io("open", e).item(id).path(path))?;
         let meta = f
             .metadata()
             .map_err(|e| Error::io("stat", e).item(id).path(path))?;
-        let ex = fiemap(&f, if sync { FIEMAP_FLAG_SYNC } else { 0 }).map_err(|e| {
+        let ex = fiemap(f, if sync { FIEMAP_FLAG_SYNC } else { 0 }).map_err(|e| {
             let kind = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 ErrorKind::Unsupported
             } else {
@@ -324,7 +331,7 @@ impl FileMapper {
             .path(path)
             .source(e)
         })?;
-        let gen = generation(&f);
+        let gen = generation(f);
         let size = meta.len();
         let plan = plan_file(size, &ex).map_err(|e| {
             Error::new(ErrorKind::Unstable, e.to_string())
@@ -349,7 +356,7 @@ impl FileMapper {
                 }),
                 FilePiece::Inline { logical, length } => {
                     let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, logical)
+                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, logical)
                         .map_err(|e| Error::io("read inline data", e).item(id).path(path))?;
                     extents.push(MapExtent {
                         logical: ItemOffset(logical),
@@ -632,9 +639,10 @@ impl Mapper for FileMapper {
         }
         let tr = (self.translators)(h)?;
         let old = self.cache.get(item).cloned();
-        let file = capture(&spec.root, &rel, &path, &meta)
+        let f = open_file(&path).map_err(|e| Error::io("open", e).item(item).path(&path))?;
+        let file = capture_from(&spec.root, &rel, &path, &meta, XattrSource::File(&f))
             .map_err(|e| Error::io("read metadata", e).item(item).path(&path))?;
-        let fresh = Self::map_file(item, &path, file, tr.as_ref(), true)?;
+        let fresh = Self::map_file(item, &path, &f, file, tr.as_ref(), true)?;
         self.cache
             .insert(item.clone(), (fresh.config.clone(), fresh.extents.clone()));
         let same_version =

@@ -40,12 +40,43 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Where extended attributes are read from: a path (not following a
+/// symlink), or a file already open (no path lookup per call).
+#[derive(Clone, Copy)]
+pub enum XattrSource<'a> {
+    /// `l*xattr` on a path.
+    Path(&'a Path),
+    /// `f*xattr` on an open file.
+    File(&'a std::fs::File),
+}
+
+impl XattrSource<'_> {
+    fn list(self, names: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrSource::Path(p) => rustix::fs::llistxattr(p, names),
+            XattrSource::File(f) => rustix::fs::flistxattr(f, names),
+        }
+    }
+
+    fn get(self, name: &str, value: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrSource::Path(p) => rustix::fs::lgetxattr(p, name, value),
+            XattrSource::File(f) => rustix::fs::fgetxattr(f, name, value),
+        }
+    }
+}
+
 /// Extended attributes of `path` (not following a symlink).
 pub fn xattrs(path: &Path) -> std::io::Result<BTreeMap<String, String>> {
+    xattrs_of(XattrSource::Path(path))
+}
+
+/// Extended attributes, from a path or an open file.
+pub fn xattrs_of(from: XattrSource<'_>) -> std::io::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let mut names = vec![0u8; 4096];
     let n = loop {
-        match rustix::fs::llistxattr(path, &mut names) {
+        match from.list(&mut names) {
             Ok(n) => break n,
             Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(out),
@@ -63,7 +94,7 @@ pub fn xattrs(path: &Path) -> std::io::Result<BTreeMap<String, String>> {
         }
         let mut val = vec![0u8; 1024];
         let len = loop {
-            match rustix::fs::lgetxattr(path, name, &mut val) {
+            match from.get(name, &mut val) {
                 Ok(n) => break n,
                 Err(rustix::io::Errno::RANGE) => val.resize(val.len() * 8, 0),
                 Err(rustix::io::Errno::NODATA) => break usize::MAX,
@@ -83,6 +114,18 @@ pub fn capture(
     rel: &str,
     path: &Path,
     meta: &std::fs::Metadata,
+) -> std::io::Result<FileMeta> {
+    capture_from(root, rel, path, meta, XattrSource::Path(path))
+}
+
+/// [`capture`], reading extended attributes from `xattrs` (a regular
+/// file's open descriptor saves a path lookup per attribute call).
+pub fn capture_from(
+    root: &Path,
+    rel: &str,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    xattrs: XattrSource<'_>,
 ) -> std::io::Result<FileMeta> {
     let target = if meta.file_type().is_symlink() {
         Some(
@@ -110,7 +153,7 @@ pub fn capture(
             0
         },
         target,
-        xattrs: xattrs(path)?,
+        xattrs: xattrs_of(xattrs)?,
         holes: Vec::new(),
     })
 }

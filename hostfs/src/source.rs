@@ -167,11 +167,18 @@ pub struct Walk {
 
 /// The item id of a path: the original absolute path.
 pub fn item_id(root: &Path, rel: &str) -> ItemId {
+    let root = root.to_string_lossy();
     if rel == "." {
-        ItemId::new(root.display().to_string())
-    } else {
-        ItemId::new(root.join(rel).display().to_string())
+        return ItemId::new(root.into_owned());
     }
+    // `root.join(rel)`, without a PathBuf and a formatter per item.
+    let mut id = String::with_capacity(root.len() + 1 + rel.len());
+    id.push_str(&root);
+    if !id.ends_with('/') {
+        id.push('/');
+    }
+    id.push_str(rel);
+    ItemId::new(id)
 }
 
 impl Walk {
@@ -191,29 +198,45 @@ impl Walk {
         } else {
             frozen.join(&rel)
         };
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) => return self.fail(root, &rel, format!("cannot stat {}: {e}", path.display())),
-        };
-        let is_dir = meta.is_dir();
-        let other_fs = meta.dev() != dev;
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => self.add_known(root, rel, path, meta, recurse, dev),
+            Err(e) => self.fail(root, &rel, format!("cannot stat {}: {e}", path.display())),
+        }
+    }
+
+    /// Add an entry whose `lstat` is in hand, then (a directory on the
+    /// same file system, when recursing) its children. Children are
+    /// stat'ed through the directory's open descriptor (`fstatat`), not
+    /// by a full path each: one path component to look up instead of
+    /// all of them, for each of a tree's files.
+    fn add_known(
+        &mut self,
+        root: &Path,
+        rel: String,
+        path: PathBuf,
+        meta: std::fs::Metadata,
+        recurse: bool,
+        dev: u64,
+    ) {
+        let descend = recurse && meta.is_dir() && meta.dev() == dev;
         self.entries.push(Entry {
             rel: rel.clone(),
             path: path.clone(),
             meta,
         });
-        if !(is_dir && recurse) || other_fs {
+        if !descend {
             return;
         }
         let rd = match std::fs::read_dir(&path) {
             Ok(rd) => rd,
             Err(e) => return self.fail(root, &rel, format!("cannot list {}: {e}", path.display())),
         };
-        let mut names: Vec<String> = Vec::new();
+        let mut children: Vec<(String, std::io::Result<std::fs::Metadata>)> = Vec::new();
         for ent in rd {
             match ent {
                 Ok(ent) => match ent.file_name().into_string() {
-                    Ok(n) => names.push(n),
+                    // lstat through the directory's descriptor.
+                    Ok(n) => children.push((n, ent.metadata())),
                     Err(raw) => self.fail(
                         root,
                         &rel,
@@ -227,10 +250,20 @@ impl Walk {
                 Err(e) => self.fail(root, &rel, format!("cannot list {}: {e}", path.display())),
             }
         }
-        names.sort();
-        for n in names {
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        for (n, meta) in children {
+            let child_path = path.join(&n);
             let child = if rel == "." { n } else { format!("{rel}/{n}") };
-            self.add(root, frozen, child, true, dev);
+            if self.skip.contains(&child) {
+                continue;
+            }
+            match meta {
+                Ok(m) => self.add_known(root, child, child_path, m, true, dev),
+                Err(e) => {
+                    let msg = format!("cannot stat {}: {e}", child_path.display());
+                    self.fail(root, &child, msg);
+                }
+            }
         }
     }
 }
