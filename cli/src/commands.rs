@@ -808,7 +808,7 @@ fn run_restore_tree(
         for st in &steps {
             println!(
                 "would restore {:<10} {} -> {} ({} bytes)",
-                format!("{:?}", st.item.header.kind).to_lowercase(),
+                st.item.header.kind.name(),
                 st.item.header.item,
                 st.dest.display(),
                 st.item.trailer.length
@@ -1028,7 +1028,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 println!(
                     "{:<8} {:<16} {:>14} bytes  blake3 {}  {} {medium}{}",
-                    format!("{:?}", i.header.kind).to_lowercase(),
+                    i.header.kind.name(),
                     i.header.item.as_str(),
                     i.trailer.length.0,
                     i.trailer.blake3,

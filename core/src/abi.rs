@@ -18,8 +18,8 @@
 
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::model::{
-    ConfigId, FrozenImage, ImageMap, ItemFailure, ItemHeader, ItemId, ItemRecord, ItemTrailer,
-    MapPart, MediaPosition, Remap, SetHeader, SetId, SetRecord,
+    Committed, ConfigId, FrozenImage, ImageMap, ItemFailure, ItemHeader, ItemId, ItemRecord,
+    ItemTrailer, MapPart, MediaPosition, Remap, SetHeader, SetId, SetRecord,
 };
 use abi_stable::library::RootModule;
 use abi_stable::prefix_type::PrefixTypeTrait;
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -99,8 +99,11 @@ pub trait MediaWriter: Send {
     /// Record that an item could not be backed up; the committed set lists
     /// it among its failures (and is partial). Not inside an item.
     fn fail_item(&mut self, failure: &ItemFailure) -> Result<()>;
-    /// Make the set durable and visible; only now is it complete.
-    fn commit(&mut self) -> Result<SetRecord>;
+    /// Make the set durable and visible; only now is it complete. The
+    /// set's record is the mover's (what it began and ended, and the
+    /// positions `end_item` answered); media say when, how many items,
+    /// and any positions that changed.
+    fn commit(&mut self) -> Result<Committed>;
     /// Throw the set away; nothing of it may look complete.
     fn abort(&mut self) -> Result<()>;
     /// Remove a committed set from the media (retention). It disappears
@@ -244,7 +247,7 @@ pub trait MediaWriterAbi: Send {
     fn end_item(&mut self, trailer: RStr<'_>) -> RResult<RString, RString>;
     /// JSON [`ItemFailure`].
     fn fail_item(&mut self, failure: RStr<'_>) -> RResult<(), RString>;
-    /// → JSON [`SetRecord`].
+    /// → JSON [`Committed`].
     fn commit(&mut self) -> RResult<RString, RString>;
     /// Throw the set away.
     fn abort(&mut self) -> RResult<(), RString>;
@@ -690,7 +693,7 @@ impl MediaWriter for LoadedMediaWriter {
         let r = self.1.fail_item(to_json(failure)?.as_str().into());
         back_unit(&self.0, "fail item", r)
     }
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         let r = self.1.commit();
         back(&self.0, "commit", r)
     }

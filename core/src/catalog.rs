@@ -151,7 +151,7 @@ impl Catalog {
                     h.set.as_str(),
                     sql_int(i as u64)?,
                     it.header.item.as_str(),
-                    format!("{:?}", it.header.kind).to_lowercase(),
+                    it.header.kind.name(),
                     sql_int(it.header.size.0)?,
                     it.trailer.blake3,
                     it.trailer.config.as_str(),

@@ -4,7 +4,7 @@
 use crate::abi::MediaWriter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{
-    now_secs, ItemFailure, ItemHeader, ItemRecord, ItemTrailer, MediaPosition, SetHeader, SetId,
+    now_secs, Committed, ItemFailure, ItemHeader, ItemTrailer, MediaPosition, SetHeader, SetId,
     SetRecord,
 };
 
@@ -13,17 +13,15 @@ use crate::model::{
 /// and its position says so.
 #[derive(Default)]
 pub struct NullMediaWriter {
-    header: Option<SetHeader>,
-    current: Option<ItemHeader>,
-    items: Vec<ItemRecord>,
-    failures: Vec<ItemFailure>,
+    begun: bool,
+    in_item: bool,
+    items: u64,
 }
 
 impl MediaWriter for NullMediaWriter {
-    fn begin_set(&mut self, header: &SetHeader) -> Result<()> {
-        self.header = Some(header.clone());
-        self.items.clear();
-        self.failures.clear();
+    fn begin_set(&mut self, _header: &SetHeader) -> Result<()> {
+        self.begun = true;
+        self.items = 0;
         Ok(())
     }
     fn resume_set(&mut self, set: &SetId) -> Result<SetRecord> {
@@ -32,48 +30,38 @@ impl MediaWriter for NullMediaWriter {
             format!("the null media keeps nothing: set {set} cannot be resumed"),
         ))
     }
-    fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
-        self.current = Some(header.clone());
+    fn begin_item(&mut self, _header: &ItemHeader) -> Result<()> {
+        self.in_item = true;
         Ok(())
     }
     fn write(&mut self, _data: &[u8]) -> Result<()> {
         Ok(())
     }
-    fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
-        let header = self
-            .current
-            .take()
-            .ok_or_else(|| Error::new(ErrorKind::Media, "end_item without begin_item"))?;
-        let position = MediaPosition {
+    fn end_item(&mut self, _trailer: &ItemTrailer) -> Result<MediaPosition> {
+        if !std::mem::take(&mut self.in_item) {
+            return Err(Error::new(ErrorKind::Media, "end_item without begin_item"));
+        }
+        self.items += 1;
+        Ok(MediaPosition {
             medium: "null".into(),
             locator: "discarded".into(),
-        };
-        self.items.push(ItemRecord {
-            header,
-            trailer: trailer.clone(),
-            position: position.clone(),
-        });
-        Ok(position)
+        })
     }
-    fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
-        self.failures.push(failure.clone());
+    fn fail_item(&mut self, _failure: &ItemFailure) -> Result<()> {
         Ok(())
     }
-    fn commit(&mut self) -> Result<SetRecord> {
-        let header = self
-            .header
-            .take()
-            .ok_or_else(|| Error::new(ErrorKind::Media, "commit without begin_set"))?;
-        Ok(SetRecord {
-            header,
-            items: std::mem::take(&mut self.items),
-            failures: std::mem::take(&mut self.failures),
+    fn commit(&mut self) -> Result<Committed> {
+        if !std::mem::take(&mut self.begun) {
+            return Err(Error::new(ErrorKind::Media, "commit without begin_set"));
+        }
+        Ok(Committed {
             committed_at: now_secs(),
+            items: self.items,
+            positions: Vec::new(),
         })
     }
     fn abort(&mut self) -> Result<()> {
-        self.header = None;
-        self.items.clear();
+        *self = NullMediaWriter::default();
         Ok(())
     }
     fn delete_set(&mut self, set: &SetId) -> Result<()> {
@@ -131,7 +119,7 @@ impl<W: MediaWriter> MediaWriter for CountingMediaWriter<W> {
     fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
         self.inner.fail_item(failure)
     }
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         self.inner.commit()
     }
     fn abort(&mut self) -> Result<()> {
@@ -164,7 +152,7 @@ impl MediaWriter for Box<dyn MediaWriter> {
     fn fail_item(&mut self, failure: &ItemFailure) -> Result<()> {
         (**self).fail_item(failure)
     }
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         (**self).commit()
     }
     fn abort(&mut self) -> Result<()> {
@@ -309,7 +297,7 @@ impl SetIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ConfigId, ImageId, ItemId, ItemKind};
+    use crate::model::{ConfigId, ImageId, ItemId, ItemKind, ItemRecord};
     use crate::units::Bytes;
 
     #[test]

@@ -170,6 +170,22 @@ impl ItemKind {
     pub fn has_bytes(self) -> bool {
         matches!(self, ItemKind::Volume | ItemKind::File)
     }
+
+    /// The kind's name in the catalog, in listings and in the tar
+    /// keyword `FLOE.kind`: its variant's name in lower case (`hardlink`,
+    /// `chardevice`), without a formatter per item.
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemKind::Volume => "volume",
+            ItemKind::File => "file",
+            ItemKind::Directory => "directory",
+            ItemKind::Symlink => "symlink",
+            ItemKind::HardLink => "hardlink",
+            ItemKind::Fifo => "fifo",
+            ItemKind::CharDevice => "chardevice",
+            ItemKind::BlockDevice => "blockdevice",
+        }
+    }
 }
 
 /// A point in time: seconds and nanoseconds since the epoch.
@@ -438,10 +454,70 @@ pub struct SetRecord {
     pub committed_at: u64,
 }
 
+impl SetRecord {
+    /// Add a failure, once per item (a resumed set may meet it again).
+    pub fn fail(&mut self, failure: &ItemFailure) {
+        if !self.failures.iter().any(|f| f.item == failure.item) {
+            self.failures.push(failure.clone());
+        }
+    }
+}
+
+/// What media say when they commit a set. The mover keeps the set's
+/// record itself (every header it began, trailer it ended and position
+/// media answered), so a set of 70,000 items is not sent back across the
+/// plugin boundary; media add only what the mover cannot know.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// When the commit happened (the record's `committed_at`).
+    pub committed_at: u64,
+    /// Items in the committed set (resumed ones included): the mover
+    /// checks it against its own count.
+    pub items: u64,
+    /// Where each item ended up, in the set's order, when media placed
+    /// them elsewhere than `end_item` said (tape: cartridge, tape file
+    /// and record, known only once the archive is on tape); empty when
+    /// every item is where `end_item` said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<MediaPosition>,
+}
+
+impl Committed {
+    /// A commit of `record` as built, at its `committed_at`.
+    pub fn of(record: &SetRecord) -> Committed {
+        Committed {
+            committed_at: record.committed_at,
+            items: record.items.len() as u64,
+            positions: Vec::new(),
+        }
+    }
+}
+
 /// Seconds since the epoch, now.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_are_the_variants_in_lower_case_as_catalogs_and_archives_hold_them() {
+        for k in [
+            ItemKind::Volume,
+            ItemKind::File,
+            ItemKind::Directory,
+            ItemKind::Symlink,
+            ItemKind::HardLink,
+            ItemKind::Fifo,
+            ItemKind::CharDevice,
+            ItemKind::BlockDevice,
+        ] {
+            assert_eq!(k.name(), format!("{k:?}").to_lowercase());
+        }
+    }
 }

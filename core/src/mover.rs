@@ -7,9 +7,11 @@
 //!    in physical order, coalesced, several reads in flight;
 //! 3. check the config id again, after the read; if it changed, the bytes
 //!    may be stale: discard them, remap, and go back to 2;
-//! 4. hand the window to the media writer, which hashes and writes it.
+//! 4. hash the window (BLAKE3 of the item) and hand it to the media
+//!    writer, which writes it.
 //!
-//! Reading (1–3) runs on its own thread, one window ahead of writing (4).
+//! Reading (1–3, and the hash) runs on its own thread, windows ahead of
+//! writing (4). The mover keeps the set's record as items end.
 //! The set is committed only after every item ended; any error aborts the
 //! set, so nothing partial is ever recorded as complete.
 
@@ -19,8 +21,8 @@ use crate::device::{BlockDevice, DeviceResolver, RestoreTarget};
 use crate::error::{Error, ErrorKind, Result};
 use crate::map::{apply_remap, validate_item};
 use crate::model::{
-    now_secs, ExtentKind, FrozenImage, ImageMap, Item, ItemFailure, ItemHeader, ItemId, ItemKind,
-    ItemTrailer, MapExtent, SetHeader, SetId, SetRecord,
+    now_secs, Committed, ExtentKind, FrozenImage, ImageMap, Item, ItemFailure, ItemHeader, ItemId,
+    ItemKind, ItemRecord, ItemTrailer, MapExtent, SetHeader, SetId, SetRecord,
 };
 use crate::plan::{plan_window, windows, Fill, PlanOptions, WindowPlan};
 use crate::sys::{AlignedBuf, ALIGN};
@@ -417,7 +419,6 @@ struct Batch {
     total: u64,
     /// Times it was read again because a member's map changed.
     rounds: u32,
-    id: ItemId,
 }
 
 /// One item's piece of a batch: the item, where it sits in the batch's
@@ -489,7 +490,9 @@ struct Pending {
     config: crate::model::ConfigId,
     bufs: Vec<Option<AlignedBuf>>,
     outstanding: usize,
-    error: Option<Error>,
+    /// The first read that failed: its error (without an item: the
+    /// consumer names the item, or the batch member, it held) and index.
+    error: Option<(Error, usize)>,
 }
 
 /// Windows in flight at once: reads of the next window overlap the check
@@ -635,7 +638,7 @@ impl Reader<'_> {
 
     /// Wait until the reads of the window `seq` (and of any other window in
     /// `inflight`) have all come back.
-    fn wait(&mut self, inflight: &mut [&mut Pending], item: &ItemId) -> Result<()> {
+    fn wait(&mut self, inflight: &mut [&mut Pending]) -> Result<()> {
         while inflight.first().is_some_and(|p| p.outstanding > 0) {
             let d = self
                 .done
@@ -646,7 +649,7 @@ impl Reader<'_> {
                 match d.result {
                     Ok(b) => p.bufs[d.index] = Some(b),
                     Err(e) => {
-                        p.error.get_or_insert(e.item(item));
+                        p.error.get_or_insert((e, d.index));
                     }
                 }
             }
@@ -677,7 +680,6 @@ impl Reader<'_> {
             pending,
             total,
             rounds,
-            id: virt.id,
         })
     }
 
@@ -690,12 +692,8 @@ impl Reader<'_> {
         queue: &mut std::collections::VecDeque<Batch>,
     ) -> Result<Option<bool>> {
         {
-            let front_id = queue
-                .front()
-                .map(|b| b.id.clone())
-                .unwrap_or_else(|| ItemId::new(""));
             let mut all: Vec<&mut Pending> = queue.iter_mut().map(|b| &mut b.pending).collect();
-            self.wait(&mut all, &front_id)?;
+            self.wait(&mut all)?;
         }
         let Some(Batch {
             mut members,
@@ -764,8 +762,19 @@ impl Reader<'_> {
             queue.push_front(again);
             return Ok(None);
         }
-        if let Some(e) = pending.error {
-            return Err(e);
+        if let Some((e, k)) = pending.error {
+            // Name the item whose bytes the failed read held (the first,
+            // when one read spans several), not the batch.
+            let at = pending.plan.reads[k].targets.first().map_or(0, |t| t.to);
+            let mut base = 0u64;
+            let member = members.iter().find(|m| {
+                base += m.item.size.0;
+                at < base
+            });
+            return Err(match member {
+                Some(m) => e.item(&m.item.id),
+                None => e,
+            });
         }
         self.counters.bytes_read += pending.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
         let (segments, _) = assemble(pending.plan, pending.bufs, Bytes(total))?;
@@ -843,7 +852,7 @@ impl Reader<'_> {
             // 2. wait for the front window's reads.
             {
                 let mut all: Vec<&mut Pending> = inflight.iter_mut().map(|(_, p)| p).collect();
-                self.wait(&mut all, &item.id)?;
+                self.wait(&mut all)?;
             }
             let (_, front) = inflight.pop_front().expect("front exists");
             // 3. check again, after the read.
@@ -896,8 +905,8 @@ impl Reader<'_> {
                 }
                 continue;
             }
-            if let Some(e) = front.error {
-                return Err(e);
+            if let Some((e, _)) = front.error {
+                return Err(e.item(&item.id));
             }
             window_remaps = 0;
             self.counters.bytes_read += front.plan.reads.iter().map(|r| r.length.0).sum::<u64>();
@@ -1246,8 +1255,9 @@ fn move_image(
                     ),
                 ));
             }
-            let done: Vec<&ItemId> = record.items.iter().map(|i| &i.header.item).collect();
-            map.items.retain(|i| !done.contains(&&i.id));
+            let done: std::collections::HashSet<&ItemId> =
+                record.items.iter().map(|i| &i.header.item).collect();
+            map.items.retain(|i| !done.contains(&i.id));
             record.items.len()
         }
         Start::New { .. } => 0,
@@ -1265,7 +1275,9 @@ fn move_image(
         items: map.items.len(),
         bytes: Bytes(map.items.iter().map(|i| i.size.0).sum()),
     });
-    let set = match start {
+    // The set's record, kept here as items end (media are not asked for
+    // it back).
+    let mut record = match start {
         Start::New {
             sources,
             started_at,
@@ -1280,20 +1292,41 @@ fn move_image(
                 started_at,
             };
             media.begin_set(&header)?;
-            header.set
+            SetRecord {
+                header,
+                items: Vec::new(),
+                failures: Vec::new(),
+                committed_at: 0,
+            }
         }
-        Start::Resume(record) => record.header.set,
+        Start::Resume(record) => record,
     };
-    progress(&Progress::Begun { set, resumed });
+    progress(&Progress::Begun {
+        set: record.header.set.clone(),
+        resumed,
+    });
     for f in &failures {
         if let Err(e) = media.fail_item(f) {
             return Err(fail(media, e));
         }
+        record.fail(f);
     }
     let t = std::time::Instant::now();
-    match write_items(agent, image, map, more, resolver, media, opts, progress) {
+    let moved = write_items(
+        agent,
+        image,
+        map,
+        more,
+        resolver,
+        media,
+        &mut record,
+        opts,
+        progress,
+    );
+    match moved {
         Ok(counters) => match (t.elapsed(), std::time::Instant::now(), media.commit()) {
-            (moved, t, Ok(record)) => {
+            (moved, t, Ok(c)) => {
+                let record = committed(record, c)?;
                 let bytes_written = record.items.iter().map(|i| i.trailer.length.0).sum();
                 Ok(BackupReport {
                     set: record,
@@ -1316,6 +1349,35 @@ fn move_image(
     }
 }
 
+/// The set's record once media committed it: their time, and any
+/// positions they moved. Media that say they hold another number of items
+/// than the mover ended disagree with it: an error, not a record.
+fn committed(mut record: SetRecord, c: Committed) -> Result<SetRecord> {
+    let n = record.items.len();
+    let disagree = |what: String| {
+        Error::new(
+            ErrorKind::Media,
+            format!("media committed set {} with {what}", record.header.set),
+        )
+    };
+    if c.items != n as u64 {
+        return Err(disagree(format!("{} items; the mover ended {n}", c.items)));
+    }
+    if !c.positions.is_empty() {
+        if c.positions.len() != n {
+            return Err(disagree(format!(
+                "{} positions for {n} items",
+                c.positions.len()
+            )));
+        }
+        for (it, p) in record.items.iter_mut().zip(c.positions) {
+            it.position = p;
+        }
+    }
+    record.committed_at = c.committed_at;
+    Ok(record)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn write_items(
     agent: &mut AgentClient,
@@ -1324,6 +1386,7 @@ fn write_items(
     more: bool,
     resolver: &DeviceResolver,
     media: &mut dyn MediaWriter,
+    record: &mut SetRecord,
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Counters> {
@@ -1461,14 +1524,20 @@ fn write_items(
                         remaps,
                         captured_after_freeze: after_freeze,
                     };
-                    if let Err(e) = media.end_item(&trailer) {
-                        break Err(e.item(&h.item));
+                    match media.end_item(&trailer) {
+                        Ok(position) => record.items.push(ItemRecord {
+                            header: h,
+                            trailer,
+                            position,
+                        }),
+                        Err(e) => break Err(e.item(&h.item)),
                     }
                 }
                 Msg::Skip(f) => {
                     if let Err(e) = media.fail_item(&f) {
                         break Err(e);
                     }
+                    record.fail(&f);
                 }
                 Msg::Mapped { items, bytes } => progress(&Progress::Mapped { items, bytes }),
                 Msg::Done(c) => break Ok(c),
@@ -1626,6 +1695,85 @@ pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<Verif
 #[cfg(test)]
 mod order_tests {
     use super::*;
+    use crate::model::MediaPosition;
+
+    #[test]
+    fn a_commit_gives_the_record_its_time_and_moved_positions_and_must_agree() {
+        let at = |k: usize| MediaPosition {
+            medium: "m".into(),
+            locator: format!("@{k}"),
+        };
+        let record = SetRecord {
+            header: SetHeader {
+                set: SetId::new("s"),
+                label: String::new(),
+                agent: "h".into(),
+                sources: vec![],
+                image: crate::model::ImageId::new("i"),
+                frozen_at: 1,
+                started_at: 1,
+            },
+            items: (0..3)
+                .map(|k| ItemRecord {
+                    header: header_of(&file(&format!("f{k}"))),
+                    trailer: ItemTrailer {
+                        length: Bytes(0),
+                        blake3: String::new(),
+                        config: crate::model::ConfigId::new("c"),
+                        remaps: 0,
+                        captured_after_freeze: false,
+                    },
+                    position: at(k),
+                })
+                .collect(),
+            failures: vec![],
+            committed_at: 0,
+        };
+        let c = Committed::of(&record);
+        let same = committed(
+            record.clone(),
+            Committed {
+                committed_at: 77,
+                ..c.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(same.committed_at, 77);
+        assert_eq!(same.items, record.items);
+        let moved: Vec<MediaPosition> = (10..13).map(at).collect();
+        let tape = committed(
+            record.clone(),
+            Committed {
+                positions: moved.clone(),
+                ..c.clone()
+            },
+        )
+        .unwrap();
+        let got: Vec<MediaPosition> = tape.items.iter().map(|i| i.position.clone()).collect();
+        assert_eq!(got, moved);
+        let short = committed(
+            record.clone(),
+            Committed {
+                items: 2,
+                ..c.clone()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(short.kind(), ErrorKind::Media);
+        assert!(
+            short.to_string().contains("2 items; the mover ended 3"),
+            "{short}"
+        );
+        let few = committed(
+            record,
+            Committed {
+                positions: moved[..2].to_vec(),
+                ..c
+            },
+        )
+        .unwrap_err();
+        assert!(few.to_string().contains("2 positions for 3 items"), "{few}");
+    }
 
     #[test]
     fn a_volume_s_holes_are_its_hole_extents_merged() {

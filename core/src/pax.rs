@@ -446,10 +446,7 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
         push("linkpath", linkname.as_bytes());
     }
     push("FLOE.item", h.item.as_str().as_bytes());
-    push(
-        "FLOE.kind",
-        format!("{:?}", h.kind).to_lowercase().as_bytes(),
-    );
+    push("FLOE.kind", h.kind.name().as_bytes());
     push("FLOE.config", h.config.as_str().as_bytes());
     for (k, v) in &h.meta {
         push(&format!("FLOE.meta.{k}"), v.as_bytes());
@@ -473,10 +470,17 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
 /// The index entry closing a set's archive (without the end-of-archive
 /// blocks).
 pub fn index_entry(record: &SetRecord) -> Result<Vec<u8>> {
-    let index = serde_json::to_vec(&Index {
-        magic: INDEX_MAGIC.into(),
+    /// [`Index`], borrowing the record (no copy of 70,000 items to write).
+    #[derive(Serialize)]
+    struct IndexOut<'a> {
+        magic: &'a str,
+        version: u32,
+        record: &'a SetRecord,
+    }
+    let index = serde_json::to_vec(&IndexOut {
+        magic: INDEX_MAGIC,
         version: INDEX_VERSION,
-        record: record.clone(),
+        record,
     })
     .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
     let name = format!("{}/floe-index.json", record.header.set);

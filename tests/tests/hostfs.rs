@@ -171,7 +171,7 @@ impl MediaWriter for Meddling {
     fn fail_item(&mut self, f: &ItemFailure) -> floe_core::Result<()> {
         self.inner.fail_item(f)
     }
-    fn commit(&mut self) -> floe_core::Result<SetRecord> {
+    fn commit(&mut self) -> floe_core::Result<floe_core::model::Committed> {
         self.inner.commit()
     }
     fn abort(&mut self) -> floe_core::Result<()> {

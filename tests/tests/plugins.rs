@@ -71,7 +71,8 @@ fn a_file_that_is_not_a_plugin_is_refused() {
     assert!(err.to_string().contains("libfloe_plugin_fake.so"), "{err}");
 }
 
-fn one_item(w: &mut dyn MediaWriter, set: &str, data: &[u8]) -> SetRecord {
+/// Write a set of one item: where it landed, and what the commit said.
+fn one_item(w: &mut dyn MediaWriter, set: &str, data: &[u8]) -> (MediaPosition, Committed) {
     w.begin_set(&SetHeader {
         set: SetId::new(set),
         label: String::new(),
@@ -93,15 +94,16 @@ fn one_item(w: &mut dyn MediaWriter, set: &str, data: &[u8]) -> SetRecord {
     })
     .unwrap();
     w.write(data).unwrap();
-    w.end_item(&ItemTrailer {
-        length: Bytes(data.len() as u64),
-        blake3: blake3::hash(data).to_hex().to_string(),
-        config: ConfigId::new("c"),
-        remaps: 0,
-        captured_after_freeze: false,
-    })
-    .unwrap();
-    w.commit().unwrap()
+    let at = w
+        .end_item(&ItemTrailer {
+            length: Bytes(data.len() as u64),
+            blake3: blake3::hash(data).to_hex().to_string(),
+            config: ConfigId::new("c"),
+            remaps: 0,
+            captured_after_freeze: false,
+        })
+        .unwrap();
+    (at, w.commit().unwrap())
 }
 
 #[test]
@@ -141,10 +143,12 @@ fn two_plugins_of_one_interface_load_side_by_side() {
         .unwrap()
         .media_writer(&serde_json::json!({}))
         .unwrap();
-    let a = one_item(disk.as_mut(), "a", b"disk bytes");
-    let b = one_item(null.as_mut(), "b", b"null bytes");
-    assert_eq!(a.items[0].position.locator, "items/000000.img");
-    assert_eq!(b.items[0].position.medium, "null");
+    let (a, a_commit) = one_item(disk.as_mut(), "a", b"disk bytes");
+    let (b, b_commit) = one_item(null.as_mut(), "b", b"null bytes");
+    assert_eq!(a.locator, "items/000000.img");
+    assert_eq!(b.medium, "null");
+    assert_eq!((a_commit.items, b_commit.items), (1, 1));
+    assert!(a_commit.positions.is_empty() && a_commit.committed_at > 0);
     assert_eq!(
         std::fs::read(media.join("a/items/000000.img")).unwrap(),
         b"disk bytes"

@@ -219,6 +219,45 @@ fn a_san_read_error_fails_the_backup_naming_item_device_and_offset() {
     );
 }
 
+#[test]
+fn a_read_error_inside_a_batch_names_the_item_whose_bytes_failed() {
+    // Three volumes small enough to move as one batch (one window, one
+    // check): the error must name the one whose block failed, not the
+    // batch or its first member.
+    let lab = Lab::start(3, &[("lun0", 32 * MIB)], false);
+    for (k, v) in ["vol0", "vol1", "vol2"].iter().enumerate() {
+        volume(&lab, v, MIB, k as u64);
+    }
+    let map: floe_sim_san::control::TargetMap = lab
+        .ctl()
+        .call_as(Op::Map {
+            target: "vol1".into(),
+        })
+        .expect("map");
+    let victim = &map.extents[map.extents.len() / 2];
+    lab.call(Op::InjectError {
+        lun: victim.lun.clone(),
+        offset: victim.lun_offset,
+        length: Bytes(4096),
+        count: None,
+    });
+    let o = MoverOptions {
+        max_read: Bytes(4096),
+        ..opts(8 * MIB, 2)
+    };
+    let err = lab
+        .backup(&["array:vol0", "array:vol1", "array:vol2"], &o)
+        .expect_err("a read error must fail the backup");
+    assert_eq!(err.kind(), ErrorKind::ReadFailed, "{err}");
+    assert_eq!(err.context().item, Some(ItemId::new("vol1")), "{err}");
+    assert_eq!(
+        err.context().offset.map(|o| o.0),
+        Some(victim.lun_offset.0),
+        "{err}"
+    );
+    assert!(sets(&lab).is_empty(), "nothing recorded as complete");
+}
+
 fn lun(lab: &Lab) -> LunInfo {
     lab.san.array.luns().remove(0)
 }

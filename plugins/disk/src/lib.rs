@@ -497,7 +497,7 @@ impl MediaWriter for DiskWriter {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         if self.current.is_some() {
             return Err(Error::new(
                 ErrorKind::Media,
@@ -545,7 +545,7 @@ impl MediaWriter for DiskWriter {
         std::fs::rename(&partial, &fin)
             .map_err(|e| fail(media_err("rename set into place", &fin, e), &partial))?;
         fsync_dir(&self.dir)?;
-        Ok(record)
+        Ok(Committed::of(&record))
     }
 
     fn abort(&mut self) -> Result<()> {
@@ -873,7 +873,8 @@ mod tests {
         w.write(b"BBBBB").unwrap();
         w.end_item(&trailer(b"BBBBB")).unwrap();
         let done = w.commit().unwrap();
-        assert_eq!(done.items.len(), 2);
+        assert_eq!(done.items, 2);
+        assert_eq!(r.list_sets().unwrap()[0].items.len(), 2);
         r.open_item(&SetId::new("s3"), &ItemId::new("b")).unwrap();
         assert_eq!(r.read(100).unwrap(), b"BBBBB");
         assert!(!dir.path().join("s3").join(JOURNAL).exists());

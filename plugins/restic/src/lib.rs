@@ -725,7 +725,7 @@ impl MediaWriter for ResticWriter {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         let spool_dir = self.cfg.spool.clone();
         let w = self.w()?;
         if w.current.is_some() {
@@ -785,7 +785,7 @@ impl MediaWriter for ResticWriter {
         let r = w.archive.take().map(std::thread::JoinHandle::join);
         let _ = std::fs::remove_dir(&self.cfg.spool); // only when empty
         match r {
-            Some(Ok(Ok(_snap))) => Ok(record),
+            Some(Ok(Ok(_snap))) => Ok(Committed::of(&record)),
             Some(Ok(Err(e))) => Err(e),
             _ => Err(Error::new(ErrorKind::Media, "the restic archiver panicked")),
         }

@@ -648,7 +648,7 @@ impl MediaWriter for TapeWriter {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         let w = self.w()?;
         if w.current.is_some() {
             return Err(Error::new(
@@ -727,7 +727,11 @@ impl MediaWriter for TapeWriter {
         }
         self.drive()?.op(MtOp::Weof(1))?;
         self.set = None;
-        Ok(record)
+        // Positions are known only now (cartridge, tape file, record).
+        Ok(Committed {
+            positions: record.items.iter().map(|i| i.position.clone()).collect(),
+            ..Committed::of(&record)
+        })
     }
 
     fn abort(&mut self) -> Result<()> {

@@ -561,7 +561,7 @@ impl MediaWriter for TarWriter {
         Ok(())
     }
 
-    fn commit(&mut self) -> Result<SetRecord> {
+    fn commit(&mut self) -> Result<Committed> {
         let record_size = self.record;
         let dir = self.dir.clone();
         let mut w = self
@@ -609,7 +609,7 @@ impl MediaWriter for TarWriter {
             let _ = std::fs::remove_file(&w.path);
             return Err(e);
         }
-        Ok(record)
+        Ok(Committed::of(&record))
     }
 
     fn abort(&mut self) -> Result<()> {
@@ -972,8 +972,8 @@ mod tests {
             }
             w.end_item(&t).unwrap();
         }
-        let rec = w.commit().unwrap();
-        assert_eq!(rec.items.len(), items.len());
+        let done = w.commit().unwrap();
+        assert_eq!(done.items, items.len() as u64);
         let mut r = TarPlugin::media_reader(&cfg).unwrap();
         for (name, data) in items.iter().rev() {
             r.open_item(&SetId::new("s"), &ItemId::new(name)).unwrap();
