@@ -791,19 +791,38 @@ impl std::fmt::Display for Partial {
 
 impl std::error::Error for Partial {}
 
+/// The record of the set to restore: from the catalog when it has the
+/// set on these media (one record to decode; the media may hold many
+/// sets, each with its index), else from the media themselves.
+fn set_to_restore(
+    reader: &mut dyn floe_core::abi::MediaReader,
+    a: &RestoreArgs,
+    catalog: Option<&PathBuf>,
+) -> anyhow::Result<floe_core::model::SetRecord> {
+    let path = catalog_path(catalog);
+    if path.exists() {
+        if let Ok(e) = Catalog::open(&path).and_then(|c| c.set(&SetId::new(a.set.clone()))) {
+            if e.media == a.media.media {
+                return Ok(e.record);
+            }
+        }
+    }
+    reader
+        .list_sets()?
+        .into_iter()
+        .find(|s| s.header.set.as_str() == a.set)
+        .ok_or_else(|| anyhow!("no set {} on {}", a.set, a.media.media))
+}
+
 fn run_restore_tree(
     reg: &Arc<PluginRegistry>,
     mut reader: Box<dyn floe_core::abi::MediaReader>,
     a: &RestoreArgs,
+    set: &floe_core::model::SetRecord,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use floe_core::restore::plan_tree;
-    let set = reader
-        .list_sets()?
-        .into_iter()
-        .find(|s| s.header.set.as_str() == a.set)
-        .ok_or_else(|| anyhow!("no set {} on {}", a.set, a.media.media))?;
-    let steps = plan_tree(&set, dir, &a.tree)?;
+    let steps = plan_tree(set, dir, &a.tree)?;
     if a.dry_run {
         for st in &steps {
             println!(
@@ -824,7 +843,7 @@ fn run_restore_tree(
         let r = floe_core::restore::restore_tree_via_agent(
             &mut client,
             reader.as_mut(),
-            &set,
+            set,
             dir,
             &a.tree,
             &mut |_| {
@@ -836,7 +855,7 @@ fn run_restore_tree(
         eprintln!("floe: restored on {host} through its agent");
         r
     } else {
-        restore_here(reg, reader, a, &set, &steps, pb.as_ref())?
+        restore_here(reg, reader, a, set, &steps, pb.as_ref())?
     };
     if let Some(pb) = pb {
         pb.finish_and_clear();
@@ -896,10 +915,15 @@ fn restore_here(
     )?)
 }
 
-fn run_restore(reg: Arc<PluginRegistry>, a: RestoreArgs) -> anyhow::Result<()> {
+fn run_restore(
+    reg: Arc<PluginRegistry>,
+    a: RestoreArgs,
+    catalog: Option<&PathBuf>,
+) -> anyhow::Result<()> {
     let mut reader = media_reader(&reg, &a.media)?;
     if let Some(dir) = &a.to_dir {
-        return run_restore_tree(&reg, reader, &a, dir);
+        let set = set_to_restore(reader.as_mut(), &a, catalog)?;
+        return run_restore_tree(&reg, reader, &a, &set, dir);
     }
     let set = SetId::new(a.set.clone());
     for t in &a.targets {
@@ -1010,7 +1034,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::SimSan(c) => floe_sim_san::cli::run(c),
         Command::Agent(a) => agent(registry(&cli.plugin_dirs), a),
         Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), *a, cli.catalog.as_ref()),
-        Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a),
+        Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a, cli.catalog.as_ref()),
         Command::List(a) => run_list(registry(&cli.plugin_dirs), a, cli.catalog.as_ref()),
         Command::Show { set } => {
             let e = open_catalog(cli.catalog.as_ref())?.set(&SetId::new(set))?;

@@ -18,8 +18,8 @@
 
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::model::{
-    Committed, ConfigId, FrozenImage, ImageMap, ItemFailure, ItemHeader, ItemId, ItemRecord,
-    ItemTrailer, MapPart, MediaPosition, Remap, SetHeader, SetId, SetRecord,
+    Committed, ConfigId, FrozenImage, ImageMap, ItemAt, ItemFailure, ItemHeader, ItemId,
+    ItemRecord, ItemTrailer, MapPart, MediaPosition, Remap, SetHeader, SetId, SetRecord,
 };
 use abi_stable::library::RootModule;
 use abi_stable::prefix_type::PrefixTypeTrait;
@@ -125,6 +125,14 @@ pub trait MediaReader: Send {
     fn list_sets(&mut self) -> Result<Vec<SetRecord>>;
     /// Position at the start of an item's bytes.
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord>;
+    /// Position at the start of an item's bytes where its record (the
+    /// catalog's, or the set's index read before) says they are, without
+    /// looking it up. Bytes read from a wrong place fail the item's
+    /// checksum: nothing wrong is restored silently. Default: look it up
+    /// ([`MediaReader::open_item`]).
+    fn open_at(&mut self, set: &SetId, at: &ItemAt) -> Result<()> {
+        self.open_item(set, &at.item).map(|_| ())
+    }
     /// The next bytes of the open item, at most `max`; empty at its end.
     fn read(&mut self, max: usize) -> Result<Vec<u8>>;
 }
@@ -266,8 +274,10 @@ pub trait MediaReaderAbi: Send {
     /// JSON `[SetId, ItemId]` → JSON [`ItemRecord`].
     fn open_item(&mut self, args: RStr<'_>) -> RResult<RString, RString>;
     /// Next bytes, at most `max`.
-    #[sabi(last_prefix_field)]
     fn read(&mut self, max: u64) -> RResult<RVec<u8>, RString>;
+    /// JSON `[SetId, ItemAt]`.
+    #[sabi(last_prefix_field)]
+    fn open_at(&mut self, args: RStr<'_>) -> RResult<(), RString>;
 }
 
 /// A boxed freezer across the ABI.
@@ -494,6 +504,12 @@ impl MediaReaderAbi for MediaReaderExport {
             self.0
                 .read(usize::try_from(max).unwrap_or(usize::MAX))
                 .map(RVec::from)
+        })
+    }
+    fn open_at(&mut self, args: RStr<'_>) -> RResult<(), RString> {
+        guard("open item", || {
+            let (set, at): (SetId, ItemAt) = from_json(args.as_str(), "open item arguments")?;
+            self.0.open_at(&set, &at)
         })
     }
 }
@@ -727,6 +743,10 @@ impl MediaReader for LoadedMediaReader {
             ROk(v) => Ok(v.into_vec()),
             RErr(e) => Err(err_from_text(&self.0, "read", &e)),
         }
+    }
+    fn open_at(&mut self, set: &SetId, at: &ItemAt) -> Result<()> {
+        let r = self.1.open_at(to_json(&(set, at))?.as_str().into());
+        back_unit(&self.0, "open item", r)
     }
 }
 

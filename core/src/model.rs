@@ -493,6 +493,37 @@ impl Committed {
     }
 }
 
+/// Where an item's bytes are, as its record says: what media need to go
+/// straight there (a tree restore opens 70,000 items; each would otherwise
+/// be looked up in the media's own index and its whole record sent back).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemAt {
+    /// The item.
+    pub item: ItemId,
+    /// Its kind.
+    pub kind: ItemKind,
+    /// Its logical size.
+    pub size: Bytes,
+    /// Where media put it.
+    pub position: MediaPosition,
+    /// Its holes (a file's or a volume's; sparse media store them so).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holes: Vec<[u64; 2]>,
+}
+
+impl ItemAt {
+    /// Where `record` says its item is.
+    pub fn of(record: &ItemRecord) -> ItemAt {
+        ItemAt {
+            item: record.header.item.clone(),
+            kind: record.header.kind,
+            size: record.header.size,
+            position: record.position.clone(),
+            holes: record.header.holes().to_vec(),
+        }
+    }
+}
+
 /// Seconds since the epoch, now.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()

@@ -10,7 +10,7 @@
 
 use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{FileMeta, ItemKind, ItemRecord, SetRecord};
+use crate::model::{FileMeta, ItemAt, ItemKind, ItemRecord, SetRecord};
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
@@ -315,8 +315,14 @@ fn make(
         Error::new(ErrorKind::Media, "a file item without file metadata").item(&h.item)
     })?;
     if h.kind == ItemKind::File {
-        let rec = reader.open_item(&set.header.set, &h.item)?;
-        let (n, file) = write_file(reader, &step.dest, &rec, &f.holes)?;
+        // Straight to where the set's record says (no lookup in the media's
+        // index per file); the bytes are checked against that record.
+        reader.open_at(&set.header.set, &ItemAt::of(&step.item))?;
+        let (n, file) = write_file(reader, &step.dest, &step.item, &f.holes).inspect_err(|_| {
+            // Bytes that are not the set's (wrong, or cut short) never
+            // stay behind looking like the file.
+            let _ = std::fs::remove_file(&step.dest);
+        })?;
         crate::fsmeta::apply_meta_fd(&file, &step.dest, f, owners)?;
         return Ok(n);
     }
@@ -762,8 +768,8 @@ pub fn restore_tree_via_agent(
             if h.kind != ItemKind::File {
                 return agent.restore_item(&dest, &step.item);
             }
-            let rec = reader.open_item(&set.header.set, &h.item)?;
-            send_item(agent, reader, &dest, &rec)
+            reader.open_at(&set.header.set, &ItemAt::of(&step.item))?;
+            send_item(agent, reader, &dest, &step.item)
         })();
         progress(step);
         match r {

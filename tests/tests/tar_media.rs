@@ -239,3 +239,84 @@ fn gnu_tar_extracts_a_file_tree_set_with_its_metadata() {
         .unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
+
+#[test]
+fn a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_only() {
+    use floe_core::catalog::Catalog;
+    use floe_core::model::{ItemKind, SetId};
+    use floe_tests::hostfs::{compare_trees, set_of, tree_host};
+    let name = "a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_only";
+    let Some((src, agent, _)) = tree_host(name, 128, 300, 23, &[]) else {
+        return;
+    };
+    let media = src.dir.path().join("tar-media");
+    let spec = format!("tar:{}", media.display());
+    let catalog = src.dir.path().join("catalog.db");
+    let floe = || {
+        let mut c = floe_tests::floe_cmd();
+        c.env("FLOE_CATALOG", &catalog);
+        c
+    };
+    let out = floe()
+        .args(["backup", "--agent", &agent.addr, "--source"])
+        .arg(format!("fsflush:{}", src.mnt.display()))
+        .args(["--media", &spec])
+        .args(src.device_args())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let set = set_of(&String::from_utf8_lossy(&out.stdout));
+    let restore = |to: &std::path::Path| {
+        floe()
+            .args(["restore", "--media", &spec, "--set", &set, "--to-dir"])
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    // By the catalog's record, straight to each file's bytes.
+    let good = src.dir.path().join("good");
+    let r = restore(&good);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diffs = compare_trees(&src.mnt, &good);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+
+    // A catalog that points one file at another's bytes: that file fails
+    // its checksum and is not left behind; every other file is restored.
+    let mut cat = Catalog::open(&catalog).unwrap();
+    let mut e = cat.set(&SetId::new(set.clone())).unwrap();
+    let files: Vec<usize> = (0..e.record.items.len())
+        .filter(|&k| {
+            let h = &e.record.items[k].header;
+            h.kind == ItemKind::File && h.size.0 > 4096 && h.holes().is_empty()
+        })
+        .collect();
+    let (a, b) = (files[0], files[files.len() / 2]);
+    assert_ne!(
+        e.record.items[a].trailer.blake3,
+        e.record.items[b].trailer.blake3
+    );
+    e.record.items[a].position = e.record.items[b].position.clone();
+    let victim = e.record.items[a].header.file.clone().unwrap().path;
+    cat.record(&e.media, &e.record).unwrap();
+    drop(cat);
+    let bad = src.dir.path().join("bad");
+    let r = restore(&bad);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "a wrong position was restored: {err}");
+    assert!(err.contains(&victim) && err.contains("checksum"), "{err}");
+    assert!(
+        !bad.join(&victim).exists(),
+        "the wrong bytes stayed as {victim}"
+    );
+    let diffs = compare_trees(&src.mnt, &bad);
+    assert!(
+        diffs.iter().all(|d| d.contains(&victim)),
+        "more than {victim} differs: {:#?}",
+        &diffs[..diffs.len().min(20)]
+    );
+    assert!(!diffs.is_empty());
+}

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use floe_core::media::SetIndex;
 
 use floe_core::pax::{archive_end_located, index_entry, item_entry, EntryReader, EntryStream};
 pub use floe_core::pax::{Index, BLOCK, INDEX_MAGIC, INDEX_VERSION as VERSION};
@@ -686,7 +689,109 @@ pub struct TarReader {
     idle: Option<(std::io::BufReader<File>, PathBuf)>,
     /// The last set's index, by item (a set of 70,000 files is opened
     /// item by item).
-    cached: Option<floe_core::media::SetIndex>,
+    cached: Option<Arc<SetIndex>>,
+}
+
+/// An archive's identity (path, device, inode, size, mtime, ctime): one
+/// rewritten or replaced is parsed again. (Each item's bytes are checked
+/// against its BLAKE3 on restore besides.)
+type ArchiveKey = (PathBuf, u64, u64, u64, (i64, i64), (i64, i64));
+
+/// Parsed indexes, shared by every reader of this process: a tree restore
+/// opens a reader per worker after listing the sets, and a 70,000-item
+/// index is ~40 MB of JSON — parsed once, not once per reader and once
+/// more for the listing.
+static INDEXES: Mutex<Vec<(ArchiveKey, Arc<SetIndex>)>> = Mutex::new(Vec::new());
+/// Indexes kept (the most recently parsed).
+const INDEXES_KEPT: usize = 2;
+
+/// The index of the archive open as `f`, parsed or shared.
+fn shared_index(f: &mut File, path: &Path) -> Result<Arc<SetIndex>> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f
+        .metadata()
+        .map_err(|e| media_err("stat archive", path, e))?;
+    let key = (
+        path.to_path_buf(),
+        m.dev(),
+        m.ino(),
+        m.len(),
+        (m.mtime(), m.mtime_nsec()),
+        (m.ctime(), m.ctime_nsec()),
+    );
+    // Held while parsing: readers opening at once wait for one parse.
+    let mut kept = INDEXES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, ix)) = kept.iter().find(|(k, _)| *k == key) {
+        return Ok(ix.clone());
+    }
+    let ix = Arc::new(SetIndex::new(read_index(f, path)?));
+    kept.push((key, ix.clone()));
+    if kept.len() > INDEXES_KEPT {
+        kept.remove(0);
+    }
+    Ok(ix)
+}
+
+impl TarReader {
+    /// The archive of `set`, buffered: the one read last when it is that
+    /// one (a tree's items come one after another from it), else opened.
+    fn archive(&mut self, set: &SetId) -> Result<(std::io::BufReader<File>, PathBuf)> {
+        let name = set_name(set)?;
+        let path = self.dir.join(format!("{name}.tar"));
+        if let Some((entry, p)) = self.open.take() {
+            self.idle = Some((entry.into_inner(), p));
+        }
+        if let Some((f, p)) = self.idle.take() {
+            if p == path {
+                return Ok((f, path));
+            }
+        }
+        let f = File::open(&path).map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no set {set} on media {}", self.dir.display()),
+            )
+            .path(&path)
+            .source(e)
+        })?;
+        Ok((std::io::BufReader::with_capacity(READ_BUFFER, f), path))
+    }
+
+    /// Start reading the entry whose data `at` locates (`SET.tar@OFFSET`).
+    fn enter(&mut self, mut f: std::io::BufReader<File>, path: PathBuf, at: &ItemAt) -> Result<()> {
+        let start: u64 = at
+            .position
+            .locator
+            .rsplit_once('@')
+            .and_then(|(_, o)| o.parse().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Media,
+                    format!("bad locator {:?}", at.position.locator),
+                )
+                .path(&path)
+                .item(&at.item)
+            })?;
+        let (size, sparse) = if at.kind.has_bytes() {
+            (at.size.0, !at.holes.is_empty())
+        } else {
+            (0, false)
+        };
+        // Within the buffer (the next item, or the one after), no read.
+        let here = f
+            .stream_position()
+            .map_err(|e| media_err("seek archive", &path, e))?;
+        match i64::try_from(start).ok().zip(i64::try_from(here).ok()) {
+            Some((s, h)) => f.seek_relative(s - h),
+            None => f.seek(SeekFrom::Start(start)).map(|_| ()),
+        }
+        .map_err(|e| media_err("seek archive", &path, e))?;
+        let entry = EntryReader::new(f, size, sparse).map_err(|e| e.path(&path).item(&at.item))?;
+        self.open = Some((entry, path));
+        Ok(())
+    }
 }
 
 impl MediaReader for TarReader {
@@ -701,71 +806,40 @@ impl MediaReader for TarReader {
             }
             let path = e.path();
             let mut f = File::open(&path).map_err(|err| media_err("open archive", &path, err))?;
-            sets.push(read_index(&mut f, &path)?);
+            sets.push(shared_index(&mut f, &path)?.record.clone());
         }
         sets.sort_by(|a, b| (a.committed_at, &a.header.set).cmp(&(b.committed_at, &b.header.set)));
         Ok(sets)
     }
 
     fn open_item(&mut self, set: &SetId, item: &ItemId) -> Result<ItemRecord> {
-        let name = set_name(set)?;
-        let path = self.dir.join(format!("{name}.tar"));
-        if let Some((entry, p)) = self.open.take() {
-            self.idle = Some((entry.into_inner(), p));
-        }
-        let reuse = self
-            .idle
-            .take()
-            .filter(|(_, p)| *p == path && self.cached.as_ref().is_some_and(|c| c.set() == set));
-        let mut f = match reuse {
-            Some((f, _)) => f,
-            None => {
-                let mut f = File::open(&path).map_err(|e| {
-                    Error::new(
-                        ErrorKind::NotFound,
-                        format!("no set {set} on media {}", self.dir.display()),
-                    )
-                    .path(&path)
-                    .source(e)
-                })?;
-                if self.cached.as_ref().is_none_or(|c| c.set() != set) {
-                    let record = read_index(&mut f, &path)?;
-                    self.cached = Some(floe_core::media::SetIndex::new(record));
-                }
-                std::io::BufReader::with_capacity(READ_BUFFER, f)
-            }
-        };
-        let rec = self.cached.as_ref().expect("loaded above").item(item)?;
-        let start: u64 = rec
-            .position
-            .locator
-            .rsplit_once('@')
-            .and_then(|(_, o)| o.parse().ok())
-            .ok_or_else(|| {
-                Error::new(
+        let (f, path) = self.archive(set)?;
+        if self.cached.as_ref().is_none_or(|c| c.set() != set) {
+            // The index through a handle of its own (the buffered one's
+            // position is left alone).
+            let mut raw = File::open(&path).map_err(|e| media_err("open archive", &path, e))?;
+            let ix = shared_index(&mut raw, &path)?;
+            if ix.set() != set {
+                return Err(Error::new(
                     ErrorKind::Media,
-                    format!("bad locator {:?}", rec.position.locator),
+                    format!(
+                        "archive {} holds set {}, not {set}",
+                        path.display(),
+                        ix.set()
+                    ),
                 )
-                .path(&path)
-            })?;
-        let (size, sparse) = if rec.header.kind.has_bytes() {
-            (rec.header.size.0, floe_core::pax::is_sparse(&rec.header))
-        } else {
-            (0, false)
-        };
-        // Within the buffer (the next item, or the one after), no read.
-        let at = f
-            .stream_position()
-            .map_err(|e| media_err("seek archive", &path, e))?;
-        let by = i64::try_from(start).ok().zip(i64::try_from(at).ok());
-        match by {
-            Some((s, a)) => f.seek_relative(s - a),
-            None => f.seek(SeekFrom::Start(start)).map(|_| ()),
+                .path(&path));
+            }
+            self.cached = Some(ix);
         }
-        .map_err(|e| media_err("seek archive", &path, e))?;
-        let entry = EntryReader::new(f, size, sparse).map_err(|e| e.path(&path).item(item))?;
-        self.open = Some((entry, path));
+        let rec = self.cached.as_ref().expect("loaded above").item(item)?;
+        self.enter(f, path, &ItemAt::of(&rec))?;
         Ok(rec)
+    }
+
+    fn open_at(&mut self, set: &SetId, at: &ItemAt) -> Result<()> {
+        let (f, path) = self.archive(set)?;
+        self.enter(f, path, at)
     }
 
     fn read(&mut self, max: usize) -> Result<Vec<u8>> {
@@ -975,8 +1049,15 @@ mod tests {
         let done = w.commit().unwrap();
         assert_eq!(done.items, items.len() as u64);
         let mut r = TarPlugin::media_reader(&cfg).unwrap();
-        for (name, data) in items.iter().rev() {
-            r.open_item(&SetId::new("s"), &ItemId::new(name)).unwrap();
+        let record = r.list_sets().unwrap().remove(0);
+        for (k, (name, data)) in items.iter().enumerate().rev() {
+            // Looked up in the index, or straight where the record says.
+            if k % 2 == 0 {
+                r.open_item(&SetId::new("s"), &ItemId::new(name)).unwrap();
+            } else {
+                r.open_at(&SetId::new("s"), &ItemAt::of(&record.items[k]))
+                    .unwrap();
+            }
             let mut got = Vec::new();
             loop {
                 let b = r.read(1 << 20).unwrap();
@@ -992,6 +1073,38 @@ mod tests {
                 data.len()
             );
         }
+    }
+
+    #[test]
+    fn readers_share_a_parsed_index_and_a_rewritten_archive_is_parsed_again() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"dir": d.path()});
+        let write = |data: &[u8]| {
+            let mut w = TarPlugin::media_writer(&cfg).unwrap();
+            w.begin_set(&header("s")).unwrap();
+            let (h, t) = item("a", data);
+            w.begin_item(&h).unwrap();
+            w.write(data).unwrap();
+            w.end_item(&t).unwrap();
+            w.commit().unwrap();
+        };
+        let read = || {
+            let mut r = TarPlugin::media_reader(&cfg).unwrap();
+            r.open_item(&SetId::new("s"), &ItemId::new("a")).unwrap();
+            r.read(1 << 20).unwrap()
+        };
+        write(b"first version");
+        assert_eq!(read(), b"first version");
+        assert_eq!(read(), b"first version");
+        // The same set name written again (another archive in its place):
+        // the shared index must not answer for it.
+        std::fs::remove_file(d.path().join("s.tar")).unwrap();
+        write(b"second, longer version");
+        assert_eq!(read(), b"second, longer version");
+        let mut r = TarPlugin::media_reader(&cfg).unwrap();
+        let sets = r.list_sets().unwrap();
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].items[0].trailer.length, Bytes(22));
     }
 
     #[test]
