@@ -4,11 +4,13 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use floe_core::abi::{Interface, MediaReader, MediaWriter};
 use floe_core::agent::{Agent, AgentClient, AgentOptions};
-use floe_core::catalog::Catalog;
+use floe_core::catalog::{Catalog, CatalogRecorder};
 use floe_core::device::{open_target, parse_location, DeviceResolver, Location};
 use floe_core::loader::PluginRegistry;
 use floe_core::model::{DeviceId, ItemId, SetId};
-use floe_core::mover::{backup, restore_item, resume, verify_set, MoverOptions, Progress};
+use floe_core::mover::{
+    backup_recorded, restore_item, resume_recorded, verify_set, MoverOptions, Progress, Recorder,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -643,21 +645,30 @@ fn run_backup(
             }
         }
     };
+    // The catalog stages the set while the media commit it, and commits
+    // after them (the catalog commit is last).
+    let mut recorder = cat.as_mut().map(|catalog| CatalogRecorder {
+        catalog,
+        media: &a.media.media,
+    });
+    let recorder = recorder.as_mut().map(|r| r as &mut dyn Recorder);
     let report = match &a.resume {
-        Some(set) => resume(
+        Some(set) => resume_recorded(
             &mut client,
             &SetId::new(set.clone()),
             &resolver,
             media.as_mut(),
+            recorder,
             &mover,
             &mut progress,
         )
         .with_context(|| format!("resume of set {set} failed; nothing was recorded as complete"))?,
-        None => backup(
+        None => backup_recorded(
             &mut client,
             &a.sources,
             &resolver,
             media.as_mut(),
+            recorder,
             &mover,
             &mut progress,
         )
@@ -668,15 +679,13 @@ fn run_backup(
             )
         })?,
     };
-    // The catalog commit is last: the set is durable on media already.
-    let catalogued = std::time::Instant::now();
-    if let Some(cat) = cat.as_mut() {
-        cat.record(&a.media.media, &report.set).with_context(|| {
-            format!(
-                "set {} is complete on {} but could not be catalogued; `floe catalog rebuild --media {}` adds it",
-                report.set.header.set, a.media.media, a.media.media
-            )
-        })?;
+    if let Some(why) = &report.unrecorded {
+        bail!(
+            "set {} is complete on {} but could not be catalogued ({why}); `floe catalog rebuild --media {}` adds it",
+            report.set.header.set,
+            a.media.media,
+            a.media.media
+        );
     }
     if a.json {
         // Straight to stdout, by reference: a tree's set is tens of MB of
@@ -711,7 +720,7 @@ fn run_backup(
                 map: report.timings.map.as_secs_f64(),
                 r#move: report.timings.r#move.as_secs_f64(),
                 media_commit: report.timings.commit.as_secs_f64(),
-                catalog: catalogued.elapsed().as_secs_f64(),
+                catalog: report.timings.record.as_secs_f64(),
             },
         };
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());

@@ -7,6 +7,7 @@
 use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{SetId, SetRecord};
+use crate::mover::Recorder;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,8 @@ pub struct Entry {
 pub struct Catalog {
     conn: Connection,
     path: PathBuf,
+    /// The commit time the staged set's row was written with.
+    staged_at: Option<u64>,
 }
 
 fn db_err(path: &Path, what: &str, e: rusqlite::Error) -> Error {
@@ -106,45 +109,34 @@ impl Catalog {
         Ok(Catalog {
             conn,
             path: path.to_path_buf(),
+            staged_at: None,
         })
     }
 
     /// Record a set its media committed (in one transaction; replaces an
     /// earlier record of the same set).
     pub fn record(&mut self, media: &str, set: &SetRecord) -> Result<()> {
-        let path = self.path.clone();
-        let e = |what: &str| {
-            let p = path.clone();
-            let w = what.to_string();
-            move |err| db_err(&p, &w, err)
-        };
-        let tx = self.conn.transaction().map_err(e("begin"))?;
-        let json = serde_json::to_string(set)
-            .map_err(|err| Error::new(ErrorKind::Io, "cannot encode set").source(err))?;
+        self.stage(media, set)?;
+        self.commit_staged(media, set, false)
+    }
+
+    fn exec(&self, what: &str, sql: &str, set: &SetId) -> Result<()> {
+        self.conn
+            .execute(sql, params![set.as_str()])
+            .map(|_| ())
+            .map_err(|e| db_err(&self.path, what, e))
+    }
+
+    /// Insert the rows of `set`'s items (inside the open transaction).
+    fn insert_items(&self, set: &SetRecord) -> Result<()> {
         let h = &set.header;
-        tx.execute(
-            "DELETE FROM sets WHERE set_id = ?1",
-            params![h.set.as_str()],
-        )
-        .map_err(e("delete"))?;
-        tx.execute(
-            "INSERT INTO sets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                h.set.as_str(),
-                media,
-                h.label,
-                h.agent,
-                h.image.as_str(),
-                sql_int(h.frozen_at)?,
-                sql_int(set.committed_at)?,
-                json
-            ],
-        )
-        .map_err(e("insert set"))?;
         // One prepared statement for every item (a tree has 70,000).
-        let mut insert = tx
-            .prepare("INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
-            .map_err(e("prepare item insert"))?;
+        let mut insert = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .map_err(|e| db_err(&self.path, "prepare item insert", e))?;
         for (i, it) in set.items.iter().enumerate() {
             insert
                 .execute(params![
@@ -160,17 +152,116 @@ impl Catalog {
                     it.position.medium,
                     it.position.locator
                 ])
-                .map_err(e("insert item"))?;
+                .map_err(|e| db_err(&self.path, "insert item", e))?;
         }
-        drop(insert);
-        failpoint("catalog-before-commit");
-        tx.commit().map_err(e("commit"))
+        Ok(())
     }
 
-    fn decode(media: String, json: String) -> Result<Entry> {
-        let record = serde_json::from_str(&json).map_err(|e| {
+    /// The set's row: its record (the JSON of every item, tens of MB for
+    /// a tree) and columns to query by.
+    fn insert_set(&self, media: &str, set: &SetRecord) -> Result<()> {
+        let h = &set.header;
+        let json = serde_json::to_string(set)
+            .map_err(|err| Error::new(ErrorKind::Io, "cannot encode set").source(err))?;
+        self.conn
+            .execute(
+                "INSERT INTO sets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    h.set.as_str(),
+                    media,
+                    h.label,
+                    h.agent,
+                    h.image.as_str(),
+                    sql_int(h.frozen_at)?,
+                    sql_int(set.committed_at)?,
+                    json
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| db_err(&self.path, "insert set", e))
+    }
+
+    /// Stage `set` on `media` while its media commit it: its row and item
+    /// rows, in a transaction left open — nothing is visible until
+    /// [`Catalog::commit_staged`]. The row carries `set.committed_at` as
+    /// the mover expects it; if the media say another time, the
+    /// `committed_at` column (which decoding takes over the record's) is
+    /// updated then.
+    pub fn stage(&mut self, media: &str, set: &SetRecord) -> Result<()> {
+        self.staged_at = Some(set.committed_at);
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE; PRAGMA defer_foreign_keys = ON;")
+            .map_err(|e| db_err(&self.path, "begin", e))?;
+        let id = &set.header.set;
+        let r = self
+            .exec("delete", "DELETE FROM sets WHERE set_id = ?1", id)
+            .and_then(|()| self.exec("delete", "DELETE FROM items WHERE set_id = ?1", id))
+            .and_then(|()| self.insert_items(set))
+            .and_then(|()| self.insert_set(media, set));
+        if r.is_err() {
+            self.discard_staged();
+        }
+        r
+    }
+
+    /// The media committed the staged set: its commit time, its rows again
+    /// if media moved its items, and the commit — the catalog's, last.
+    pub fn commit_staged(&mut self, media: &str, set: &SetRecord, moved: bool) -> Result<()> {
+        let r = (|| {
+            let h = &set.header;
+            if moved {
+                self.exec("delete", "DELETE FROM sets WHERE set_id = ?1", &h.set)?;
+                self.exec("delete", "DELETE FROM items WHERE set_id = ?1", &h.set)?;
+                self.insert_items(set)?;
+                self.insert_set(media, set)?;
+            } else if self.staged_at != Some(set.committed_at) {
+                // (Rewrites the row and its record: rare, the mover stages
+                // with the time media take, to the second.)
+                self.conn
+                    .execute(
+                        "UPDATE sets SET committed_at = ?2 WHERE set_id = ?1",
+                        params![h.set.as_str(), sql_int(set.committed_at)?],
+                    )
+                    .map_err(|e| db_err(&self.path, "update set", e))?;
+            }
+            failpoint("catalog-before-commit");
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(|e| db_err(&self.path, "commit", e))
+        })();
+        if r.is_err() {
+            self.discard_staged();
+        }
+        r
+    }
+
+    /// Rows the catalog holds for a set's items (the `items` table, for
+    /// SQL queries across sets).
+    pub fn item_rows(&self, id: &SetId) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM items WHERE set_id = ?1",
+                params![id.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(|e| db_err(&self.path, "query", e))
+    }
+
+    /// Forget what was staged (the media commit failed).
+    pub fn discard_staged(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// A row's set: its record, committed when the `committed_at` column
+    /// says (a staged row's record was written before the media commit).
+    fn decode(media: String, json: String, committed_at: i64) -> Result<Entry> {
+        let mut record: SetRecord = serde_json::from_str(&json).map_err(|e| {
             Error::new(ErrorKind::Io, "malformed set record in the catalog").source(e)
         })?;
+        record.committed_at = u64::try_from(committed_at).unwrap_or(0);
         Ok(Entry { media, record })
     }
 
@@ -178,37 +269,43 @@ impl Catalog {
     pub fn sets(&self) -> Result<Vec<Entry>> {
         let mut st = self
             .conn
-            .prepare("SELECT media, record FROM sets ORDER BY committed_at, set_id")
+            .prepare("SELECT media, record, committed_at FROM sets ORDER BY committed_at, set_id")
             .map_err(|e| db_err(&self.path, "query", e))?;
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
             .map_err(|e| db_err(&self.path, "query", e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (m, j) = row.map_err(|e| db_err(&self.path, "query", e))?;
-            out.push(Self::decode(m, j)?);
+            let (m, j, at) = row.map_err(|e| db_err(&self.path, "query", e))?;
+            out.push(Self::decode(m, j, at)?);
         }
         Ok(out)
     }
 
     /// One set.
     pub fn set(&self, id: &SetId) -> Result<Entry> {
-        let row: Option<(String, String)> = self
+        let row: Option<(String, String, i64)> = self
             .conn
             .query_row(
-                "SELECT media, record FROM sets WHERE set_id = ?1",
+                "SELECT media, record, committed_at FROM sets WHERE set_id = ?1",
                 params![id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(|e| db_err(&self.path, "query", e))?;
-        let (m, j) = row.ok_or_else(|| {
+        let (m, j, at) = row.ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 format!("no set {id} in the catalog {}", self.path.display()),
             )
         })?;
-        Self::decode(m, j)
+        Self::decode(m, j, at)
     }
 
     /// Forget a set (before its media deletes it: the catalog never points
@@ -240,5 +337,106 @@ impl Catalog {
             }
         }
         Ok(found.len())
+    }
+}
+
+/// The catalog as the mover's [`Recorder`] of sets on `media`.
+pub struct CatalogRecorder<'a> {
+    /// The catalog.
+    pub catalog: &'a mut Catalog,
+    /// The media spec the sets are on.
+    pub media: &'a str,
+}
+
+impl Recorder for CatalogRecorder<'_> {
+    fn stage(&mut self, record: &SetRecord) -> Result<()> {
+        self.catalog.stage(self.media, record)
+    }
+    fn commit(&mut self, record: &SetRecord, moved: bool) -> Result<()> {
+        self.catalog.commit_staged(self.media, record, moved)
+    }
+    fn discard(&mut self) {
+        self.catalog.discard_staged();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+    use crate::units::Bytes;
+
+    fn set(id: &str, items: usize, committed_at: u64) -> SetRecord {
+        SetRecord {
+            header: SetHeader {
+                set: SetId::new(id),
+                label: String::new(),
+                agent: "h".into(),
+                sources: vec![],
+                image: ImageId::new("i"),
+                frozen_at: 1,
+                started_at: 1,
+            },
+            items: (0..items)
+                .map(|k| ItemRecord {
+                    header: ItemHeader {
+                        item: ItemId::new(format!("v{k}")),
+                        kind: ItemKind::Volume,
+                        size: Bytes(1),
+                        config: ConfigId::new("c"),
+                        meta: Default::default(),
+                        file: None,
+                        holes: vec![],
+                    },
+                    trailer: ItemTrailer {
+                        length: Bytes(1),
+                        blake3: "b".into(),
+                        config: ConfigId::new("c"),
+                        remaps: 0,
+                        captured_after_freeze: false,
+                    },
+                    position: MediaPosition {
+                        medium: "m".into(),
+                        locator: format!("@{k}"),
+                    },
+                })
+                .collect(),
+            failures: vec![],
+            committed_at,
+        }
+    }
+
+    #[test]
+    fn a_staged_set_is_invisible_until_committed_and_gone_when_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.db");
+        let mut c = Catalog::open(&path).unwrap();
+        // Staged, then discarded: nothing, not even item rows.
+        c.stage("disk:/m", &set("a", 3, 10)).unwrap();
+        assert!(Catalog::open(&path).unwrap().sets().unwrap().is_empty());
+        c.discard_staged();
+        assert_eq!(c.item_rows(&SetId::new("a")).unwrap(), 0);
+        assert!(c.sets().unwrap().is_empty());
+        // Staged at 10, media said 11: the catalog says 11.
+        c.stage("disk:/m", &set("b", 3, 10)).unwrap();
+        let mut done = set("b", 3, 11);
+        c.commit_staged("disk:/m", &done, false).unwrap();
+        let e = Catalog::open(&path).unwrap().set(&SetId::new("b")).unwrap();
+        assert_eq!(e.record, done);
+        // Moved positions (tape): rows and record rewritten.
+        c.stage("disk:/m", &set("t", 2, 20)).unwrap();
+        done = set("t", 2, 20);
+        done.items[1].position.locator = "file=3,record=9".into();
+        c.commit_staged("disk:/m", &done, true).unwrap();
+        let e = c.set(&SetId::new("t")).unwrap();
+        assert_eq!(e.record.items[1].position.locator, "file=3,record=9");
+        assert_eq!(c.item_rows(&SetId::new("t")).unwrap(), 2);
+        let order: Vec<String> = c
+            .sets()
+            .unwrap()
+            .iter()
+            .map(|e| e.record.header.set.to_string())
+            .collect();
+        assert_eq!(order, ["b", "t"]);
     }
 }

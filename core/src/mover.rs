@@ -158,6 +158,9 @@ pub struct BackupReport {
     pub timings: Timings,
     /// Parts the map came in (1: whole).
     pub map_parts: u32,
+    /// Why the recorder could not record the set (it is complete on its
+    /// media all the same: a catalog rebuild from them adds it).
+    pub unrecorded: Option<String>,
 }
 
 /// Wall time of a backup's phases.
@@ -168,8 +171,27 @@ pub struct Timings {
     pub map: std::time::Duration,
     /// Reading, checking and writing every item to media.
     pub r#move: std::time::Duration,
-    /// The media commit (the set made durable).
+    /// The media commit (the set made durable); a recorder stages the
+    /// set meanwhile.
     pub commit: std::time::Duration,
+    /// The recorder's commit, after the media's (the catalog commit is
+    /// last).
+    pub record: std::time::Duration,
+}
+
+/// Records a set once its media committed it (the catalog). The mover
+/// stages the set while the media commit (their work overlaps: a tree's
+/// 70,000 rows are inserted while the archive's index is written and
+/// synced), and makes it durable only after the media commit succeeded;
+/// if that fails, what was staged is discarded.
+pub trait Recorder {
+    /// Stage the set as the mover holds it (positions as `end_item` said).
+    fn stage(&mut self, record: &SetRecord) -> Result<()>;
+    /// The media committed `record` (its time; `moved`: its positions
+    /// changed since staged): make it durable.
+    fn commit(&mut self, record: &SetRecord, moved: bool) -> Result<()>;
+    /// The media commit failed: forget what was staged.
+    fn discard(&mut self);
 }
 
 #[derive(Default)]
@@ -1132,6 +1154,20 @@ pub fn backup(
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
+    backup_recorded(agent, sources, resolver, media, None, opts, progress)
+}
+
+/// [`backup`], recording the committed set with `recorder` (the catalog
+/// commit last, its work overlapping the media commit).
+pub fn backup_recorded(
+    agent: &mut AgentClient,
+    sources: &[String],
+    resolver: &DeviceResolver,
+    media: &mut dyn MediaWriter,
+    recorder: Option<&mut dyn Recorder>,
+    opts: &MoverOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BackupReport> {
     let started_at = now_secs();
     let t = std::time::Instant::now();
     // In parts (reading starts with the first), unless the media need
@@ -1144,6 +1180,7 @@ pub fn backup(
         started_at,
     };
     let first = MapStart { map, more };
+    let media = Media { media, recorder };
     finish(agent, start, image, first, resolver, media, opts, progress).map(|mut r| {
         r.timings.map = mapped;
         r
@@ -1161,6 +1198,19 @@ pub fn resume(
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
+    resume_recorded(agent, set, resolver, media, None, opts, progress)
+}
+
+/// [`resume`], recording the committed set with `recorder`.
+pub fn resume_recorded(
+    agent: &mut AgentClient,
+    set: &SetId,
+    resolver: &DeviceResolver,
+    media: &mut dyn MediaWriter,
+    recorder: Option<&mut dyn Recorder>,
+    opts: &MoverOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BackupReport> {
     let record = media.resume_set(set)?;
     let (image, map) = agent.attach(&record.header.image).inspect_err(|_| {
         let _ = media.abort();
@@ -1171,10 +1221,16 @@ pub fn resume(
         image,
         MapStart { map, more: false },
         resolver,
-        media,
+        Media { media, recorder },
         opts,
         progress,
     )
+}
+
+/// Where a set goes: its media, and what records it once committed.
+struct Media<'a, 'r> {
+    media: &'a mut dyn MediaWriter,
+    recorder: Option<&'r mut dyn Recorder>,
 }
 
 /// The map as the mover first holds it: whole, or its first part with
@@ -1200,7 +1256,7 @@ fn finish(
     image: FrozenImage,
     map: MapStart,
     resolver: &DeviceResolver,
-    media: &mut dyn MediaWriter,
+    media: Media<'_, '_>,
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
@@ -1232,10 +1288,14 @@ fn move_image(
     image: &FrozenImage,
     map: MapStart,
     resolver: &DeviceResolver,
-    media: &mut dyn MediaWriter,
+    media: Media<'_, '_>,
     opts: &MoverOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupReport> {
+    let Media {
+        media,
+        mut recorder,
+    } = media;
     let MapStart { mut map, more } = map;
     let fail = |media: &mut dyn MediaWriter, e: Error| {
         let _ = media.abort();
@@ -1323,30 +1383,71 @@ fn move_image(
         opts,
         progress,
     );
-    match moved {
-        Ok(counters) => match (t.elapsed(), std::time::Instant::now(), media.commit()) {
-            (moved, t, Ok(c)) => {
-                let record = committed(record, c)?;
-                let bytes_written = record.items.iter().map(|i| i.trailer.length.0).sum();
-                Ok(BackupReport {
-                    set: record,
-                    remaps: counters.remaps,
-                    rereads: counters.rereads,
-                    bytes_read: counters.bytes_read,
-                    bytes_written,
-                    bytes_from_agent: 0,
-                    map_parts: 1 + counters.more_parts,
-                    timings: Timings {
-                        map: std::time::Duration::ZERO,
-                        r#move: moved,
-                        commit: t.elapsed(),
-                    },
-                })
+    let counters = match moved {
+        Ok(c) => c,
+        Err(e) => return Err(fail(media, e)),
+    };
+    let moved = t.elapsed();
+    let t = std::time::Instant::now();
+    // Media commit now (they say when; to the second it is this).
+    record.committed_at = now_secs();
+    // The media commit on a thread of its own while the recorder stages
+    // the set; the recorder commits only after the media did.
+    let (commit, staged) = std::thread::scope(|s| {
+        let media = &mut *media;
+        let h = s.spawn(move || media.commit());
+        let staged = recorder.as_mut().map(|r| r.stage(&record));
+        let commit = h
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Media, "the media commit panicked")));
+        (commit, staged)
+    });
+    let commit_time = t.elapsed();
+    let c = match commit {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(r) = recorder.as_mut() {
+                r.discard();
             }
-            (_, _, Err(e)) => Err(fail(media, e)),
-        },
-        Err(e) => Err(fail(media, e)),
+            return Err(fail(media, e));
+        }
+    };
+    let moved_positions = !c.positions.is_empty();
+    let record = committed(record, c).inspect_err(|_| {
+        if let Some(r) = recorder.as_mut() {
+            r.discard();
+        }
+    })?;
+    let t = std::time::Instant::now();
+    let mut unrecorded = None;
+    if let Some(r) = recorder {
+        let recorded = match staged {
+            Some(Err(e)) => Err(e),
+            _ => r.commit(&record, moved_positions),
+        };
+        if let Err(e) = recorded {
+            r.discard();
+            unrecorded = Some(e.to_string());
+        }
     }
+    let record_time = t.elapsed();
+    let bytes_written = record.items.iter().map(|i| i.trailer.length.0).sum();
+    Ok(BackupReport {
+        set: record,
+        remaps: counters.remaps,
+        rereads: counters.rereads,
+        bytes_read: counters.bytes_read,
+        bytes_written,
+        bytes_from_agent: 0,
+        map_parts: 1 + counters.more_parts,
+        timings: Timings {
+            map: std::time::Duration::ZERO,
+            r#move: moved,
+            commit: commit_time,
+            record: record_time,
+        },
+        unrecorded,
+    })
 }
 
 /// The set's record once media committed it: their time, and any

@@ -261,3 +261,61 @@ fn prune_keeps_what_the_policy_says_and_forgets_the_rest_everywhere() {
         "the forgotten sets' bytes are gone"
     );
 }
+
+#[test]
+fn a_media_commit_that_fails_leaves_no_staged_rows_in_the_catalog() {
+    // The catalog stages a set's rows while its media commit; the tar
+    // writer's fsync fails there (EIO): nothing of the set may stay.
+    let san = lab();
+    let d = tempfile::tempdir().unwrap();
+    let cat = d.path().join("catalog.db");
+    let media = format!("tar:{}", d.path().join("media").display());
+    let agent = format!(
+        "exec:{} agent --stdio --allow-source 'array:*' --plugin-opt array.control={}",
+        floe_tests::floe_bin().display(),
+        san.control
+    );
+    let out = floe_cmd()
+        .env("FLOE_ERRPOINT", "tar-sync")
+        .arg("--catalog")
+        .arg(&cat)
+        .args([
+            "backup",
+            "--agent",
+            &agent,
+            "--san",
+            &format!("nbd://{}", san.nbd),
+            "--allow-any-device",
+            "--source",
+            "array:vol0",
+            "--media",
+            &media,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("fsync archive"), "{err}");
+    let set = err
+        .lines()
+        .find_map(|l| l.strip_prefix("floe: set "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the set was begun")
+        .to_string();
+    assert!(listing(&cat).as_array().unwrap().is_empty());
+    let c = floe_core::catalog::Catalog::open(&cat).unwrap();
+    assert_eq!(c.item_rows(&floe_core::model::SetId::new(set)).unwrap(), 0);
+
+    // And a backup that commits stages and records every row.
+    let out = backup(&san, &cat, &media, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let set = v["set"]["header"]["set"].as_str().unwrap();
+    assert_eq!(listing(&cat).as_array().unwrap().len(), 1);
+    let c = floe_core::catalog::Catalog::open(&cat).unwrap();
+    assert_eq!(c.item_rows(&floe_core::model::SetId::new(set)).unwrap(), 2);
+}

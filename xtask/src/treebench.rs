@@ -263,8 +263,9 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dest);
         let (w, _) = timed_shell(
             &format!(
-                "'{}' restore --media tar:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
+                "'{}' --catalog '{}' restore --media tar:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
                 bin.join("floe").display(),
+                out.join("catalog.db").display(),
                 out.join("floe").display(),
                 dest.display(),
                 out.display()
