@@ -12,7 +12,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsmeta::unhex;
-use crate::model::{FileMeta, ItemHeader, ItemKind, SetId, SetRecord, Timestamp};
+use crate::model::{FileMeta, ItemHeader, ItemKind, SetHeader, SetId, SetRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 
@@ -483,25 +483,61 @@ pub fn index_entry(record: &SetRecord) -> Result<Vec<u8>> {
         record,
     })
     .map_err(|e| Error::new(ErrorKind::Media, "cannot encode index").source(e))?;
-    let name = format!("{}/floe-index.json", record.header.set);
+    Ok(index_entry_of(
+        &record.header.set,
+        record.committed_at,
+        &index,
+    ))
+}
+
+/// The JSON of a set's [`Index`] from its parts, the items already encoded
+/// (`items`: each item record's JSON, comma-separated, as a writer that
+/// journals them encodes them anyway): byte for byte what serde writes for
+/// the whole, without encoding 70,000 records a second time.
+pub fn index_json(
+    header: &SetHeader,
+    items: &[u8],
+    failures: &[crate::model::ItemFailure],
+    committed_at: u64,
+) -> Result<Vec<u8>> {
+    let enc = |e| Error::new(ErrorKind::Media, "cannot encode index").source(e);
+    let mut out = Vec::with_capacity(items.len() + 4096);
+    out.extend_from_slice(br#"{"magic":"#);
+    serde_json::to_writer(&mut out, INDEX_MAGIC).map_err(enc)?;
+    out.extend_from_slice(format!(r#","version":{INDEX_VERSION},"record":{{"header":"#).as_bytes());
+    serde_json::to_writer(&mut out, header).map_err(enc)?;
+    out.extend_from_slice(br#","items":["#);
+    out.extend_from_slice(items);
+    out.push(b']');
+    if !failures.is_empty() {
+        out.extend_from_slice(br#","failures":"#);
+        serde_json::to_writer(&mut out, failures).map_err(enc)?;
+    }
+    out.extend_from_slice(format!(r#","committed_at":{committed_at}}}}}"#).as_bytes());
+    Ok(out)
+}
+
+/// The index entry of `set` holding `index` (its JSON).
+pub fn index_entry_of(set: &SetId, committed_at: u64, index: &[u8]) -> Vec<u8> {
+    let name = format!("{set}/floe-index.json");
     let mut recs = pax_record("path", name.as_bytes());
     recs.extend(pax_record("size", index.len().to_string().as_bytes()));
     recs.extend(pax_record("FLOE.index", b"1"));
-    let mut out = pax_header(&name, &recs, record.committed_at);
+    let mut out = pax_header(&name, &recs, committed_at);
     out.extend_from_slice(
         &Ustar {
             name: &name,
             mode: 0o600,
             size: index.len() as u64,
-            mtime: record.committed_at,
+            mtime: committed_at,
             typeflag: b'0',
             ..Default::default()
         }
         .block(),
     );
-    out.extend_from_slice(&index);
+    out.extend_from_slice(index);
     out.resize(out.len() + pad_usize(index.len() as u64), 0);
-    Ok(out)
+    out
 }
 
 /// Decode and check an index entry's bytes.
@@ -849,6 +885,72 @@ mod tests {
     use crate::model::{ConfigId, ItemId};
     use crate::units::Bytes;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_index_from_encoded_items_is_byte_for_byte_serde_s() {
+        use crate::model::*;
+        let rec = |k: u64| ItemRecord {
+            header: ItemHeader {
+                item: ItemId::new(format!("/srv/\"q\"/f{k}")),
+                kind: ItemKind::File,
+                size: crate::units::Bytes(k),
+                config: ConfigId::new("c"),
+                meta: Default::default(),
+                file: None,
+                holes: vec![[0, k]],
+            },
+            trailer: ItemTrailer {
+                length: crate::units::Bytes(k),
+                blake3: "b".into(),
+                config: ConfigId::new("c"),
+                remaps: 1,
+                captured_after_freeze: k % 2 == 0,
+            },
+            position: MediaPosition {
+                medium: "m".into(),
+                locator: format!("s.tar@{k}"),
+            },
+        };
+        for (n, failures) in [
+            (0usize, vec![]),
+            (1, vec![]),
+            (
+                5,
+                vec![ItemFailure {
+                    item: ItemId::new("/x"),
+                    error: "gone \n".into(),
+                }],
+            ),
+        ] {
+            let record = SetRecord {
+                header: SetHeader {
+                    set: SetId::new("s"),
+                    label: "l\"".into(),
+                    agent: "h".into(),
+                    sources: vec!["fsflush:/srv".into()],
+                    image: ImageId::new("i"),
+                    frozen_at: 3,
+                    started_at: 4,
+                },
+                items: (0..n as u64).map(rec).collect(),
+                failures,
+                committed_at: 99,
+            };
+            let items: Vec<Vec<u8>> = record
+                .items
+                .iter()
+                .map(|i| serde_json::to_vec(i).unwrap())
+                .collect();
+            let json =
+                index_json(&record.header, &items.join(&b',')[..], &record.failures, 99).unwrap();
+            assert_eq!(
+                index_entry_of(&record.header.set, 99, &json),
+                index_entry(&record).unwrap(),
+                "{n} items"
+            );
+            assert_eq!(decode_index(&json).unwrap(), record);
+        }
+    }
 
     #[test]
     fn pax_records_count_their_own_length() {

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 
 use floe_core::media::SetIndex;
 
-use floe_core::pax::{archive_end_located, index_entry, item_entry, EntryReader, EntryStream};
+use floe_core::pax::{
+    archive_end_located, index_entry_of, index_json, item_entry, EntryReader, EntryStream,
+};
 pub use floe_core::pax::{Index, BLOCK, INDEX_MAGIC, INDEX_VERSION as VERSION};
 const DEFAULT_RECORD: u64 = 256 * 1024;
 /// Read buffer of a restore: a tree's small items come from it without
@@ -145,6 +147,33 @@ struct Writing {
     unjournaled: (usize, std::time::Instant),
     /// Journal lines waiting for the next checkpoint.
     pending: Vec<u8>,
+    /// Every item record's JSON, comma-separated: encoded once, for its
+    /// journal line and for the index.
+    encoded: Vec<u8>,
+}
+
+/// A journal line of an item whose record is encoded already.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum EncodedLine<'a> {
+    Item {
+        record: &'a serde_json::value::RawValue,
+        end: u64,
+    },
+}
+
+/// Encode an item record (for the journal and the index).
+fn encode_record(record: &ItemRecord) -> Result<Box<serde_json::value::RawValue>> {
+    serde_json::value::to_raw_value(record)
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode item record").source(e))
+}
+
+/// Add an encoded record to the index's items.
+fn add_encoded(encoded: &mut Vec<u8>, record: &serde_json::value::RawValue) {
+    if !encoded.is_empty() {
+        encoded.push(b',');
+    }
+    encoded.extend_from_slice(record.get().as_bytes());
 }
 
 /// The journal is written after a volume, and otherwise once this many
@@ -402,6 +431,7 @@ impl MediaWriter for TarWriter {
             current: None,
             unjournaled: (0, std::time::Instant::now()),
             pending: Vec::new(),
+            encoded: Vec::new(),
         };
         write_journal(&self.dir, &w)?;
         self.set = Some(w);
@@ -457,6 +487,10 @@ impl MediaWriter for TarWriter {
             failures: j.failures.clone(),
             committed_at: 0,
         };
+        let mut encoded = Vec::new();
+        for it in &j.items {
+            add_encoded(&mut encoded, &encode_record(it)?);
+        }
         self.set = Some(Writing {
             header: j.header,
             path,
@@ -469,6 +503,7 @@ impl MediaWriter for TarWriter {
             current: None,
             unjournaled: (0, std::time::Instant::now()),
             pending: Vec::new(),
+            encoded,
         });
         // A fresh journal of exactly what is durable (drops a torn line).
         let dir = self.dir.clone();
@@ -533,11 +568,13 @@ impl MediaWriter for TarWriter {
             trailer: trailer.clone(),
             position: position.clone(),
         };
-        let line = json_line(&JournalLine::Item {
-            record: Box::new(record.clone()),
+        let enc = encode_record(&record)?;
+        let line = json_line(&EncodedLine::Item {
+            record: &enc,
             end: w.pos,
         })?;
         w.pending.extend(line);
+        add_encoded(&mut w.encoded, &enc);
         w.items.push(record);
         let volume = trailer_is_volume(&w.items);
         w.unjournaled.0 += 1;
@@ -593,7 +630,14 @@ impl MediaWriter for TarWriter {
                 let e = item_entry(&w.header.set, &h, w.header.frozen_at)?;
                 put(&mut w, &e.head)?;
             }
-            let index = index_entry(&record)?;
+            // The index from the records encoded as they ended.
+            let json = index_json(
+                &record.header,
+                &w.encoded,
+                &record.failures,
+                record.committed_at,
+            )?;
+            let index = index_entry_of(&record.header.set, record.committed_at, &json);
             let index_at = w.pos;
             put(&mut w, &index)?;
             let end = archive_end_located(w.pos, record_size, index_at, index.len() as u64);
