@@ -904,7 +904,7 @@ mod tests {
                 blake3: "b".into(),
                 config: ConfigId::new("c"),
                 remaps: 1,
-                captured_after_freeze: k % 2 == 0,
+                captured_after_freeze: k.is_multiple_of(2),
             },
             position: MediaPosition {
                 medium: "m".into(),
