@@ -8,7 +8,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::loader::PluginRegistry;
 use crate::map::validate_item;
 use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, MapPart, Remap};
-use crate::protocol::{read_message, write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION};
+use crate::protocol::{
+    encode_message, read_message, write_frame, write_message, Request, Response, DEFAULT_MAX_FRAME,
+    VERSION,
+};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -680,7 +683,18 @@ pub struct AgentClient {
     /// The agent's host name.
     pub host: String,
     max: u32,
+    /// Requests sent ahead whose answers are not read yet, oldest first
+    /// (the agent answers in order).
+    ahead: std::collections::VecDeque<u64>,
+    /// Answers read while waiting for a later one, by request.
+    answers: HashMap<u64, Response>,
+    next: u64,
 }
+
+/// Requests go ahead of their answers only as frames this small: a frame
+/// that fits the socket's buffers is never stuck behind an answer the
+/// agent is writing while this side writes too.
+pub const AHEAD_MAX: usize = 48 * 1024;
 
 impl AgentClient {
     /// Say hello over a byte stream.
@@ -690,6 +704,9 @@ impl AgentClient {
             w,
             host: String::new(),
             max: DEFAULT_MAX_FRAME,
+            ahead: Default::default(),
+            answers: HashMap::new(),
+            next: 0,
         };
         match c.call(Request::Hello {
             protocol: VERSION,
@@ -725,10 +742,75 @@ impl AgentClient {
 
     fn call(&mut self, req: Request) -> Result<Response> {
         write_message(&mut self.w, &req)?;
-        match read_message::<Response>(&mut self.r, self.max)? {
-            None => Err(Error::new(ErrorKind::Remote, "the agent hung up")),
-            Some(Response::Error { error }) => Err(Error::from(error)),
-            Some(r) => Ok(r),
+        // Answers to requests sent ahead come first.
+        while let Some(t) = self.ahead.pop_front() {
+            let r = self.read_answer()?;
+            self.answers.insert(t, r);
+        }
+        Self::answered(self.read_answer()?)
+    }
+
+    fn read_answer(&mut self) -> Result<Response> {
+        read_message::<Response>(&mut self.r, self.max)?
+            .ok_or_else(|| Error::new(ErrorKind::Remote, "the agent hung up"))
+    }
+
+    fn answered(r: Response) -> Result<Response> {
+        match r {
+            Response::Error { error } => Err(Error::from(error)),
+            r => Ok(r),
+        }
+    }
+
+    /// Send `req` now, to read its answer later ([`AgentClient::answer`]):
+    /// the agent works on it while this side does something else. `None`
+    /// (nothing sent) when its frame is larger than [`AHEAD_MAX`].
+    pub fn ask_ahead(&mut self, req: &Request) -> Result<Option<u64>> {
+        let frame = encode_message(req)?;
+        if frame.len() > AHEAD_MAX {
+            return Ok(None);
+        }
+        write_frame(&mut self.w, &frame)?;
+        let t = self.next;
+        self.next += 1;
+        self.ahead.push_back(t);
+        Ok(Some(t))
+    }
+
+    /// The answer to a request sent ahead.
+    pub fn answer(&mut self, token: u64) -> Result<Response> {
+        loop {
+            if let Some(r) = self.answers.remove(&token) {
+                return Self::answered(r);
+            }
+            let Some(t) = self.ahead.pop_front() else {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("no answer is due for request {token}"),
+                ));
+            };
+            let r = self.read_answer()?;
+            self.answers.insert(t, r);
+        }
+    }
+
+    /// [`AgentClient::check_many`], sent ahead (`None`: too large to).
+    pub fn check_many_ahead(
+        &mut self,
+        image: &ImageId,
+        items: Vec<(ItemId, ConfigId)>,
+    ) -> Result<Option<u64>> {
+        self.ask_ahead(&Request::CheckConfigs {
+            image: image.clone(),
+            items,
+        })
+    }
+
+    /// The answer to [`AgentClient::check_many_ahead`] of `n` items.
+    pub fn check_many_answer(&mut self, token: u64, n: usize) -> Result<Vec<ConfigId>> {
+        match self.answer(token)? {
+            Response::Configs { current } if current.len() == n => Ok(current),
+            other => Err(unexpected(&other)),
         }
     }
 
@@ -902,7 +984,71 @@ fn unexpected(r: &Response) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+
+    #[test]
+    fn answers_to_requests_sent_ahead_go_to_their_requests() {
+        // A scripted agent answering in order: each check with the id of
+        // its first item, so every answer says which request it is for.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut r = b.try_clone().unwrap();
+            let mut w = b;
+            while let Ok(Some(req)) = read_message::<Request>(&mut r, DEFAULT_MAX_FRAME) {
+                let resp = match req {
+                    Request::Hello { .. } => Response::Hello {
+                        protocol: VERSION,
+                        host: "h".into(),
+                    },
+                    Request::CheckConfigs { items, .. } => Response::Configs {
+                        current: items
+                            .iter()
+                            .map(|(i, _)| ConfigId::new(format!("for {i}")))
+                            .collect(),
+                    },
+                    Request::CheckConfig { item, .. } => Response::Error {
+                        error: Error::new(ErrorKind::NotFound, format!("no {item}")).to_wire(),
+                    },
+                    _ => Response::Released,
+                };
+                write_message(&mut w, &resp).unwrap();
+            }
+        });
+        let mut c = AgentClient::new(Box::new(a.try_clone().unwrap()), Box::new(a)).unwrap();
+        let img = ImageId::new("i");
+        let ask = |c: &mut AgentClient, name: &str| {
+            c.check_many_ahead(&img, vec![(ItemId::new(name), ConfigId::new("c"))])
+                .unwrap()
+                .expect("small enough to go ahead")
+        };
+        let (x, y) = (ask(&mut c, "x"), ask(&mut c, "y"));
+        // A plain call in between reads the answers ahead of its own first.
+        let e = c
+            .check(&img, &ItemId::new("z"), &ConfigId::new("c"))
+            .unwrap_err();
+        assert!(e.to_string().contains("no z"), "{e}");
+        let z = ask(&mut c, "w");
+        assert_eq!(c.check_many_answer(z, 1).unwrap(), [ConfigId::new("for w")]);
+        assert_eq!(c.check_many_answer(y, 1).unwrap(), [ConfigId::new("for y")]);
+        assert_eq!(c.check_many_answer(x, 1).unwrap(), [ConfigId::new("for x")]);
+        assert!(c.check_many_answer(x, 1).is_err(), "an answer is read once");
+        // A request too large to go ahead is not sent.
+        let many: Vec<(ItemId, ConfigId)> = (0..20_000)
+            .map(|k| {
+                (
+                    ItemId::new(format!("/srv/{k:08x}/{}", k * 7919)),
+                    ConfigId::new(format!("f:{k}:{}", k * 31)),
+                )
+            })
+            .collect();
+        assert_eq!(c.check_many_ahead(&img, many).unwrap(), None);
+        assert_eq!(
+            c.check_many_answer(x + 100, 1).unwrap_err().kind(),
+            ErrorKind::Protocol
+        );
+        drop(c);
+        agent.join().unwrap();
+    }
 
     #[test]
     fn globs() {

@@ -441,6 +441,16 @@ struct Batch {
     total: u64,
     /// Times it was read again because a member's map changed.
     rounds: u32,
+    /// Its check, sent ahead once its reads were in (the answer is read
+    /// when the batch is finished).
+    asked: Option<u64>,
+}
+
+/// The items of a batch its check asks about: those with bytes.
+fn checked_members(members: &[Member]) -> Vec<usize> {
+    (0..members.len())
+        .filter(|&k| members[k].item.size.0 > 0)
+        .collect()
 }
 
 /// One item's piece of a batch: the item, where it sits in the batch's
@@ -690,6 +700,27 @@ impl Reader<'_> {
         self.tx.send(msg).is_ok()
     }
 
+    /// Send a batch's check ahead, once (its reads are all in): unless it
+    /// asks about nothing or its frame is too large to go ahead.
+    fn ask_ahead(&mut self, b: &mut Batch) -> Result<()> {
+        if b.asked.is_some() || b.pending.outstanding > 0 {
+            return Ok(());
+        }
+        let items: Vec<(ItemId, crate::model::ConfigId)> = checked_members(&b.members)
+            .into_iter()
+            .map(|k| {
+                (
+                    b.members[k].item.id.clone(),
+                    b.members[k].item.config.clone(),
+                )
+            })
+            .collect();
+        if !items.is_empty() {
+            b.asked = self.agent.check_many_ahead(&self.image.id, items)?;
+        }
+        Ok(())
+    }
+
     /// Plan a batch of small items as one window of a virtual item (their
     /// concatenation), so reads follow physical order across items and
     /// coalesce, and queue its reads.
@@ -702,6 +733,7 @@ impl Reader<'_> {
             pending,
             total,
             rounds,
+            asked: None,
         })
     }
 
@@ -717,28 +749,45 @@ impl Reader<'_> {
             let mut all: Vec<&mut Pending> = queue.iter_mut().map(|b| &mut b.pending).collect();
             self.wait(&mut all)?;
         }
+        if self.opts.recheck_after_read && queue.len() > 1 {
+            // Send the front's check, then — once the next batch's reads
+            // are in — the next one's: the agent answers it while this one
+            // is assembled, hashed and handed to the writer. (Each check
+            // still follows its own batch's reads.)
+            self.ask_ahead(&mut queue[0])?;
+            {
+                let mut all: Vec<&mut Pending> = Vec::with_capacity(queue.len());
+                let mut it = queue.iter_mut();
+                let front = it.next();
+                all.extend(it.map(|b| &mut b.pending)); // the next first
+                all.extend(front.map(|b| &mut b.pending));
+                self.wait(&mut all)?;
+            }
+            self.ask_ahead(&mut queue[1])?;
+        }
         let Some(Batch {
             mut members,
             pending,
             total,
             mut rounds,
-            ..
+            asked: ahead,
         }) = queue.pop_front()
         else {
             return Ok(Some(true));
         };
         // 3. check every item that has bytes, after the read.
-        let asked: Vec<usize> = (0..members.len())
-            .filter(|&k| members[k].item.size.0 > 0)
-            .collect();
+        let asked = checked_members(&members);
         let stale: Vec<usize> = if self.opts.recheck_after_read && !asked.is_empty() {
-            let current = self.agent.check_many(
-                &self.image.id,
-                asked
-                    .iter()
-                    .map(|&k| (members[k].item.id.clone(), members[k].item.config.clone()))
-                    .collect(),
-            )?;
+            let current = match ahead {
+                Some(t) => self.agent.check_many_answer(t, asked.len())?,
+                None => self.agent.check_many(
+                    &self.image.id,
+                    asked
+                        .iter()
+                        .map(|&k| (members[k].item.id.clone(), members[k].item.config.clone()))
+                        .collect(),
+                )?,
+            };
             asked
                 .iter()
                 .zip(current)

@@ -361,6 +361,18 @@ fn inflate(_payload: &[u8], _max: u32) -> Result<Vec<u8>> {
 
 /// Write one message as a frame and flush.
 pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
+    write_frame(w, &encode_message(msg)?)
+}
+
+/// Write an encoded frame and flush.
+pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> Result<()> {
+    w.write_all(frame)
+        .and_then(|()| w.flush())
+        .map_err(|e| Error::io("write frame", e).with_kind(ErrorKind::Protocol))
+}
+
+/// One message as the frame that carries it (compressed when large).
+pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     let payload = serde_json::to_vec(msg)
         .map_err(|e| Error::new(ErrorKind::Protocol, "cannot encode message").source(e))?;
     #[cfg(feature = "engine")]
@@ -373,9 +385,7 @@ pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
     };
     #[cfg(not(feature = "engine"))]
     let frame = encode_frame(&payload)?;
-    w.write_all(&frame)
-        .and_then(|()| w.flush())
-        .map_err(|e| Error::io("write frame", e).with_kind(ErrorKind::Protocol))
+    Ok(frame)
 }
 
 /// A message of the protocol: an internally tagged enum (`"type"`).
