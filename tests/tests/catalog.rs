@@ -12,7 +12,13 @@ fn floe(catalog: &Path, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
-fn backup(san: &SimSanProcess, catalog: &Path, media: &str, failpoint: Option<&str>) -> Output {
+/// `floe backup` of `sources` through an agent on stdio, catalogued.
+fn backup_cmd(
+    san: &SimSanProcess,
+    catalog: &Path,
+    media: &str,
+    sources: &[&str],
+) -> std::process::Command {
     let agent = format!(
         "exec:{} agent --stdio --allow-source 'array:*' --plugin-opt array.control={}",
         floe_tests::floe_bin().display(),
@@ -28,15 +34,15 @@ fn backup(san: &SimSanProcess, catalog: &Path, media: &str, failpoint: Option<&s
         &format!("nbd://{}", san.nbd),
         "--allow-any-device",
     ]);
-    c.args([
-        "--source",
-        "array:vol0",
-        "--source",
-        "array:vol1",
-        "--media",
-        media,
-        "--json",
-    ]);
+    for s in sources {
+        c.args(["--source", s]);
+    }
+    c.args(["--media", media, "--json"]);
+    c
+}
+
+fn backup(san: &SimSanProcess, catalog: &Path, media: &str, failpoint: Option<&str>) -> Output {
+    let mut c = backup_cmd(san, catalog, media, &["array:vol0", "array:vol1"]);
     if let Some(f) = failpoint {
         c.env("FLOE_FAILPOINT", f);
     }
@@ -270,27 +276,8 @@ fn a_media_commit_that_fails_leaves_no_staged_rows_in_the_catalog() {
     let d = tempfile::tempdir().unwrap();
     let cat = d.path().join("catalog.db");
     let media = format!("tar:{}", d.path().join("media").display());
-    let agent = format!(
-        "exec:{} agent --stdio --allow-source 'array:*' --plugin-opt array.control={}",
-        floe_tests::floe_bin().display(),
-        san.control
-    );
-    let out = floe_cmd()
+    let out = backup_cmd(&san, &cat, &media, &["array:vol0"])
         .env("FLOE_ERRPOINT", "tar-sync")
-        .arg("--catalog")
-        .arg(&cat)
-        .args([
-            "backup",
-            "--agent",
-            &agent,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-            "--source",
-            "array:vol0",
-            "--media",
-            &media,
-        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

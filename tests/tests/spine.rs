@@ -178,23 +178,30 @@ fn the_check_after_the_read_is_what_catches_a_remap_between_check_and_read() {
     );
 }
 
-#[test]
-fn a_san_read_error_fails_the_backup_naming_item_device_and_offset() {
-    let lab = Lab::start(3, &[("lun0", 32 * MIB)], false);
-    volume(&lab, "vol0", 4 * MIB, 4);
-    let map: floe_sim_san::control::TargetMap = lab
+/// Make the first block of `target`'s middle extent fail every read
+/// (EIO); that extent.
+fn fail_a_middle_block(lab: &Lab, target: &str) -> floe_sim_san::control::MapExtentInfo {
+    let mut map: floe_sim_san::control::TargetMap = lab
         .ctl()
         .call_as(Op::Map {
-            target: "vol0".into(),
+            target: target.into(),
         })
         .expect("map");
-    let victim = &map.extents[map.extents.len() / 2];
+    let victim = map.extents.swap_remove(map.extents.len() / 2);
     lab.call(Op::InjectError {
         lun: victim.lun.clone(),
         offset: victim.lun_offset,
         length: Bytes(4096),
         count: None,
     });
+    victim
+}
+
+#[test]
+fn a_san_read_error_fails_the_backup_naming_item_device_and_offset() {
+    let lab = Lab::start(3, &[("lun0", 32 * MIB)], false);
+    volume(&lab, "vol0", 4 * MIB, 4);
+    let victim = &fail_a_middle_block(&lab, "vol0");
     let err = lab
         .backup(&["array:vol0"], &opts(MIB, 2))
         .expect_err("a read error must fail the backup");
@@ -228,19 +235,7 @@ fn a_read_error_inside_a_batch_names_the_item_whose_bytes_failed() {
     for (k, v) in ["vol0", "vol1", "vol2"].iter().enumerate() {
         volume(&lab, v, MIB, k as u64);
     }
-    let map: floe_sim_san::control::TargetMap = lab
-        .ctl()
-        .call_as(Op::Map {
-            target: "vol1".into(),
-        })
-        .expect("map");
-    let victim = &map.extents[map.extents.len() / 2];
-    lab.call(Op::InjectError {
-        lun: victim.lun.clone(),
-        offset: victim.lun_offset,
-        length: Bytes(4096),
-        count: None,
-    });
+    let victim = &fail_a_middle_block(&lab, "vol1");
     let o = MoverOptions {
         max_read: Bytes(4096),
         ..opts(8 * MIB, 2)

@@ -888,17 +888,15 @@ fn an_archive_that_cannot_be_made_durable_fails_the_backup_and_records_nothing()
         committed.is_empty(),
         "an archive was committed: {committed:?}"
     );
-    let list = floe_cmd()
-        .args([
-            "list",
-            "--media",
-            &format!("tar:{}", media.path().display()),
-        ])
-        .output()
-        .unwrap();
+    assert_no_set_on(&format!("tar:{}", media.path().display()));
+}
+
+/// `floe list --media SPEC` runs and lists no set.
+fn assert_no_set_on(spec: &str) {
+    let list = floe_cmd().args(["list", "--media", spec]).output().unwrap();
     assert!(
         list.status.success() && list.stdout.is_empty(),
-        "no set is listed: {}{}",
+        "a set is listed on {spec}: {}{}",
         String::from_utf8_lossy(&list.stdout),
         String::from_utf8_lossy(&list.stderr)
     );
@@ -938,19 +936,7 @@ fn a_writer_killed_during_commit_leaves_no_set_pointing_at_unfinished_media() {
     assert!(!out.status.success(), "the failpoint killed the mover");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("failpoint disk-commit-before-rename"), "{err}");
-    let list = floe_cmd()
-        .args([
-            "list",
-            "--media",
-            &format!("disk:{}", media.path().display()),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        list.status.success() && list.stdout.is_empty(),
-        "no set is visible: {}",
-        String::from_utf8_lossy(&list.stdout)
-    );
+    assert_no_set_on(&format!("disk:{}", media.path().display()));
     // Nothing was lost: the interrupted set resumes and commits.
     let set = err
         .lines()

@@ -1026,12 +1026,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_journal_that_cannot_be_written_fails_the_set() {
+    /// A writer on a fresh directory with set `s` begun.
+    fn set_begun() -> (tempfile::TempDir, serde_json::Value, Box<dyn MediaWriter>) {
         let d = tempfile::tempdir().unwrap();
         let cfg = serde_json::json!({"dir": d.path()});
         let mut w = TarPlugin::media_writer(&cfg).unwrap();
         w.begin_set(&header("s")).unwrap();
+        (d, cfg, w)
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_written_fails_the_set() {
+        let (d, _, mut w) = set_begun();
         // The journal goes: the next checkpoint (a volume's, at once)
         // cannot append to it.
         std::fs::remove_file(journal_path(d.path(), &SetId::new("s"))).unwrap();
@@ -1051,10 +1057,7 @@ mod tests {
 
     #[test]
     fn many_small_items_and_large_ones_land_in_order_through_the_write_buffer() {
-        let d = tempfile::tempdir().unwrap();
-        let cfg = serde_json::json!({"dir": d.path()});
-        let mut w = TarPlugin::media_writer(&cfg).unwrap();
-        w.begin_set(&header("s")).unwrap();
+        let (_d, cfg, mut w) = set_begun();
         // Sizes across the copy bound and the buffer's size, written in
         // pieces of several sizes; more items than a checkpoint holds.
         let sizes = [
