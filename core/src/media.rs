@@ -176,6 +176,22 @@ pub fn media_io_error(op: &str, path: &std::path::Path, e: std::io::Error) -> Er
     }
 }
 
+/// The error of a set that media in `dir` do not hold (`path`, where it
+/// would be, could not be opened).
+pub fn no_set_error(
+    set: &SetId,
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    e: std::io::Error,
+) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no set {set} on media {}", dir.display()),
+    )
+    .path(path)
+    .source(e)
+}
+
 /// fsync a directory (after creating, renaming or removing in it).
 pub fn fsync_dir(dir: &std::path::Path) -> Result<()> {
     std::fs::File::open(dir)

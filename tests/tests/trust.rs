@@ -290,30 +290,16 @@ fn the_agent_killed_mid_backup_fails_the_backup_and_records_nothing() {
         .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     let media = tempfile::tempdir().unwrap();
-    let mover = floe_cmd()
-        .args([
-            "backup",
-            "--agent",
-            &addr,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-            "--source",
-            "array:vol0",
-        ])
-        .args([
-            "--media",
-            &format!("disk:{}", media.path().display()),
-            "--max-read",
-            "256K",
-            "--window",
-            "1M",
-            "--parallel",
-            "1",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mover = backup_cmd(
+        &san,
+        &addr,
+        &["array:vol0"],
+        &format!("disk:{}", media.path().display()),
+    )
+    .args(["--max-read", "256K", "--window", "1M", "--parallel", "1"])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     agent.kill().unwrap(); // our own child, by pid
     agent.wait().unwrap();
@@ -855,24 +841,15 @@ fn an_archive_that_cannot_be_made_durable_fails_the_backup_and_records_nothing()
     san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
     let (_agent, addr) = agent_daemon(&san, 60);
     let media = tempfile::tempdir().unwrap();
-    let out = floe_cmd()
-        .env("FLOE_ERRPOINT", "tar-sync")
-        .args([
-            "backup",
-            "--agent",
-            &addr,
-            "--san",
-            &format!("nbd://{}", san.nbd),
-            "--allow-any-device",
-            "--source",
-            "array:vol0",
-            "--source",
-            "array:vol1",
-        ])
-        .arg("--media")
-        .arg(format!("tar:{}", media.path().display()))
-        .output()
-        .unwrap();
+    let out = backup_cmd(
+        &san,
+        &addr,
+        &["array:vol0", "array:vol1"],
+        &format!("tar:{}", media.path().display()),
+    )
+    .env("FLOE_ERRPOINT", "tar-sync")
+    .output()
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the backup succeeded: {err}");
     assert!(
@@ -889,6 +866,30 @@ fn an_archive_that_cannot_be_made_durable_fails_the_backup_and_records_nothing()
         "an archive was committed: {committed:?}"
     );
     assert_no_set_on(&format!("tar:{}", media.path().display()));
+}
+
+/// `floe backup` of `sources` through the agent at `agent`, reading the
+/// SAN's devices, to `media`.
+fn backup_cmd(
+    san: &SimSanProcess,
+    agent: &str,
+    sources: &[&str],
+    media: &str,
+) -> std::process::Command {
+    let mut c = floe_cmd();
+    c.args([
+        "backup",
+        "--agent",
+        agent,
+        "--san",
+        &format!("nbd://{}", san.nbd),
+        "--allow-any-device",
+    ]);
+    for s in sources {
+        c.args(["--source", s]);
+    }
+    c.args(["--media", media]);
+    c
 }
 
 /// `floe list --media SPEC` runs and lists no set.

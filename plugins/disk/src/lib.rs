@@ -167,7 +167,7 @@ fn item_file(i: usize) -> String {
 }
 
 use floe_core::media::{
-    complete_lines, failpoint, fsync_dir, json_line, media_io_error as media_err,
+    complete_lines, failpoint, fsync_dir, json_line, media_io_error as media_err, no_set_error,
 };
 
 fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
@@ -602,14 +602,7 @@ impl DiskReader {
             return Err(Error::new(ErrorKind::NotFound, format!("no set {set}")));
         }
         let path = self.dir.join(set.as_str()).join("set.json");
-        let bytes = std::fs::read(&path).map_err(|e| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no set {set} on media {}", self.dir.display()),
-            )
-            .path(&path)
-            .source(e)
-        })?;
+        let bytes = std::fs::read(&path).map_err(|e| no_set_error(set, &self.dir, &path, e))?;
         decode_manifest(&bytes, &path)
     }
 }

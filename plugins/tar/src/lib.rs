@@ -124,7 +124,7 @@ pub fn decode_journal(bytes: &[u8], path: &Path) -> Result<Journal> {
 
 use floe_core::media::{
     checked_set_name as set_name, complete_lines, errpoint, fsync_dir, json_line,
-    media_io_error as media_err,
+    media_io_error as media_err, no_set_error,
 };
 
 struct Writing {
@@ -792,14 +792,7 @@ impl TarReader {
                 return Ok((f, path));
             }
         }
-        let f = File::open(&path).map_err(|e| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no set {set} on media {}", self.dir.display()),
-            )
-            .path(&path)
-            .source(e)
-        })?;
+        let f = File::open(&path).map_err(|e| no_set_error(set, &self.dir, &path, e))?;
         Ok((std::io::BufReader::with_capacity(READ_BUFFER, f), path))
     }
 
