@@ -374,3 +374,85 @@ fn an_oversized_frame_to_the_agent_is_refused_without_reading_it() {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+/// Media that take every item and then refuse to commit.
+struct RefusesCommit(Box<dyn floe_core::abi::MediaWriter>);
+
+impl floe_core::abi::MediaWriter for RefusesCommit {
+    fn begin_set(&mut self, h: &SetHeader) -> floe_core::Result<()> {
+        self.0.begin_set(h)
+    }
+    fn resume_set(&mut self, s: &SetId) -> floe_core::Result<SetRecord> {
+        self.0.resume_set(s)
+    }
+    fn begin_item(&mut self, h: &ItemHeader) -> floe_core::Result<()> {
+        self.0.begin_item(h)
+    }
+    fn write(&mut self, d: &[u8]) -> floe_core::Result<()> {
+        self.0.write(d)
+    }
+    fn end_item(&mut self, t: &ItemTrailer) -> floe_core::Result<MediaPosition> {
+        self.0.end_item(t)
+    }
+    fn fail_item(&mut self, f: &ItemFailure) -> floe_core::Result<()> {
+        self.0.fail_item(f)
+    }
+    fn commit(&mut self) -> floe_core::Result<Committed> {
+        Err(floe_core::Error::new(
+            ErrorKind::MediaFull,
+            "the media refused the commit",
+        ))
+    }
+    fn abort(&mut self) -> floe_core::Result<()> {
+        self.0.abort()
+    }
+    fn delete_set(&mut self, s: &SetId) -> floe_core::Result<()> {
+        self.0.delete_set(s)
+    }
+}
+
+#[test]
+fn a_refused_media_commit_rolls_back_what_the_catalog_staged() {
+    use floe_core::catalog::{Catalog, CatalogRecorder};
+    use floe_core::mover::{backup_recorded, Progress};
+    let lab = Lab::start(3, &[("lun0", 32 * MIB)], false);
+    volume(&lab, "vol0", 2 * MIB, 1);
+    let d = tempfile::tempdir().unwrap();
+    let mut cat = Catalog::open(&d.path().join("catalog.db")).unwrap();
+    let run = |cat: &mut Catalog, media: &mut dyn floe_core::abi::MediaWriter| {
+        let mut set = None;
+        let mut agent = floe_core::agent::AgentClient::connect_tcp(&lab.agent_addr).unwrap();
+        let mut recorder = CatalogRecorder {
+            catalog: cat,
+            media: "disk:test",
+        };
+        let r = backup_recorded(
+            &mut agent,
+            &["array:vol0".into()],
+            &lab.resolver(),
+            media,
+            Some(&mut recorder),
+            &opts(MIB, 2),
+            &mut |p| {
+                if let Progress::Begun { set: s, .. } = p {
+                    set = Some(s.clone());
+                }
+            },
+        );
+        (r, set.expect("the set was begun"))
+    };
+    let mut refusing = RefusesCommit(Lab::disk_writer(&lab.media_dir()));
+    let (r, set) = run(&mut cat, &mut refusing);
+    let err = r.expect_err("a refused commit fails the backup");
+    assert_eq!(err.kind(), ErrorKind::MediaFull, "{err}");
+    assert!(cat.sets().unwrap().is_empty());
+    assert_eq!(cat.item_rows(&set).unwrap(), 0, "staged rows stayed");
+    // The catalog's connection is left outside any transaction: the next
+    // backup records.
+    let mut disk = Lab::disk_writer(&lab.media_dir());
+    let (r, set) = run(&mut cat, disk.as_mut());
+    let report = r.unwrap();
+    assert_eq!(report.unrecorded, None);
+    assert_eq!(cat.sets().unwrap().len(), 1);
+    assert_eq!(cat.item_rows(&set).unwrap(), 1);
+}
