@@ -416,11 +416,9 @@ enum CatalogAction {
 fn registry(extra: &[PathBuf]) -> Arc<PluginRegistry> {
     let mut dirs = extra.to_vec();
     dirs.extend(PluginRegistry::default_dirs());
-    let reg = PluginRegistry::load_dirs(&dirs);
-    for r in &reg.refused {
-        eprintln!("floe: warning: plugin refused: {r}");
-    }
-    Arc::new(reg)
+    // Plugins load when first needed; one that is refused is named where
+    // it was needed (`require`) and by `floe plugins`.
+    Arc::new(PluginRegistry::load_dirs(&dirs))
 }
 
 fn media_plugin(m: &MediaArgs) -> anyhow::Result<(String, serde_json::Value)> {
@@ -491,6 +489,11 @@ fn agent(reg: Arc<PluginRegistry>, a: AgentArgs) -> anyhow::Result<()> {
             dir.display()
         );
         return Ok(());
+    }
+    // A long-running agent loads every plugin now and says which it
+    // refused, rather than at its first backup.
+    for r in reg.refused() {
+        eprintln!("floe: warning: plugin refused: {r}");
     }
     let mut plugin_config: HashMap<String, serde_json::Value> = HashMap::new();
     for o in &a.plugin_opts {
@@ -1182,7 +1185,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     p.path.display()
                 );
             }
-            for r in &reg.refused {
+            for r in reg.refused() {
                 println!("refused: {r}");
             }
             Ok(())

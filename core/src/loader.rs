@@ -31,6 +31,9 @@ pub struct LoadedPlugin {
     /// What it says about itself.
     pub info: PluginInfo,
     module: PluginModRef,
+    /// The handle the version was read through, kept: abi_stable's load
+    /// of the root module then finds the library already mapped.
+    _library: libloading::Library,
 }
 
 fn cfg_text(config: &serde_json::Value) -> String {
@@ -45,7 +48,7 @@ impl LoadedPlugin {
                 .op("load plugin")
                 .path(path)
         };
-        let version = crate::sys::plugin_abi_version(path).map_err(|e| {
+        let (version, library) = crate::sys::plugin_abi_version(path).map_err(|e| {
             load_err(match e {
                 crate::sys::PluginSymbolError::Load(msg) => {
                     format!("cannot load plugin {}: {msg}", path.display())
@@ -101,6 +104,7 @@ impl LoadedPlugin {
             path: path.to_path_buf(),
             info,
             module,
+            _library: library,
         })
     }
 
@@ -163,12 +167,39 @@ impl LoadedPlugin {
     }
 }
 
-/// All plugins found, plus the files refused and why.
+/// The plugin files found, each loaded when first needed: a command
+/// that reads tar media loads the tar plugin, not every plugin installed
+/// (each is a dlopen with its relocations — a tenth of a second for all
+/// of them on a cold cache). A plugin is looked for by its file name first
+/// (`libfloe_plugin_NAME.so`, `-` written `_`), then by the name each file
+/// declares.
 #[derive(Default)]
 pub struct PluginRegistry {
-    plugins: Vec<LoadedPlugin>,
-    /// Files that were refused.
-    pub refused: Vec<Error>,
+    files: Vec<PluginFile>,
+}
+
+/// A plugin file and, once tried, what loading it gave.
+struct PluginFile {
+    path: PathBuf,
+    loaded: std::sync::OnceLock<Result<LoadedPlugin>>,
+}
+
+impl PluginFile {
+    fn load(&self) -> &Result<LoadedPlugin> {
+        self.loaded.get_or_init(|| LoadedPlugin::load(&self.path))
+    }
+
+    /// True when its file name is the one a plugin named `name` has.
+    fn named(&self, name: &str) -> bool {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| {
+                n.strip_prefix(PREFIX)
+                    .and_then(|n| n.strip_suffix(".so"))
+                    .is_some_and(|n| n == name.replace('-', "_"))
+            })
+    }
 }
 
 impl PluginRegistry {
@@ -194,9 +225,9 @@ impl PluginRegistry {
         dirs
     }
 
-    /// Load every plugin in `dirs`. The first plugin of a name wins; later
-    /// ones of the same name are skipped. Refused files are kept in
-    /// [`PluginRegistry::refused`].
+    /// The plugin files in `dirs` (none loaded yet). The first plugin of a
+    /// name wins; later ones of the same name are skipped. Files that
+    /// cannot be loaded are listed by [`PluginRegistry::refused`].
     pub fn load_dirs(dirs: &[PathBuf]) -> PluginRegistry {
         let mut reg = PluginRegistry::default();
         for dir in dirs {
@@ -213,33 +244,61 @@ impl PluginRegistry {
                 })
                 .collect();
             files.sort();
-            for f in files {
-                match LoadedPlugin::load(&f) {
-                    Ok(p) if reg.get(p.name()).is_some() => {}
-                    Ok(p) => reg.plugins.push(p),
-                    Err(e) => reg.refused.push(e),
-                }
-            }
+            reg.files.extend(files.into_iter().map(|path| PluginFile {
+                path,
+                loaded: std::sync::OnceLock::new(),
+            }));
         }
         reg
     }
 
-    /// Every loaded plugin.
-    pub fn plugins(&self) -> &[LoadedPlugin] {
-        &self.plugins
+    /// Every plugin (each file loaded), the first of each name.
+    pub fn plugins(&self) -> Vec<&LoadedPlugin> {
+        let mut seen: Vec<&LoadedPlugin> = Vec::new();
+        for p in self.files.iter().filter_map(|f| f.load().as_ref().ok()) {
+            if !seen.iter().any(|q| q.name() == p.name()) {
+                seen.push(p);
+            }
+        }
+        seen
     }
 
-    /// The plugin named `name`.
+    /// How many plugin files were loaded (or tried) so far.
+    pub fn loaded(&self) -> usize {
+        self.files
+            .iter()
+            .filter(|f| f.loaded.get().is_some())
+            .count()
+    }
+
+    /// The files refused (each file loaded), and why.
+    pub fn refused(&self) -> Vec<&Error> {
+        self.files
+            .iter()
+            .filter_map(|f| f.load().as_ref().err())
+            .collect()
+    }
+
+    /// The plugin named `name`: the file of that name if it declares that
+    /// name, else the first file that does.
     pub fn get(&self, name: &str) -> Option<&LoadedPlugin> {
-        self.plugins.iter().find(|p| p.name() == name)
+        fn declares<'a>(f: &'a PluginFile, name: &str) -> Option<&'a LoadedPlugin> {
+            f.load().as_ref().ok().filter(|p| p.name() == name)
+        }
+        let declares = |f| declares(f, name);
+        self.files
+            .iter()
+            .filter(|f| f.named(name))
+            .find_map(declares)
+            .or_else(|| self.files.iter().find_map(declares))
     }
 
     /// The plugin named `name`, which must provide `i`.
     pub fn require(&self, name: &str, i: Interface) -> Result<&LoadedPlugin> {
         let p = self.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.plugins.iter().map(|p| p.name()).collect();
+            let known: Vec<&str> = self.plugins().iter().map(|p| p.name()).collect();
             let mut msg = format!("no plugin named {name:?} (loaded: {})", known.join(", "));
-            for r in &self.refused {
+            for r in self.refused() {
                 msg.push_str(&format!("; refused: {r}"));
             }
             Error::new(ErrorKind::PluginLoad, msg)

@@ -11,12 +11,13 @@
 use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{FileMeta, ItemAt, ItemKind, ItemRecord, SetRecord};
+use crate::units::Bytes;
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 /// What to restore and how.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct TreeOptions {
     /// Restore only these paths (relative to the source root, or item
@@ -26,6 +27,30 @@ pub struct TreeOptions {
     /// Do not restore owners (default: restore them when running as root).
     #[cfg_attr(feature = "cli", arg(long))]
     pub no_owners: bool,
+    /// Make restored file data durable every SIZE bytes as the restore
+    /// goes: a sync of the destination's file system in the background,
+    /// so the disk writes while later files are made instead of all at
+    /// the end (0: one sync at the end only).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "SIZE", default_value_t = DEFAULT_SYNC_EVERY)
+    )]
+    pub sync_every: Bytes,
+}
+
+/// [`TreeOptions::sync_every`] unless told: measured on the 70,000-file
+/// bench tree (1.5 GB), 64–256 MiB all cut the restore's time by about
+/// a tenth against one sync at the end; 128 MiB did best.
+pub const DEFAULT_SYNC_EVERY: Bytes = Bytes(128 << 20);
+
+impl Default for TreeOptions {
+    fn default() -> TreeOptions {
+        TreeOptions {
+            paths: Vec::new(),
+            no_owners: false,
+            sync_every: DEFAULT_SYNC_EVERY,
+        }
+    }
 }
 
 /// What a tree restore did.
@@ -338,8 +363,16 @@ fn make(
 /// the parents of every step, parents before children.
 fn parents(steps: &[TreeStep]) -> BTreeSet<PathBuf> {
     let mut dirs = BTreeSet::new();
+    let mut last: Option<&Path> = None;
     for s in steps {
-        let mut p = s.dest.parent();
+        // Runs of steps share a parent (a directory's entries lie
+        // together): one lookup per run.
+        let parent = s.dest.parent();
+        if parent.is_some() && parent == last {
+            continue;
+        }
+        last = parent;
+        let mut p = parent;
         while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
             if !dirs.insert(d.to_path_buf()) {
                 break;
@@ -492,28 +525,39 @@ pub fn restore_tree(
     };
     const RUN: usize = 64;
     let next = AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<u64>)>();
+    let sync_at = sync_point(steps);
+    let flusher = Flusher::new(sync_at.as_deref(), opts.sync_every);
+    // A run's outcomes go back together (one wake-up of the recording
+    // thread per run, not per item).
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Result<u64>>)>();
     std::thread::scope(|sc| {
+        let nudge = flusher.as_ref().map(|f| f.start(sc));
         for reader in readers.iter_mut() {
             let (tx, next, rest, one) = (tx.clone(), &next, &rest, &one);
+            let (nudge, flusher) = (nudge.clone(), flusher.as_ref());
             // Runs of consecutive items per worker: each reader then reads
             // its own stretch of the media (an archive's items lie in
             // order), not every other item of the same stretch.
             sc.spawn(move || loop {
                 let from = next.fetch_add(RUN, Ordering::Relaxed);
-                if from >= rest.len() {
+                let Some(run) = rest.get(from..rest.len().min(from + RUN)) else {
                     return;
+                };
+                let done: Vec<Result<u64>> =
+                    run.iter().map(|step| one(reader.as_mut(), step)).collect();
+                if let Some((f, nudge)) = flusher.zip(nudge.as_ref()) {
+                    f.wrote(done.iter().flatten().sum(), nudge);
                 }
-                for (k, step) in rest.iter().enumerate().skip(from).take(RUN) {
-                    if tx.send((k, one(reader.as_mut(), step))).is_err() {
-                        return;
-                    }
+                if tx.send((from, done)).is_err() {
+                    return;
                 }
             });
         }
-        drop(tx);
-        for (k, r) in rx {
-            record(&mut report, rest[k], r);
+        drop((tx, nudge));
+        for (from, done) in rx {
+            for (k, r) in done.into_iter().enumerate() {
+                record(&mut report, rest[from + k], r);
+            }
         }
     });
     for step in links {
@@ -524,20 +568,15 @@ pub fn restore_tree(
         .iter()
         .filter(|s| s.item.header.kind == ItemKind::Directory)
         .collect();
-    // Everything written becomes durable at once (one syncfs of the
-    // destination's file system, not one fsync per file).
-    if let Some(first) = steps.first() {
-        let at = if first.dest.is_dir() {
-            first.dest.clone()
-        } else {
-            first
-                .dest
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default()
-        };
-        if let Ok(d) = std::fs::File::open(&at) {
-            rustix::fs::syncfs(&d).map_err(|e| io("sync", &at, e))?;
+    // Everything written becomes durable (one syncfs of the destination's
+    // file system, not one fsync per file), and so did what the flusher
+    // synced on the way.
+    if let Some(f) = &flusher {
+        f.failed()?;
+    }
+    if let Some(at) = &sync_at {
+        if let Ok(d) = std::fs::File::open(at) {
+            rustix::fs::syncfs(&d).map_err(|e| io("sync", at, e))?;
         }
     }
     // Directories last, deepest first.
@@ -552,6 +591,97 @@ pub fn restore_tree(
         }
     }
     Ok(report)
+}
+
+/// Where the destination's file system is synced from: the first step's
+/// directory (a tree's root is its first step), else its parent.
+fn sync_point(steps: &[TreeStep]) -> Option<PathBuf> {
+    let first = steps.first()?;
+    Some(if first.dest.is_dir() {
+        first.dest.clone()
+    } else {
+        first
+            .dest
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    })
+}
+
+/// Makes restored data durable as a restore goes: once workers have
+/// written [`TreeOptions::sync_every`] bytes more, a thread of its own
+/// syncs the destination's file system (`syncfs`), so the disk writes
+/// while later files are made. The first failure is kept and fails the
+/// restore at its end (a later `syncfs` on the same descriptor would not
+/// report it again).
+struct Flusher {
+    dir: std::fs::File,
+    path: PathBuf,
+    every: u64,
+    since: std::sync::atomic::AtomicU64,
+    failed: std::sync::Mutex<Option<std::io::Error>>,
+}
+
+impl Flusher {
+    /// None when told to sync only at the end, or when the destination
+    /// cannot be opened (the final sync then does without it too).
+    fn new(at: Option<&Path>, every: Bytes) -> Option<Flusher> {
+        let path = at.filter(|_| every.0 > 0)?;
+        let dir = std::fs::File::open(path).ok()?;
+        Some(Flusher {
+            dir,
+            path: path.to_path_buf(),
+            every: every.0,
+            since: std::sync::atomic::AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Its thread, syncing once per nudge until every sender is gone.
+    fn start<'s>(&'s self, sc: &'s std::thread::Scope<'s, '_>) -> std::sync::mpsc::SyncSender<()> {
+        let (nudge, nudges) = std::sync::mpsc::sync_channel::<()>(1);
+        sc.spawn(move || {
+            for () in nudges {
+                let synced = if crate::media::errpoint("restore-sync") {
+                    Err(rustix::io::Errno::IO)
+                } else {
+                    rustix::fs::syncfs(&self.dir)
+                };
+                if let Err(e) = synced {
+                    let mut failed = self
+                        .failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    failed.get_or_insert(e.into());
+                }
+            }
+        });
+        nudge
+    }
+
+    /// `n` more bytes written: nudge the thread when enough are.
+    fn wrote(&self, n: u64, nudge: &std::sync::mpsc::SyncSender<()>) {
+        use std::sync::atomic::Ordering;
+        let since = self.since.fetch_add(n, Ordering::Relaxed) + n;
+        if since >= self.every {
+            // The sync covers everything written so far. Full: one is
+            // already pending, which covers these bytes too.
+            self.since.fetch_sub(since, Ordering::Relaxed);
+            let _ = nudge.try_send(());
+        }
+    }
+
+    /// The first background sync's failure, if any.
+    fn failed(&self) -> Result<()> {
+        let mut failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match failed.take() {
+            Some(e) => Err(io("sync", &self.path, e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Restore through the agent, on the agent's side: one session per
@@ -848,7 +978,29 @@ fn send_item(
 mod tests {
     use super::*;
     use crate::model::*;
-    use crate::units::Bytes;
+
+    #[test]
+    fn the_flusher_is_nudged_once_per_sync_every_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            Flusher::new(Some(dir.path()), Bytes(0)).is_none(),
+            "0: at the end only"
+        );
+        assert!(Flusher::new(None, Bytes(100)).is_none());
+        let f = Flusher::new(Some(dir.path()), Bytes(100)).unwrap();
+        let (nudge, nudges) = std::sync::mpsc::sync_channel::<()>(1);
+        f.wrote(60, &nudge);
+        assert!(nudges.try_recv().is_err(), "60 of 100 bytes: no sync yet");
+        f.wrote(60, &nudge);
+        assert!(nudges.try_recv().is_ok(), "120 bytes: a sync");
+        f.wrote(30, &nudge);
+        assert!(nudges.try_recv().is_err(), "30 more: none");
+        f.wrote(500, &nudge);
+        f.wrote(500, &nudge);
+        assert!(nudges.try_recv().is_ok(), "a pending sync covers both");
+        assert!(nudges.try_recv().is_err());
+        f.failed().unwrap();
+    }
 
     fn rec(root: &str, path: &str, kind: ItemKind) -> ItemRecord {
         ItemRecord {

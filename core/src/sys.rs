@@ -109,11 +109,15 @@ pub enum PluginSymbolError {
     NoSymbol,
 }
 
-/// Load the library at `path` and call its `floe_plugin_abi_version`.
+/// Load the library at `path` and call its `floe_plugin_abi_version`; the
+/// library stays loaded while the handle is kept (the root module is then
+/// read from the same mapping, not from a second load of the file).
 ///
 /// Floe plugin ABI (docs/formats/plugin-abi.md): every plugin exports
 /// `extern "C" fn floe_plugin_abi_version() -> u32`.
-pub fn plugin_abi_version(path: &std::path::Path) -> Result<u32, PluginSymbolError> {
+pub fn plugin_abi_version(
+    path: &std::path::Path,
+) -> Result<(u32, libloading::Library), PluginSymbolError> {
     // SAFETY: loading a library runs its initializers; plugins are code the
     // operator installed in a plugin directory, trusted like the binary.
     let lib = unsafe { libloading::Library::new(path) }
@@ -124,7 +128,8 @@ pub fn plugin_abi_version(path: &std::path::Path) -> Result<u32, PluginSymbolErr
     let f: libloading::Symbol<'_, extern "C" fn() -> u32> =
         unsafe { lib.get(crate::abi::ABI_VERSION_SYMBOL) }
             .map_err(|_| PluginSymbolError::NoSymbol)?;
-    Ok(f())
+    let version = f();
+    Ok((version, lib))
 }
 
 #[cfg(test)]

@@ -73,7 +73,7 @@ pub fn plugins() -> Arc<PluginRegistry> {
                 reg.get(name).is_some(),
                 "plugin {name} not found in {}: build the workspace first (`cargo xtask test` does); refused: {:?}",
                 build_dir().display(),
-                reg.refused.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+                reg.refused().iter().map(|e| e.to_string()).collect::<Vec<_>>()
             );
         }
         Arc::new(reg)

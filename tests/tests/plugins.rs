@@ -44,10 +44,12 @@ fn a_plugin_built_for_another_abi_version_is_refused_naming_file_and_versions() 
     )
     .unwrap();
     let reg = PluginRegistry::load_dirs(&[dir.path().to_path_buf()]);
+    assert_eq!(reg.loaded(), 0, "plugins load when first needed");
     assert!(reg.get("disk").is_some());
+    assert_eq!(reg.loaded(), 1, "only the plugin named was loaded");
     assert!(reg.get("mismatch").is_none());
-    assert_eq!(reg.refused.len(), 1);
-    assert_eq!(reg.refused[0].kind(), ErrorKind::AbiMismatch);
+    assert_eq!(reg.refused().len(), 1);
+    assert_eq!(reg.refused()[0].kind(), ErrorKind::AbiMismatch);
 
     // The CLI says so too.
     let out = std::process::Command::new(floe_tests::floe_bin())
@@ -117,9 +119,9 @@ fn two_plugins_of_one_interface_load_side_by_side() {
     }
     let reg = PluginRegistry::load_dirs(&[dir.path().to_path_buf()]);
     assert!(
-        reg.refused.is_empty(),
+        reg.refused().is_empty(),
         "{:?}",
-        reg.refused
+        reg.refused()
             .iter()
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
@@ -184,4 +186,26 @@ fn an_installed_floe_finds_its_plugins_in_lib_floe_plugins() {
             .unwrap_or_else(|| panic!("{p} not found:\n{text}"));
         assert!(line.contains("lib/floe/plugins/libfloe_plugin_"), "{line}");
     }
+}
+
+#[test]
+fn a_plugin_is_found_by_the_name_it_declares_whatever_its_file_is_called() {
+    // Looked for by file name first, but a file is only ever the plugin
+    // it says it is.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        build_dir().join("libfloe_plugin_null.so"),
+        dir.path().join("libfloe_plugin_disk.so"),
+    )
+    .unwrap();
+    let reg = PluginRegistry::load_dirs(&[dir.path().to_path_buf()]);
+    assert!(reg.get("disk").is_none(), "the file named disk is null");
+    let null = reg.get("null").expect("found by its declared name");
+    assert_eq!(null.path, dir.path().join("libfloe_plugin_disk.so"));
+    let e = reg.require("disk", Interface::MediaWriter).err().unwrap();
+    assert!(
+        e.to_string()
+            .contains("no plugin named \"disk\" (loaded: null)"),
+        "{e}"
+    );
 }

@@ -284,6 +284,45 @@ fn a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_on
     let diffs = compare_trees(&src.mnt, &good);
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
 
+    // Made durable as it goes (a sync every 16 KiB of file data): the
+    // same tree; a sync that fails on the way fails the restore, named.
+    let synced = src.dir.path().join("synced");
+    let r = floe()
+        .args([
+            "restore",
+            "--media",
+            &spec,
+            "--set",
+            &set,
+            "--sync-every",
+            "16K",
+            "--to-dir",
+        ])
+        .arg(&synced)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diffs = compare_trees(&src.mnt, &synced);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    let r = floe()
+        .env("FLOE_ERRPOINT", "restore-sync")
+        .args([
+            "restore",
+            "--media",
+            &spec,
+            "--set",
+            &set,
+            "--sync-every",
+            "16K",
+            "--to-dir",
+        ])
+        .arg(src.dir.path().join("unsynced"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "a failed sync was not reported: {err}");
+    assert!(err.contains("sync") && err.contains("unsynced"), "{err}");
+
     // A catalog that points one file at another's bytes: that file fails
     // its checksum and is not left behind; every other file is restored.
     let mut cat = Catalog::open(&catalog).unwrap();
