@@ -90,23 +90,175 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
+/// Where the tree's file system lives.
+#[derive(Clone, Copy, Debug)]
+pub enum Storage {
+    /// An image file on this machine's disk, behind a loop device; the
+    /// mover reads a second, read-only loop device over the same image.
+    Loop,
+    /// A raw LUN of the SAN simulator answering each read after this many
+    /// milliseconds, seen through nbdfuse and loop devices (kernel block
+    /// devices whose every request crosses NBD): one the host mounts, a
+    /// read-only one the mover reads.
+    San {
+        /// Delay of every read request.
+        latency_ms: u64,
+    },
+}
+
+/// A mounted file system on loop devices (umounted and detached when
+/// dropped), and what else it stands on (dropped after: the FUSE file,
+/// then the simulator).
 struct Mount {
-    dev: String,
-    ro: String,
+    loops: Vec<String>,
     mnt: PathBuf,
+    fuse: Option<(Proc, PathBuf)>,
+    _san: Option<Proc>,
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = Command::new("losetup")
-            .args(["-d", &self.ro, &self.dev])
-            .status();
+        for l in &self.loops {
+            let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+        if let Some((_, dir)) = &self.fuse {
+            // Detaching a loop device is asynchronous: retry until the
+            // FUSE file is no longer busy.
+            for _ in 0..50 {
+                if Command::new("umount")
+                    .arg(dir)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+                {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Attach `file` to a loop device (read-only with `ro`).
+fn attach(file: &Path, extra: &[&str]) -> Result<String> {
+    sh(Command::new("losetup")
+        .args(["-f", "--show"])
+        .args(extra)
+        .arg(file))
+}
+
+/// Make ext4 on `file` and the bench tree in it (mounted at `mnt` while
+/// it is made, unmounted after); the tree's data bytes.
+fn make_tree(file: &Path, mnt: &Path, script: &Path, files: usize) -> Result<u64> {
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(file))?;
+    let dev = attach(file, &[])?;
+    sh(Command::new("mount").arg(&dev).arg(mnt))?;
+    let tree = mnt.join("tree");
+    eprintln!("bench tree: making {files} files with {}", script.display());
+    let made = sh(Command::new("python3")
+        .arg(script)
+        .arg(&tree)
+        .args(["--files", &files.to_string()]))
+    .and_then(|_| sh(Command::new("du").args(["-sb"]).arg(&tree)));
+    let _ = Command::new("umount").arg(mnt).status();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    Ok(made?
+        .split_whitespace()
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0))
+}
+
+/// The tree's file system mounted at `mnt` as `storage` says; the mount,
+/// the device identity the agent reports for it, where the mover reads
+/// that device, and the data bytes of the tree.
+fn mount_tree(
+    storage: Storage,
+    bin: &Path,
+    work: &Path,
+    script: &Path,
+    files: usize,
+) -> Result<(Mount, String, String, u64)> {
+    let mnt = work.join("mnt");
+    match storage {
+        Storage::Loop => {
+            let img = work.join("tree.img");
+            std::fs::File::create(&img)?.set_len(6 << 30)?;
+            let data = make_tree(&img, &mnt, script, files)?;
+            let dev = attach(&img, &[])?;
+            let mut m = Mount {
+                loops: vec![dev.clone()],
+                mnt: mnt.clone(),
+                fuse: None,
+                _san: None,
+            };
+            sh(Command::new("mount").arg(&dev).arg(&mnt))?;
+            let ro = attach(&img, &["-r"])?;
+            m.loops.push(ro.clone());
+            Ok((m, format!("file:{}", img.display()), ro, data))
+        }
+        Storage::San { latency_ms } => {
+            util::ensure_packages(&[("nbdfuse", "libnbd-bin")])?;
+            let (san, ready) =
+                util::start_sim_san(bin, &work.join("san"), &[], &["tree=4G".to_string()])?;
+            let control = ready["control"].as_str().context("control")?.to_string();
+            let nbd = ready["nbd"].as_str().context("nbd")?.to_string();
+            let mut c = floe_sim_san::control::Client::connect(&control)?;
+            let luns = c.call(floe_sim_san::control::Op::ListLuns)?;
+            let lun = luns
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["name"] == "tree"))
+                .context("the tree LUN")?;
+            let path = PathBuf::from(lun["path"].as_str().context("LUN path")?);
+            let size = lun["size"].as_u64().context("LUN size")?;
+            // Built straight in the LUN's file (fast), then seen only
+            // through the SAN.
+            let data = make_tree(&path, &mnt, script, files)?;
+            let fuse_dir = work.join("fuse");
+            std::fs::create_dir_all(&fuse_dir)?;
+            let fuse = Proc(
+                Command::new("nbdfuse")
+                    .arg(&fuse_dir)
+                    .arg(format!("nbd://{nbd}/tree"))
+                    .spawn()
+                    .context("start nbdfuse")?,
+            );
+            let file = fuse_dir.join("nbd");
+            for _ in 0..100 {
+                if file.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let mut m = Mount {
+                loops: Vec::new(),
+                mnt: mnt.clone(),
+                fuse: Some((fuse, fuse_dir)),
+                _san: Some(san),
+            };
+            let dev = attach(&file, &["--direct-io=on"])?;
+            m.loops.push(dev.clone());
+            sh(Command::new("mount").arg(&dev).arg(&mnt))?;
+            c.call(floe_sim_san::control::Op::InjectLatency {
+                lun: "tree".into(),
+                offset: floe_core::units::DeviceOffset(0),
+                length: floe_core::units::Bytes(size),
+                millis: latency_ms,
+            })?;
+            // The mover's own read-only path to the same LUN: a loop
+            // device over the FUSE file (the host's device is known by
+            // its backing file; the NBD export by its WWN, which the mover
+            // would rightly refuse as another device).
+            let ro = attach(&file, &["--direct-io=on", "-r"])?;
+            m.loops.push(ro.clone());
+            Ok((m, format!("file:{}", file.display()), ro, data))
+        }
     }
 }
 
 /// The tree case.
-pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
+pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<()> {
     util::ensure_packages(&[
         ("mkfs.ext4", "e2fsprogs"),
         ("restic", "restic"),
@@ -129,32 +281,9 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         .status();
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("mnt"))?;
-    let img = work.join("tree.img");
-    std::fs::File::create(&img)?.set_len(6 << 30)?;
-    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
-    let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(&img))?;
-    let mnt = work.join("mnt");
-    sh(Command::new("mount").arg(&dev).arg(&mnt))?;
-    let ro = sh(Command::new("losetup")
-        .args(["-f", "--show", "-r"])
-        .arg(&img))?;
-    let m = Mount {
-        dev,
-        ro: ro.clone(),
-        mnt: mnt.clone(),
-    };
+    let (m, id, device, data) = mount_tree(storage, bin, &work, &script, files)?;
+    let mnt = m.mnt.clone();
     let tree = mnt.join("tree");
-    eprintln!("bench tree: making {files} files with {}", script.display());
-    sh(Command::new("python3")
-        .arg(&script)
-        .arg(&tree)
-        .args(["--files", &files.to_string()]))?;
-    let data: u64 = sh(Command::new("du").args(["-sb"]).arg(&tree))?
-        .split_whitespace()
-        .next()
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    let id = format!("file:{}", img.display());
     let source = format!("fsflush:{}", tree.display());
     let mut agent = Command::new(bin.join("floe"))
         .args([
@@ -224,7 +353,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
                 "backup", "--agent", &addr, "--source", &source, "--json", "--media",
             ])
             .arg(format!("tar:{}", out.join("floe").display()))
-            .args(["--device", &format!("{id}={ro}"), "--allow-device", &id])
+            .args(["--device", &format!("{id}={device}"), "--allow-device", &id])
             .output()?;
         if !o.status.success() {
             bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -256,9 +385,15 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         );
     }
     // Restore: the last round's set and archive, to fresh directories on
-    // the same disk.
+    // the same disk (not with the tree on the SAN: restore does not read
+    // the source's storage).
     let mut rt: [Vec<f64>; 2] = Default::default();
-    for _ in 0..rounds {
+    let restores = if matches!(storage, Storage::Loop) {
+        rounds
+    } else {
+        0
+    };
+    for _ in 0..restores {
         let dest = out.join("restore-floe");
         let _ = std::fs::remove_dir_all(&dest);
         let (w, _) = timed_shell(
@@ -288,7 +423,13 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         rt[1].push(w);
     }
     let (tar, restic, floe) = (median(&t[0]), median(&t[1]), median(&t[2]));
-    println!("\nfile tree: {files} files, {data} bytes, ext4 on a loop device, cold cache, median of {rounds} interleaved rounds");
+    let on = match storage {
+        Storage::Loop => "ext4 on a loop device".to_string(),
+        Storage::San { latency_ms } => format!(
+            "ext4 on a sim-san LUN answering each read after {latency_ms} ms (through nbdfuse + loop devices)"
+        ),
+    };
+    println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds");
     println!(
         "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s",
         median(&cpu[0])
@@ -324,25 +465,40 @@ pub fn run(bin: &Path, rounds: usize, files: usize) -> Result<()> {
         "  agent→mover / data {:.4}  (target <= 0.01)",
         median(&agent_sent) / data as f64
     );
-    println!(
-        "  restore: floe --to-dir {:.2} s, tar -xf {:.2} s, ratio {:.2} (target <= 1.0)",
-        median(&rt[0]),
-        median(&rt[1]),
-        median(&rt[0]) / median(&rt[1])
-    );
+    let (restore_floe, restore_tar) = if restores > 0 {
+        (median(&rt[0]), median(&rt[1]))
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    if restores > 0 {
+        println!(
+            "  restore: floe --to-dir {restore_floe:.2} s, tar -xf {restore_tar:.2} s, ratio {:.2} (target <= 1.0)",
+            restore_floe / restore_tar
+        );
+    }
+    let latency_ms = match storage {
+        Storage::Loop => None,
+        Storage::San { latency_ms } => Some(latency_ms),
+    };
     let json = serde_json::json!({
+        "storage": on, "san_latency_ms": latency_ms,
         "files": files, "data_bytes": data, "rounds": rounds,
         "tar_s": tar, "restic_s": restic, "floe_s": floe,
         "tar_cpu_s": median(&cpu[0]), "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&cpu[2]),
         "agent_read_bytes": median(&agent_read), "agent_sent_bytes": median(&agent_sent),
         "mover_read_bytes": median(&mover_read),
-        "restore_floe_s": median(&rt[0]), "restore_tar_s": median(&rt[1]),
+        "restore_floe_s": restore_floe, "restore_tar_s": restore_tar,
         "floe_phases_s": {"map": median(&phases[0]), "move": median(&phases[1]),
             "media_commit": median(&phases[2]), "catalog": median(&phases[3])},
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;
+    let name = if restores > 0 {
+        "tree.json"
+    } else {
+        "tree-san.json"
+    };
     std::fs::write(
-        util::root().join("target/bench/tree.json"),
+        util::root().join("target/bench").join(name),
         serde_json::to_vec_pretty(&json)?,
     )?;
     drop(agent);
