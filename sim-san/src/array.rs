@@ -88,7 +88,7 @@ struct Fault {
 struct Latency {
     offset: u64,
     length: u64,
-    millis: u64,
+    delay: Duration,
 }
 
 struct Lun {
@@ -781,14 +781,14 @@ impl Array {
         lun: &str,
         offset: DeviceOffset,
         length: Bytes,
-        millis: u64,
+        delay: Duration,
     ) -> R<()> {
         let mut st = self.write_state();
         let l = lun_mut(&mut st, lun)?;
         l.latency.push(Latency {
             offset: offset.0,
             length: length.0,
-            millis,
+            delay,
         });
         Ok(())
     }
@@ -910,11 +910,11 @@ impl Array {
             l.latency
                 .iter()
                 .filter(|x| overlaps(x.offset, x.length))
-                .map(|x| x.millis)
+                .map(|x| x.delay)
                 .max()
         };
-        if let Some(ms) = delay {
-            std::thread::sleep(Duration::from_millis(ms));
+        if let Some(d) = delay {
+            std::thread::sleep(d);
         }
         {
             let st = self.read_state();
@@ -1155,6 +1155,34 @@ mod tests {
         a.create_lun("pool", Bytes(CHUNK * 2)).unwrap();
         a.create_volume("v", Bytes(CHUNK), 1, None).unwrap();
         assert!(a.map("v").unwrap().extents.iter().all(|e| e.lun == "pool"));
+    }
+
+    #[test]
+    fn injected_latency_delays_reads_of_its_range_only() {
+        let (_d, a) = array(1);
+        a.inject_latency(
+            "lun0",
+            DeviceOffset(8192),
+            Bytes(4096),
+            Duration::from_micros(30_000),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let t = std::time::Instant::now();
+        assert_eq!(a.nbd_read(0, 8192, &mut buf), Ok(()));
+        assert!(
+            t.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t.elapsed()
+        );
+        a.clear_faults();
+        let t = std::time::Instant::now();
+        assert_eq!(a.nbd_read(0, 8192, &mut buf), Ok(()));
+        assert!(
+            t.elapsed() < Duration::from_millis(30),
+            "cleared: {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The control API version.
 pub const CONTROL_VERSION: u32 = 1;
@@ -301,8 +302,13 @@ pub enum Op {
         offset: DeviceOffset,
         /// Length.
         length: Bytes,
-        /// Delay.
+        /// Delay, milliseconds (added to `micros`).
+        #[serde(default)]
         millis: u64,
+        /// Delay, microseconds (added to `millis`): SSD-backed arrays
+        /// answer in a fraction of a millisecond.
+        #[serde(default)]
+        micros: u64,
     },
     /// Remove all faults.
     ClearFaults,
@@ -475,8 +481,10 @@ pub fn execute(array: &Array, mut op: Op) -> Result<serde_json::Value, ArrayErro
             offset,
             length,
             millis,
+            micros,
         } => {
-            array.inject_latency(&lun, offset, length, millis)?;
+            let delay = Duration::from_millis(millis).saturating_add(Duration::from_micros(micros));
+            array.inject_latency(&lun, offset, length, delay)?;
             json!({})
         }
         Op::ClearFaults => {

@@ -134,6 +134,7 @@ fn a_slow_san_is_slow_but_exact() {
         offset: DeviceOffset(0),
         length: Bytes(32 * MIB),
         millis: 30,
+        micros: 0,
     });
     let t = Instant::now();
     let report = run(&lab, &lab.resolver(), &small_reads()).expect("backup");

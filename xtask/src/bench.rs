@@ -39,14 +39,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut floe_opts: Vec<String> = Vec::new();
     let mut case = "all".to_string();
     let mut files = 70_000usize;
-    let mut latency_ms = 1u64;
+    let mut latency_us = 1000u64;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mib" => size_mib = it.next().context("--size-mib N")?.parse()?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse()?,
             "--case" => case = it.next().context("--case volume|tree|tree-san|all")?.clone(),
-            "--latency-ms" => latency_ms = it.next().context("--latency-ms N")?.parse()?,
+            "--latency-us" => latency_us = it.next().context("--latency-us N")?.parse()?,
             "--files" => files = it.next().context("--files N")?.parse()?,
             "--floe-opts" => {
                 floe_opts = it
@@ -57,7 +57,7 @@ pub fn run(args: &[String]) -> Result<()> {
                     .collect()
             }
             other => bail!(
-                "unknown bench option {other} (--case volume|tree|tree-san|all, --size-mib N, --rounds N, --files N, --latency-ms N, --floe-opts \"...\")"
+                "unknown bench option {other} (--case volume|tree|tree-san|all, --size-mib N, --rounds N, --files N, --latency-us N, --floe-opts \"...\")"
             ),
         }
     }
@@ -83,7 +83,7 @@ pub fn run(args: &[String]) -> Result<()> {
             &util::root().join("target/release"),
             rounds.min(3),
             files,
-            crate::treebench::Storage::San { latency_ms },
+            crate::treebench::Storage::San { latency_us },
         );
     }
     util::ensure_packages(&[("nbdcopy", "libnbd-bin")])?;

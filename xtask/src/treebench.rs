@@ -97,12 +97,12 @@ pub enum Storage {
     /// mover reads a second, read-only loop device over the same image.
     Loop,
     /// A raw LUN of the SAN simulator answering each read after this many
-    /// milliseconds, seen through nbdfuse and loop devices (kernel block
+    /// microseconds, seen through nbdfuse and loop devices (kernel block
     /// devices whose every request crosses NBD): one the host mounts, a
     /// read-only one the mover reads.
     San {
-        /// Delay of every read request.
-        latency_ms: u64,
+        /// Delay of every read request, microseconds.
+        latency_us: u64,
     },
 }
 
@@ -198,7 +198,7 @@ fn mount_tree(
             m.loops.push(ro.clone());
             Ok((m, format!("file:{}", img.display()), ro, data))
         }
-        Storage::San { latency_ms } => {
+        Storage::San { latency_us } => {
             util::ensure_packages(&[("nbdfuse", "libnbd-bin")])?;
             let (san, ready) =
                 util::start_sim_san(bin, &work.join("san"), &[], &["tree=4G".to_string()])?;
@@ -244,7 +244,8 @@ fn mount_tree(
                 lun: "tree".into(),
                 offset: floe_core::units::DeviceOffset(0),
                 length: floe_core::units::Bytes(size),
-                millis: latency_ms,
+                millis: 0,
+                micros: latency_us,
             })?;
             // The mover's own read-only path to the same LUN: a loop
             // device over the FUSE file (the host's device is known by
@@ -425,8 +426,9 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
     let (tar, restic, floe) = (median(&t[0]), median(&t[1]), median(&t[2]));
     let on = match storage {
         Storage::Loop => "ext4 on a loop device".to_string(),
-        Storage::San { latency_ms } => format!(
-            "ext4 on a sim-san LUN answering each read after {latency_ms} ms (through nbdfuse + loop devices)"
+        Storage::San { latency_us } => format!(
+            "ext4 on a sim-san LUN answering each read after {} ms (through nbdfuse + loop devices)",
+            latency_us as f64 / 1000.0
         ),
     };
     println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds");
@@ -476,12 +478,12 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
             restore_floe / restore_tar
         );
     }
-    let latency_ms = match storage {
+    let latency_us = match storage {
         Storage::Loop => None,
-        Storage::San { latency_ms } => Some(latency_ms),
+        Storage::San { latency_us } => Some(latency_us),
     };
     let json = serde_json::json!({
-        "storage": on, "san_latency_ms": latency_ms,
+        "storage": on, "san_latency_us": latency_us,
         "files": files, "data_bytes": data, "rounds": rounds,
         "tar_s": tar, "restic_s": restic, "floe_s": floe,
         "tar_cpu_s": median(&cpu[0]), "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&cpu[2]),
