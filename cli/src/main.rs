@@ -3,6 +3,13 @@ mod commands;
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: the agent and the mover allocate and
+/// free millions of small strings per backup (item ids, paths, JSON);
+/// measured on the 70,000-file tree, glibc's malloc/free/consolidate were a
+/// fifth of the agent's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = commands::Cli::parse();
     match commands::run(cli) {
