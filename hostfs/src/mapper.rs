@@ -173,6 +173,80 @@ fn locate<'a>(
         })
 }
 
+/// Files reached through their directory's descriptor: the items of one
+/// directory (a map's part, a check's batch: in inode order, so several
+/// directories take turns) look their directory up once and each file by
+/// its name, instead of walking the whole path per file (path walks were
+/// a tenth of the agent's CPU on the 70,000-file tree). Like a path
+/// lookup, only the last component is never followed if it is a symlink.
+#[derive(Default)]
+struct DirCache {
+    dirs: HashMap<PathBuf, rustix::fd::OwnedFd>,
+}
+
+/// Directory descriptors a [`DirCache`] keeps open at most.
+const DIRS_KEPT: usize = 256;
+
+impl DirCache {
+    /// The descriptor of `path`'s directory and its last component
+    /// (`None`: a path without both, looked up whole).
+    fn at<'a>(
+        &mut self,
+        path: &'a Path,
+    ) -> std::io::Result<Option<(rustix::fd::BorrowedFd<'_>, &'a std::ffi::OsStr)>> {
+        use rustix::fd::AsFd;
+        use rustix::fs::{Mode, OFlags};
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(None);
+        };
+        if parent.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        if !self.dirs.contains_key(parent) {
+            if self.dirs.len() >= DIRS_KEPT {
+                self.dirs.clear();
+            }
+            let fd = rustix::fs::open(
+                parent,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            self.dirs.insert(parent.to_path_buf(), fd);
+        }
+        Ok(self.dirs.get(parent).map(|fd| (fd.as_fd(), name)))
+    }
+
+    /// [`open_file`] through the directory's descriptor.
+    fn open(&mut self, path: &Path) -> std::io::Result<std::fs::File> {
+        use rustix::fs::{Mode, OFlags};
+        let Some((dir, name)) = self.at(path)? else {
+            return open_file(path);
+        };
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let fd = rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty())
+            .or_else(|_| rustix::fs::openat(dir, name, flags, Mode::empty()))?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// `lstat` through the directory's descriptor: (is a regular file,
+    /// the config id it has if it is not one).
+    fn lstat(&mut self, path: &Path) -> std::io::Result<(bool, ConfigId)> {
+        use rustix::fs::{AtFlags, FileType};
+        let st = match self.at(path)? {
+            Some((dir, name)) => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?,
+            None => rustix::fs::lstat(path)?,
+        };
+        Ok((
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile,
+            node_config_of(
+                st.st_ino,
+                st.st_ctime,
+                i64::try_from(st.st_ctime_nsec).unwrap_or(0),
+            ),
+        ))
+    }
+}
+
 fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();
     // O_NONBLOCK: a FIFO put in a regular file's place is not waited on.
@@ -186,30 +260,75 @@ fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
     })
 }
 
-fn ctime(meta: &std::fs::Metadata) -> String {
-    format!("{}.{:09}", meta.ctime(), meta.ctime_nsec())
+/// Decimal digits of `n` after `s`. Config ids are built for every file
+/// twice per backup (map and check); through `format!` they were a
+/// twentieth of the agent's CPU on the 70,000-file tree.
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789"[usize::try_from(n % 10).unwrap_or(0)];
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+}
+
+/// `SECONDS.NANOSECONDS` (nine digits) of a change time, after `s`.
+fn push_ctime(s: &mut String, secs: i64, nsec: i64) {
+    if secs < 0 {
+        s.push('-');
+    }
+    push_u64(s, secs.unsigned_abs());
+    s.push('.');
+    let nsec = u64::try_from(nsec).unwrap_or(0);
+    let mut n = String::with_capacity(9);
+    push_u64(&mut n, nsec);
+    for _ in n.len()..9 {
+        s.push('0');
+    }
+    s.push_str(&n);
 }
 
 /// The config id of a regular file from its stat, extents and the
-/// translator's epoch.
+/// translator's epoch: `f:INODE:GENERATION:SIZE:CTIME:DIGEST` + epoch.
 fn file_config(
     meta: &std::fs::Metadata,
     gen: Option<u64>,
     ex: &[FiemapExtent],
     epoch: &str,
 ) -> ConfigId {
-    ConfigId::new(format!(
-        "f:{}:{}:{}:{}:{}{epoch}",
-        meta.ino(),
-        gen.unwrap_or(0),
-        meta.len(),
-        ctime(meta),
-        extents_digest(ex)
-    ))
+    let mut s = String::with_capacity(80 + epoch.len());
+    s.push_str("f:");
+    push_u64(&mut s, meta.ino());
+    s.push(':');
+    push_u64(&mut s, gen.unwrap_or(0));
+    s.push(':');
+    push_u64(&mut s, meta.len());
+    s.push(':');
+    push_ctime(&mut s, meta.ctime(), meta.ctime_nsec());
+    s.push(':');
+    s.push_str(&extents_digest(ex));
+    s.push_str(epoch);
+    ConfigId::new(s)
 }
 
+/// The config id of anything but a regular file: `n:INODE:CTIME`.
 fn node_config(meta: &std::fs::Metadata) -> ConfigId {
-    ConfigId::new(format!("n:{}:{}", meta.ino(), ctime(meta)))
+    node_config_of(meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
+
+/// [`node_config`] from an inode number and change time.
+fn node_config_of(ino: u64, ctime: i64, ctime_nsec: i64) -> ConfigId {
+    let mut s = String::with_capacity(48);
+    s.push_str("n:");
+    push_u64(&mut s, ino);
+    s.push(':');
+    push_ctime(&mut s, ctime, ctime_nsec);
+    ConfigId::new(s)
 }
 
 /// The part of a file's config id that says which version its content is
@@ -262,6 +381,7 @@ impl FileMapper {
         tr: &dyn Translate,
         link: Option<&String>,
         sync: bool,
+        dirs: &mut DirCache,
     ) -> Result<Option<Item>> {
         let id = item_id(root, &e.rel);
         let Some(kind) = kind_of(&e.meta) else {
@@ -270,8 +390,9 @@ impl FileMapper {
         if kind == ItemKind::File && link.is_none() {
             // Open once: extended attributes, stat and FIEMAP all through
             // the descriptor.
-            let f =
-                open_file(&e.path).map_err(|err| Error::io("open", err).item(&id).path(&e.path))?;
+            let f = dirs
+                .open(&e.path)
+                .map_err(|err| Error::io("open", err).item(&id).path(&e.path))?;
             let file = capture_from(root, &e.rel, &e.path, &e.meta, XattrSource::File(&f))
                 .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
             return Self::map_file(&id, &e.path, &f, file, tr, sync).map(Some);
@@ -525,13 +646,14 @@ impl FileMapper {
                 .chunks(chunk)
                 .map(|part| {
                     sc.spawn(move || {
+                        let mut dirs = DirCache::default();
                         part.iter()
                             .map(|(source, e, link)| {
                                 let root = &roots[*source];
                                 let tr = translators[*source].as_ref();
                                 (
                                     item_id(root, &e.rel),
-                                    Self::map_entry(root, e, tr, link.as_ref(), true),
+                                    Self::map_entry(root, e, tr, link.as_ref(), true, &mut dirs),
                                 )
                             })
                             .collect()
@@ -704,20 +826,19 @@ impl FileValidity {
         &self,
         hs: &[(SourceHandle, crate::source::SourceSpec)],
         epochs: &mut HashMap<PathBuf, String>,
+        dirs: &mut DirCache,
         item: &ItemId,
     ) -> Result<ConfigId> {
         let (h, _, _, path) = locate(hs, item)?;
         if h.volume.is_some() {
             return Ok(crate::volume::volume_config(&h.frozen));
         }
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(m) => m,
+        match dirs.lstat(&path) {
+            Ok((true, _)) => {}
+            Ok((false, node)) => return Ok(node),
             Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),
-        };
-        if !meta.is_file() {
-            return Ok(node_config(&meta));
         }
-        let f = match open_file(&path) {
+        let f = match dirs.open(&path) {
             Ok(f) => f,
             Err(e) => return Ok(ConfigId::new(format!("gone:{e}"))),
         };
@@ -737,14 +858,19 @@ impl FileValidity {
 
 impl ValidityIndicator for FileValidity {
     fn config_id(&mut self, image: &FrozenImage, item: &ItemId) -> Result<ConfigId> {
-        self.one(&handles(image)?, &mut HashMap::new(), item)
+        self.one(
+            &handles(image)?,
+            &mut HashMap::new(),
+            &mut DirCache::default(),
+            item,
+        )
     }
     fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
         let hs = handles(image)?;
-        let mut epochs = HashMap::new();
+        let (mut epochs, mut dirs) = (HashMap::new(), DirCache::default());
         items
             .iter()
-            .map(|i| self.one(&hs, &mut epochs, i))
+            .map(|i| self.one(&hs, &mut epochs, &mut dirs, i))
             .collect()
     }
 }
@@ -788,4 +914,81 @@ macro_rules! file_mapper_plugin {
 
         floe_core::export_plugin!($plugin);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn digits_are_to_string_s(n in any::<u64>()) {
+            let mut s = String::from("x");
+            push_u64(&mut s, n);
+            prop_assert_eq!(s, format!("x{n}"));
+        }
+    }
+
+    #[test]
+    fn files_through_their_directory_are_the_files_at_their_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("f"), b"in a").unwrap();
+        std::fs::write(b.join("f"), b"in b").unwrap();
+        std::os::unix::fs::symlink("f", a.join("link")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            a.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let mut dirs = DirCache::default();
+        for p in [a.join("f"), b.join("f"), a.join("f")] {
+            let mut got = String::new();
+            std::io::Read::read_to_string(&mut dirs.open(&p).unwrap(), &mut got).unwrap();
+            assert_eq!(got, std::fs::read_to_string(&p).unwrap(), "{}", p.display());
+            assert!(dirs.lstat(&p).unwrap().0);
+        }
+        // The link itself, never what it names; a FIFO without waiting.
+        let link = a.join("link");
+        assert!(dirs.open(&link).is_err(), "a symlink was followed");
+        let (file, id) = dirs.lstat(&link).unwrap();
+        assert!(!file);
+        assert_eq!(id, node_config(&std::fs::symlink_metadata(&link).unwrap()));
+        let fifo = a.join("fifo");
+        let (file, id) = dirs.lstat(&fifo).unwrap();
+        assert!(!file);
+        assert_eq!(id, node_config(&std::fs::symlink_metadata(&fifo).unwrap()));
+        assert!(dirs.lstat(&a.join("gone")).is_err());
+    }
+
+    #[test]
+    fn config_ids_are_what_format_made_them() {
+        // The ids were `format!`ed before; a set's recorded ids must keep
+        // comparing equal to the ids checks compute now.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"bytes").unwrap();
+        let meta = std::fs::metadata(&f).unwrap();
+        let ex = [FiemapExtent::new(0, 4096, 4096, 0)];
+        let ctime = format!("{}.{:09}", meta.ctime(), meta.ctime_nsec());
+        assert_eq!(
+            file_config(&meta, Some(7), &ex, "@e").as_str(),
+            format!(
+                "f:{}:7:{}:{ctime}:{}@e",
+                meta.ino(),
+                meta.len(),
+                extents_digest(&ex)
+            )
+        );
+        assert_eq!(
+            node_config(&meta).as_str(),
+            format!("n:{}:{ctime}", meta.ino())
+        );
+    }
 }
