@@ -656,7 +656,9 @@ impl MediaWriter for TarWriter {
             let _ = std::fs::remove_file(&w.path);
             return Err(e);
         }
-        Ok(Committed::of(&record))
+        let committed = Committed::of(&record);
+        floe_core::media::drop_later((record, w));
+        Ok(committed)
     }
 
     fn abort(&mut self) -> Result<()> {
