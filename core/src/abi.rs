@@ -69,6 +69,12 @@ pub trait Mapper: Send {
             more: false,
         })
     }
+    /// [`Mapper::map_part`], and the part as the JSON it came in when it
+    /// crossed a plugin boundary (the agent hands those bytes on instead
+    /// of encoding the part again). Default: no JSON.
+    fn map_part_json(&mut self, image: &FrozenImage) -> Result<(MapPart, Option<String>)> {
+        Ok((self.map_part(image)?, None))
+    }
 }
 
 /// Says whether an item's map is still valid.
@@ -668,8 +674,16 @@ impl Mapper for LoadedMapper {
         back(&self.0, "remap", r)
     }
     fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
-        let r = self.1.map_part(to_json(image)?.as_str().into());
-        back(&self.0, "map part", r)
+        self.map_part_json(image).map(|(part, _)| part)
+    }
+    fn map_part_json(&mut self, image: &FrozenImage) -> Result<(MapPart, Option<String>)> {
+        match self.1.map_part(to_json(image)?.as_str().into()) {
+            ROk(s) => {
+                let json = s.into_string();
+                Ok((from_json(&json, "map part")?, Some(json)))
+            }
+            RErr(e) => Err(err_from_text(&self.0, "map part", &e)),
+        }
     }
 }
 

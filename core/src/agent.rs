@@ -9,8 +9,8 @@ use crate::loader::PluginRegistry;
 use crate::map::validate_item;
 use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, MapPart, Remap};
 use crate::protocol::{
-    encode_message, read_message, write_frame, write_message, Request, Response, DEFAULT_MAX_FRAME,
-    VERSION,
+    encode_map_part_json, encode_message, read_message, write_frame, write_message, Request,
+    Response, DEFAULT_MAX_FRAME, VERSION,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -63,7 +63,8 @@ struct Frozen {
 /// may be frozen meanwhile: it never waits for the mover), lets the
 /// freezer's writes go after the last, then hands that last part out.
 struct MapParts {
-    rx: std::sync::mpsc::Receiver<Result<MapPart>>,
+    /// Each part, with the JSON it crossed the plugin boundary as.
+    rx: std::sync::mpsc::Receiver<Result<(MapPart, Option<String>)>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -95,13 +96,13 @@ impl MapParts {
                         return;
                     }
                     let part = lock(&mapper)
-                        .map_part(&image)
+                        .map_part_json(&image)
                         .map_err(|e| e.op("map"))
-                        .and_then(|p| {
+                        .and_then(|(p, json)| {
                             p.map.items.iter().try_for_each(validate_item)?;
-                            Ok(p)
+                            Ok((p, json))
                         });
-                    let last = part.as_ref().map_or(true, |p| !p.more);
+                    let last = part.as_ref().map_or(true, |(p, _)| !p.more);
                     if last {
                         // Writes held for the map go before the last part
                         // is handed out, mapped or not.
@@ -123,15 +124,15 @@ impl MapParts {
         })
     }
 
-    /// The next part (blocking until it is mapped).
-    fn next(&mut self) -> Result<MapPart> {
+    /// The next part (blocking until it is mapped), with its JSON.
+    fn next(&mut self) -> Result<(MapPart, Option<String>)> {
         let r = self.rx.recv().unwrap_or_else(|_| {
             Err(Error::new(
                 ErrorKind::Plugin,
                 "the mapping thread ended without its last part",
             ))
         });
-        if r.as_ref().map_or(true, |p| !p.more) {
+        if r.as_ref().map_or(true, |(p, _)| !p.more) {
             self.join();
         }
         r
@@ -149,6 +150,13 @@ impl Drop for MapParts {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.join();
     }
+}
+
+/// What the agent answers a request with: a message, or a frame already
+/// encoded (a part of a map, as its plugin wrote it).
+enum Answer {
+    Message(Box<Response>),
+    Frame(Vec<u8>),
 }
 
 impl Frozen {
@@ -378,7 +386,7 @@ impl Agent {
         };
         let first = frozen.parts.as_mut().expect("started above").next();
         match first {
-            Ok(part) => {
+            Ok((part, _)) => {
                 if !part.more {
                     frozen.parts = None;
                 }
@@ -396,12 +404,12 @@ impl Agent {
         images: &mut HashMap<ImageId, Frozen>,
         restore: &mut Option<crate::restore::RestoreSession>,
         req: Request,
-    ) -> Result<Response> {
+    ) -> Result<Answer> {
         let session = |r: &mut Option<crate::restore::RestoreSession>| {
             r.take()
                 .ok_or_else(|| Error::new(ErrorKind::Protocol, "no restore begun"))
         };
-        Ok(match req {
+        Ok(Answer::Message(Box::new(match req {
             Request::RestoreBegin { dest, no_owners } => {
                 let s = crate::restore::RestoreSession::begin(
                     &dest,
@@ -488,10 +496,16 @@ impl Agent {
                     )
                 })?;
                 let part = parts.next();
-                if part.as_ref().map_or(true, |p| !p.more) {
+                if part.as_ref().map_or(true, |(p, _)| !p.more) {
                     f.parts = None;
                 }
-                Response::MapPart(part?)
+                // Handed on as the plugin wrote it (decoded and checked
+                // above), not encoded a second time.
+                let (part, json) = part?;
+                if let Some(frame) = json.as_deref().and_then(encode_map_part_json) {
+                    return frame.map(Answer::Frame);
+                }
+                Response::MapPart(part)
             }
             Request::Attach { image } => {
                 self.reap();
@@ -538,9 +552,9 @@ impl Agent {
             Request::CheckConfigs { image, items } => {
                 let f = frozen(images, &image)?;
                 if f.still_held() {
-                    return Ok(Response::Configs {
+                    return Ok(Answer::Message(Box::new(Response::Configs {
                         current: items.into_iter().map(|(_, c)| c).collect(),
-                    });
+                    })));
                 }
                 let ids: Vec<ItemId> = items.iter().map(|(i, _)| i.clone()).collect();
                 let current = f.validity.config_ids(&f.image, &ids)?;
@@ -569,7 +583,7 @@ impl Agent {
                 f.release().map_err(|e| e.op("release"))?;
                 Response::Released
             }
-        })
+        })))
     }
 
     /// Serve one mover on a byte stream until it hangs up; frozen images it
@@ -594,11 +608,12 @@ impl Agent {
                     break Err(e);
                 }
             };
-            let resp = match self.answer(&mut images, &mut restore, req) {
-                Ok(r) => r,
-                Err(e) => Response::Error { error: e.to_wire() },
+            let written = match self.answer(&mut images, &mut restore, req) {
+                Ok(Answer::Message(r)) => write_message(&mut w, &*r),
+                Ok(Answer::Frame(frame)) => write_frame(&mut w, &frame),
+                Err(e) => write_message(&mut w, &Response::Error { error: e.to_wire() }),
             };
-            if let Err(e) = write_message(&mut w, &resp) {
+            if let Err(e) = written {
                 break Err(e);
             }
         };

@@ -375,16 +375,36 @@ pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> Result<()> {
 pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     let payload = serde_json::to_vec(msg)
         .map_err(|e| Error::new(ErrorKind::Protocol, "cannot encode message").source(e))?;
+    encode_payload(&payload)
+}
+
+/// A [`Response::MapPart`] from the JSON of its [`MapPart`] as a plugin
+/// wrote it (a JSON object with at least one field): the frame
+/// `encode_message` makes of the decoded part, without encoding it again.
+/// `None` for anything that is not such an object.
+pub fn encode_map_part_json(json: &str) -> Option<Result<Vec<u8>>> {
+    let fields = json.trim_start().strip_prefix('{')?;
+    if !fields.trim_start().starts_with('"') {
+        return None;
+    }
+    let mut payload = Vec::with_capacity(json.len() + 20);
+    payload.extend_from_slice(br#"{"type":"map_part","#);
+    payload.extend_from_slice(fields.as_bytes());
+    Some(encode_payload(&payload))
+}
+
+/// A JSON payload as the frame that carries it (compressed when large).
+fn encode_payload(payload: &[u8]) -> Result<Vec<u8>> {
     #[cfg(feature = "engine")]
     let frame = if payload.len() >= COMPRESS_FROM {
-        let packed = zstd::bulk::compress(&payload, 1)
+        let packed = zstd::bulk::compress(payload, 1)
             .map_err(|e| Error::new(ErrorKind::Protocol, "cannot compress message").source(e))?;
         encode_frame_flags(&packed, FLAG_ZSTD)?
     } else {
-        encode_frame(&payload)?
+        encode_frame(payload)?
     };
     #[cfg(not(feature = "engine"))]
-    let frame = encode_frame(&payload)?;
+    let frame = encode_frame(payload)?;
     Ok(frame)
 }
 
@@ -501,6 +521,30 @@ mod tests {
             decode_message::<Response>(br#"{"type":"released"}"#).unwrap(),
             Response::Released
         );
+
+        // The agent hands a plugin's JSON of the part on as the frame it
+        // would have encoded (compressed: it is large), byte for byte.
+        let Response::MapPart(part) = &resp else {
+            unreachable!()
+        };
+        let json = serde_json::to_string(part).unwrap();
+        let frame = encode_map_part_json(&json).unwrap().unwrap();
+        assert_eq!(frame, encode_message(&resp).unwrap());
+        let back: Response = read_message(&mut frame.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, resp);
+        // Another plugin's spacing still makes the same message.
+        let spaced = format!(" {{ {}", &json[1..]);
+        let frame = encode_map_part_json(&spaced).unwrap().unwrap();
+        let back: Response = read_message(&mut frame.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, resp);
+        // Only a JSON object with fields is spliced.
+        for not in ["[]", "{}", "7", ""] {
+            assert!(encode_map_part_json(not).is_none(), "{not}");
+        }
     }
 
     #[test]
