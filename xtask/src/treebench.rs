@@ -7,6 +7,11 @@
 //! rounds interleaved, page cache dropped before each run. Then restore:
 //! `floe restore --to-dir` beside `tar -xf`.
 //!
+//! `--case tree-san --latency-us N`: the same tree on a sim-san LUN that
+//! answers every read after N µs, seen by the host (and by the mover)
+//! through nbdfuse and loop devices — storage where each read waits, as
+//! the brief's was; backup only, one round unless told.
+//!
 //! Reported: wall time; CPU seconds of the agent (the application host's
 //! cost) and of tar/restic; bytes the agent read from storage and bytes it
 //! wrote to the mover (`/proc/PID/io`).
