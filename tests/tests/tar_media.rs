@@ -270,13 +270,20 @@ fn a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_on
         String::from_utf8_lossy(&out.stderr)
     );
     let set = set_of(&String::from_utf8_lossy(&out.stdout));
-    let restore = |to: &std::path::Path| {
-        floe()
-            .args(["restore", "--media", &spec, "--set", &set, "--to-dir"])
-            .arg(to)
-            .output()
-            .unwrap()
+    // Restore to `to`, syncing every `sync_every` bytes, failing at
+    // `errpoint`.
+    let restore_with = |to: &std::path::Path, sync_every: Option<&str>, errpoint: Option<&str>| {
+        let mut c = floe();
+        if let Some(point) = errpoint {
+            c.env("FLOE_ERRPOINT", point);
+        }
+        c.args(["restore", "--media", &spec, "--set", &set]);
+        if let Some(n) = sync_every {
+            c.args(["--sync-every", n]);
+        }
+        c.arg("--to-dir").arg(to).output().unwrap()
     };
+    let restore = |to: &std::path::Path| restore_with(to, None, None);
     // By the catalog's record, straight to each file's bytes.
     let good = src.dir.path().join("good");
     let r = restore(&good);
@@ -287,38 +294,12 @@ fn a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_on
     // Made durable as it goes (a sync every 16 KiB of file data): the
     // same tree; a sync that fails on the way fails the restore, named.
     let synced = src.dir.path().join("synced");
-    let r = floe()
-        .args([
-            "restore",
-            "--media",
-            &spec,
-            "--set",
-            &set,
-            "--sync-every",
-            "16K",
-            "--to-dir",
-        ])
-        .arg(&synced)
-        .output()
-        .unwrap();
+    let r = restore_with(&synced, Some("16K"), None);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let diffs = compare_trees(&src.mnt, &synced);
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
-    let r = floe()
-        .env("FLOE_ERRPOINT", "restore-sync")
-        .args([
-            "restore",
-            "--media",
-            &spec,
-            "--set",
-            &set,
-            "--sync-every",
-            "16K",
-            "--to-dir",
-        ])
-        .arg(src.dir.path().join("unsynced"))
-        .output()
-        .unwrap();
+    let unsynced = src.dir.path().join("unsynced");
+    let r = restore_with(&unsynced, Some("16K"), Some("restore-sync"));
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success(), "a failed sync was not reported: {err}");
     assert!(err.contains("sync") && err.contains("unsynced"), "{err}");
