@@ -30,7 +30,8 @@ pub struct TreeOptions {
     /// Make restored file data durable every SIZE bytes as the restore
     /// goes: a sync of the destination's file system in the background,
     /// so the disk writes while later files are made instead of all at
-    /// the end (0: one sync at the end only).
+    /// the end (0: one sync at the end only). Restores to a directory on
+    /// this host; through an agent, the agent syncs once at the end.
     #[cfg_attr(
         feature = "cli",
         arg(long, value_name = "SIZE", default_value_t = DEFAULT_SYNC_EVERY)
