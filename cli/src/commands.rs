@@ -816,10 +816,16 @@ fn set_to_restore(
 ) -> anyhow::Result<floe_core::model::SetRecord> {
     let path = catalog_path(catalog);
     if path.exists() {
-        if let Ok(e) = Catalog::open(&path).and_then(|c| c.set(&SetId::new(a.set.clone()))) {
-            if e.media == a.media.media {
-                return Ok(e.record);
-            }
+        match Catalog::open(&path).and_then(|c| c.set(&SetId::new(a.set.clone()))) {
+            Ok(e) if e.media == a.media.media => return Ok(e.record),
+            // Catalogued on other media, or not at all: these media say.
+            Ok(_) => {}
+            Err(e) if e.kind() == floe_core::error::ErrorKind::NotFound => {}
+            Err(e) => eprintln!(
+                "floe: warning: the catalog {} could not be read ({e}); reading the set's record from {}",
+                path.display(),
+                a.media.media
+            ),
         }
     }
     reader

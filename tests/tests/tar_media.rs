@@ -339,4 +339,14 @@ fn a_tree_restore_goes_where_the_catalog_says_and_wrong_bytes_fail_their_file_on
         &diffs[..diffs.len().min(20)]
     );
     assert!(!diffs.is_empty());
+
+    // A catalog that cannot be read: the media's own index, said so.
+    std::fs::write(&catalog, vec![0x5a; 64 * 1024]).unwrap();
+    let unread = src.dir.path().join("unread");
+    let r = restore(&unread);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("could not be read"), "{err}");
+    let diffs = compare_trees(&src.mnt, &unread);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
 }
