@@ -1051,12 +1051,27 @@ fn run_list(
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // Plugin files are found now and loaded as commands need them.
+    let reg = registry(&cli.plugin_dirs);
+    let lists_refused = matches!(cli.command, Command::Agent(_) | Command::Plugins);
+    let done = run_with(cli, reg.clone());
+    // A plugin file passed over on the way (an old build early in the
+    // search path) is named, whatever the command's outcome.
+    if !lists_refused {
+        for r in reg.refused_so_far() {
+            eprintln!("floe: warning: plugin file passed over: {r}");
+        }
+    }
+    done
+}
+
+fn run_with(cli: Cli, reg: Arc<PluginRegistry>) -> anyhow::Result<()> {
     match cli.command {
         Command::SimSan(c) => floe_sim_san::cli::run(c),
-        Command::Agent(a) => agent(registry(&cli.plugin_dirs), a),
-        Command::Backup(a) => run_backup(registry(&cli.plugin_dirs), *a, cli.catalog.as_ref()),
-        Command::Restore(a) => run_restore(registry(&cli.plugin_dirs), a, cli.catalog.as_ref()),
-        Command::List(a) => run_list(registry(&cli.plugin_dirs), a, cli.catalog.as_ref()),
+        Command::Agent(a) => agent(reg, a),
+        Command::Backup(a) => run_backup(reg, *a, cli.catalog.as_ref()),
+        Command::Restore(a) => run_restore(reg, a, cli.catalog.as_ref()),
+        Command::List(a) => run_list(reg, a, cli.catalog.as_ref()),
         Command::Show { set } => {
             let e = open_catalog(cli.catalog.as_ref())?.set(&SetId::new(set))?;
             println!("{}", serde_json::to_string_pretty(&e)?);
@@ -1084,7 +1099,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify { media, set } => {
-            let reg = registry(&cli.plugin_dirs);
             let mut reader = media_reader(&reg, &media)?;
             let sets: Vec<SetId> = match set {
                 Some(s) => vec![SetId::new(s)],
@@ -1124,7 +1138,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "say what to keep: --keep-last, --keep-daily, --keep-weekly or --keep-monthly"
                 );
             }
-            let reg = registry(&cli.plugin_dirs);
             let sets = media_reader(&reg, &media)?.list_sets()?;
             let (keep, forget) = floe_core::retention::plan(&sets, &policy);
             for k in &keep {
@@ -1177,14 +1190,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {
-            let reg = registry(&cli.plugin_dirs);
             let mut reader = media_reader(&reg, &media)?;
             let n = open_catalog(cli.catalog.as_ref())?.rebuild(&media.media, reader.as_mut())?;
             println!("catalog rebuilt from {}: {n} set(s)", media.media);
             Ok(())
         }
         Command::Plugins => {
-            let reg = registry(&cli.plugin_dirs);
             for p in reg.plugins() {
                 println!(
                     "{:<8} {:<8} {:?}  {}",

@@ -279,6 +279,17 @@ impl PluginRegistry {
             .collect()
     }
 
+    /// The files refused among those loaded so far (none loaded for
+    /// this call), and why: a command that found its plugins elsewhere
+    /// says which files on the way it had to pass over (an old build
+    /// early in the search path).
+    pub fn refused_so_far(&self) -> Vec<&Error> {
+        self.files
+            .iter()
+            .filter_map(|f| f.loaded.get().and_then(|r| r.as_ref().err()))
+            .collect()
+    }
+
     /// The plugin named `name`: the file of that name if it declares that
     /// name, else the first file that does.
     pub fn get(&self, name: &str) -> Option<&LoadedPlugin> {

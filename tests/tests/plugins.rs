@@ -7,6 +7,7 @@ use floe_core::model::*;
 use floe_core::units::Bytes;
 use floe_core::ErrorKind;
 use floe_tests::build_dir;
+use std::path::Path;
 
 fn fixture() -> std::path::PathBuf {
     let p = build_dir().join("libfloe_fixture_abi_mismatch.so");
@@ -60,6 +61,44 @@ fn a_plugin_built_for_another_abi_version_is_refused_naming_file_and_versions() 
     assert!(
         text.contains("libfloe_plugin_mismatch.so was built for Floe plugin ABI version"),
         "{text}"
+    );
+}
+
+#[test]
+fn a_refused_file_passed_over_for_a_good_plugin_is_named_in_a_warning() {
+    // An old build early in the search path: the command works with the
+    // good plugin found later, and says which file it passed over.
+    let dir = tempfile::tempdir().unwrap();
+    let early = dir.path().join("early");
+    std::fs::create_dir_all(&early).unwrap();
+    std::fs::create_dir_all(dir.path().join("media")).unwrap();
+    std::fs::copy(fixture(), early.join("libfloe_plugin_disk.so")).unwrap();
+    let run = |plugin_dir: &Path| {
+        std::process::Command::new(floe_tests::floe_bin())
+            .arg("--plugin-dir")
+            .arg(plugin_dir)
+            .arg("--catalog")
+            .arg(dir.path().join("catalog.db"))
+            .args(["list", "--media"])
+            .arg(format!("disk:{}", dir.path().join("media").display()))
+            .output()
+            .unwrap()
+    };
+    let out = run(&early);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: plugin file passed over")
+            && err.contains(&early.join("libfloe_plugin_disk.so").display().to_string())
+            && err.contains("ABI version"),
+        "{err}"
+    );
+    // Nothing passed over, nothing said.
+    let out = run(dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("passed over"),
+        "{err}"
     );
 }
 
