@@ -12,6 +12,7 @@ use crate::protocol::{
     encode_map_part_json, encode_message, read_message, write_frame, write_message, Request,
     Response, DEFAULT_MAX_FRAME, VERSION,
 };
+use crate::units::Bytes;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -410,11 +411,16 @@ impl Agent {
                 .ok_or_else(|| Error::new(ErrorKind::Protocol, "no restore begun"))
         };
         Ok(Answer::Message(Box::new(match req {
-            Request::RestoreBegin { dest, no_owners } => {
+            Request::RestoreBegin {
+                dest,
+                no_owners,
+                sync_every,
+            } => {
                 let s = crate::restore::RestoreSession::begin(
                     &dest,
                     &self.opts.allow_restore,
                     no_owners,
+                    sync_every.map_or(crate::restore::DEFAULT_SYNC_EVERY, Bytes),
                 )
                 .map_err(|e| e.agent(&self.opts.host))?;
                 let dest = s.root().display().to_string();
@@ -829,12 +835,19 @@ impl AgentClient {
         }
     }
 
-    /// Begin a restore under `dest` on the agent's host; the destination
-    /// as the agent resolved it.
-    pub fn restore_begin(&mut self, dest: &str, no_owners: bool) -> Result<String> {
+    /// Begin a restore under `dest` on the agent's host, its file system
+    /// synced every `sync_every` bytes as it goes (0: at the end only);
+    /// the destination as the agent resolved it.
+    pub fn restore_begin(
+        &mut self,
+        dest: &str,
+        no_owners: bool,
+        sync_every: Bytes,
+    ) -> Result<String> {
         match self.call(Request::RestoreBegin {
             dest: dest.to_string(),
             no_owners,
+            sync_every: Some(sync_every.0),
         })? {
             Response::RestoreBegun { dest } => Ok(dest),
             other => Err(unexpected(&other)),

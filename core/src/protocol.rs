@@ -90,6 +90,11 @@ pub enum Request {
         dest: String,
         /// Leave owners as the agent's user.
         no_owners: bool,
+        /// Sync the destination's file system in the background every
+        /// this many bytes of file data (0: only at the end; absent: the
+        /// agent's default, 128 MiB).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sync_every: Option<u64>,
     },
     /// Make this item at `dest` (under the session's destination). A file
     /// then takes `RestoreData` frames and a `RestoreItemEnd`.

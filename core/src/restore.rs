@@ -30,8 +30,8 @@ pub struct TreeOptions {
     /// Make restored file data durable every SIZE bytes as the restore
     /// goes: a sync of the destination's file system in the background,
     /// so the disk writes while later files are made instead of all at
-    /// the end (0: one sync at the end only). Restores to a directory on
-    /// this host; through an agent, the agent syncs once at the end.
+    /// the end (0: one sync at the end only). Through an agent, the agent
+    /// syncs its destination so.
     #[cfg_attr(
         feature = "cli",
         arg(long, value_name = "SIZE", default_value_t = DEFAULT_SYNC_EVERY)
@@ -641,23 +641,40 @@ impl Flusher {
     /// Its thread, syncing once per nudge until every sender is gone.
     fn start<'s>(&'s self, sc: &'s std::thread::Scope<'s, '_>) -> std::sync::mpsc::SyncSender<()> {
         let (nudge, nudges) = std::sync::mpsc::sync_channel::<()>(1);
-        sc.spawn(move || {
-            for () in nudges {
-                let synced = if crate::media::errpoint("restore-sync") {
-                    Err(rustix::io::Errno::IO)
-                } else {
-                    rustix::fs::syncfs(&self.dir)
-                };
-                if let Err(e) = synced {
-                    let mut failed = self
-                        .failed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    failed.get_or_insert(e.into());
-                }
-            }
-        });
+        sc.spawn(move || self.serve(&nudges));
         nudge
+    }
+
+    /// [`Flusher::start`] on a thread of its own (a restore through the
+    /// agent lives across requests): the nudge and the thread, which
+    /// ends once the nudge is dropped.
+    fn start_owned(
+        self: &std::sync::Arc<Self>,
+    ) -> std::io::Result<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)> {
+        let (nudge, nudges) = std::sync::mpsc::sync_channel::<()>(1);
+        let me = std::sync::Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("floe-restore-sync".into())
+            .spawn(move || me.serve(&nudges))?;
+        Ok((nudge, thread))
+    }
+
+    /// Sync once per nudge, keeping the first failure.
+    fn serve(&self, nudges: &std::sync::mpsc::Receiver<()>) {
+        for () in nudges {
+            let synced = if crate::media::errpoint("restore-sync") {
+                Err(rustix::io::Errno::IO)
+            } else {
+                rustix::fs::syncfs(&self.dir)
+            };
+            if let Err(e) = synced {
+                let mut failed = self
+                    .failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                failed.get_or_insert(e.into());
+            }
+        }
     }
 
     /// `n` more bytes written: nudge the thread when enough are.
@@ -696,11 +713,41 @@ pub struct RestoreSession {
     dirs: Vec<TreeStep>,
     items: u64,
     bytes: u64,
+    /// Syncs the destination as the restore goes (none: at the end only).
+    flusher: Option<SessionFlusher>,
+}
+
+/// A restore session's [`Flusher`], its nudge and its thread.
+struct SessionFlusher {
+    flusher: std::sync::Arc<Flusher>,
+    nudge: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SessionFlusher {
+    /// Stop the thread (after its pending sync); its first failure.
+    fn stop(self) -> Result<()> {
+        drop(self.nudge);
+        if self.thread.join().is_err() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the restore's sync thread panicked",
+            ));
+        }
+        self.flusher.failed()
+    }
 }
 
 impl RestoreSession {
     /// Begin restoring under `dest`, which must lie under one of `allow`.
-    pub fn begin(dest: &str, allow: &[String], no_owners: bool) -> Result<RestoreSession> {
+    /// Its file system is synced every `sync_every` bytes of file data
+    /// as the session goes (0: only at its end).
+    pub fn begin(
+        dest: &str,
+        allow: &[String],
+        no_owners: bool,
+        sync_every: Bytes,
+    ) -> Result<RestoreSession> {
         let denied = |why: String| Error::new(ErrorKind::Denied, why).op("restore");
         let d = Path::new(dest);
         if !d.is_absolute() || d.components().any(|c| matches!(c, Component::ParentDir)) {
@@ -729,6 +776,20 @@ impl RestoreSession {
         }
         let root = canon.join(d.strip_prefix(&existing).unwrap_or(Path::new("")));
         std::fs::create_dir_all(&root).map_err(|e| io("create directory", &root, e))?;
+        let flusher = match Flusher::new(Some(&root), sync_every) {
+            Some(f) => {
+                let flusher = std::sync::Arc::new(f);
+                let (nudge, thread) = flusher
+                    .start_owned()
+                    .map_err(|e| io("start the sync thread", &root, e))?;
+                Some(SessionFlusher {
+                    flusher,
+                    nudge,
+                    thread,
+                })
+            }
+            None => None,
+        };
         Ok(RestoreSession {
             root,
             owners: !no_owners && rustix::process::geteuid().is_root(),
@@ -736,6 +797,7 @@ impl RestoreSession {
             dirs: Vec::new(),
             items: 0,
             bytes: 0,
+            flusher,
         })
     }
 
@@ -824,6 +886,9 @@ impl RestoreSession {
             }
             return Err(e);
         }
+        if let Some(f) = &self.flusher {
+            f.flusher.wrote(bytes.len() as u64, &f.nudge);
+        }
         Ok(w.written)
     }
 
@@ -852,9 +917,13 @@ impl RestoreSession {
     /// Everything is made: sync, then directories' metadata, deepest
     /// first. The failures are directories whose metadata failed.
     pub fn finish(mut self) -> Result<TreeReport> {
+        // The syncs on the way first: a failure of theirs is reported
+        // once, to them.
+        let synced = self.flusher.take().map_or(Ok(()), SessionFlusher::stop);
         if let Ok(d) = std::fs::File::open(&self.root) {
             rustix::fs::syncfs(&d).map_err(|e| io("sync", &self.root, e))?;
         }
+        synced?;
         self.dirs
             .sort_by_key(|s| std::cmp::Reverse(s.dest.components().count()));
         let mut failures = Vec::new();
@@ -886,7 +955,7 @@ pub fn restore_tree_via_agent(
     opts: &TreeOptions,
     progress: &mut dyn FnMut(&TreeStep),
 ) -> Result<TreeReport> {
-    let root = agent.restore_begin(&dest.to_string_lossy(), opts.no_owners)?;
+    let root = agent.restore_begin(&dest.to_string_lossy(), opts.no_owners, opts.sync_every)?;
     let steps = plan_tree(set, Path::new(&root), opts)?;
     let (links, rest): (Vec<&TreeStep>, Vec<&TreeStep>) = steps
         .iter()
@@ -942,7 +1011,7 @@ pub fn restore_volume_via_agent(
         )
         .item(item));
     }
-    let root = agent.restore_begin(&parent.to_string_lossy(), true)?;
+    let root = agent.restore_begin(&parent.to_string_lossy(), true, DEFAULT_SYNC_EVERY)?;
     let dest = Path::new(&root).join(name).to_string_lossy().to_string();
     let n = send_item(agent, reader, &dest, &rec)?;
     agent.restore_finish()?;

@@ -4,7 +4,7 @@
 //! symlink; the tree comes back exactly.
 
 use floe_tests::floe_cmd;
-use floe_tests::hostfs::{compare_trees, floe_backup, set_of, tree_host, LoopFs};
+use floe_tests::hostfs::{compare_trees, floe_backup, set_of, tree_host, AgentProcess, LoopFs};
 use floe_tests::skip;
 
 #[test]
@@ -64,6 +64,37 @@ fn a_tree_restores_through_the_agent_only_where_it_allows() {
         diffs.len(),
         &diffs[..diffs.len().min(20)]
     );
+
+    // Synced on the agent's host as it goes (every 16 KiB of file data
+    // here): the same tree.
+    let synced = allowed.join("synced");
+    let r = restore(&synced, &["--sync-every", "16K"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(compare_trees(&src.mnt, &synced).is_empty());
+    // A sync on the way that fails fails the restore, named, though the
+    // final sync succeeds (the kernel reports a writeback error once).
+    let backs_up = format!("fsflush:{}*", src.mnt.display());
+    let failing = AgentProcess::start(
+        &[
+            "--allow-source",
+            &backs_up,
+            "--allow-restore",
+            allowed.to_str().unwrap(),
+        ],
+        &[("FLOE_ERRPOINT", "restore-sync")],
+    );
+    let r = floe_cmd()
+        .args(["restore", "--media"])
+        .arg(format!("disk:{}", media.display()))
+        .args(["--set", &set, "--agent", &failing.addr, "--to-dir"])
+        .arg(allowed.join("sync-fails"))
+        .args(["--sync-every", "16K"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_ne!(r.status.code(), Some(0), "{err}");
+    assert!(err.contains("sync") && err.contains("sync-fails"), "{err}");
+    drop(failing);
 
     // Anywhere else is refused, and nothing is written there.
     let elsewhere = dst.mnt.join("not-allowed");
