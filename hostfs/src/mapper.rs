@@ -384,6 +384,7 @@ impl FileMapper {
         dirs: &mut DirCache,
     ) -> Result<Option<Item>> {
         let id = item_id(root, &e.rel);
+        let mut listed = e.meta.clone();
         if link.is_none() && e.meta.as_ref().map_or(e.regular, |m| m.is_file()) {
             // A regular file is opened once: stat, extended attributes
             // and FIEMAP all through the descriptor.
@@ -399,9 +400,10 @@ impl FileMapper {
                 return Self::map_file(&id, &e.path, &f, &meta, file, tr, sync).map(Some);
             }
             // Something else by now: taken as what it is.
+            listed = None;
         }
-        let meta = match &e.meta {
-            Some(m) => m.clone(),
+        let meta = match listed {
+            Some(m) => m,
             None => std::fs::symlink_metadata(&e.path)
                 .map_err(|err| Error::io("stat", err).item(&id).path(&e.path))?,
         };
@@ -423,12 +425,14 @@ impl FileMapper {
                     file: Some(file),
                 }));
             }
-            // A named path that is a file after all, or a link whose
-            // first name turned out not to be one: mapped whole.
-            let f = dirs
-                .open(&e.path)
-                .map_err(|err| Error::io("open", err).item(&id).path(&e.path))?;
-            return Self::map_file(&id, &e.path, &f, &meta, file, tr, sync).map(Some);
+            // Not a regular file when opened, one now: never while the
+            // image holds still.
+            return Err(Error::new(
+                ErrorKind::Unstable,
+                "the file changed kind while it was being mapped",
+            )
+            .item(&id)
+            .path(&e.path));
         }
         Ok(Some(Item {
             id,
@@ -569,8 +573,8 @@ struct Parts {
     translators: Vec<Box<dyn Translate>>,
     /// Each source's root.
     roots: Vec<PathBuf>,
-    /// Entries left to map, in walk order: (source, entry, first name of a
-    /// hard-linked file seen before).
+    /// Entries left to map, in inode order: (source, entry, first name of
+    /// a file with several, for its other names).
     todo: std::collections::VecDeque<(usize, Listed, Option<String>)>,
     /// Volumes and walk failures, handed out with the first part.
     first: Option<(Vec<Item>, Vec<ItemFailure>)>,
