@@ -231,9 +231,26 @@ struct BackupArgs {
     allow_any_device: bool,
     #[command(flatten)]
     mover: MoverOptions,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    /// Print the result as JSON: `full` (the default) with the set's whole
+    /// record, every item's; `summary` without the items (their count
+    /// instead: a tree's record is tens of MB, `floe show` prints it).
+    #[arg(
+        long,
+        value_name = "WHAT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "full"
+    )]
+    json: Option<JsonReport>,
+}
+
+/// What `floe backup --json` prints.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum JsonReport {
+    /// Everything, the set's record with every item.
+    Full,
+    /// Everything but the items of the set's record.
+    Summary,
 }
 
 /// How `--agent ssh://…` and `--agent tls://…` reach the agent.
@@ -693,7 +710,7 @@ fn run_backup(
             a.media.media
         );
     }
-    if a.json {
+    if let Some(what) = a.json {
         // Straight to stdout, by reference: a tree's set is tens of MB of
         // JSON (a `Value` copy of it would cost a second).
         #[derive(serde::Serialize)]
@@ -703,9 +720,22 @@ fn run_backup(
             media_commit: f64,
             catalog: f64,
         }
+        /// The set's record, or all of it but its items.
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        enum Set<'a> {
+            Full(&'a floe_core::model::SetRecord),
+            Summary {
+                header: &'a floe_core::model::SetHeader,
+                items: usize,
+                #[serde(skip_serializing_if = "<[_]>::is_empty")]
+                failures: &'a [floe_core::model::ItemFailure],
+                committed_at: u64,
+            },
+        }
         #[derive(serde::Serialize)]
         struct Json<'a> {
-            set: &'a floe_core::model::SetRecord,
+            set: Set<'a>,
             remaps: u32,
             rereads: u32,
             bytes_read: u64,
@@ -714,8 +744,17 @@ fn run_backup(
             map_parts: u32,
             seconds: Seconds,
         }
+        let set = &report.set;
         let json = Json {
-            set: &report.set,
+            set: match what {
+                JsonReport::Full => Set::Full(set),
+                JsonReport::Summary => Set::Summary {
+                    header: &set.header,
+                    items: set.items.len(),
+                    failures: &set.failures,
+                    committed_at: set.committed_at,
+                },
+            },
             remaps: report.remaps,
             rereads: report.rereads,
             bytes_read: report.bytes_read,
@@ -747,6 +786,16 @@ fn run_backup(
             report.remaps,
             report.rereads,
             report.map_parts
+        );
+        let t = &report.timings;
+        println!(
+            "  read {} bytes from devices, {} bytes of map and answers from the agent; first part of the map {:.2} s, move {:.2} s, media commit {:.2} s, catalog {:.2} s",
+            report.bytes_read,
+            report.bytes_from_agent,
+            t.map.as_secs_f64(),
+            t.r#move.as_secs_f64(),
+            t.commit.as_secs_f64(),
+            t.record.as_secs_f64()
         );
         const SHOWN: usize = 40;
         for i in report.set.items.iter().take(SHOWN) {

@@ -120,6 +120,49 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
         .to_string();
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(blake3::hash(&bytes[..16 << 20]).to_hex().to_string(), want);
+
+    // The summary report: the set's items counted, not listed; the human
+    // report says what moved and where the time went.
+    let items = report["set"]["items"].as_array().unwrap().len();
+    let agent = agent_spec(&san);
+    let nbd = format!("nbd://{}", san.nbd);
+    let base = [
+        "backup",
+        "--agent",
+        &agent,
+        "--san",
+        &nbd,
+        "--source",
+        "array:vol0",
+        "--media",
+        &media,
+        "--allow-any-device",
+    ];
+    let out = floe(&[&base[..], &["--json=summary"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["set"]["items"].as_u64(), Some(items as u64));
+    assert!(summary["set"]["header"]["set"]
+        .as_str()
+        .is_some_and(|s| s != set));
+    assert!(summary["bytes_read"].as_u64().unwrap() >= 16 << 20);
+    assert!(summary["seconds"]["move"].as_f64().unwrap() > 0.0);
+    let out = floe(&base);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("committed")
+            && text.contains("bytes from devices")
+            && text.contains("move "),
+        "{text}"
+    );
+    let out = floe(&[&base[..], &["--json=everything"]].concat());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("everything"));
 }
 
 #[test]

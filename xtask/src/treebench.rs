@@ -356,7 +356,13 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
             .arg("--catalog")
             .arg(out.join("catalog.db"))
             .args([
-                "backup", "--agent", &addr, "--source", &source, "--json", "--media",
+                "backup",
+                "--agent",
+                &addr,
+                "--source",
+                &source,
+                "--json=summary",
+                "--media",
             ])
             .arg(format!("tar:{}", out.join("floe").display()))
             .args(["--device", &format!("{id}={device}"), "--allow-device", &id])
