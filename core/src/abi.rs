@@ -69,11 +69,46 @@ pub trait Mapper: Send {
             more: false,
         })
     }
-    /// [`Mapper::map_part`], and the part as the JSON it came in when it
-    /// crossed a plugin boundary (the agent hands those bytes on instead
-    /// of encoding the part again). Default: no JSON.
-    fn map_part_json(&mut self, image: &FrozenImage) -> Result<(MapPart, Option<String>)> {
-        Ok((self.map_part(image)?, None))
+    /// [`Mapper::map_part`] as it came: decoded, or, when it crossed a
+    /// plugin boundary, the JSON the plugin wrote (the agent hands those
+    /// bytes on to the mover, which decodes and checks every item before
+    /// it uses one, instead of decoding and encoding the part again).
+    /// Default: decoded.
+    fn map_part_raw(&mut self, image: &FrozenImage) -> Result<PartFromPlugin> {
+        Ok(PartFromPlugin::Part(self.map_part(image)?))
+    }
+}
+
+/// A part of a map as a mapper gave it.
+#[derive(Debug)]
+pub enum PartFromPlugin {
+    /// Decoded.
+    Part(MapPart),
+    /// The JSON a plugin wrote (an object with `map` and `more`), not
+    /// decoded: only its `more` was read.
+    Json {
+        /// The part's JSON.
+        json: String,
+        /// More parts follow.
+        more: bool,
+    },
+}
+
+impl PartFromPlugin {
+    /// More parts follow.
+    pub fn more(&self) -> bool {
+        match self {
+            PartFromPlugin::Part(p) => p.more,
+            PartFromPlugin::Json { more, .. } => *more,
+        }
+    }
+
+    /// The part, decoded.
+    pub fn decode(self) -> Result<MapPart> {
+        match self {
+            PartFromPlugin::Part(p) => Ok(p),
+            PartFromPlugin::Json { json, .. } => from_json(&json, "map part"),
+        }
     }
 }
 
@@ -674,13 +709,19 @@ impl Mapper for LoadedMapper {
         back(&self.0, "remap", r)
     }
     fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
-        self.map_part_json(image).map(|(part, _)| part)
+        self.map_part_raw(image)?.decode()
     }
-    fn map_part_json(&mut self, image: &FrozenImage) -> Result<(MapPart, Option<String>)> {
+    fn map_part_raw(&mut self, image: &FrozenImage) -> Result<PartFromPlugin> {
+        /// Only the flag; the map is skipped over, not built.
+        #[derive(Deserialize)]
+        struct More {
+            more: bool,
+        }
         match self.1.map_part(to_json(image)?.as_str().into()) {
             ROk(s) => {
                 let json = s.into_string();
-                Ok((from_json(&json, "map part")?, Some(json)))
+                let More { more } = from_json(&json, "map part")?;
+                Ok(PartFromPlugin::Json { json, more })
             }
             RErr(e) => Err(err_from_text(&self.0, "map part", &e)),
         }

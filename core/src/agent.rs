@@ -3,7 +3,7 @@
 //! it serves the protocol of [`crate::protocol`] on any byte stream.
 //! Also the mover's side of the conversation, [`AgentClient`].
 
-use crate::abi::{Freezer, Interface, Mapper, ValidityIndicator};
+use crate::abi::{Freezer, Interface, Mapper, PartFromPlugin, ValidityIndicator};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::PluginRegistry;
 use crate::map::validate_item;
@@ -64,8 +64,8 @@ struct Frozen {
 /// may be frozen meanwhile: it never waits for the mover), lets the
 /// freezer's writes go after the last, then hands that last part out.
 struct MapParts {
-    /// Each part, with the JSON it crossed the plugin boundary as.
-    rx: std::sync::mpsc::Receiver<Result<(MapPart, Option<String>)>>,
+    /// Each part, as its mapper gave it.
+    rx: std::sync::mpsc::Receiver<Result<PartFromPlugin>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -96,14 +96,19 @@ impl MapParts {
                         let _ = settle();
                         return;
                     }
+                    // A part from a plugin goes on as the JSON it wrote:
+                    // the mover decodes it and checks every item before
+                    // it uses one (a bad file item fails that item).
                     let part = lock(&mapper)
-                        .map_part_json(&image)
+                        .map_part_raw(&image)
                         .map_err(|e| e.op("map"))
-                        .and_then(|(p, json)| {
-                            p.map.items.iter().try_for_each(validate_item)?;
-                            Ok((p, json))
+                        .and_then(|p| {
+                            if let PartFromPlugin::Part(m) = &p {
+                                m.map.items.iter().try_for_each(validate_item)?;
+                            }
+                            Ok(p)
                         });
-                    let last = part.as_ref().map_or(true, |(p, _)| !p.more);
+                    let last = part.as_ref().map_or(true, |p| !p.more());
                     if last {
                         // Writes held for the map go before the last part
                         // is handed out, mapped or not.
@@ -125,15 +130,15 @@ impl MapParts {
         })
     }
 
-    /// The next part (blocking until it is mapped), with its JSON.
-    fn next(&mut self) -> Result<(MapPart, Option<String>)> {
+    /// The next part (blocking until it is mapped).
+    fn next(&mut self) -> Result<PartFromPlugin> {
         let r = self.rx.recv().unwrap_or_else(|_| {
             Err(Error::new(
                 ErrorKind::Plugin,
                 "the mapping thread ended without its last part",
             ))
         });
-        if r.as_ref().map_or(true, |(p, _)| !p.more) {
+        if r.as_ref().map_or(true, |p| !p.more()) {
             self.join();
         }
         r
@@ -385,9 +390,15 @@ impl Agent {
             parts: Some(parts),
             held,
         };
-        let first = frozen.parts.as_mut().expect("started above").next();
+        // The first part goes in the `frozen` answer: decoded.
+        let first = frozen
+            .parts
+            .as_mut()
+            .expect("started above")
+            .next()
+            .and_then(PartFromPlugin::decode);
         match first {
-            Ok((part, _)) => {
+            Ok(part) => {
                 if !part.more {
                     frozen.parts = None;
                 }
@@ -502,15 +513,18 @@ impl Agent {
                     )
                 })?;
                 let part = parts.next();
-                if part.as_ref().map_or(true, |(p, _)| !p.more) {
+                if part.as_ref().map_or(true, |p| !p.more()) {
                     f.parts = None;
                 }
-                // Handed on as the plugin wrote it (decoded and checked
-                // above), not encoded a second time.
-                let (part, json) = part?;
-                if let Some(frame) = json.as_deref().and_then(encode_map_part_json) {
-                    return frame.map(Answer::Frame);
-                }
+                // Handed on as the plugin wrote it, neither decoded nor
+                // encoded again.
+                let part = match part? {
+                    PartFromPlugin::Json { json, more } => match encode_map_part_json(&json) {
+                        Some(frame) => return frame.map(Answer::Frame),
+                        None => PartFromPlugin::Json { json, more }.decode()?,
+                    },
+                    PartFromPlugin::Part(p) => p,
+                };
                 Response::MapPart(part)
             }
             Request::Attach { image } => {
