@@ -17,7 +17,9 @@ fn agent_spec(san: &SimSanProcess) -> String {
     )
 }
 
-fn backup(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
+/// `floe backup` of vol0 over a stdio agent to `media`, with `extra`
+/// arguments (a report format among them, or none: the human report).
+fn backup_with(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
     let agent = agent_spec(san);
     let nbd = format!("nbd://{}", san.nbd);
     let mut args = vec![
@@ -30,11 +32,15 @@ fn backup(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
         "array:vol0",
         "--media",
         media,
-        "--json",
         "--allow-any-device",
     ];
     args.extend_from_slice(extra);
     floe(&args)
+}
+
+/// [`backup_with`] the JSON report.
+fn backup(san: &SimSanProcess, media: &str, extra: &[&str]) -> Output {
+    backup_with(san, media, &[&["--json"], extra].concat())
 }
 
 fn setup(san: &SimSanProcess, size: u64) {
@@ -124,21 +130,7 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
     // The summary report: the set's items counted, not listed; the human
     // report says what moved and where the time went.
     let items = report["set"]["items"].as_array().unwrap().len();
-    let agent = agent_spec(&san);
-    let nbd = format!("nbd://{}", san.nbd);
-    let base = [
-        "backup",
-        "--agent",
-        &agent,
-        "--san",
-        &nbd,
-        "--source",
-        "array:vol0",
-        "--media",
-        &media,
-        "--allow-any-device",
-    ];
-    let out = floe(&[&base[..], &["--json=summary"]].concat());
+    let out = backup_with(&san, &media, &["--json=summary"]);
     assert!(
         out.status.success(),
         "{}",
@@ -151,7 +143,7 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
         .is_some_and(|s| s != set));
     assert!(summary["bytes_read"].as_u64().unwrap() >= 16 << 20);
     assert!(summary["seconds"]["move"].as_f64().unwrap() > 0.0);
-    let out = floe(&base);
+    let out = backup_with(&san, &media, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success()
@@ -160,7 +152,7 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
             && text.contains("move "),
         "{text}"
     );
-    let out = floe(&[&base[..], &["--json=everything"]].concat());
+    let out = backup_with(&san, &media, &["--json=everything"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("everything"));
 }
