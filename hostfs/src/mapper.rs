@@ -384,7 +384,9 @@ impl FileMapper {
         dirs: &mut DirCache,
     ) -> Result<Option<Item>> {
         let id = item_id(root, &e.rel);
-        let mut listed = e.meta.clone();
+        // The listing's stat, unless the entry turned out not to be what
+        // it said.
+        let mut listed = e.meta.as_ref();
         if link.is_none() && e.meta.as_ref().map_or(e.regular, |m| m.is_file()) {
             // A regular file is opened once: stat, extended attributes
             // and FIEMAP all through the descriptor.
@@ -402,15 +404,19 @@ impl FileMapper {
             // Something else by now: taken as what it is.
             listed = None;
         }
+        let stat;
         let meta = match listed {
             Some(m) => m,
-            None => std::fs::symlink_metadata(&e.path)
-                .map_err(|err| Error::io("stat", err).item(&id).path(&e.path))?,
+            None => {
+                stat = std::fs::symlink_metadata(&e.path)
+                    .map_err(|err| Error::io("stat", err).item(&id).path(&e.path))?;
+                &stat
+            }
         };
-        let Some(kind) = kind_of(&meta) else {
+        let Some(kind) = kind_of(meta) else {
             return Ok(None); // a socket: made by whoever listens on it
         };
-        let mut file = capture(root, &e.rel, &e.path, &meta)
+        let mut file = capture(root, &e.rel, &e.path, meta)
             .map_err(|err| Error::io("read metadata", err).item(&id).path(&e.path))?;
         if kind == ItemKind::File {
             if let Some(first) = link {
@@ -419,7 +425,7 @@ impl FileMapper {
                     id,
                     kind: ItemKind::HardLink,
                     size: Bytes(0),
-                    config: node_config(&meta),
+                    config: node_config(meta),
                     extents: Vec::new(),
                     meta: Default::default(),
                     file: Some(file),
@@ -438,7 +444,7 @@ impl FileMapper {
             id,
             kind,
             size: Bytes(0),
-            config: node_config(&meta),
+            config: node_config(meta),
             extents: Vec::new(),
             meta: Default::default(),
             file: Some(file),

@@ -179,8 +179,8 @@ pub struct Listed {
 pub struct Walk {
     /// Entries, parents before children, in name order.
     pub entries: Vec<Entry>,
-    /// A listing's entries instead (parents before children, in name
-    /// order).
+    /// A listing's entries instead, in no particular order (directories
+    /// are listed several at a time).
     pub listed: Vec<Listed>,
     /// Paths that could not be taken, each with why.
     pub failures: Vec<ItemFailure>,
@@ -526,7 +526,7 @@ pub fn walk_skipping(spec: &SourceSpec, frozen: &Path, skip: &[String]) -> Walk 
         skip: skip.to_vec(),
         ..Walk::default()
     };
-    walk_into(&mut w, spec, frozen);
+    let _ = walk_into(&mut w, spec, frozen);
     w
 }
 
@@ -544,26 +544,27 @@ pub fn list_skipping(spec: &SourceSpec, frozen: &Path, skip: &[String]) -> Walk 
         lazy: true,
         ..Walk::default()
     };
-    walk_into(&mut w, spec, frozen);
-    if let Ok(m) = std::fs::metadata(frozen) {
-        list_all(&mut w, &spec.root, m.dev());
+    if let Some(dev) = walk_into(&mut w, spec, frozen) {
+        list_all(&mut w, &spec.root, dev);
     }
     w
 }
 
-fn walk_into(w: &mut Walk, spec: &SourceSpec, frozen: &Path) {
+/// Walk (or start a listing of) what `spec` selects; the device of its
+/// file system (`None`: the root could not be stat'ed, a failure).
+fn walk_into(w: &mut Walk, spec: &SourceSpec, frozen: &Path) -> Option<u64> {
     let root = &spec.root;
     let dev = match std::fs::metadata(frozen) {
         Ok(m) => m.dev(),
         Err(e) => {
             w.fail(root, ".", format!("cannot stat {}: {e}", frozen.display()));
-            return;
+            return None;
         }
     };
     let paths: Vec<String> = match &spec.select {
         Selection::Tree => {
             w.add(root, frozen, ".".into(), true, dev);
-            return;
+            return Some(dev);
         }
         Selection::Paths(p) => p.clone(),
         Selection::Glob(g) => expand_glob(frozen, g),
@@ -590,7 +591,7 @@ fn walk_into(w: &mut Walk, spec: &SourceSpec, frozen: &Path) {
                     ".",
                     format!("cannot read list file {}: {e}", list.display()),
                 );
-                return;
+                return Some(dev);
             }
         },
     };
@@ -609,6 +610,7 @@ fn walk_into(w: &mut Walk, spec: &SourceSpec, frozen: &Path) {
         }
         w.add(root, frozen, rel, true, dev);
     }
+    Some(dev)
 }
 
 /// Expand a relative glob under `base`, one component at a time, in name
