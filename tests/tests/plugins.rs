@@ -248,3 +248,80 @@ fn a_plugin_is_found_by_the_name_it_declares_whatever_its_file_is_called() {
         "{e}"
     );
 }
+
+/// Write and read back one set of `data` on `plugin`'s media at `media`.
+fn round_trip_on(p: &LoadedPlugin, plugin: &str, media: &Path, set: &str, data: &[u8]) {
+    let cfg = serde_json::json!({"dir": media});
+    let mut w = p.media_writer(&cfg).unwrap();
+    one_item(w.as_mut(), set, data);
+    drop(w);
+    let mut r = p.media_reader(&cfg).unwrap();
+    let sets = r.list_sets().unwrap();
+    assert_eq!(sets.len(), 1, "{plugin}: one set on {}", media.display());
+    r.open_item(&SetId::new(set), &ItemId::new("v")).unwrap();
+    let mut got = Vec::new();
+    loop {
+        let chunk = r.read(1 << 20).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got == data, "{plugin}: the item read back differs");
+}
+
+/// Media plugins allocate on threads of the host's that they never saw
+/// before, many at once (a restore's workers, the mover's pipeline), after
+/// the thread that loaded and first used them has ended (a test's thread,
+/// an agent connection's): each thread's first allocation inside the
+/// plugin initialises its allocator's per-thread state. mimalloc
+/// v3.3.0–3.3.2 (libmimalloc-sys 0.1.49's default) crashed there with
+/// SIGSEGV (microsoft/mimalloc#1287), and with its initial-exec TLS a
+/// process could load only a handful of such plugins ("cannot allocate
+/// memory in static TLS block"): every round loads a fresh copy.
+#[test]
+fn media_plugins_serve_many_new_threads_after_their_first_thread_ended() {
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let data = |t: usize| -> Vec<u8> {
+        (0..100_000usize)
+            .map(|i| u8::try_from((i * 7 + t) % 251).unwrap())
+            .collect()
+    };
+    for plugin in ["disk", "tar"] {
+        for round in 0..ROUNDS {
+            let lib = dir.path().join(format!("lib-{plugin}-{round}"));
+            std::fs::create_dir_all(&lib).unwrap();
+            let name = format!("libfloe_plugin_{plugin}.so");
+            std::fs::copy(build_dir().join(&name), lib.join(&name)).unwrap();
+            // Loaded and first used by a thread that then ends.
+            let (at, first) = (lib.clone(), dir.path().join(format!("{plugin}-{round}")));
+            let reg = std::thread::spawn(move || {
+                let reg = PluginRegistry::load_dirs(std::slice::from_ref(&at));
+                let p = reg.get(plugin).unwrap_or_else(|| {
+                    let refused: Vec<String> =
+                        reg.refused().iter().map(|e| e.to_string()).collect();
+                    panic!("{plugin} (copy {round}) does not load: {refused:?}")
+                });
+                round_trip_on(p, plugin, &first, "first", &data(99));
+                reg
+            })
+            .join()
+            .unwrap();
+            let p = reg.get(plugin).unwrap();
+            let barrier = std::sync::Barrier::new(THREADS);
+            std::thread::scope(|sc| {
+                for t in 0..THREADS {
+                    let (barrier, dir, data) = (&barrier, dir.path(), &data);
+                    sc.spawn(move || {
+                        let media = dir.join(format!("{plugin}-{round}-{t}"));
+                        let bytes = data(t);
+                        barrier.wait();
+                        round_trip_on(p, plugin, &media, &format!("s{round}-{t}"), &bytes);
+                    });
+                }
+            });
+        }
+    }
+}

@@ -17,6 +17,14 @@
 //! first cartridge when no barcode is known); `cartridges` (labels a
 //! reader scans when listing sets, comma-separated).
 
+/// mimalloc instead of glibc's malloc inside this plugin (a cdylib has its
+/// own allocator): writing and reading a set allocate per item (headers,
+/// records, the index); glibc's malloc, realloc and free in the `tar`
+/// plugin were a tenth of the mover's CPU on the 70,000-file tree.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod sys;
 
 use floe_core::abi::{Interface, MediaReader, MediaWriter, Plugin, PluginInfo};

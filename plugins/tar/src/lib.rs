@@ -16,6 +16,14 @@
 //!
 //! Config: `dir`; `record_size` (bytes, a multiple of 512; default 262144).
 
+/// mimalloc instead of glibc's malloc inside this plugin (a cdylib has its
+/// own allocator): writing and reading a set allocate per item (headers,
+/// records, the index); glibc's malloc, realloc and free in the `tar`
+/// plugin were a tenth of the mover's CPU on the 70,000-file tree.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use floe_core::abi::{Interface, MediaReader, MediaWriter, Plugin, PluginInfo};
 use floe_core::error::{Error, ErrorKind, Result};
 use floe_core::model::*;
