@@ -1735,10 +1735,10 @@ pub fn restore_item(
     // hashing and writing.
     let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
-    let (tx, rx) = sync_channel::<Result<Vec<u8>>>(4);
+    let (tx, rx) = sync_channel::<Result<crate::abi::Chunk>>(4);
     std::thread::scope(|s| -> Result<()> {
         s.spawn(move || loop {
-            let r = reader.read(8 * 1024 * 1024);
+            let r = reader.read_chunk(8 * 1024 * 1024);
             let end = matches!(&r, Ok(c) if c.is_empty()) || r.is_err();
             if tx.send(r).is_err() || end {
                 return;
@@ -1808,7 +1808,7 @@ pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<Verif
         let damage = match reader.open_item(set, &id) {
             Err(e) => Some(e.to_string()),
             Ok(rec) => loop {
-                match reader.read(4 * 1024 * 1024) {
+                match reader.read_chunk(4 * 1024 * 1024) {
                     Ok(c) if c.is_empty() => {
                         let sum = hasher.finalize().to_hex().to_string();
                         break if bytes != rec.trailer.length.0 {

@@ -318,7 +318,7 @@ fn write_file(
 ) -> Result<(u64, std::fs::File)> {
     let mut w = FileWriter::create(path, holes)?;
     loop {
-        let chunk = reader.read(4 << 20)?;
+        let chunk = reader.read_chunk(4 << 20)?;
         if chunk.is_empty() {
             break;
         }
@@ -1030,7 +1030,7 @@ fn send_item(
     agent.restore_item(dest, rec)?;
     let sent = (|| -> Result<()> {
         loop {
-            let chunk = reader.read(1 << 20)?;
+            let chunk = reader.read_chunk(1 << 20)?;
             if chunk.is_empty() {
                 return Ok(());
             }
