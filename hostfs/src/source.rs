@@ -329,8 +329,23 @@ struct Listing {
 /// directory entry (name, inode number, type: no `lstat`); directories
 /// `lstat`ed through the directory's descriptor (to descend only on the
 /// same file system).
+/// Tests only: listing a directory of this relative path panics.
+#[cfg(test)]
+static PANIC_LISTING: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn list_dir(root: &Path, rel: &str, path: &Path, dev: u64, skip: &[String], out: &mut Listing) {
     use std::os::unix::fs::DirEntryExt;
+    #[cfg(test)]
+    if PANIC_LISTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_deref()
+        == Some(rel)
+    {
+        // Half a listing, then the panic: none of it may be kept.
+        out.dirs.push((format!("{rel}/half"), path.join("half")));
+        panic!("injected panic listing {rel}");
+    }
     let fail = |out: &mut Listing, rel: &str, error: String| {
         out.failures.push(ItemFailure {
             item: item_id(root, rel),
@@ -813,5 +828,36 @@ mod tests {
         assert_eq!(errs(&listed), errs(&walked));
         assert_eq!(listed.failures.len(), 1, "{:?}", listed.failures);
         assert!(listed.failures[0].error.contains("not UTF-8"));
+    }
+
+    #[test]
+    fn a_listing_that_panics_fails_its_directory_and_keeps_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        for dir in ["a/inner", "b"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for f in ["a/f", "a/inner/g", "b/h", "top"] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let spec = parse_source(&root.display().to_string()).unwrap();
+        *PANIC_LISTING.lock().unwrap() = Some("a".into());
+        let listed = list_skipping(&spec, &root, &[]);
+        *PANIC_LISTING.lock().unwrap() = None;
+        let mut rels: Vec<&str> = listed.listed.iter().map(|e| e.rel.as_str()).collect();
+        rels.sort_unstable();
+        // `a` itself was listed by its parent; nothing from inside it.
+        assert_eq!(rels, vec![".", "a", "b", "b/h", "top"]);
+        assert_eq!(listed.failures.len(), 1, "{:?}", listed.failures);
+        let f = &listed.failures[0];
+        assert_eq!(f.item, item_id(&root, "a"));
+        assert!(
+            f.error.contains(&format!(
+                "listing {} panicked: its contents are missing",
+                root.join("a").display()
+            )),
+            "{}",
+            f.error
+        );
     }
 }
