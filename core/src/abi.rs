@@ -178,7 +178,8 @@ pub trait MediaReader: Send {
     fn read(&mut self, max: usize) -> Result<Vec<u8>>;
     /// [`MediaReader::read`], the bytes left where they were made: a
     /// plugin's buffer is not copied into one of the host's (a tree
-    /// restore reads 1.5 GB this way; the copy was a tenth of its CPU).
+    /// restore reads 1.5 GB this way; the copy was a tenth of its user
+    /// CPU).
     fn read_chunk(&mut self, max: usize) -> Result<Chunk> {
         self.read(max).map(Chunk::Host)
     }
