@@ -325,14 +325,14 @@ struct Listing {
     failures: Vec<ItemFailure>,
 }
 
-/// List one directory: children that are not directories by their
-/// directory entry (name, inode number, type: no `lstat`); directories
-/// `lstat`ed through the directory's descriptor (to descend only on the
-/// same file system).
 /// Tests only: listing a directory of this relative path panics.
 #[cfg(test)]
 static PANIC_LISTING: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
+/// List one directory: children that are not directories by their
+/// directory entry (name, inode number, type: no `lstat`); directories
+/// `lstat`ed through the directory's descriptor (to descend only on the
+/// same file system).
 fn list_dir(root: &Path, rel: &str, path: &Path, dev: u64, skip: &[String], out: &mut Listing) {
     use std::os::unix::fs::DirEntryExt;
     #[cfg(test)]
