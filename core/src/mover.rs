@@ -469,7 +469,7 @@ fn to_usize(v: u64) -> Result<usize> {
 /// A piece of a verified window, in logical order.
 enum Segment {
     /// Bytes `[from, from+len)` of a read buffer.
-    Buf(Arc<AlignedBuf>, usize, usize),
+    Buf(Arc<PooledBuf>, usize, usize),
     /// Zeros (hole or zero extent).
     Zeros(usize),
     /// Bytes carried in the map.
@@ -511,7 +511,7 @@ struct Job {
 struct Done {
     window: u64,
     index: usize,
-    result: Result<AlignedBuf>,
+    result: Result<PooledBuf>,
 }
 
 /// A window whose reads are in flight.
@@ -520,7 +520,7 @@ struct Pending {
     lo: ItemOffset,
     plan: WindowPlan,
     config: crate::model::ConfigId,
-    bufs: Vec<Option<AlignedBuf>>,
+    bufs: Vec<Option<PooledBuf>>,
     outstanding: usize,
     /// The first read that failed: its error (without an item: the
     /// consumer names the item, or the batch member, it held) and index.
@@ -1095,7 +1095,7 @@ fn split_segments(segments: Vec<Segment>, sizes: &[u64]) -> Result<Vec<Vec<Segme
 /// order. Reads that land whole and alone are passed on without a copy.
 fn assemble(
     plan: WindowPlan,
-    bufs: Vec<Option<AlignedBuf>>,
+    bufs: Vec<Option<PooledBuf>>,
     len: Bytes,
 ) -> Result<(Vec<Segment>, usize)> {
     let mut parts: Vec<(u64, Segment)> = Vec::new();
@@ -1143,42 +1143,116 @@ fn assemble(
 }
 
 /// Read buffers handed back by the writer, reused so that O_DIRECT reads
-/// do not fault in fresh pages for every window.
-#[derive(Default)]
-struct BufferPool(Mutex<Vec<AlignedBuf>>);
+/// do not fault in fresh pages for every read: a fresh buffer costs the
+/// kernel a page fault and a zeroed page per 4 KiB (or per 2 MiB huge
+/// page), which was a third of the mover's CPU on the 70,000-file tree
+/// when buffers were sized to each read and handed out first-fit (a small
+/// read took a large buffer, so the next large read allocated again).
+/// Buffers come in size classes (powers of two from [`BufferPool::MIN`]),
+/// are handed out best-fit, go back to the pool when their last holder
+/// drops them (one read serves several files of a batch), and idle ones
+/// are kept up to a byte bound.
+struct BufferPool {
+    free: Mutex<(Vec<AlignedBuf>, usize)>,
+    keep_bytes: usize,
+}
 
 impl BufferPool {
-    /// Keep at most this many idle buffers.
-    const KEEP: usize = 32;
+    /// Smallest buffer made.
+    const MIN: usize = 64 * 1024;
+
+    /// A pool that keeps at most `keep_bytes` of idle buffers.
+    fn new(keep_bytes: usize) -> BufferPool {
+        BufferPool {
+            free: Mutex::new((Vec::new(), 0)),
+            keep_bytes,
+        }
+    }
+
+    /// The capacity a buffer for `len` bytes is made with.
+    fn class(len: usize) -> usize {
+        len.max(Self::MIN)
+            .checked_next_power_of_two()
+            .unwrap_or(len)
+    }
 
     fn get(&self, len: usize) -> AlignedBuf {
-        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match free.iter().position(|b| b.capacity() >= len) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let best = free
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
             Some(i) => {
-                let mut b = free.swap_remove(i);
+                let mut b = free.0.swap_remove(i);
+                free.1 -= b.capacity();
                 b.set_len(len);
                 b
             }
-            None => AlignedBuf::new(len),
+            None => {
+                drop(free);
+                let mut b = AlignedBuf::new(Self::class(len));
+                b.set_len(len);
+                b
+            }
         }
     }
 
     fn put(&self, b: AlignedBuf) {
-        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < Self::KEEP {
-            free.push(b);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.1 + b.capacity() <= self.keep_bytes {
+            free.1 += b.capacity();
+            free.0.push(b);
+        }
+    }
+
+    /// A buffer of `len` bytes that goes back to this pool when dropped.
+    fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
+        PooledBuf {
+            buf: Some(self.get(len)),
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A read buffer of a [`BufferPool`], given back to it on drop.
+struct PooledBuf {
+    buf: Option<AlignedBuf>,
+    pool: Arc<BufferPool>,
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buf.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.put(b);
         }
     }
 }
 
 /// A read-pool worker: read jobs until the job channel closes.
-fn read_worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, pool: &BufferPool) {
+fn read_worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, pool: &Arc<BufferPool>) {
     loop {
         let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(j) => j,
             Err(_) => return,
         };
-        let mut buf = pool.get(job.len);
+        let mut buf = pool.take(job.len);
         let result = job.device.read_at(&mut buf, job.offset).map(|()| buf);
         if done
             .send(Done {
@@ -1545,8 +1619,11 @@ fn write_items(
     let (tx, rx) = sync_channel::<Msg>(3 * BATCH_ITEMS_MAX);
     let (job_tx, job_rx) = channel::<Job>();
     let (done_tx, done_rx) = channel::<Done>();
-    let pool = BufferPool::default();
     let budget = Budget::new(2 * opts.window.0.max(1));
+    // Idle buffers: as many bytes as may be in flight, and as much again.
+    let pool = Arc::new(BufferPool::new(
+        usize::try_from(4 * opts.window.0.max(1)).unwrap_or(usize::MAX),
+    ));
     let job_rx = Arc::new(Mutex::new(job_rx));
     std::thread::scope(|s| {
         for _ in 0..opts.parallel.max(1) {
@@ -1631,11 +1708,6 @@ fn write_items(
                             }
                             Segment::Inline(bytes) => write(bytes),
                         };
-                        if let Segment::Buf(b, _, _) = seg {
-                            if let Ok(b) = Arc::try_unwrap(b) {
-                                pool.put(b);
-                            }
-                        }
                         if let Err(e) = r {
                             failed = Some(e);
                             break;
@@ -1846,6 +1918,42 @@ pub fn verify_set(reader: &mut dyn MediaReader, set: &SetId) -> Result<Vec<Verif
 mod order_tests {
     use super::*;
     use crate::model::MediaPosition;
+
+    #[test]
+    fn read_buffers_go_back_to_the_pool_from_their_last_holder_and_fit_best() {
+        const K64: usize = 64 * 1024;
+        const M: usize = 1 << 20;
+        let pool = Arc::new(BufferPool::new(5 * M));
+        let pooled = || pool.free.lock().unwrap().1;
+        let small = pool.take(4096);
+        let big = pool.take(3 * M);
+        assert_eq!((small.len(), big.len()), (4096, 3 * M));
+        let (small_at, big_at) = (small.as_ptr(), big.as_ptr());
+        drop(small);
+        assert_eq!(pooled(), K64);
+        // One read serving several files: the buffer returns when the
+        // last of them is done with it, whoever that is.
+        let shared = Arc::new(big);
+        let (a, b) = (shared.clone(), shared.clone());
+        drop(shared);
+        drop(a);
+        assert_eq!(pooled(), K64, "still held");
+        drop(b);
+        assert_eq!(pooled(), K64 + 4 * M);
+        // Best fit: a small read takes the small buffer, a large read the
+        // large one (the same memory again: no fresh pages).
+        let small = pool.take(8192);
+        let large = pool.take(3 * M);
+        assert_eq!((small.as_ptr(), large.as_ptr()), (small_at, big_at));
+        assert_eq!(pooled(), 0);
+        drop(small);
+        // Beyond the bound, buffers are let go.
+        let extra = pool.take(2 * M);
+        drop(extra);
+        assert_eq!(pooled(), K64 + 2 * M);
+        drop(large);
+        assert_eq!(pooled(), K64 + 2 * M, "over the bound: freed");
+    }
 
     #[test]
     fn a_commit_gives_the_record_its_time_and_moved_positions_and_must_agree() {

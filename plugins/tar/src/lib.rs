@@ -37,7 +37,8 @@ use std::sync::{Arc, Mutex};
 use floe_core::media::SetIndex;
 
 use floe_core::pax::{
-    archive_end_located, index_entry_of, index_json, item_entry, EntryReader, EntryStream,
+    archive_end_located, index_entry_head, index_entry_padding, index_json_around, item_entry,
+    EntryReader, EntryStream,
 };
 pub use floe_core::pax::{Index, BLOCK, INDEX_MAGIC, INDEX_VERSION as VERSION};
 const DEFAULT_RECORD: u64 = 256 * 1024;
@@ -157,7 +158,7 @@ struct Writing {
     pending: Vec<u8>,
     /// Every item record's JSON, comma-separated: encoded once, for its
     /// journal line and for the index.
-    encoded: Vec<u8>,
+    encoded: Encoded,
 }
 
 /// A journal line of an item whose record is encoded already.
@@ -176,12 +177,38 @@ fn encode_record(record: &ItemRecord) -> Result<Box<serde_json::value::RawValue>
         .map_err(|e| Error::new(ErrorKind::Media, "cannot encode item record").source(e))
 }
 
-/// Add an encoded record to the index's items.
-fn add_encoded(encoded: &mut Vec<u8>, record: &serde_json::value::RawValue) {
-    if !encoded.is_empty() {
-        encoded.push(b',');
+/// Every item record's JSON, comma-separated, in pieces: grown without
+/// copying and written into the index from where it is (a 70,000-file
+/// set's records are 50 MB; growing one buffer by doubling and copying it
+/// into the index entry twice cost the commit 0.4 s of page faults).
+#[derive(Default)]
+struct Encoded {
+    pieces: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl Encoded {
+    /// Size of a piece (a record larger than this gets a piece of its own).
+    const PIECE: usize = 1 << 20;
+
+    /// Add an encoded record to the index's items.
+    fn add(&mut self, record: &serde_json::value::RawValue) {
+        let bytes = record.get().as_bytes();
+        let comma = usize::from(self.len > 0);
+        let need = comma + bytes.len();
+        let piece = match self.pieces.last_mut() {
+            Some(p) if p.len() + need <= p.capacity() => p,
+            _ => {
+                self.pieces.push(Vec::with_capacity(Self::PIECE.max(need)));
+                self.pieces.last_mut().expect("a piece was just added")
+            }
+        };
+        if comma == 1 {
+            piece.push(b',');
+        }
+        piece.extend_from_slice(bytes);
+        self.len += need;
     }
-    encoded.extend_from_slice(record.get().as_bytes());
 }
 
 /// The journal is written after a volume, and otherwise once this many
@@ -439,7 +466,7 @@ impl MediaWriter for TarWriter {
             current: None,
             unjournaled: (0, std::time::Instant::now()),
             pending: Vec::new(),
-            encoded: Vec::new(),
+            encoded: Encoded::default(),
         };
         write_journal(&self.dir, &w)?;
         self.set = Some(w);
@@ -495,9 +522,9 @@ impl MediaWriter for TarWriter {
             failures: j.failures.clone(),
             committed_at: 0,
         };
-        let mut encoded = Vec::new();
+        let mut encoded = Encoded::default();
         for it in &j.items {
-            add_encoded(&mut encoded, &encode_record(it)?);
+            encoded.add(&encode_record(it)?);
         }
         self.set = Some(Writing {
             header: j.header,
@@ -582,7 +609,7 @@ impl MediaWriter for TarWriter {
             end: w.pos,
         })?;
         w.pending.extend(line);
-        add_encoded(&mut w.encoded, &enc);
+        w.encoded.add(&enc);
         w.items.push(record);
         let volume = trailer_is_volume(&w.items);
         w.unjournaled.0 += 1;
@@ -638,17 +665,26 @@ impl MediaWriter for TarWriter {
                 let e = item_entry(&w.header.set, &h, w.header.frozen_at)?;
                 put(&mut w, &e.head)?;
             }
-            // The index from the records encoded as they ended.
-            let json = index_json(
-                &record.header,
-                &w.encoded,
-                &record.failures,
-                record.committed_at,
-            )?;
-            let index = index_entry_of(&record.header.set, record.committed_at, &json);
+            // The index from the records encoded as they ended, written
+            // from where they are.
+            let (json_head, json_tail) =
+                index_json_around(&record.header, &record.failures, record.committed_at)?;
+            let encoded = std::mem::take(&mut w.encoded);
+            let json_len = (json_head.len() + encoded.len + json_tail.len()) as u64;
             let index_at = w.pos;
-            put(&mut w, &index)?;
-            let end = archive_end_located(w.pos, record_size, index_at, index.len() as u64);
+            put(
+                &mut w,
+                &index_entry_head(&record.header.set, record.committed_at, json_len),
+            )?;
+            put(&mut w, &json_head)?;
+            for piece in &encoded.pieces {
+                put(&mut w, piece)?;
+            }
+            // Freed with the rest, off this thread.
+            w.encoded = encoded;
+            put(&mut w, &json_tail)?;
+            put(&mut w, &vec![0; index_entry_padding(json_len)])?;
+            let end = archive_end_located(w.pos, record_size, index_at, w.pos - index_at);
             put(&mut w, &end)?;
             flush(&mut w)?;
             w.file
@@ -1123,6 +1159,51 @@ mod tests {
                 data.len()
             );
         }
+    }
+
+    #[test]
+    fn an_index_of_many_pieces_is_byte_for_byte_what_serde_writes_for_the_set() {
+        let (d, cfg, mut w) = set_begun();
+        // Records of several MiB in all (several pieces), one larger than
+        // a piece by itself, and a failure: the index written piece by
+        // piece must be exactly the entry encoded from the whole record.
+        let n = 4000;
+        for k in 0..n {
+            let data = vec![u8::try_from(k % 251).unwrap(); k % 300];
+            let (mut h, t) = item(&format!("dir/{k:0>400}"), &data);
+            if k == 17 {
+                h.meta
+                    .insert("big".into(), "x".repeat(Encoded::PIECE + 4321));
+            }
+            w.begin_item(&h).unwrap();
+            w.write(&data).unwrap();
+            w.end_item(&t).unwrap();
+        }
+        w.fail_item(&ItemFailure {
+            item: ItemId::new("gone"),
+            error: "vanished".into(),
+        })
+        .unwrap();
+        w.commit().unwrap();
+        let record = TarPlugin::media_reader(&cfg)
+            .unwrap()
+            .list_sets()
+            .unwrap()
+            .remove(0);
+        assert_eq!(record.items.len(), n);
+        assert_eq!(record.failures.len(), 1);
+        assert_eq!(
+            record.items[17].header.meta["big"].len(),
+            Encoded::PIECE + 4321
+        );
+        let want = floe_core::pax::index_entry(&record).unwrap();
+        assert!(want.len() > 3 * Encoded::PIECE, "{} bytes", want.len());
+        let archive = std::fs::read(d.path().join("s.tar")).unwrap();
+        let at = archive
+            .windows(512)
+            .position(|b| b == &want[..512])
+            .expect("the index entry's first block is in the archive");
+        assert!(archive[at..].starts_with(&want), "the index entry differs");
     }
 
     #[test]
