@@ -32,7 +32,6 @@ pub mod mover;
 pub mod nbd_client;
 #[cfg(feature = "engine")]
 pub mod restore;
-#[cfg(feature = "engine")]
 pub mod sys;
 #[cfg(feature = "engine")]
 pub mod tls;

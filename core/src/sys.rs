@@ -8,8 +8,13 @@
 //! length of the transfer must all be suitably aligned" — to the logical
 //! block size of the device; we align to 4096, which covers 512 and 4096.
 
+//! The aligned buffer is built without the `engine` feature too: media
+//! plugins write and read their archives with O_DIRECT through it.
+
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+#[cfg(feature = "engine")]
 use std::fs::File;
+#[cfg(feature = "engine")]
 use std::os::unix::io::AsRawFd;
 use std::ptr::NonNull;
 
@@ -86,9 +91,11 @@ impl Drop for AlignedBuf {
     }
 }
 
+#[cfg(feature = "engine")]
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272; // _IOR(0x12, 114, size_t) on 64-bit
 
 /// The size in bytes of the block device open as `f`.
+#[cfg(feature = "engine")]
 pub fn block_device_size(f: &File) -> std::io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points
@@ -101,6 +108,7 @@ pub fn block_device_size(f: &File) -> std::io::Result<u64> {
 }
 
 /// Why a plugin's version symbol could not be read.
+#[cfg(feature = "engine")]
 #[derive(Debug)]
 pub enum PluginSymbolError {
     /// dlopen failed.
@@ -115,6 +123,7 @@ pub enum PluginSymbolError {
 ///
 /// Floe plugin ABI (docs/formats/plugin-abi.md): every plugin exports
 /// `extern "C" fn floe_plugin_abi_version() -> u32`.
+#[cfg(feature = "engine")]
 pub fn plugin_abi_version(
     path: &std::path::Path,
 ) -> Result<(u32, libloading::Library), PluginSymbolError> {

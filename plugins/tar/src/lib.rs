@@ -14,7 +14,9 @@
 //! A set is written as `.<set>.tar.partial`, fsynced, and renamed into
 //! place: only complete archives have the `.tar` name.
 //!
-//! Config: `dir`; `record_size` (bytes, a multiple of 512; default 262144).
+//! Config: `dir`; `record_size` (bytes, a multiple of 512; default 262144);
+//! `direct` (default true: archives are written with O_DIRECT where the
+//! file system takes it, see `out.rs`; false: through the page cache).
 
 /// mimalloc instead of glibc's malloc inside this plugin (a cdylib has its
 /// own allocator): writing and reading a set allocate per item (headers,
@@ -35,6 +37,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use floe_core::media::SetIndex;
+
+mod out;
+use out::ArchiveOut;
 
 use floe_core::pax::{
     archive_end_located, index_entry_head, index_entry_padding, index_json_around, item_entry,
@@ -139,10 +144,8 @@ use floe_core::media::{
 struct Writing {
     header: SetHeader,
     path: PathBuf,
-    file: File,
-    /// Bytes of the archive not yet handed to the kernel (they follow
-    /// what `file` holds; `pos` counts them).
-    buf: Vec<u8>,
+    /// The archive's bytes on their way (`pos` counts what was put).
+    out: ArchiveOut,
     /// Makes the archive durable and appends journal lines behind the
     /// writer (started once the journal exists).
     syncer: Option<Syncer>,
@@ -221,6 +224,8 @@ const CHECKPOINT_SECS: u64 = 1;
 pub struct TarWriter {
     dir: PathBuf,
     record: u64,
+    /// Write archives with O_DIRECT where the file system takes it.
+    direct: bool,
     set: Option<Writing>,
 }
 
@@ -249,7 +254,8 @@ fn trailer_is_volume(items: &[ItemRecord]) -> bool {
 /// Start the journal: its head line and the lines of what is durable
 /// already (on resume); temporary file, fsync, rename, fsync the directory.
 fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
-    w.file
+    w.out
+        .file()
         .sync_data()
         .map_err(|e| media_err("fsync archive", &w.path, e))?;
     let mut bytes = json_line(&JournalHead {
@@ -292,7 +298,8 @@ struct Syncer {
 impl Syncer {
     fn start(w: &Writing, journal: PathBuf) -> Result<Syncer> {
         let archive = w
-            .file
+            .out
+            .file()
             .try_clone()
             .map_err(|e| media_err("open archive for fsync", &w.path, e))?;
         let path = w.path.clone();
@@ -385,55 +392,20 @@ fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
     Ok(())
 }
 
-/// Bytes gathered before a write to the archive: the headers, small files
-/// and padding of a tree go out in a few large writes.
-const WRITE_BUFFER: usize = 1 << 20;
-/// Larger pieces go straight to the kernel (after what is gathered, in one
-/// vectored write) instead of being copied.
-const COPY_MAX: usize = 64 << 10;
-
 /// Append bytes to the archive.
 fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
-    if bytes.len() > COPY_MAX {
-        write_two(&mut w.file, &w.buf, bytes)
-            .map_err(|e| media_err("write archive", &w.path, e))?;
-        w.buf.clear();
-    } else {
-        if w.buf.len() + bytes.len() > WRITE_BUFFER {
-            flush(w)?;
-        }
-        w.buf.extend_from_slice(bytes);
-    }
+    w.out
+        .put(bytes)
+        .map_err(|e| media_err("write archive", &w.path, e))?;
     w.pos += bytes.len() as u64;
     Ok(())
 }
 
-/// Hand what is gathered to the kernel.
+/// Hand everything put so far to the file (an fsync after this covers it).
 fn flush(w: &mut Writing) -> Result<()> {
-    if !w.buf.is_empty() {
-        w.file
-            .write_all(&w.buf)
-            .map_err(|e| media_err("write archive", &w.path, e))?;
-        w.buf.clear();
-    }
-    Ok(())
-}
-
-/// Write `a` then `b`, whole, in as few system calls as the kernel takes.
-fn write_two(f: &mut File, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
-    while !a.is_empty() {
-        let n = f.write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
-        }
-    }
-    f.write_all(b)
+    w.out
+        .flush()
+        .map_err(|e| media_err("write archive", &w.path, e))
 }
 
 impl MediaWriter for TarWriter {
@@ -448,17 +420,12 @@ impl MediaWriter for TarWriter {
             ));
         }
         let path = self.dir.join(format!(".{name}.tar.partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let out = ArchiveOut::create(&path, self.direct)
             .map_err(|e| media_err("create archive", &path, e))?;
         let w = Writing {
             header: header.clone(),
             path,
-            file,
-            buf: Vec::with_capacity(WRITE_BUFFER),
+            out,
             syncer: None,
             pos: 0,
             items: Vec::new(),
@@ -492,13 +459,8 @@ impl MediaWriter for TarWriter {
         })?;
         let j = decode_journal(&bytes, &jpath)?;
         let path = self.dir.join(format!(".{name}.tar.partial"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|e| media_err("open partial archive", &path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| media_err("stat partial archive", &path, e))?
+        let len = std::fs::metadata(&path)
+            .map_err(|e| media_err("open partial archive", &path, e))?
             .len();
         if len < j.end {
             return Err(Error::new(
@@ -512,10 +474,8 @@ impl MediaWriter for TarWriter {
         }
         // Whatever follows the last durable item is the item being written
         // when the writer died: cut it off and go on from there.
-        file.set_len(j.end)
-            .map_err(|e| media_err("truncate partial archive", &path, e))?;
-        file.seek(SeekFrom::Start(j.end))
-            .map_err(|e| media_err("seek partial archive", &path, e))?;
+        let out = ArchiveOut::resume(&path, j.end, self.direct)
+            .map_err(|e| media_err("open partial archive to go on", &path, e))?;
         let record = SetRecord {
             header: j.header.clone(),
             items: j.items.clone(),
@@ -529,8 +489,7 @@ impl MediaWriter for TarWriter {
         self.set = Some(Writing {
             header: j.header,
             path,
-            file,
-            buf: Vec::with_capacity(WRITE_BUFFER),
+            out,
             syncer: None,
             pos: j.end,
             items: j.items,
@@ -686,9 +645,10 @@ impl MediaWriter for TarWriter {
             put(&mut w, &vec![0; index_entry_padding(json_len)])?;
             let end = archive_end_located(w.pos, record_size, index_at, w.pos - index_at);
             put(&mut w, &end)?;
-            flush(&mut w)?;
-            w.file
-                .sync_all()
+            let len = w.pos;
+            w.out
+                .finish(len)
+                .and_then(|()| w.out.file().sync_all())
                 .map_err(|e| media_err("fsync archive", &w.path, e))?;
             let fin = dir.join(format!("{}.tar", w.header.set));
             std::fs::rename(&w.path, &fin)
@@ -974,9 +934,22 @@ impl Plugin for TarPlugin {
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
         let (dir, record) = config_of(config)?;
+        let direct = match config.get("direct") {
+            None => true,
+            Some(v) => v
+                .as_bool()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("tar media option direct is true or false, not {v}"),
+                    )
+                })?,
+        };
         Ok(Box::new(TarWriter {
             dir,
             record,
+            direct,
             set: None,
         }))
     }
@@ -995,6 +968,7 @@ floe_core::export_plugin!(TarPlugin);
 
 #[cfg(test)]
 mod tests {
+    use super::out::{COPY_MAX, STAGE, WRITE_BUFFER};
     use super::*;
     use proptest::prelude::*;
 
@@ -1110,6 +1084,8 @@ mod tests {
             WRITE_BUFFER - 3,
             WRITE_BUFFER + 5,
             3 * WRITE_BUFFER,
+            STAGE - 1,
+            STAGE + 4097,
         ];
         let items: Vec<(String, Vec<u8>)> = (0..CHECKPOINT_ITEMS + 40)
             .map(|k| {
