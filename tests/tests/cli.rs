@@ -258,6 +258,19 @@ fn full_and_read_only_media_fail_clearly_and_record_nothing() {
         "the partial set was removed"
     );
 
+    // The same for tar media, whose archive is written with O_DIRECT on
+    // a thread of its own (the first write that finds no room is
+    // reported, the partial archive and its journal removed).
+    let out = backup(&san, &format!("tar:{}", full.0.display()), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[media_full]"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&full.0).unwrap().count(),
+        0,
+        "the partial archive was removed"
+    );
+
     let ro = Mount::tmpfs(&scratch.path().join("ro"), "ro,size=4m").expect("read-only tmpfs");
     let out = backup(&san, &format!("disk:{}", ro.0.display()), &[]);
     assert_eq!(out.status.code(), Some(1));
