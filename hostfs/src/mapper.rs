@@ -339,6 +339,14 @@ fn version_of(config: &ConfigId) -> Option<String> {
         .then(|| s.split(':').take(5).collect::<Vec<_>>().join(":"))
 }
 
+/// Tests only: run once, for this path, between the stat of an opened
+/// entry that was not a regular file and the `lstat` of its path (to swap
+/// what is there).
+#[cfg(test)]
+type Swap = (PathBuf, Box<dyn FnOnce(&Path) + Send>);
+#[cfg(test)]
+static AFTER_OPEN_STAT: std::sync::Mutex<Option<Swap>> = std::sync::Mutex::new(None);
+
 impl FileMapper {
     /// A mapper translating with `translators`.
     pub fn new(translators: TranslatorFactory) -> FileMapper {
@@ -403,6 +411,15 @@ impl FileMapper {
             }
             // Something else by now: taken as what it is.
             listed = None;
+            #[cfg(test)]
+            {
+                let mut hook = AFTER_OPEN_STAT.lock().unwrap_or_else(|p| p.into_inner());
+                if hook.as_ref().is_some_and(|(at, _)| *at == e.path) {
+                    if let Some((at, swap)) = hook.take() {
+                        swap(&at);
+                    }
+                }
+            }
         }
         let stat;
         let meta = match listed {
@@ -963,6 +980,74 @@ mod tests {
             push_u64(&mut s, n);
             prop_assert_eq!(s, format!("x{n}"));
         }
+    }
+
+    /// A translator for entries that never get as far as their blocks.
+    struct NoBlocks;
+    impl Translate for NoBlocks {
+        fn translate(&self, _: u64, _: u64) -> Result<Vec<(DeviceId, u64, u64)>> {
+            Err(Error::new(ErrorKind::InvalidMap, "no blocks in this test"))
+        }
+    }
+
+    /// An entry the listing saw as a regular file, by its directory entry.
+    fn listed_regular(root: &Path, rel: &str) -> Listed {
+        let path = root.join(rel);
+        Listed {
+            rel: rel.into(),
+            ino: 0,
+            dev: 0,
+            meta: None,
+            regular: true,
+            path,
+        }
+    }
+
+    #[test]
+    fn an_entry_that_is_no_longer_a_file_is_taken_as_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Listed as a file; a directory by the time it is mapped.
+        std::fs::create_dir(root.join("was-file")).unwrap();
+        let e = listed_regular(root, "was-file");
+        let item =
+            FileMapper::map_entry(root, &e, &NoBlocks, None, false, &mut DirCache::default())
+                .unwrap()
+                .unwrap();
+        assert_eq!(item.kind, ItemKind::Directory);
+        assert_eq!(item.id, item_id(root, "was-file"));
+    }
+
+    #[test]
+    fn a_file_that_changes_kind_twice_while_mapped_fails_as_unstable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        // A directory when opened and stat'ed through its descriptor, a
+        // regular file again when its path is looked at: neither what was
+        // opened nor what is there now can be trusted as the frozen one.
+        std::fs::create_dir(root.join("f")).unwrap();
+        *AFTER_OPEN_STAT.lock().unwrap() = Some((
+            root.join("f"),
+            Box::new(|p: &Path| {
+                std::fs::remove_dir(p).unwrap();
+                std::fs::write(p, b"a file again").unwrap();
+            }),
+        ));
+        let e = listed_regular(&root, "f");
+        let r = FileMapper::map_entry(&root, &e, &NoBlocks, None, false, &mut DirCache::default());
+        let hook_left = AFTER_OPEN_STAT.lock().unwrap().take().is_some();
+        assert!(!hook_left, "the swap did not run");
+        let err = r.expect_err("a file that changed kind twice was mapped");
+        assert_eq!(err.kind(), ErrorKind::Unstable, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("changed kind while it was being mapped"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&root.join("f").display().to_string()),
+            "{text}"
+        );
     }
 
     #[test]
