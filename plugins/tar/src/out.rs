@@ -1,13 +1,13 @@
 //! Where an archive's bytes go while it is written.
 //!
-//! With O_DIRECT (the default), through an aligned stage straight to the
+//! With O_DIRECT (the default), through aligned stages straight to the
 //! device: the page cache is not used, so a backup neither evicts the
-//! backup host's cache nor pays for filling it (on the bench VM, writing a
-//! 1.6 GB archive through the page cache cost 1.2 s of system CPU and the
+//! backup host's cache nor pays for filling it (on the bench VM, dd
+//! writing 1.6 GB through the page cache took 1.2 s of system CPU and the
 //! kernel's writeback besides; with O_DIRECT, 0.2 s). Where the file
-//! system refuses O_DIRECT (at open, or at the first write), or when the
-//! media's config says `"direct": false`, through a buffer and the page
-//! cache.
+//! system refuses O_DIRECT (at open, or at a trial write made when the
+//! archive is opened), or when the media's config says `"direct": false`,
+//! through a buffer and the page cache.
 //!
 //! Direct writes are whole blocks at block-aligned offsets. What does not
 //! fill a block yet stays in the stage; [`ArchiveOut::flush`] (before
