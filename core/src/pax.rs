@@ -832,13 +832,13 @@ pub fn written_last(kind: ItemKind) -> bool {
 
 /// The held-back items of a set, in the order they are written: hard
 /// links, then directories by name (parents before children).
-pub fn last_entries(items: &[crate::model::ItemRecord]) -> Vec<ItemHeader> {
+pub fn last_entries<'a>(headers: impl IntoIterator<Item = &'a ItemHeader>) -> Vec<ItemHeader> {
     let mut links: Vec<ItemHeader> = Vec::new();
     let mut dirs: Vec<ItemHeader> = Vec::new();
-    for i in items {
-        match i.header.kind {
-            ItemKind::HardLink => links.push(i.header.clone()),
-            ItemKind::Directory => dirs.push(i.header.clone()),
+    for h in headers {
+        match h.kind {
+            ItemKind::HardLink => links.push(h.clone()),
+            ItemKind::Directory => dirs.push(h.clone()),
             _ => {}
         }
     }

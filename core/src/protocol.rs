@@ -347,12 +347,23 @@ pub fn read_frame(r: &mut impl Read, max: u32) -> Result<Option<Vec<u8>>> {
 /// Decompress a zstd payload, refusing one that would exceed `max` bytes.
 #[cfg(feature = "engine")]
 fn inflate(payload: &[u8], max: u32) -> Result<Vec<u8>> {
-    zstd::bulk::decompress(payload, usize::try_from(max).unwrap_or(usize::MAX)).map_err(|e| {
-        Error::new(
-            ErrorKind::Protocol,
-            format!("compressed frame does not decompress within the limit of {max} bytes"),
-        )
-        .source(e)
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    // A buffer of the size the frame says (ours say it), not of the limit:
+    // a limit-sized one is fresh memory from the kernel for every frame.
+    // A frame that says less than it holds fails as one over the limit.
+    let capacity = zstd::zstd_safe::get_frame_content_size(payload)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= max)
+        .unwrap_or(max);
+    zstd::bulk::decompress(payload, capacity).map_err(|e| {
+        let what = if capacity < max {
+            format!("compressed frame does not decompress to the {capacity} bytes its header says")
+        } else {
+            format!("compressed frame does not decompress within the limit of {max} bytes")
+        };
+        Error::new(ErrorKind::Protocol, what).source(e)
     })
 }
 
@@ -441,8 +452,9 @@ impl Message for Response {
 }
 
 /// A payload that starts `{"type":"TAG",` (as serde writes it): the tag
-/// and the rest as a JSON object of its own.
-fn tag_first(payload: &[u8]) -> Option<(&str, Vec<u8>)> {
+/// and where the comma after it is (from there, with the comma made a
+/// `{`, the rest is a JSON object of its own).
+fn tag_first(payload: &[u8]) -> Option<(&str, usize)> {
     const OPEN: &[u8] = br#"{"type":""#;
     let rest = payload.strip_prefix(OPEN)?;
     let end = rest.iter().position(|&b| b == b'"')?;
@@ -450,25 +462,35 @@ fn tag_first(payload: &[u8]) -> Option<(&str, Vec<u8>)> {
     if !tag.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
         return None;
     }
-    let fields = rest[end + 1..].strip_prefix(b",")?;
-    let mut body = Vec::with_capacity(fields.len() + 1);
-    body.push(b'{');
-    body.extend_from_slice(fields);
-    Some((tag, body))
+    let comma = OPEN.len() + end + 1;
+    (payload.get(comma) == Some(&b',')).then_some((tag, comma))
 }
 
 /// Decode a message from a payload.
 pub fn decode_message<T: Message>(payload: &[u8]) -> Result<T> {
-    let fast = tag_first(payload).and_then(|(tag, body)| T::decode_tagged(tag, &body));
-    fast.unwrap_or_else(|| serde_json::from_slice(payload))
-        .map_err(|e| Error::new(ErrorKind::Protocol, "malformed message").source(e))
+    decode_owned(payload.to_vec())
+}
+
+/// Decode a message from a payload of its own: the tag-first fast path
+/// reads the fields where they are (a map part is megabytes: not copied).
+fn decode_owned<T: Message>(mut payload: Vec<u8>) -> Result<T> {
+    let malformed = |e| Error::new(ErrorKind::Protocol, "malformed message").source(e);
+    if let Some((tag, comma)) = tag_first(&payload).map(|(t, at)| (t.to_string(), at)) {
+        payload[comma] = b'{';
+        let fast = T::decode_tagged(&tag, &payload[comma..]);
+        payload[comma] = b',';
+        if let Some(decoded) = fast {
+            return decoded.map_err(malformed);
+        }
+    }
+    serde_json::from_slice(&payload).map_err(malformed)
 }
 
 /// Read one message; `None` on a clean end of stream.
 pub fn read_message<T: Message>(r: &mut impl Read, max: u32) -> Result<Option<T>> {
     match read_frame(r, max)? {
         None => Ok(None),
-        Some(p) => decode_message(&p).map(Some),
+        Some(p) => decode_owned(p).map(Some),
     }
 }
 
@@ -505,8 +527,10 @@ mod tests {
             more: true,
         });
         let bytes = serde_json::to_vec(&resp).unwrap();
-        let (tag, body) = tag_first(&bytes).expect("serde writes the tag first");
+        let (tag, comma) = tag_first(&bytes).expect("serde writes the tag first");
         assert_eq!(tag, "map_part");
+        let mut body = bytes[comma..].to_vec();
+        body[0] = b'{';
         let fast = Response::decode_tagged(tag, &body).unwrap().unwrap();
         let general: Response = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(fast, resp);
@@ -578,6 +602,27 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("does not decompress within the limit"),
+            "{e}"
+        );
+        // Inflated into a buffer of the size the frame says, not of the
+        // limit.
+        let payload = read_frame(&mut buf.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(payload.len(), plain);
+        assert_eq!(payload.capacity(), plain);
+        // A frame whose header says less than it holds: refused.
+        let json = br#"{"type":"freeze","sources":["fsflush:/srv/a/long/enough/path"]}"#;
+        let mut z = zstd::bulk::compress(json, 1).unwrap();
+        // Single segment, a one-byte content size right after the
+        // descriptor (zstd's format for a small frame).
+        assert_eq!(z[4] & 0xE0, 0x20, "{z:?}");
+        assert_eq!(usize::from(z[5]), json.len());
+        z[5] = 10;
+        let lying = encode_frame_flags(&z, FLAG_ZSTD).unwrap();
+        let e = read_message::<Request>(&mut lying.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
+        assert!(
+            e.to_string().contains("the 10 bytes its header says"),
             "{e}"
         );
         // Garbage marked compressed: a protocol error, not a panic.

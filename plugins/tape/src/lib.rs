@@ -671,7 +671,7 @@ impl MediaWriter for TapeWriter {
             committed_at: now_secs(),
         };
         let (set, frozen) = (w.header.set.clone(), w.header.frozen_at);
-        for h in last_entries(&record.items) {
+        for h in last_entries(record.items.iter().map(|i| &i.header)) {
             let e = item_entry(&set, &h, frozen)?;
             self.put(&e.head)?;
         }

@@ -150,7 +150,13 @@ struct Writing {
     /// writer (started once the journal exists).
     syncer: Option<Syncer>,
     pos: u64,
-    items: Vec<ItemRecord>,
+    /// Items ended so far.
+    items: usize,
+    /// The headers of the items written at commit (hard links and
+    /// directories); every other record lives only in `encoded` and the
+    /// journal (70,000 records kept a second time here were a tenth of
+    /// the mover's memory).
+    held: Vec<ItemHeader>,
     failures: Vec<ItemFailure>,
     /// The item being written: its header, where its data area starts,
     /// and the stream that stores its bytes.
@@ -241,19 +247,10 @@ fn journal_path(dir: &Path, set: &SetId) -> PathBuf {
     dir.join(format!(".{set}.tar.journal"))
 }
 
-/// Make the archive durable up to `w.pos`, then record that in the journal
-/// (temporary file, fsync, rename): the journal never names bytes that
-/// are not on the media.
-/// Was the item just ended a volume? (Volumes are journaled at once.)
-fn trailer_is_volume(items: &[ItemRecord]) -> bool {
-    items
-        .last()
-        .is_some_and(|i| i.header.kind == ItemKind::Volume)
-}
-
 /// Start the journal: its head line and the lines of what is durable
-/// already (on resume); temporary file, fsync, rename, fsync the directory.
-fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
+/// already (`records`, on resume); temporary file, fsync, rename, fsync
+/// the directory. The journal never names bytes that are not on the media.
+fn write_journal(dir: &Path, w: &Writing, records: &[ItemRecord]) -> Result<()> {
     w.out
         .file()
         .sync_data()
@@ -264,8 +261,8 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
         header: w.header.clone(),
     })?;
     // On resume the archive was cut at `pos`: the last item ends there.
-    for (k, it) in w.items.iter().enumerate() {
-        let end = if k + 1 == w.items.len() { w.pos } else { 0 };
+    for (k, it) in records.iter().enumerate() {
+        let end = if k + 1 == records.len() { w.pos } else { 0 };
         bytes.extend(json_line(&JournalLine::Item {
             record: Box::new(it.clone()),
             end,
@@ -292,6 +289,9 @@ fn write_journal(dir: &Path, w: &Writing) -> Result<()> {
 /// media.
 struct Syncer {
     lines: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    /// Buffers of lines appended already, emptied, back for the next
+    /// checkpoint (fresh ones cost page faults on every checkpoint).
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -304,14 +304,17 @@ impl Syncer {
             .map_err(|e| media_err("open archive for fsync", &w.path, e))?;
         let path = w.path.clone();
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new()
             .name("floe-tar-sync".into())
             .spawn(move || {
                 let mut log: Option<File> = None;
                 while let Ok(mut lines) = rx.recv() {
                     // Whatever queued meanwhile rides on the same fsync.
-                    while let Ok(more) = rx.try_recv() {
-                        lines.extend(more);
+                    while let Ok(mut more) = rx.try_recv() {
+                        lines.extend_from_slice(&more);
+                        more.clear();
+                        let _ = back.send(more);
                     }
                     let synced = if errpoint("tar-sync") {
                         Err(std::io::Error::from_raw_os_error(5)) // EIO
@@ -334,12 +337,15 @@ impl Syncer {
                     f.write_all(&lines)
                         .and_then(|()| f.sync_data())
                         .map_err(|e| media_err("append to journal", &journal, e))?;
+                    lines.clear();
+                    let _ = back.send(lines);
                 }
                 Ok(())
             })
             .map_err(|e| media_err("start the archive's fsync thread", &w.path, e))?;
         Ok(Syncer {
             lines: Some(tx),
+            spare,
             thread: Some(thread),
         })
     }
@@ -380,13 +386,14 @@ impl Drop for Syncer {
 /// them durably (behind the writer, see [`Syncer`]).
 fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
     flush(w)?;
-    let lines = std::mem::take(&mut w.pending);
     let syncer = match &mut w.syncer {
         Some(s) => s,
         None => w
             .syncer
             .insert(Syncer::start(w, journal_path(dir, &w.header.set))?),
     };
+    let spare = syncer.spare.try_recv().unwrap_or_default();
+    let lines = std::mem::replace(&mut w.pending, spare);
     syncer.send(lines)?;
     w.unjournaled = (0, std::time::Instant::now());
     Ok(())
@@ -428,14 +435,15 @@ impl MediaWriter for TarWriter {
             out,
             syncer: None,
             pos: 0,
-            items: Vec::new(),
+            items: 0,
+            held: Vec::new(),
             failures: Vec::new(),
             current: None,
             unjournaled: (0, std::time::Instant::now()),
             pending: Vec::new(),
             encoded: Encoded::default(),
         };
-        write_journal(&self.dir, &w)?;
+        write_journal(&self.dir, &w, &[])?;
         self.set = Some(w);
         Ok(())
     }
@@ -492,7 +500,13 @@ impl MediaWriter for TarWriter {
             out,
             syncer: None,
             pos: j.end,
-            items: j.items,
+            items: j.items.len(),
+            held: j
+                .items
+                .iter()
+                .filter(|i| floe_core::pax::written_last(i.header.kind))
+                .map(|i| i.header.clone())
+                .collect(),
             failures: j.failures,
             current: None,
             unjournaled: (0, std::time::Instant::now()),
@@ -501,7 +515,7 @@ impl MediaWriter for TarWriter {
         });
         // A fresh journal of exactly what is durable (drops a torn line).
         let dir = self.dir.clone();
-        write_journal(&dir, self.w()?)?;
+        write_journal(&dir, self.w()?, &j.items)?;
         Ok(record)
     }
 
@@ -567,10 +581,13 @@ impl MediaWriter for TarWriter {
             record: &enc,
             end: w.pos,
         })?;
-        w.pending.extend(line);
+        w.pending.extend_from_slice(&line);
         w.encoded.add(&enc);
-        w.items.push(record);
-        let volume = trailer_is_volume(&w.items);
+        w.items += 1;
+        let volume = record.header.kind == ItemKind::Volume;
+        if floe_core::pax::written_last(record.header.kind) {
+            w.held.push(record.header);
+        }
         w.unjournaled.0 += 1;
         if volume
             || w.unjournaled.0 >= CHECKPOINT_ITEMS
@@ -590,7 +607,7 @@ impl MediaWriter for TarWriter {
         if !w.failures.iter().any(|f| f.item == failure.item) {
             w.failures.push(failure.clone());
             let line = json_line(&JournalLine::Failure(failure.clone()))?;
-            w.pending.extend(line);
+            w.pending.extend_from_slice(&line);
         }
         Ok(())
     }
@@ -608,19 +625,22 @@ impl MediaWriter for TarWriter {
                 "commit with an item still open",
             ));
         }
+        // The index's head and tail; its items are the records encoded as
+        // they ended.
         let record = SetRecord {
             header: w.header.clone(),
-            items: std::mem::take(&mut w.items),
+            items: Vec::new(),
             failures: std::mem::take(&mut w.failures),
             committed_at: now_secs(),
         };
+        let held = std::mem::take(&mut w.held);
         let result = (|| {
             if let Some(mut s) = w.syncer.take() {
                 s.stop()?;
             }
             // Hard links and directories last, then the index, then the
             // end of the archive.
-            for h in floe_core::pax::last_entries(&record.items) {
+            for h in floe_core::pax::last_entries(&held) {
                 let e = item_entry(&w.header.set, &h, w.header.frozen_at)?;
                 put(&mut w, &e.head)?;
             }
@@ -660,8 +680,12 @@ impl MediaWriter for TarWriter {
             let _ = std::fs::remove_file(&w.path);
             return Err(e);
         }
-        let committed = Committed::of(&record);
-        floe_core::media::drop_later((record, w));
+        let committed = Committed {
+            committed_at: record.committed_at,
+            items: w.items as u64,
+            positions: Vec::new(),
+        };
+        floe_core::media::drop_later((record, held, w));
         Ok(committed)
     }
 
