@@ -27,6 +27,14 @@
 //! #define FMR_OWNER(type, code) (((__u64)type << 32) | ((__u64)code & 0xFFFFFFFFULL))
 //! #define FMR_OF_SPECIAL_OWNER 0x10  /* owner is a special value */
 //! #define FMR_OWN_FREE FMR_OWNER(0, 1)     /* free space */
+//! /* include/uapi/linux/fcntl.h (open_by_handle_at(2)) */
+//! struct file_handle { __u32 handle_bytes; int handle_type;
+//!                      unsigned char f_handle[]; };
+//! /* include/linux/exportfs.h */
+//! FILEID_INO32_GEN = 1,   /* 32bit inode number, 32 bit generation number */
+//! struct fid { union { struct { u32 ino; u32 gen; } i32; ... }; };
+//! /* fs/ext4/super.c, ext4_nfs_get_inode() */
+//! if (generation && EXT4_I(inode)->i_generation != generation) -> -ESTALE
 //! ```
 //!
 //! The thaw guard is a forked child that only calls async-signal-safe
@@ -259,6 +267,52 @@ pub fn generation(fd: &impl AsRawFd) -> Option<u64> {
     // SAFETY: FS_IOC_GETVERSION writes one long through the pointer.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETVERSION, &mut v) };
     (r == 0).then_some(v.cast_unsigned())
+}
+
+/// `FILEID_INO32_GEN`: an ext2/3/4 file handle's type.
+const FILEID_INO32_GEN: libc::c_int = 1;
+
+/// Open inode `ino` of generation `gen` of the ext2/3/4 file system
+/// `mount` is on, by file handle (`open_by_handle_at(2)`, which needs
+/// `CAP_DAC_READ_SEARCH`): no directory is searched for a name. `ESTALE`
+/// when the inode is free or has another generation (it was deleted, or
+/// deleted and its number reused). Generation 0 is taken by ext4 as
+/// "any": only for a file system that holds still (frozen) while the
+/// inode number is known to be the file's.
+pub fn open_ext4_inode(
+    mount: std::os::fd::BorrowedFd<'_>,
+    ino: u32,
+    gen: u32,
+    flags: libc::c_int,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    /// `struct file_handle` with the 8 bytes of a `FILEID_INO32_GEN` fid.
+    #[repr(C)]
+    struct Handle {
+        handle_bytes: libc::c_uint,
+        handle_type: libc::c_int,
+        f_handle: [u32; 2],
+    }
+    let mut h = Handle {
+        handle_bytes: 8,
+        handle_type: FILEID_INO32_GEN,
+        f_handle: [ino, gen],
+    };
+    // SAFETY: `h` is a `struct file_handle` whose `handle_bytes` (8) says
+    // how many bytes of `f_handle` follow, and they do; the kernel only
+    // reads it. On success the return value is a new descriptor that
+    // nothing else owns.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            std::ptr::from_mut(&mut h).cast::<libc::file_handle>(),
+            flags,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// A thaw guard: a child process that thaws the given file systems when

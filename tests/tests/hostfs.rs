@@ -634,6 +634,87 @@ mod freeze_guard {
         client.release(&image.id).unwrap();
     }
 
+    /// Files of ext4 are mapped by inode number (no name looked up in a
+    /// cold directory) and checked after the thaw by handle: the inode
+    /// that was mapped, with its generation, wherever its name went.
+    #[test]
+    fn checks_after_the_thaw_look_at_the_inode_that_was_mapped() {
+        let name = "checks_after_the_thaw_look_at_the_inode_that_was_mapped";
+        let Some((fs, agent, allow)) = slowly_mapping_agent(name, 6, 0) else {
+            return;
+        };
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, first, mut more) = client
+            .freeze_in_parts(std::slice::from_ref(&allow), true)
+            .unwrap();
+        let mut items = first.items;
+        while more {
+            let part = client.map_more(&image.id).unwrap();
+            items.extend(part.map.items);
+            more = part.more;
+        }
+        let mapped = |n: &str| {
+            let item = items
+                .iter()
+                .find(|i| i.id.as_str().ends_with(&format!("/{n}")))
+                .unwrap_or_else(|| panic!("{n} mapped"));
+            (item.id.clone(), item.config.clone())
+        };
+        let inode = |c: &ConfigId| c.as_str().split(':').nth(1).unwrap().to_string();
+        // Thawed now. f00 untouched, f01 appended to, f02 removed, f03
+        // renamed over by a new file (its inode deleted), f04 renamed.
+        let m = &fs.mnt;
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .append(true)
+                .open(m.join("f01"))
+                .unwrap(),
+            b"more",
+        )
+        .unwrap();
+        std::fs::remove_file(m.join("f02")).unwrap();
+        std::fs::write(m.join("new"), b"new").unwrap();
+        std::fs::rename(m.join("new"), m.join("f03")).unwrap();
+        std::fs::rename(m.join("f04"), m.join("f04.moved")).unwrap();
+        let check = |client: &mut floe_core::agent::AgentClient, n: &str| {
+            let (id, config) = mapped(n);
+            let (current, valid) = client.check(&image.id, &id, &config).unwrap();
+            (config, current, valid)
+        };
+        let (config, current, valid) = check(&mut client, "f00");
+        assert!(valid && current == config, "{current}");
+        let (config, current, valid) = check(&mut client, "f01");
+        assert!(
+            !valid && inode(&current) == inode(&config),
+            "{config} {current}"
+        );
+        for gone in ["f02", "f03"] {
+            let (_, current, valid) = check(&mut client, gone);
+            assert!(
+                !valid && current.as_str().starts_with("gone:"),
+                "{gone}: {current}"
+            );
+        }
+        // By path f04 would be gone; its inode is there, changed by the
+        // rename (its ctime).
+        let (config, current, valid) = check(&mut client, "f04");
+        assert!(
+            !valid && current.as_str().starts_with("f:") && inode(&current) == inode(&config),
+            "{config} {current}"
+        );
+        // f05 untouched, asked among others.
+        let (id, config) = mapped("f05");
+        let (id0, config0) = mapped("f00");
+        let current = client
+            .check_many(
+                &image.id,
+                vec![(id, config.clone()), (id0, config0.clone())],
+            )
+            .unwrap();
+        assert_eq!(current, vec![config, config0]);
+        client.release(&image.id).unwrap();
+    }
+
     fn frozen_agent(
         name: &str,
         bound: &str,
