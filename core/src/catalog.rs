@@ -206,8 +206,12 @@ impl Catalog {
     /// The set's row: its record (the JSON of every item, tens of MB for
     /// a tree, compressed) and columns to query by.
     fn insert_set(&self, media: &str, set: &SetRecord) -> Result<()> {
+        self.insert_set_encoded(media, set, encode_record(set)?)
+    }
+
+    /// [`Catalog::insert_set`] with the record encoded already.
+    fn insert_set_encoded(&self, media: &str, set: &SetRecord, record: Vec<u8>) -> Result<()> {
         let h = &set.header;
-        let record = encode_record(set)?;
         self.conn
             .execute(
                 "INSERT INTO sets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -238,11 +242,23 @@ impl Catalog {
             .execute_batch("BEGIN IMMEDIATE; PRAGMA defer_foreign_keys = ON;")
             .map_err(|e| db_err(&self.path, "begin", e))?;
         let id = &set.header.set;
-        let r = self
-            .exec("delete", "DELETE FROM sets WHERE set_id = ?1", id)
-            .and_then(|()| self.exec("delete", "DELETE FROM items WHERE set_id = ?1", id))
-            .and_then(|()| self.insert_items(set))
-            .and_then(|()| self.insert_set(media, set));
+        // The record is encoded on a thread of its own while the item rows
+        // go in (70,000 items: 0.15 s and 0.11 s, one after the other on
+        // the backup's last stretch before).
+        let r = std::thread::scope(|sc| {
+            let record = sc.spawn(|| encode_record(set));
+            let rows = self
+                .exec("delete", "DELETE FROM sets WHERE set_id = ?1", id)
+                .and_then(|()| self.exec("delete", "DELETE FROM items WHERE set_id = ?1", id))
+                .and_then(|()| self.insert_items(set));
+            let record = record.join().unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Io,
+                    "encoding the set record panicked",
+                ))
+            });
+            rows.and_then(|()| self.insert_set_encoded(media, set, record?))
+        });
         if r.is_err() {
             self.discard_staged();
         }
