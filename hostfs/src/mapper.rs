@@ -109,11 +109,12 @@ pub type TranslatorFactory = fn(&SourceHandle) -> Result<Box<dyn Translate>>;
 /// number and generation — instead of looking each path up again (the
 /// mapper opened them by inode number, so their names were never looked
 /// up: the checks would pay that instead).
-static MAPPED_INODES: std::sync::Mutex<BTreeMap<ImageId, HashMap<ItemId, (u32, u32)>>> =
-    std::sync::Mutex::new(BTreeMap::new());
+static MAPPED_INODES: std::sync::Mutex<MappedInodes> = std::sync::Mutex::new(BTreeMap::new());
 
-fn mapped_inodes() -> std::sync::MutexGuard<'static, BTreeMap<ImageId, HashMap<ItemId, (u32, u32)>>>
-{
+/// Per image, each regular file's (inode number, generation).
+type MappedInodes = BTreeMap<ImageId, HashMap<ItemId, (u32, u32)>>;
+
+fn mapped_inodes() -> std::sync::MutexGuard<'static, MappedInodes> {
     MAPPED_INODES
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -699,6 +700,10 @@ impl FileMapper {
     }
 }
 
+/// An entry mapped: (item, its map, whether it is on an ext2/3/4 source:
+/// opened by inode, and checked so).
+type Mapped = (ItemId, Result<Option<Item>>, bool);
+
 /// Entries mapped per part of the map: the mover starts reading the first
 /// part while the agent maps the next.
 pub const PART_ENTRIES: usize = 4096;
@@ -820,9 +825,7 @@ impl FileMapper {
         let threads = MAP_THREADS;
         let chunk = todo.len().div_ceil(threads).max(1);
         let (translators, roots, by_inode) = (&parts.translators, &parts.roots, &parts.by_inode);
-        // (item, its map, whether it is on an ext2/3/4 source: opened by
-        // inode, and checked so).
-        let mapped: Vec<Vec<(ItemId, Result<Option<Item>>, bool)>> = std::thread::scope(|sc| {
+        let mapped: Vec<Vec<Mapped>> = std::thread::scope(|sc| {
             // A mapping thread that panicked loses nothing silently: the
             // map fails.
             let handles: Vec<_> = todo
