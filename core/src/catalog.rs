@@ -521,26 +521,18 @@ mod tests {
         }
         let mut c = Catalog::open(&path).unwrap();
         assert_eq!(c.set(&SetId::new("old")).unwrap().record, old);
-        let version: String = c
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION.to_string());
+        let text =
+            |c: &Catalog, sql: &str| -> String { c.conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            text(&c, "SELECT value FROM meta WHERE key = 'schema_version'"),
+            SCHEMA_VERSION.to_string()
+        );
         // New rows are compressed, and both kinds list together.
         c.record("disk:/m", &set("new", 3, 6)).unwrap();
-        let kind: String = c
-            .conn
-            .query_row(
-                "SELECT typeof(record) FROM sets WHERE set_id = 'new'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(kind, "blob");
+        assert_eq!(
+            text(&c, "SELECT typeof(record) FROM sets WHERE set_id = 'new'"),
+            "blob"
+        );
         assert_eq!(c.sets().unwrap().len(), 2);
         // A version this build does not know: refused, named.
         c.conn

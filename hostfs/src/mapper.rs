@@ -1209,6 +1209,19 @@ mod tests {
         }
     }
 
+    /// Map an entry opened by name, without a sync.
+    fn map_by_name(root: &Path, e: &Listed) -> Result<Option<Item>> {
+        FileMapper::map_entry(
+            root,
+            e,
+            &NoBlocks,
+            None,
+            false,
+            &mut DirCache::default(),
+            None,
+        )
+    }
+
     /// An entry the listing saw as a regular file, by its directory entry.
     fn listed_regular(root: &Path, rel: &str) -> Listed {
         let path = root.join(rel);
@@ -1229,17 +1242,7 @@ mod tests {
         // Listed as a file; a directory by the time it is mapped.
         std::fs::create_dir(root.join("was-file")).unwrap();
         let e = listed_regular(root, "was-file");
-        let item = FileMapper::map_entry(
-            root,
-            &e,
-            &NoBlocks,
-            None,
-            false,
-            &mut DirCache::default(),
-            None,
-        )
-        .unwrap()
-        .unwrap();
+        let item = map_by_name(root, &e).unwrap().unwrap();
         assert_eq!(item.kind, ItemKind::Directory);
         assert_eq!(item.id, item_id(root, "was-file"));
     }
@@ -1260,15 +1263,7 @@ mod tests {
             }),
         ));
         let e = listed_regular(&root, "f");
-        let r = FileMapper::map_entry(
-            &root,
-            &e,
-            &NoBlocks,
-            None,
-            false,
-            &mut DirCache::default(),
-            None,
-        );
+        let r = map_by_name(&root, &e);
         let hook_left = AFTER_OPEN_STAT.lock().unwrap().take().is_some();
         assert!(!hook_left, "the swap did not run");
         let err = r.expect_err("a file that changed kind twice was mapped");
