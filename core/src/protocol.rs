@@ -350,7 +350,7 @@ fn inflate(payload: &[u8], max: u32) -> Result<Vec<u8>> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
     // A buffer of the size the frame says (ours say it), not of the limit:
     // a limit-sized one is fresh memory from the kernel for every frame.
-    // A frame that says less than it holds fails as one over the limit.
+    // A frame that holds more than it says fails, saying so.
     let capacity = zstd::zstd_safe::get_frame_content_size(payload)
         .ok()
         .flatten()

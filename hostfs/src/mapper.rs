@@ -494,7 +494,6 @@ impl FileMapper {
 
     /// Map one listed entry; `link` is the first name of a file with
     /// several (this entry being another).
-    #[allow(clippy::too_many_arguments)]
     fn map_entry(
         root: &Path,
         e: &Listed,
@@ -1045,7 +1044,6 @@ impl FileValidity {
         FileValidity { translators }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn one(
         &self,
         hs: &[(SourceHandle, crate::source::SourceSpec)],
