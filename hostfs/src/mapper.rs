@@ -120,6 +120,12 @@ fn mapped_inodes() -> std::sync::MutexGuard<'static, MappedInodes> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// File systems whose files are opened by inode number and checked by
+/// handle (ext2/3/4: a handle is the inode number and generation).
+fn opens_by_inode(fstype: &str) -> bool {
+    matches!(fstype, "ext4" | "ext3" | "ext2")
+}
+
 /// Inode number and generation of a regular file's config id
 /// (`f:INO:GEN:…`), when both fit a 32-bit ext4 handle.
 fn inode_of(config: &ConfigId) -> Option<(u32, u32)> {
@@ -769,7 +775,7 @@ impl FileMapper {
             parts.translators.push(tr);
             parts.roots.push(spec.root.clone());
             parts.by_inode.push(
-                matches!(h.fstype.as_str(), "ext4" | "ext3" | "ext2")
+                opens_by_inode(&h.fstype)
                     .then(|| std::fs::metadata(&h.frozen).ok())
                     .flatten()
                     .map(|m| (h.frozen.clone(), m.dev())),
@@ -983,8 +989,7 @@ impl Mapper for FileMapper {
             .insert(item.clone(), (fresh.config.clone(), fresh.extents.clone()));
         // Checked from now on as the inode just mapped.
         if let Some(inodes) = mapped_inodes().get_mut(&image.id) {
-            let ext = matches!(h.fstype.as_str(), "ext4" | "ext3" | "ext2");
-            match inode_of(&fresh.config).filter(|_| ext) {
+            match inode_of(&fresh.config).filter(|_| opens_by_inode(&h.fstype)) {
                 Some(inode) => inodes.insert(item.clone(), inode),
                 None => inodes.remove(item),
             };

@@ -601,7 +601,26 @@ impl AgentProcess {
     /// `floe agent --listen 127.0.0.1:0` with these extra arguments and
     /// environment.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
-        let mut c = crate::floe_cmd();
+        Self::start_under(&[], args, env)
+    }
+
+    /// [`AgentProcess::start`] run by `wrapper` (a command that runs the
+    /// command line after it: `setpriv … --`); none: directly.
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+        let floe = crate::floe_cmd();
+        let mut c = match wrapper.split_first() {
+            None => crate::floe_cmd(),
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(floe.get_program());
+                for (k, v) in floe.get_envs() {
+                    if let Some(v) = v {
+                        c.env(k, v);
+                    }
+                }
+                c
+            }
+        };
         c.args(["agent", "--listen", "127.0.0.1:0", "--image-lease", "0"])
             .args(args)
             .stderr(Stdio::piped());

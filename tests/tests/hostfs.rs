@@ -530,6 +530,16 @@ mod freeze_guard {
         files: u8,
         pause_ms: u32,
     ) -> Option<(LoopFs, AgentProcess, String)> {
+        slowly_mapping_agent_under(name, files, pause_ms, &[])
+    }
+
+    /// [`slowly_mapping_agent`] run by `wrapper`.
+    fn slowly_mapping_agent_under(
+        name: &str,
+        files: u8,
+        pause_ms: u32,
+        wrapper: &[&str],
+    ) -> Option<(LoopFs, AgentProcess, String)> {
         let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
             Ok(f) => f,
             Err(why) => {
@@ -542,7 +552,8 @@ mod freeze_guard {
         }
         let allow = format!("fsflush:{}", fs.mnt.display());
         let pause = format!("map-part:{pause_ms}");
-        let agent = AgentProcess::start(
+        let agent = AgentProcess::start_under(
+            wrapper,
             &[
                 "--allow-source",
                 &allow,
@@ -639,8 +650,42 @@ mod freeze_guard {
     /// that was mapped, with its generation, wherever its name went.
     #[test]
     fn checks_after_the_thaw_look_at_the_inode_that_was_mapped() {
-        let name = "checks_after_the_thaw_look_at_the_inode_that_was_mapped";
-        let Some((fs, agent, allow)) = slowly_mapping_agent(name, 6, 0) else {
+        checks_after_the_thaw(
+            "checks_after_the_thaw_look_at_the_inode_that_was_mapped",
+            &[],
+            true,
+        );
+    }
+
+    /// Without `CAP_DAC_READ_SEARCH` (no opening by handle) the agent maps
+    /// and checks every file by name, with the same outcomes but for a
+    /// renamed file: gone from its path.
+    #[test]
+    fn without_open_by_handle_files_are_mapped_and_checked_by_name() {
+        let name = "without_open_by_handle_files_are_mapped_and_checked_by_name";
+        if std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return skip(name, "setpriv (util-linux) is missing");
+        }
+        checks_after_the_thaw(
+            name,
+            &[
+                "setpriv",
+                "--bounding-set=-dac_read_search",
+                "--inh-caps=-dac_read_search",
+                "--",
+            ],
+            false,
+        );
+    }
+
+    /// Map six files, change five of them after the thaw, check them all;
+    /// `by_inode`: the agent can open files by handle.
+    fn checks_after_the_thaw(name: &str, wrapper: &[&str], by_inode: bool) {
+        let Some((fs, agent, allow)) = slowly_mapping_agent_under(name, 6, 0, wrapper) else {
             return;
         };
         let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
@@ -688,20 +733,30 @@ mod freeze_guard {
             !valid && inode(&current) == inode(&config),
             "{config} {current}"
         );
-        for gone in ["f02", "f03"] {
-            let (_, current, valid) = check(&mut client, gone);
+        let (_, current, valid) = check(&mut client, "f02");
+        assert!(!valid && current.as_str().starts_with("gone:"), "{current}");
+        // Renamed over: by handle the mapped inode is gone; by name the
+        // path holds another inode.
+        let (config, current, valid) = check(&mut client, "f03");
+        if by_inode {
+            assert!(!valid && current.as_str().starts_with("gone:"), "{current}");
+        } else {
             assert!(
-                !valid && current.as_str().starts_with("gone:"),
-                "{gone}: {current}"
+                !valid && current.as_str().starts_with("f:") && inode(&current) != inode(&config),
+                "{config} {current}"
             );
         }
-        // By path f04 would be gone; its inode is there, changed by the
-        // rename (its ctime).
+        // By path f04 is gone; by handle its inode is there, changed by
+        // the rename (its ctime).
         let (config, current, valid) = check(&mut client, "f04");
-        assert!(
-            !valid && current.as_str().starts_with("f:") && inode(&current) == inode(&config),
-            "{config} {current}"
-        );
+        if by_inode {
+            assert!(
+                !valid && current.as_str().starts_with("f:") && inode(&current) == inode(&config),
+                "{config} {current}"
+            );
+        } else {
+            assert!(!valid && current.as_str().starts_with("gone:"), "{current}");
+        }
         // f05 untouched, asked among others.
         let (id, config) = mapped("f05");
         let (id0, config0) = mapped("f00");
