@@ -205,16 +205,40 @@ pub fn plan_file(size: u64, extents: &[FiemapExtent]) -> Result<Vec<FilePiece>, 
     Ok(out)
 }
 
+/// Flags that say how FIEMAP reported an extent, not where it is.
+const REPORTING: u32 = flags::LAST | 0x1000; // FIEMAP_EXTENT_MERGED
+
 /// A stable digest of an extent list: the part of a file's config id that
 /// catches defragmenters, which move extents without touching anything
-/// else (`e4defrag`, `xfs_fsr`).
+/// else (`e4defrag`, `xfs_fsr`). Of where the bytes are, not of how the
+/// list was cut: runs of extents contiguous in the file and on the device
+/// with the same flags count as one (ext4 reports two such extents of its
+/// tree as one once its extent cache has merged them, and its tree as it
+/// is on the device keeps them apart).
 pub fn extents_digest(extents: &[FiemapExtent]) -> String {
     let mut h = blake3::Hasher::new();
+    let mut run: Option<(u64, u64, u64, u32)> = None;
+    let mut put = |(logical, physical, length, flags): (u64, u64, u64, u32)| {
+        h.update(&logical.to_le_bytes());
+        h.update(&physical.to_le_bytes());
+        h.update(&length.to_le_bytes());
+        h.update(&flags.to_le_bytes());
+    };
     for e in extents {
-        h.update(&e.logical.to_le_bytes());
-        h.update(&e.physical.to_le_bytes());
-        h.update(&e.length.to_le_bytes());
-        h.update(&(e.flags & !flags::LAST).to_le_bytes());
+        let flags = e.flags & !REPORTING;
+        run = match run {
+            Some((l, p, n, f)) if f == flags && l + n == e.logical && p + n == e.physical => {
+                Some((l, p, n + e.length, f))
+            }
+            Some(r) => {
+                put(r);
+                Some((e.logical, e.physical, e.length, flags))
+            }
+            None => Some((e.logical, e.physical, e.length, flags)),
+        };
+    }
+    if let Some(r) = run {
+        put(r);
     }
     h.finalize().to_hex()[..16].to_string()
 }
@@ -303,6 +327,30 @@ mod tests {
         let b = [x(0, 4096, 4096, 0), x(4096, 8192, 4096, flags::LAST)];
         assert_ne!(extents_digest(&a), extents_digest(&b));
         assert_eq!(extents_digest(&a), extents_digest(&a.clone()));
+    }
+
+    #[test]
+    fn the_digest_is_of_where_the_bytes_are_not_how_the_list_is_cut() {
+        // One run of 12 KiB, reported whole, in two, or in three.
+        let whole = [x(0, 8192, 12288, flags::LAST)];
+        let two = [x(0, 8192, 4096, 0), x(4096, 12288, 8192, flags::LAST)];
+        let three = [
+            x(0, 8192, 4096, 0x1000),
+            x(4096, 12288, 4096, 0),
+            x(8192, 16384, 4096, flags::LAST),
+        ];
+        assert_eq!(extents_digest(&whole), extents_digest(&two));
+        assert_eq!(extents_digest(&whole), extents_digest(&three));
+        // Not merged: a gap in the file, a gap on the device, other flags.
+        let file_gap = [x(0, 8192, 4096, 0), x(8192, 12288, 8192, flags::LAST)];
+        let dev_gap = [x(0, 8192, 4096, 0), x(4096, 16384, 8192, flags::LAST)];
+        let unwritten = [
+            x(0, 8192, 4096, 0),
+            x(4096, 12288, 8192, flags::UNWRITTEN | flags::LAST),
+        ];
+        for other in [&file_gap[..], &dev_gap, &unwritten] {
+            assert_ne!(extents_digest(&whole), extents_digest(other), "{other:?}");
+        }
     }
 
     proptest! {

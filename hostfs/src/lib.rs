@@ -5,11 +5,13 @@
 
 pub mod btrfs;
 pub mod clone;
+pub mod ext4;
 pub mod filemap;
 pub mod identity;
 pub mod lvm;
 pub mod mapper;
 pub mod meta;
+pub mod ondisk;
 pub mod source;
 pub mod sys;
 pub mod volume;

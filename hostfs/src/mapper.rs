@@ -147,6 +147,12 @@ pub struct FileMapper {
     part_entries: usize,
     /// Images whose inodes this mapper put in [`MAPPED_INODES`].
     registered: Vec<ImageId>,
+    /// Read the metadata of frozen ext2/3/4 file systems from their
+    /// devices (plugin option `on_disk`, default on).
+    on_disk: bool,
+    /// Regular files mapped from the device, and those the device reader
+    /// left to the kernel.
+    on_disk_counts: (u64, u64),
 }
 
 impl Drop for FileMapper {
@@ -417,15 +423,40 @@ fn file_config(
     ex: &[FiemapExtent],
     epoch: &str,
 ) -> ConfigId {
+    file_config_of(
+        &FileFacts {
+            ino: meta.ino(),
+            generation: gen,
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        },
+        ex,
+        epoch,
+    )
+}
+
+/// What a regular file's item and config id are made of besides its
+/// extents, whether the kernel said it (`fstat`) or its device did.
+struct FileFacts {
+    ino: u64,
+    generation: Option<u64>,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// [`file_config`] from a file's facts.
+fn file_config_of(f: &FileFacts, ex: &[FiemapExtent], epoch: &str) -> ConfigId {
     let mut s = String::with_capacity(80 + epoch.len());
     s.push_str("f:");
-    push_u64(&mut s, meta.ino());
+    push_u64(&mut s, f.ino);
     s.push(':');
-    push_u64(&mut s, gen.unwrap_or(0));
+    push_u64(&mut s, f.generation.unwrap_or(0));
     s.push(':');
-    push_u64(&mut s, meta.len());
+    push_u64(&mut s, f.size);
     s.push(':');
-    push_ctime(&mut s, meta.ctime(), meta.ctime_nsec());
+    push_ctime(&mut s, f.ctime.0, f.ctime.1);
     s.push(':');
     s.push_str(&extents_digest(ex));
     s.push_str(epoch);
@@ -472,11 +503,22 @@ impl FileMapper {
             parts: None,
             part_entries: PART_ENTRIES,
             registered: Vec::new(),
+            on_disk: true,
+            on_disk_counts: (0, 0),
         }
     }
 
+    /// Regular files this mapper mapped from their device's metadata
+    /// ([`crate::ondisk`]), and those it had to map through the kernel
+    /// on a file system it read from the device (inline data, encryption,
+    /// ext2/3 block maps…).
+    pub fn on_disk_counts(&self) -> (u64, u64) {
+        self.on_disk_counts
+    }
+
     /// A mapper configured by its plugin config: `part_entries` (entries
-    /// per part of the map, default [`PART_ENTRIES`]).
+    /// per part of the map, default [`PART_ENTRIES`]) and `on_disk`
+    /// (`false`: map frozen ext2/3/4 files through the kernel only).
     pub fn configured(
         translators: TranslatorFactory,
         config: &serde_json::Value,
@@ -492,6 +534,17 @@ impl FileMapper {
                     Error::new(
                         ErrorKind::Config,
                         format!("part_entries must be a positive number of entries, got {v}"),
+                    )
+                })?;
+        }
+        if let Some(v) = config.get("on_disk") {
+            m.on_disk = v
+                .as_bool()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("on_disk must be true or false, got {v}"),
                     )
                 })?;
         }
@@ -603,7 +656,7 @@ impl FileMapper {
         path: &Path,
         f: &std::fs::File,
         meta: &std::fs::Metadata,
-        mut file: FileMeta,
+        file: FileMeta,
         tr: &dyn Translate,
         sync: bool,
     ) -> Result<Item> {
@@ -622,9 +675,82 @@ impl FileMapper {
             .path(path)
             .source(e)
         })?;
-        let gen = generation(f);
-        let size = meta.len();
-        let plan = plan_file(size, &ex).map_err(|e| {
+        let facts = FileFacts {
+            ino: meta.ino(),
+            generation: generation(f),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
+        let read_inline = |logical: u64, length: u64| {
+            let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, logical).map(|()| buf)
+        };
+        Self::file_item(id, path, &facts, &ex, file, tr, &read_inline)
+    }
+
+    /// Map a listed regular file of a frozen ext2/3/4 file system from
+    /// its device's metadata (`Unsupported`/malformed: the caller asks the
+    /// kernel). The listing's inode must be a regular file in use.
+    fn map_on_disk(
+        root: &Path,
+        e: &Listed,
+        tr: &dyn Translate,
+        disk: &crate::ondisk::Ext4Disk,
+        reader: &mut crate::ondisk::InodeReader,
+    ) -> Result<Item> {
+        let id = item_id(root, &e.rel);
+        let inode = reader.inode(disk, e.ino)?;
+        if !inode.is_live_file() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the listed inode is not a regular file in use",
+            ));
+        }
+        inode.check_mappable()?;
+        let ex = disk.extents(&inode)?;
+        let xattrs = disk.xattrs(&inode, &mut reader.xattrs)?;
+        let ts = |(sec, nsec): (i64, u32)| Timestamp { sec, nsec };
+        let file = FileMeta {
+            root: root.display().to_string(),
+            path: e.rel.clone(),
+            mode: u32::from(inode.mode),
+            uid: inode.uid,
+            gid: inode.gid,
+            atime: ts(inode.atime),
+            mtime: ts(inode.mtime),
+            ctime: ts(inode.ctime),
+            rdev: 0,
+            target: None,
+            xattrs,
+            holes: Vec::new(),
+        };
+        let facts = FileFacts {
+            ino: e.ino,
+            generation: Some(u64::from(inode.generation)),
+            size: inode.size,
+            mtime: (inode.mtime.0, i64::from(inode.mtime.1)),
+            ctime: (inode.ctime.0, i64::from(inode.ctime.1)),
+        };
+        let no_inline = |_: u64, _: u64| -> std::io::Result<Vec<u8>> {
+            Err(std::io::Error::other("no inline data on the device path"))
+        };
+        Self::file_item(&id, &e.path, &facts, &ex, file, tr, &no_inline)
+    }
+
+    /// A regular file's item from its facts and FIEMAP extents: plan,
+    /// translate, inline bytes through `read_inline(offset, length)`.
+    fn file_item(
+        id: &ItemId,
+        path: &Path,
+        facts: &FileFacts,
+        ex: &[FiemapExtent],
+        mut file: FileMeta,
+        tr: &dyn Translate,
+        read_inline: &dyn Fn(u64, u64) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Item> {
+        let size = facts.size;
+        let plan = plan_file(size, ex).map_err(|e| {
             Error::new(ErrorKind::Unstable, e.to_string())
                 .item(id)
                 .path(path)
@@ -646,8 +772,7 @@ impl FileMapper {
                     kind: ExtentKind::Zero,
                 }),
                 FilePiece::Inline { logical, length } => {
-                    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, logical)
+                    let buf = read_inline(logical, length)
                         .map_err(|e| Error::io("read inline data", e).item(id).path(path))?;
                     extents.push(MapExtent {
                         logical: ItemOffset(logical),
@@ -684,15 +809,13 @@ impl FileMapper {
                 }
             }
         }
-        file.mtime = Timestamp {
-            sec: meta.mtime(),
-            nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        let ts = |(sec, nsec): (i64, i64)| Timestamp {
+            sec,
+            nsec: u32::try_from(nsec).unwrap_or(0),
         };
-        file.ctime = Timestamp {
-            sec: meta.ctime(),
-            nsec: u32::try_from(meta.ctime_nsec()).unwrap_or(0),
-        };
-        let config = file_config(meta, gen, &ex, &tr.epoch());
+        file.mtime = ts(facts.mtime);
+        file.ctime = ts(facts.ctime);
+        let config = file_config_of(facts, ex, &tr.epoch());
         Ok(Item {
             id: id.clone(),
             kind: ItemKind::File,
@@ -706,8 +829,10 @@ impl FileMapper {
 }
 
 /// An entry mapped: (item, its map, whether it is on an ext2/3/4 source:
-/// opened by inode, and checked so).
-type Mapped = (ItemId, Result<Option<Item>>, bool);
+/// opened by inode, and checked so; whether it was mapped from the
+/// device's metadata — `None`: not tried, `Some(false)`: tried and left
+/// to the kernel).
+type Mapped = (ItemId, Result<Option<Item>>, bool, Option<bool>);
 
 /// Entries mapped per part of the map: the mover starts reading the first
 /// part while the agent maps the next.
@@ -731,6 +856,9 @@ struct Parts {
     /// Each source's frozen root and its device, where its files are
     /// opened by inode number (ext2/3/4).
     by_inode: Vec<Option<(PathBuf, u64)>>,
+    /// Each source's device, where its files' metadata is read from it
+    /// (ext2/3/4 whose writes its freezer holds).
+    disks: Vec<Option<std::sync::Arc<crate::ondisk::Ext4Disk>>>,
     /// Entries left to map, in inode order: (source, entry, first name of
     /// a file with several, for its other names).
     todo: std::collections::VecDeque<(usize, Listed, Option<String>)>,
@@ -746,6 +874,7 @@ impl FileMapper {
             translators: Vec::new(),
             roots: Vec::new(),
             by_inode: Vec::new(),
+            disks: Vec::new(),
             todo: std::collections::VecDeque::new(),
             first: None,
         };
@@ -774,12 +903,20 @@ impl FileMapper {
             let source = parts.translators.len();
             parts.translators.push(tr);
             parts.roots.push(spec.root.clone());
-            parts.by_inode.push(
-                opens_by_inode(&h.fstype)
-                    .then(|| std::fs::metadata(&h.frozen).ok())
-                    .flatten()
-                    .map(|m| (h.frozen.clone(), m.dev())),
-            );
+            let by_inode = opens_by_inode(&h.fstype)
+                .then(|| std::fs::metadata(&h.frozen).ok())
+                .flatten()
+                .map(|m| (h.frozen.clone(), m.dev()));
+            // Its metadata from its device while its writes are held
+            // (frozen); else (or when the device cannot be read) through
+            // the kernel.
+            let disk = by_inode
+                .as_ref()
+                .filter(|_| self.on_disk && image.writes_held)
+                .and_then(|(_, dev)| crate::ondisk::Ext4Disk::open(*dev).ok())
+                .map(std::sync::Arc::new);
+            parts.by_inode.push(by_inode);
+            parts.disks.push(disk);
             for e in w.listed {
                 if seen.insert(item_id(&spec.root, &e.rel)) {
                     parts.todo.push_back((source, e, None));
@@ -829,7 +966,15 @@ impl FileMapper {
         let todo: Vec<(usize, Listed, Option<String>)> = parts.todo.drain(..n).collect();
         let threads = MAP_THREADS;
         let chunk = todo.len().div_ceil(threads).max(1);
+        // A device whose journal is no longer written back (thawed under
+        // the map) is not read from again.
+        for disk in &mut parts.disks {
+            if disk.as_ref().is_some_and(|d| d.still_flushed().is_err()) {
+                *disk = None;
+            }
+        }
         let (translators, roots, by_inode) = (&parts.translators, &parts.roots, &parts.by_inode);
+        let disks = &parts.disks;
         let mapped: Vec<Vec<Mapped>> = std::thread::scope(|sc| {
             // A mapping thread that panicked loses nothing silently: the
             // map fails.
@@ -838,6 +983,7 @@ impl FileMapper {
                 .map(|part| {
                     sc.spawn(move || {
                         let mut dirs = DirCache::default();
+                        let mut reader = crate::ondisk::InodeReader::default();
                         part.iter()
                             .map(|(source, e, link)| {
                                 let root = &roots[*source];
@@ -846,9 +992,17 @@ impl FileMapper {
                                     .as_ref()
                                     .filter(|(_, dev)| *dev == e.dev)
                                     .map(|(frozen, _)| frozen.as_path());
-                                (
-                                    item_id(root, &e.rel),
-                                    Self::map_entry(
+                                let regular = link.is_none()
+                                    && e.meta.as_ref().map_or(e.regular, |m| m.is_file());
+                                let disk = disks[*source]
+                                    .as_deref()
+                                    .filter(|_| frozen.is_some() && regular);
+                                let on_disk =
+                                    disk.map(|d| Self::map_on_disk(root, e, tr, d, &mut reader));
+                                let tried = on_disk.as_ref().map(Result::is_ok);
+                                let item = match on_disk {
+                                    Some(Ok(item)) => Ok(Some(item)),
+                                    _ => Self::map_entry(
                                         root,
                                         e,
                                         tr,
@@ -857,8 +1011,8 @@ impl FileMapper {
                                         &mut dirs,
                                         frozen,
                                     ),
-                                    frozen.is_some(),
-                                )
+                                };
+                                (item_id(root, &e.rel), item, frozen.is_some(), tried)
                             })
                             .collect()
                     })
@@ -873,7 +1027,12 @@ impl FileMapper {
                 .collect::<Result<Vec<_>>>()
         })?;
         let mut inodes = HashMap::new();
-        for (id, r, ext) in mapped.into_iter().flatten() {
+        for (id, r, ext, on_disk) in mapped.into_iter().flatten() {
+            match on_disk {
+                Some(true) => self.on_disk_counts.0 += 1,
+                Some(false) => self.on_disk_counts.1 += 1,
+                None => {}
+            }
             match r {
                 Ok(Some(item)) => {
                     if item.kind == ItemKind::File {

@@ -42,6 +42,8 @@ pub struct FsFlushPlugin;
 
 struct Held {
     mounts: Vec<(PathBuf, File)>,
+    /// When the first file system was frozen.
+    since: std::time::Instant,
     guard: Option<ThawGuard>,
     /// Volume sources: frozen until release, not just while mapped.
     hold: bool,
@@ -168,6 +170,7 @@ impl Freezer for FsFlush {
             ThawGuard::spawn(&fds, self.bound).map_err(|e| Error::io("start the thaw guard", e))?;
         let mut held = Held {
             mounts: Vec::new(),
+            since: std::time::Instant::now(),
             guard: Some(guard),
             hold,
         };
@@ -208,6 +211,17 @@ impl Freezer for FsFlush {
             return Ok(());
         }
         h.thaw_all();
+        // The application's cost of the backup, in the agent's log.
+        let mounts: Vec<String> = h
+            .mounts
+            .iter()
+            .map(|(m, _)| m.display().to_string())
+            .collect();
+        eprintln!(
+            "floe agent: fsflush: writes held {:.3} s on {}",
+            h.since.elapsed().as_secs_f64(),
+            mounts.join(", ")
+        );
         if let Some(g) = h.guard.take() {
             g.finish();
         }

@@ -1,0 +1,333 @@
+//! The agent reads a frozen ext4 file system's metadata from its device
+//! (`floe_hostfs::ondisk`) instead of asking the kernel file by file. On
+//! real ext4 file systems on loop devices, frozen with FIFREEZE, every file
+//! is mapped both ways — from the device, and through the kernel (open by
+//! handle, fstat, xattrs, FIEMAP) — and the two maps must be equal item by
+//! item: metadata, extents, holes, config ids. After the thaw, the
+//! kernel's checks (what the mover asks before it trusts a read) must
+//! agree with every config id the device gave.
+
+use floe_core::abi::{Mapper, ValidityIndicator};
+use floe_core::model::{FrozenImage, FrozenItem, ImageId, Item, ItemId, ItemKind};
+use floe_hostfs::identity::{fs_device, mount_of};
+use floe_hostfs::mapper::{FileMapper, FileValidity, SourceHandle, Translate};
+use floe_tests::hostfs::{make_tree, LoopFs, Rng};
+use floe_tests::skip;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn translator(h: &SourceHandle) -> floe_core::Result<Box<dyn Translate>> {
+    let (_, _, dev) = mount_of(&h.frozen)?;
+    Ok(Box::new(fs_device(dev)?))
+}
+
+fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    let ts = |(s, n): (i64, i64)| rustix::fs::Timespec {
+        tv_sec: s,
+        tv_nsec: n,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: ts(atime),
+            last_modification: ts(mtime),
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("utimensat");
+}
+
+/// Attributes on the files with many (more than fit the inode; as many
+/// as fit a block of the file system's size).
+fn attrs(big: bool) -> usize {
+    if big {
+        24
+    } else {
+        8
+    }
+}
+
+/// What stresses a decoder of ext4 metadata beyond a source tree.
+fn make_hard_cases(root: &Path, big: bool) {
+    let d = root.join("hard");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut rng = Rng::new(99);
+    // Extent trees of depth 1 and 2: a sparse file of 2,000 islands (an
+    // extent each; a tree block holds 340).
+    let f = std::fs::File::create(d.join("islands-2000")).unwrap();
+    for k in 0..2000u64 {
+        f.write_all_at(&rng.bytes(4096), k * 8192).unwrap();
+    }
+    let f = std::fs::File::create(d.join("islands-300")).unwrap();
+    for k in 0..300u64 {
+        f.write_all_at(&rng.bytes(4096), k * 12288 + 4096).unwrap();
+    }
+    drop(f);
+    if big {
+        // Runs longer than one extent can be (32,768 blocks written,
+        // 32,767 unwritten): several extents of the tree, contiguous.
+        let f = std::fs::File::create(d.join("written-160m")).unwrap();
+        let chunk = rng.bytes(1 << 20);
+        for k in 0..160u64 {
+            f.write_all_at(&chunk, k << 20).unwrap();
+        }
+        f.sync_all().unwrap();
+        let ok = Command::new("fallocate")
+            .args(["-l", "300M"])
+            .arg(d.join("unwritten-300m"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "fallocate");
+    }
+    // Preallocated past its end (FALLOC_FL_KEEP_SIZE).
+    std::fs::write(d.join("prealloc"), rng.bytes(5000)).unwrap();
+    let ok = Command::new("fallocate")
+        .args(["-n", "-o", "0", "-l", "1M"])
+        .arg(d.join("prealloc"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "fallocate -n");
+    // Times before 1970 and after 2038, nanoseconds; owners past 16 bits.
+    std::fs::write(d.join("old"), b"from 1960").unwrap();
+    set_times(
+        &d.join("old"),
+        (-315_619_200, 5),
+        (-315_619_100, 999_999_999),
+    );
+    std::fs::write(d.join("future"), b"from 2100").unwrap();
+    set_times(
+        &d.join("future"),
+        (4_102_444_800, 1),
+        (4_102_444_801, 123_456_789),
+    );
+    std::fs::write(d.join("owned-32bit"), b"uid 100000").unwrap();
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        d.join("owned-32bit"),
+        Some(rustix::fs::Uid::from_raw(100_000)),
+        Some(rustix::fs::Gid::from_raw(200_000)),
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+    // Attributes in the inode, in a block, and one block shared by two
+    // files; security and trusted ones; ACLs.
+    std::fs::write(d.join("one-xattr"), b"x").unwrap();
+    rustix::fs::setxattr(
+        d.join("one-xattr"),
+        "user.small",
+        b"in the inode",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    for name in ["many-xattrs-a", "many-xattrs-b"] {
+        let p = d.join(name);
+        std::fs::write(&p, b"attributes spill into a block").unwrap();
+        for k in 0..attrs(big) {
+            let value = format!("value {k} ").repeat(if big { 10 } else { 4 });
+            rustix::fs::setxattr(
+                &p,
+                format!("user.attr{k:02}").as_str(),
+                value.as_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+        }
+        for (n, v) in [
+            ("security.floe", &b"label"[..]),
+            ("trusted.floe", b"\x00\x01\x02"),
+        ] {
+            rustix::fs::setxattr(&p, n, v, rustix::fs::XattrFlags::empty()).unwrap();
+        }
+    }
+    if floe_tests::have("setfacl") {
+        std::fs::write(d.join("acl"), b"with an ACL").unwrap();
+        let ok = Command::new("setfacl")
+            .args(["-m", "u:1234:rw,u:100000:r,g:5678:r,g:200000:rw,m:rw"])
+            .arg(d.join("acl"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "setfacl");
+    }
+}
+
+/// Items of a map by id, each as JSON (what goes to the mover).
+fn by_id(items: &[Item]) -> std::collections::BTreeMap<String, serde_json::Value> {
+    items
+        .iter()
+        .map(|i| (i.id.to_string(), serde_json::to_value(i).unwrap()))
+        .collect()
+}
+
+fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bool) {
+    let src = match LoopFs::new("ext4", 1, 1024, mkfs, "") {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    if tree_files > 0 {
+        make_tree(&src.mnt, tree_files, 11);
+    }
+    make_hard_cases(&src.mnt, big);
+    src.sync();
+    let root = src.mnt.display().to_string();
+    let image = FrozenImage {
+        id: ImageId::new(format!("{name}-image")),
+        plugin: "fsflush".into(),
+        items: vec![FrozenItem {
+            id: ItemId::new(root.clone()),
+            source: format!("fsflush:{root}"),
+            handle: serde_json::to_value(SourceHandle {
+                spec: root.clone(),
+                frozen: src.mnt.clone(),
+                snapshot: false,
+                fstype: "ext4".into(),
+                skip: Vec::new(),
+                volume: None,
+            })
+            .unwrap(),
+        }],
+        frozen_at: 0,
+        mapper: Some("fiemap".into()),
+        writes_held: true,
+    };
+    let mut device = FileMapper::configured(translator, &serde_json::json!({})).unwrap();
+    let mut kernel =
+        FileMapper::configured(translator, &serde_json::json!({"on_disk": false})).unwrap();
+
+    // Not frozen: the journal is not written back, so the device is not
+    // read (every file through the kernel).
+    let live = device.map(&image).expect("map while not frozen");
+    assert!(!live.items.is_empty());
+    assert_eq!(
+        device.on_disk_counts().0,
+        0,
+        "read a live file system's device"
+    );
+
+    let dir = std::fs::File::open(&src.mnt).unwrap();
+    let guard = floe_hostfs::sys::ThawGuard::spawn(&[dir.as_raw_fd()], Duration::from_secs(120))
+        .expect("thaw guard");
+    floe_hostfs::sys::freeze(&dir).expect("FIFREEZE");
+    let from_device = device.map(&image);
+    let from_kernel = kernel.map(&image);
+    floe_hostfs::sys::thaw(&dir).expect("FITHAW");
+    guard.finish();
+    let (from_device, from_kernel) = (from_device.unwrap(), from_kernel.unwrap());
+
+    assert!(
+        from_device.failures.is_empty(),
+        "{:?}",
+        from_device.failures
+    );
+    assert!(
+        from_kernel.failures.is_empty(),
+        "{:?}",
+        from_kernel.failures
+    );
+    let files = from_device
+        .items
+        .iter()
+        .filter(|i| i.kind == ItemKind::File)
+        .count() as u64;
+    assert!(files as usize > tree_files + 10, "{files} files");
+    assert_eq!(
+        device.on_disk_counts(),
+        (files, 0),
+        "every regular file from the device, none left to the kernel"
+    );
+    assert_eq!(kernel.on_disk_counts(), (0, 0));
+    let (a, b) = (by_id(&from_device.items), by_id(&from_kernel.items));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the same items"
+    );
+    let diffs: Vec<String> = a
+        .iter()
+        .filter(|(id, v)| b[*id] != **v)
+        .map(|(id, v)| format!("{id}:\n device {v}\n kernel {}", b[id]))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} of {} items differ, first:\n{}",
+        diffs.len(),
+        a.len(),
+        diffs.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+    );
+    // What the hard cases are made of is in the map (the comparison above
+    // is not of empty maps).
+    let item = |rel: &str| &a[&format!("{root}/hard/{rel}")];
+    assert_eq!(item("old")["file"]["mtime"]["sec"], -315_619_100);
+    if !mkfs.contains(&"-I") {
+        // (128-byte inodes keep seconds to 2038 and no nanoseconds.)
+        assert_eq!(item("future")["file"]["mtime"]["sec"], 4_102_444_801i64);
+        assert_eq!(item("future")["file"]["mtime"]["nsec"], 123_456_789);
+    }
+    assert_eq!(item("owned-32bit")["file"]["uid"], 100_000);
+    let xattrs = item("many-xattrs-a")["file"]["xattrs"].as_object().unwrap();
+    assert_eq!(xattrs.len(), attrs(big) + 2, "{xattrs:?}");
+    assert!(xattrs.contains_key("trusted.floe") && xattrs.contains_key("security.floe"));
+    if floe_tests::have("setfacl") {
+        assert!(item("acl")["file"]["xattrs"]
+            .as_object()
+            .unwrap()
+            .contains_key("system.posix_acl_access"));
+    }
+    assert!(
+        item("islands-2000")["extents"].as_array().unwrap().len() == 3999,
+        "2,000 islands and their holes: {}",
+        item("islands-2000")["extents"]
+            .to_string()
+            .chars()
+            .take(600)
+            .collect::<String>()
+    );
+
+    // After the thaw, the kernel's checks give the config id the device
+    // gave, for every file (what the mover checks: items with bytes).
+    let checked: Vec<&Item> = from_device
+        .items
+        .iter()
+        .filter(|i| i.kind == ItemKind::File)
+        .collect();
+    let ids: Vec<ItemId> = checked.iter().map(|i| i.id.clone()).collect();
+    let mut validity = FileValidity::new(translator);
+    let now = validity.config_ids(&image, &ids).unwrap();
+    let stale: Vec<String> = checked
+        .iter()
+        .zip(&now)
+        .filter(|(i, c)| i.config != **c)
+        .map(|(i, c)| format!("{}: mapped {} checked {}", i.id, i.config, c))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} checks disagree, first: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(3)]
+    );
+}
+
+#[test]
+fn ext4_metadata_read_from_the_device_is_what_the_kernel_says() {
+    device_and_kernel_agree(
+        "ext4_metadata_read_from_the_device_is_what_the_kernel_says",
+        &[],
+        1500,
+        true,
+    );
+}
+
+#[test]
+fn ext4_of_1k_blocks_128_byte_inodes_and_32_bit_descriptors_reads_the_same() {
+    // No nanoseconds or extra time bits in 128-byte inodes; 1 KiB blocks
+    // put the group descriptors in block 2; no 64bit feature.
+    device_and_kernel_agree(
+        "ext4_of_1k_blocks_128_byte_inodes_and_32_bit_descriptors_reads_the_same",
+        &["-b", "1024", "-I", "128", "-O", "^64bit"],
+        200,
+        false,
+    );
+}
