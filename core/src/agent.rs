@@ -238,7 +238,7 @@ impl Agent {
         };
         for mut f in expired {
             if let Err(e) = f.release() {
-                eprintln!(
+                crate::log_line!(
                     "floe agent: cannot release orphaned image {}: {e}",
                     f.image.id
                 );
@@ -660,7 +660,7 @@ impl Agent {
             std::thread::spawn(move || {
                 let Ok(r) = conn.try_clone() else { return };
                 if let Err(e) = me.serve(r, &conn) {
-                    eprintln!("floe agent: connection ended: {e}");
+                    crate::log_line!("floe agent: connection ended: {e}");
                 }
             });
         }
@@ -686,10 +686,10 @@ impl Agent {
                     Ok(s) => {
                         let (r, w) = crate::tls::split(s);
                         if let Err(e) = me.serve(r, w) {
-                            eprintln!("floe agent: connection from {peer} ended: {e}");
+                            crate::log_line!("floe agent: connection from {peer} ended: {e}");
                         }
                     }
-                    Err(e) => eprintln!("floe agent: refused {peer}: {e}"),
+                    Err(e) => crate::log_line!("floe agent: refused {peer}: {e}"),
                 }
             });
         }

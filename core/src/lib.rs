@@ -7,6 +7,7 @@
 pub mod abi;
 pub mod error;
 pub mod fsmeta;
+pub mod log;
 pub mod map;
 pub mod media;
 pub mod model;

@@ -1405,7 +1405,7 @@ fn finish(
         (Ok(r), Err(e)) => {
             // The set is durable and complete; the agent failed to let the
             // image go. Say so, but the backup stands.
-            eprintln!(
+            crate::log_line!(
                 "floe: warning: the agent could not release image {}: {e}",
                 image.id
             );

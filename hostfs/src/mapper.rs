@@ -1248,7 +1248,13 @@ impl FileValidity {
                         let meta = f.metadata().map_err(|e| Error::io("stat", e).item(item))?;
                         let ex = fiemap(&f, 0)
                             .map_err(|e| Error::io("fiemap", e).item(item).path(&path))?;
-                        return Ok(file_config(&meta, generation(&f), &ex, &epoch(h)?));
+                        // A handle's generation (unless 0, "any") is the
+                        // inode's: the file system refused any other.
+                        let gen = match gen {
+                            0 => generation(&f),
+                            g => Some(u64::from(g)),
+                        };
+                        return Ok(file_config(&meta, gen, &ex, &epoch(h)?));
                     }
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
                         return Ok(ConfigId::new(format!("gone:{e}")));

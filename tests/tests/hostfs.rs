@@ -1076,6 +1076,48 @@ mod two_hosts {
     }
 }
 
+/// The agent logs how long it held writes, and a log nobody reads any more
+/// (its stderr a pipe whose reader went away) stops no backup: a log line
+/// that cannot be written is dropped, not a panic in the plugin thawing
+/// the file system.
+#[test]
+fn an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone() {
+    let name = "an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone";
+    let mut src = match LoopFs::new("ext4", 1, 64, &[], "") {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    std::fs::write(src.mnt.join("f"), b"some bytes").unwrap();
+    src.sync();
+    src.mover_view().expect("read-only view");
+    let allow = format!("fsflush:{}*", src.mnt.display());
+    let mut agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+    let backup = |round: usize| {
+        let media = src.dir.path().join(format!("media{round}"));
+        let (code, out, err) = floe_backup(
+            &agent.addr,
+            &[format!("fsflush:{}", src.mnt.display())],
+            &media,
+            &src.device_args(),
+        );
+        assert_eq!(code, 0, "backup {round} failed:\n{out}\n{err}");
+    };
+    backup(0);
+    let held = agent
+        .wait_for("writes held", std::time::Duration::from_secs(10))
+        .expect("no line saying how long writes were held");
+    assert!(
+        held.contains(" s on ") && held.contains(&src.mnt.display().to_string()),
+        "{held}"
+    );
+    // Nobody reads the log from here: the reader stops at the next line
+    // and closes the pipe; the round after writes into a closed pipe.
+    agent.stderr = std::sync::mpsc::channel().1;
+    for round in 1..=2 {
+        backup(round);
+    }
+}
+
 /// A file system in a partition: extents are offset by the partition's
 /// start (from sysfs) on the whole disk, which is what the mover reads.
 #[test]

@@ -135,7 +135,7 @@ impl Freezer for BtrfsSnapshot {
                         })?;
                         // Snapshots of agents that died holding them go first.
                         for left in floe_hostfs::clone::leftovers(&dir, "btrfs-snapshot") {
-                            eprintln!(
+                            floe_core::log_line!(
                                 "floe agent: removing {}, left by an agent that died",
                                 left.display()
                             );

@@ -217,7 +217,7 @@ impl Freezer for FsFlush {
             .iter()
             .map(|(m, _)| m.display().to_string())
             .collect();
-        eprintln!(
+        floe_core::log_line!(
             "floe agent: fsflush: writes held {:.3} s on {}",
             h.since.elapsed().as_secs_f64(),
             mounts.join(", ")

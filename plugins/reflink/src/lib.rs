@@ -85,7 +85,7 @@ impl Freezer for Reflink {
                 })?;
                 // Clones of agents that died holding them go first.
                 for left in floe_hostfs::clone::leftovers(&base, "reflink") {
-                    eprintln!(
+                    floe_core::log_line!(
                         "floe agent: removing {}, left by an agent that died",
                         left.display()
                     );
