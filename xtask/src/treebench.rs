@@ -91,6 +91,9 @@ fn timed_shell(script: &str, env: &[(&str, &str)]) -> Result<(f64, f64)> {
 }
 
 fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
@@ -308,7 +311,22 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
         .stderr(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
-    std::io::BufReader::new(agent.stderr.take().context("stderr")?).read_line(&mut line)?;
+    let mut log = std::io::BufReader::new(agent.stderr.take().context("stderr")?);
+    log.read_line(&mut line)?;
+    // The rest of the agent's log: how long it held writes, per backup.
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<f64>();
+    std::thread::spawn(move || {
+        for l in log.lines().map_while(std::result::Result::ok) {
+            let secs = l
+                .split("writes held ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok());
+            if let Some(secs) = secs {
+                let _ = held_tx.send(secs);
+            }
+        }
+    });
     let addr = line
         .trim()
         .rsplit(' ')
@@ -324,6 +342,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
     let (mut agent_read, mut agent_sent, mut mover_read) = (Vec::new(), Vec::new(), Vec::new());
     let mut set = String::new();
     let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut held = Vec::new();
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
@@ -391,6 +410,9 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
         // what it received from the agent.
         agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
         mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        if let Ok(secs) = held_rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            held.push(secs);
+        }
         for (k, phase) in ["map", "move", "media_commit", "catalog"]
             .iter()
             .enumerate()
@@ -474,6 +496,10 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
         median(&phases[2]),
         median(&phases[3])
     );
+    println!(
+        "    writes held on the host (agent's log): {:.2} s",
+        median(&held)
+    );
     println!("  floe / tar         {:.3}  (target <= 0.2)", floe / tar);
     println!(
         "  floe / restic      {:.3}  (target <= 0.15)",
@@ -508,7 +534,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
         "tar_s": tar, "restic_s": restic, "floe_s": floe,
         "tar_cpu_s": median(&cpu[0]), "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&cpu[2]),
         "agent_read_bytes": median(&agent_read), "agent_sent_bytes": median(&agent_sent),
-        "mover_read_bytes": median(&mover_read),
+        "mover_read_bytes": median(&mover_read), "writes_held_s": median(&held),
         "restore_floe_s": restore_floe, "restore_tar_s": restore_tar,
         "floe_phases_s": {"map": median(&phases[0]), "move": median(&phases[1]),
             "media_commit": median(&phases[2]), "catalog": median(&phases[3])},
