@@ -2,8 +2,8 @@
 //! device: inode tables, extent tree blocks and attribute blocks, decoded
 //! by [`crate::ext4`]. Per file this replaces opening it by handle,
 //! `fstat`, `flistxattr`/`fgetxattr`, `FIEMAP` and `close` — five system
-//! calls and the kernel's inode set-up — with a share of a 64 KiB read of
-//! its inode table.
+//! calls and the kernel's inode set-up — with a share of a 256 KiB read
+//! of its inode table.
 //!
 //! Why the device says what the kernel would: `FIFREEZE` on ext4 syncs the
 //! file system, writes the journal back to its place and clears
@@ -32,8 +32,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Bytes of inode table read at once.
-const TABLE_READ: u64 = 64 << 10;
+/// Bytes of inode table read at once: a thread maps 512 inodes of a part
+/// in number order, which this covers in one read (over a SAN answering
+/// each read after 0.2 ms, 256 KiB reads took the first part of the
+/// 70,000-file tree from 0.53 s to 0.43 s against 64 KiB ones, and writes
+/// were held 1.22 s instead of 1.40 s; the kernel reads 128 KiB ahead).
+const TABLE_READ: u64 = 256 << 10;
 /// Extent tree blocks read for one file at most (a tree of depth 5 with
 /// full nodes is far beyond any file; this bounds a malformed one).
 const TREE_BLOCKS: usize = 1 << 16;

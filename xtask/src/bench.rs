@@ -37,6 +37,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut size_mib = 2048u64;
     let mut rounds = 7usize;
     let mut floe_opts: Vec<String> = Vec::new();
+    let mut agent_opts: Vec<String> = Vec::new();
     let mut case = "all".to_string();
     let mut files = 70_000usize;
     let mut latency_us = 1000u64;
@@ -56,8 +57,16 @@ pub fn run(args: &[String]) -> Result<()> {
                     .map(String::from)
                     .collect()
             }
+            "--agent-opts" => {
+                agent_opts = it
+                    .next()
+                    .context("--agent-opts \"OPTIONS\"")?
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            }
             other => bail!(
-                "unknown bench option {other} (--case volume|tree|tree-san|all, --size-mib N, --rounds N, --files N, --latency-us N, --floe-opts \"...\")"
+                "unknown bench option {other} (--case volume|tree|tree-san|all, --size-mib N, --rounds N, --files N, --latency-us N, --floe-opts \"...\" (volume case: the mover's), --agent-opts \"...\" (tree cases: the agent's, e.g. --plugin-opt fiemap.on_disk=false))"
             ),
         }
     }
@@ -68,6 +77,7 @@ pub fn run(args: &[String]) -> Result<()> {
             rounds.min(3),
             files,
             crate::treebench::Storage::Loop,
+            &agent_opts,
         );
     }
     if case == "tree-san" {
@@ -84,6 +94,7 @@ pub fn run(args: &[String]) -> Result<()> {
             rounds.min(3),
             files,
             crate::treebench::Storage::San { latency_us },
+            &agent_opts,
         );
     }
     util::ensure_packages(&[("nbdcopy", "libnbd-bin")])?;
@@ -251,7 +262,13 @@ pub fn run(args: &[String]) -> Result<()> {
     drop(_san);
     let _ = std::fs::remove_dir_all(&work);
     if case == "all" {
-        crate::treebench::run(&bin, rounds.min(3), files, crate::treebench::Storage::Loop)?;
+        crate::treebench::run(
+            &bin,
+            rounds.min(3),
+            files,
+            crate::treebench::Storage::Loop,
+            &agent_opts,
+        )?;
     }
     Ok(())
 }

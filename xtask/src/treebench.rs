@@ -273,7 +273,13 @@ fn mount_tree(
 }
 
 /// The tree case.
-pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<()> {
+pub fn run(
+    bin: &Path,
+    rounds: usize,
+    files: usize,
+    storage: Storage,
+    agent_opts: &[String],
+) -> Result<()> {
     util::ensure_packages(&[
         ("mkfs.ext4", "e2fsprogs"),
         ("restic", "restic"),
@@ -308,6 +314,7 @@ pub fn run(bin: &Path, rounds: usize, files: usize, storage: Storage) -> Result<
             "--allow-source",
             &source,
         ])
+        .args(agent_opts)
         .stderr(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
