@@ -513,7 +513,7 @@ impl FileMapper {
         }
     }
 
-    /// Regular files this mapper mapped from their device's metadata
+    /// Regular files the last map took from their device's metadata
     /// ([`crate::ondisk`]), and those it had to map through the kernel
     /// on a file system it read from the device (inline data, encryption,
     /// ext2/3 block maps…).
@@ -919,8 +919,16 @@ impl FileMapper {
             let disk = by_inode
                 .as_ref()
                 .filter(|_| self.on_disk && image.writes_held)
-                .and_then(|(_, dev)| crate::ondisk::Ext4Disk::open(*dev).ok())
-                .map(std::sync::Arc::new);
+                .and_then(|(_, dev)| match crate::ondisk::Ext4Disk::open(*dev) {
+                    Ok(d) => Some(std::sync::Arc::new(d)),
+                    Err(e) => {
+                        floe_core::log_line!(
+                            "floe agent: fiemap: {}: metadata through the kernel, not from the device: {e}",
+                            h.frozen.display()
+                        );
+                        None
+                    }
+                });
             parts.by_inode.push(by_inode);
             parts.disks.push(disk);
             for e in w.listed {
@@ -962,6 +970,7 @@ impl FileMapper {
     /// [`MAP_THREADS`] threads.
     fn map_next(&mut self, image: &FrozenImage) -> Result<MapPart> {
         if self.parts.is_none() {
+            self.on_disk_counts = (0, 0);
             self.parts = Some(self.walk_all(image)?);
         } else {
             floe_core::media::pausepoint("map-part");
@@ -1068,6 +1077,12 @@ impl FileMapper {
         }
         let more = self.parts.as_ref().is_some_and(|p| !p.todo.is_empty());
         if !more {
+            let (disk, kernel) = self.on_disk_counts;
+            if disk + kernel > 0 {
+                floe_core::log_line!(
+                    "floe agent: fiemap: {disk} files mapped from their device's metadata, {kernel} through the kernel"
+                );
+            }
             self.parts = None;
         }
         Ok(MapPart {

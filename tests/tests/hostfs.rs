@@ -1076,10 +1076,10 @@ mod two_hosts {
     }
 }
 
-/// The agent logs how long it held writes, and a log nobody reads any more
-/// (its stderr a pipe whose reader went away) stops no backup: a log line
-/// that cannot be written is dropped, not a panic in the plugin thawing
-/// the file system.
+/// The agent logs how it mapped files and how long it held writes, and a
+/// log nobody reads any more (its stderr a pipe whose reader went away)
+/// stops no backup: a log line that cannot be written is dropped, not a
+/// panic in the plugin thawing the file system.
 #[test]
 fn an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone() {
     let name = "an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone";
@@ -1103,6 +1103,15 @@ fn an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone() {
         assert_eq!(code, 0, "backup {round} failed:\n{out}\n{err}");
     };
     backup(0);
+    // The one file came from the device's metadata (the file system was
+    // frozen), and the log says so before the thaw.
+    let mapped = agent
+        .wait_for("fiemap:", std::time::Duration::from_secs(10))
+        .expect("no line saying how files were mapped");
+    assert!(
+        mapped.contains("1 files mapped from their device's metadata, 0 through the kernel"),
+        "{mapped}"
+    );
     let held = agent
         .wait_for("writes held", std::time::Duration::from_secs(10))
         .expect("no line saying how long writes were held");
