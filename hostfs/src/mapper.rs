@@ -19,13 +19,13 @@ use floe_core::model::*;
 use floe_core::units::{BlockSize, Blocks, Bytes, ItemOffset};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 /// Maps keyed by item ids (one entry per file, ~70,000 per backup of a
 /// source tree): foldhash, seeded per process, instead of SipHash (which
 /// was a twentieth of the agent's CPU hashing paths).
 type ItemMap<V> = HashMap<ItemId, V, foldhash::fast::RandomState>;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
 
 /// What a file system freezer records per source, for the mapper.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1373,6 +1373,34 @@ mod tests {
             let mut s = String::from("x");
             push_u64(&mut s, n);
             prop_assert_eq!(s, format!("x{n}"));
+        }
+    }
+
+    /// A translator nothing is mapped with.
+    fn no_translator(_: &SourceHandle) -> Result<Box<dyn Translate>> {
+        Ok(Box::new(NoBlocks))
+    }
+
+    #[test]
+    fn plugin_options_are_checked_and_named_when_wrong() {
+        let m = |c: serde_json::Value| FileMapper::configured(no_translator, &c);
+        let ok = m(serde_json::json!({"part_entries": "100", "on_disk": "false"})).unwrap();
+        assert_eq!((ok.part_entries, ok.on_disk), (100, false));
+        let ok = m(serde_json::json!({"on_disk": true})).unwrap();
+        assert!(ok.on_disk && ok.part_entries == PART_ENTRIES);
+        for (bad, says) in [
+            (
+                serde_json::json!({"part_entries": 0}),
+                "part_entries must be",
+            ),
+            (
+                serde_json::json!({"on_disk": "maybe"}),
+                "on_disk must be true or false, got \"maybe\"",
+            ),
+        ] {
+            let err = m(bad).err().expect("a wrong option was taken");
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(says), "{err}");
         }
     }
 
