@@ -833,11 +833,11 @@ impl FileMapper {
     }
 }
 
-/// An entry mapped: (item, its map, whether it is on an ext2/3/4 source:
+/// An entry mapped: (its item, whether it is on an ext2/3/4 source:
 /// opened by inode, and checked so; whether it was mapped from the
 /// device's metadata — `None`: not tried, `Some(false)`: tried and left
 /// to the kernel).
-type Mapped = (ItemId, Result<Option<Item>>, bool, Option<bool>);
+type Mapped = (Result<Option<Item>>, bool, Option<bool>);
 
 /// Entries mapped per part of the map: the mover starts reading the first
 /// part while the agent maps the next.
@@ -849,6 +849,9 @@ pub const PART_ENTRIES: usize = 4096;
 /// tree at 0.2 ms per read from 0.31 to 0.25 s; no difference on a local
 /// loop device).
 const MAP_THREADS: usize = 8;
+
+/// Entries mapped through the kernel per mapping thread, at least.
+const KERNEL_ENTRIES_PER_THREAD: usize = 64;
 
 /// A map being produced part by part: what the walks found and what is
 /// left to map.
@@ -979,8 +982,6 @@ impl FileMapper {
         let (mut items, mut failures) = parts.first.take().unwrap_or_default();
         let n = parts.todo.len().min(self.part_entries);
         let todo: Vec<(usize, Listed, Option<String>)> = parts.todo.drain(..n).collect();
-        let threads = MAP_THREADS;
-        let chunk = todo.len().div_ceil(threads).max(1);
         // A device whose journal is no longer written back (thawed under
         // the map) is not read from again.
         for disk in &mut parts.disks {
@@ -990,59 +991,89 @@ impl FileMapper {
         }
         let (translators, roots, by_inode) = (&parts.translators, &parts.roots, &parts.by_inode);
         let disks = &parts.disks;
-        let mapped: Vec<Vec<Mapped>> = std::thread::scope(|sc| {
-            // A mapping thread that panicked loses nothing silently: the
-            // map fails.
-            let handles: Vec<_> = todo
-                .chunks(chunk)
-                .map(|part| {
-                    sc.spawn(move || {
-                        let mut dirs = DirCache::default();
-                        let mut reader = crate::ondisk::InodeReader::default();
-                        part.iter()
-                            .map(|(source, e, link)| {
-                                let root = &roots[*source];
-                                let tr = translators[*source].as_ref();
-                                let frozen = by_inode[*source]
-                                    .as_ref()
-                                    .filter(|(_, dev)| *dev == e.dev)
-                                    .map(|(frozen, _)| frozen.as_path());
-                                let regular = link.is_none()
-                                    && e.meta.as_ref().map_or(e.regular, |m| m.is_file());
-                                let disk = disks[*source]
-                                    .as_deref()
-                                    .filter(|_| frozen.is_some() && regular);
-                                let on_disk =
-                                    disk.map(|d| Self::map_on_disk(root, e, tr, d, &mut reader));
-                                let tried = on_disk.as_ref().map(Result::is_ok);
-                                let item = match on_disk {
-                                    Some(Ok(item)) => Ok(Some(item)),
-                                    _ => Self::map_entry(
-                                        root,
-                                        e,
-                                        tr,
-                                        link.as_ref(),
-                                        true,
-                                        &mut dirs,
-                                        frozen,
-                                    ),
-                                };
-                                (item_id(root, &e.rel), item, frozen.is_some(), tried)
-                            })
-                            .collect()
+        // Where an entry is: its root, translator, and the frozen root of
+        // its file system when its files are opened by inode (ext2/3/4).
+        let place = |(source, e, _): &(usize, Listed, Option<String>)| {
+            let frozen = by_inode[*source]
+                .as_ref()
+                .filter(|(_, dev)| *dev == e.dev)
+                .map(|(frozen, _)| frozen.as_path());
+            (&roots[*source], translators[*source].as_ref(), frozen)
+        };
+        // First, on this thread, the regular files of file systems read
+        // from their devices: decoding, with a read per 1,024 inodes —
+        // nothing worth waiting for on several threads.
+        let mut reader = crate::ondisk::InodeReader::default();
+        let mut done: Vec<Option<Mapped>> = Vec::with_capacity(todo.len());
+        let mut kernel: Vec<(usize, Option<bool>)> = Vec::new();
+        for (k, entry) in todo.iter().enumerate() {
+            let (source, e, link) = entry;
+            let (root, tr, frozen) = place(entry);
+            let regular = link.is_none() && e.meta.as_ref().map_or(e.regular, |m| m.is_file());
+            let disk = disks[*source]
+                .as_deref()
+                .filter(|_| frozen.is_some() && regular);
+            let tried = match disk.map(|d| Self::map_on_disk(root, e, tr, d, &mut reader)) {
+                Some(Ok(item)) => {
+                    done.push(Some((Ok(Some(item)), true, Some(true))));
+                    continue;
+                }
+                Some(Err(_)) => Some(false),
+                None => None,
+            };
+            done.push(None);
+            kernel.push((k, tried));
+        }
+        // Then everything else through the kernel: on up to MAP_THREADS
+        // threads, one per KERNEL_ENTRIES_PER_THREAD entries (a thread's
+        // start and end cost the allocator a scan of what it leaves).
+        let threads = kernel
+            .len()
+            .div_ceil(KERNEL_ENTRIES_PER_THREAD)
+            .clamp(1, MAP_THREADS);
+        let chunk = kernel.len().div_ceil(threads).max(1);
+        let todo = &todo;
+        let map_kernel = |part: &[(usize, Option<bool>)]| -> Vec<(usize, Mapped)> {
+            let mut dirs = DirCache::default();
+            part.iter()
+                .map(|&(k, tried)| {
+                    let (_, e, link) = &todo[k];
+                    let (root, tr, frozen) = place(&todo[k]);
+                    let item = Self::map_entry(root, e, tr, link.as_ref(), true, &mut dirs, frozen);
+                    (k, (item, frozen.is_some(), tried))
+                })
+                .collect()
+        };
+        let mapped: Vec<Vec<(usize, Mapped)>> = if threads == 1 {
+            vec![map_kernel(&kernel)]
+        } else {
+            std::thread::scope(|sc| {
+                // A mapping thread that panicked loses nothing silently:
+                // the map fails.
+                let handles: Vec<_> = kernel
+                    .chunks(chunk)
+                    .map(|part| sc.spawn(move || map_kernel(part)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| Error::new(ErrorKind::Plugin, "a mapping thread panicked"))
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .map_err(|_| Error::new(ErrorKind::Plugin, "a mapping thread panicked"))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
+                    .collect::<Result<Vec<_>>>()
+            })?
+        };
+        for (k, m) in mapped.into_iter().flatten() {
+            done[k] = Some(m);
+        }
         let mut inodes = ItemMap::default();
-        for (id, r, ext, on_disk) in mapped.into_iter().flatten() {
+        for (k, m) in done.into_iter().enumerate() {
+            let Some((r, ext, on_disk)) = m else {
+                return Err(Error::new(
+                    ErrorKind::Plugin,
+                    "an entry of the map's part was not mapped",
+                ));
+            };
             match on_disk {
                 Some(true) => self.on_disk_counts.0 += 1,
                 Some(false) => self.on_disk_counts.1 += 1,
@@ -1061,7 +1092,7 @@ impl FileMapper {
                 }
                 Ok(None) => {}
                 Err(err) => failures.push(ItemFailure {
-                    item: id,
+                    item: item_id(&roots[todo[k].0], &todo[k].1.rel),
                     error: err.to_string(),
                 }),
             }
