@@ -41,6 +41,16 @@ fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     .expect("utimensat");
 }
 
+/// Run `command` on `path`; it must succeed.
+fn run(command: &[&str], path: &Path) {
+    let ok = Command::new(command[0])
+        .args(&command[1..])
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{command:?} {} failed", path.display());
+}
+
 /// Attributes on the files with many (more than fit the inode; as many
 /// as fit a block of the file system's size).
 fn attrs(big: bool) -> usize {
@@ -76,21 +86,14 @@ fn make_hard_cases(root: &Path, big: bool) {
             f.write_all_at(&chunk, k << 20).unwrap();
         }
         f.sync_all().unwrap();
-        let ok = Command::new("fallocate")
-            .args(["-l", "300M"])
-            .arg(d.join("unwritten-300m"))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "fallocate");
+        run(&["fallocate", "-l", "300M"], &d.join("unwritten-300m"));
     }
     // Preallocated past its end (FALLOC_FL_KEEP_SIZE).
     std::fs::write(d.join("prealloc"), rng.bytes(5000)).unwrap();
-    let ok = Command::new("fallocate")
-        .args(["-n", "-o", "0", "-l", "1M"])
-        .arg(d.join("prealloc"))
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "fallocate -n");
+    run(
+        &["fallocate", "-n", "-o", "0", "-l", "1M"],
+        &d.join("prealloc"),
+    );
     // Times before 1970 and after 2038, nanoseconds; owners past 16 bits.
     std::fs::write(d.join("old"), b"from 1960").unwrap();
     set_times(
@@ -145,12 +148,14 @@ fn make_hard_cases(root: &Path, big: bool) {
     }
     if floe_tests::have("setfacl") {
         std::fs::write(d.join("acl"), b"with an ACL").unwrap();
-        let ok = Command::new("setfacl")
-            .args(["-m", "u:1234:rw,u:100000:r,g:5678:r,g:200000:rw,m:rw"])
-            .arg(d.join("acl"))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "setfacl");
+        run(
+            &[
+                "setfacl",
+                "-m",
+                "u:1234:rw,u:100000:r,g:5678:r,g:200000:rw,m:rw",
+            ],
+            &d.join("acl"),
+        );
     }
 }
 

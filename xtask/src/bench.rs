@@ -33,6 +33,15 @@ fn timed(name: &str, cmd: &mut Command) -> Result<f64> {
     Ok(secs)
 }
 
+/// The words of an option's value (`--floe-opts "--window 8M"`).
+fn words(value: Option<&String>, option: &str) -> Result<Vec<String>> {
+    Ok(value
+        .with_context(|| format!("{option} \"OPTIONS\""))?
+        .split_whitespace()
+        .map(String::from)
+        .collect())
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let mut size_mib = 2048u64;
     let mut rounds = 7usize;
@@ -49,22 +58,8 @@ pub fn run(args: &[String]) -> Result<()> {
             "--case" => case = it.next().context("--case volume|tree|tree-san|all")?.clone(),
             "--latency-us" => latency_us = it.next().context("--latency-us N")?.parse()?,
             "--files" => files = it.next().context("--files N")?.parse()?,
-            "--floe-opts" => {
-                floe_opts = it
-                    .next()
-                    .context("--floe-opts \"OPTIONS\"")?
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect()
-            }
-            "--agent-opts" => {
-                agent_opts = it
-                    .next()
-                    .context("--agent-opts \"OPTIONS\"")?
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect()
-            }
+            "--floe-opts" => floe_opts = words(it.next(), "--floe-opts")?,
+            "--agent-opts" => agent_opts = words(it.next(), "--agent-opts")?,
             other => bail!(
                 "unknown bench option {other} (--case volume|tree|tree-san|all, --size-mib N, --rounds N, --files N, --latency-us N, --floe-opts \"...\" (volume case: the mover's), --agent-opts \"...\" (tree cases: the agent's, e.g. --plugin-opt fiemap.on_disk=false))"
             ),
