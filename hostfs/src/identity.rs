@@ -29,8 +29,9 @@ fn read(dir: &Path, f: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// The device of `dev` (an `st_dev`), from sysfs.
-pub fn fs_device(dev: u64) -> Result<FsDevice> {
+/// The sysfs directory of `dev` (an `st_dev`) and the kernel's name for
+/// it (`loop3p1`: its node is `/dev/loop3p1`).
+pub fn sysfs_block(dev: u64) -> Result<(PathBuf, String)> {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let link = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     let sys = std::fs::canonicalize(&link).map_err(|e| {
@@ -47,6 +48,12 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
+    Ok((sys, name))
+}
+
+/// The device of `dev` (an `st_dev`), from sysfs.
+pub fn fs_device(dev: u64) -> Result<FsDevice> {
+    let (sys, name) = sysfs_block(dev)?;
     let (disk, offset) = if sys.join("partition").exists() {
         let start: u64 = read(&sys, "start")
             .and_then(|s| s.parse().ok())

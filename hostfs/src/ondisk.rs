@@ -51,41 +51,26 @@ pub struct Ext4Disk {
     tables: Vec<u64>,
 }
 
-/// The block device node of `dev` (an `st_dev`): `/dev/NAME` from sysfs,
-/// else the source of its mount in `/proc/self/mountinfo`, either only
-/// if it is that device.
+/// The block device node of `dev` (an `st_dev`): `/dev/NAME`, NAME the
+/// kernel's (as [`crate::identity::fs_device`] finds it), if it is that
+/// device.
 fn device_node(dev: u64) -> Result<PathBuf> {
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let is_it = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == dev)
-    };
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
-        .unwrap_or_default();
-    if let Some(name) = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")) {
-        let p = Path::new("/dev").join(name);
-        if is_it(&p) {
-            return Ok(p);
-        }
+    let (_, name) = crate::identity::sysfs_block(dev)?;
+    let p = Path::new("/dev").join(&name);
+    let it =
+        std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == dev);
+    if !it {
+        return Err(Error::new(
+            ErrorKind::UnknownDevice,
+            format!(
+                "no device node for block device {}:{} ({} is not it)",
+                libc::major(dev),
+                libc::minor(dev),
+                p.display()
+            ),
+        ));
     }
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.get(2) == Some(&format!("{major}:{minor}").as_str()) {
-            if let Some(src) = f.get(sep + 2) {
-                let p = PathBuf::from(src.replace("\\040", " "));
-                if is_it(&p) {
-                    return Ok(p);
-                }
-            }
-        }
-    }
-    Err(Error::new(
-        ErrorKind::UnknownDevice,
-        format!("no device node for block device {major}:{minor}"),
-    ))
+    Ok(p)
 }
 
 impl Ext4Disk {

@@ -11,10 +11,11 @@ use floe_core::abi::{Mapper, ValidityIndicator};
 use floe_core::model::{FrozenImage, FrozenItem, ImageId, Item, ItemId, ItemKind};
 use floe_hostfs::identity::{fs_device, mount_of};
 use floe_hostfs::mapper::{FileMapper, FileValidity, SourceHandle, Translate};
+use floe_hostfs::ondisk::Ext4Disk;
 use floe_tests::hostfs::{make_tree, LoopFs, Rng};
 use floe_tests::skip;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -211,6 +212,9 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
         0,
         "read a live file system's device"
     );
+    let dev = std::fs::metadata(&src.mnt).unwrap().dev();
+    let err = Ext4Disk::open(dev).expect_err("a live ext4's device was taken as current");
+    assert!(err.to_string().contains("not frozen"), "{err}");
 
     let dir = std::fs::File::open(&src.mnt).unwrap();
     let guard = floe_hostfs::sys::ThawGuard::spawn(&[dir.as_raw_fd()], Duration::from_secs(120))
@@ -218,9 +222,20 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
     floe_hostfs::sys::freeze(&dir).expect("FIFREEZE");
     let from_device = device.map(&image);
     let from_kernel = kernel.map(&image);
+    let disk = Ext4Disk::open(dev);
+    let flushed_while_frozen = disk
+        .as_ref()
+        .map(Ext4Disk::still_flushed)
+        .map_err(ToString::to_string);
     floe_hostfs::sys::thaw(&dir).expect("FITHAW");
     guard.finish();
     let (from_device, from_kernel) = (from_device.unwrap(), from_kernel.unwrap());
+    // The thaw is seen: a reader opened while frozen stops trusting the
+    // device (the superblock says the journal is in use again).
+    let disk = disk.expect("the frozen device opened");
+    assert!(matches!(flushed_while_frozen, Ok(Ok(()))));
+    let err = disk.still_flushed().expect_err("the thaw went unseen");
+    assert!(err.to_string().contains("not frozen"), "{err}");
 
     assert!(
         from_device.failures.is_empty(),
@@ -335,4 +350,22 @@ fn ext4_of_1k_blocks_128_byte_inodes_and_32_bit_descriptors_reads_the_same() {
         200,
         false,
     );
+}
+
+#[test]
+fn a_device_that_is_not_ext4_is_refused_by_name() {
+    // Zeros: no superblock magic.
+    let f = tempfile::tempfile().unwrap();
+    f.set_len(1 << 20).unwrap();
+    let err = Ext4Disk::from_file(f, "zeros.img".into()).expect_err("zeros taken for ext4");
+    let text = err.to_string();
+    assert!(
+        text.contains("no ext2/3/4 superblock magic") && text.contains("zeros.img"),
+        "{text}"
+    );
+    // Cut short before its superblock ends.
+    let f = tempfile::tempfile().unwrap();
+    f.set_len(1500).unwrap();
+    let err = Ext4Disk::from_file(f, "short.img".into()).expect_err("a short device taken");
+    assert!(err.to_string().contains("read superblock"), "{err}");
 }
