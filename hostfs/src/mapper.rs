@@ -922,7 +922,9 @@ impl FileMapper {
             let disk = by_inode
                 .as_ref()
                 .filter(|_| self.on_disk && image.writes_held)
-                .and_then(|(_, dev)| match crate::ondisk::Ext4Disk::open(*dev) {
+                .and_then(|(dir, dev)| match crate::ondisk::Ext4Disk::open(*dev)
+                    .and_then(|d| d.acls_as_mounted(dir))
+                {
                     Ok(d) => Some(std::sync::Arc::new(d)),
                     Err(e) => {
                         floe_core::log_line!(
@@ -1110,8 +1112,9 @@ impl FileMapper {
         if !more {
             let (disk, kernel) = self.on_disk_counts;
             if disk + kernel > 0 {
+                let files = if disk == 1 { "file" } else { "files" };
                 floe_core::log_line!(
-                    "floe agent: fiemap: {disk} files mapped from their device's metadata, {kernel} through the kernel"
+                    "floe agent: fiemap: {disk} {files} mapped from their device's metadata, {kernel} through the kernel"
                 );
             }
             self.parts = None;

@@ -15,7 +15,10 @@
 //! `fsflush`), checks `needs_recovery` is clear when it opens and
 //! before each part of the map, and anything it does not take (inline
 //! data, encryption, block-mapped ext2/3 files, EA inodes, malformed
-//! metadata) is left to the kernel, file by file. What it maps is checked
+//! metadata) is left to the kernel, file by file. It shows what the
+//! kernel shows of each file: ACLs only if the mount does (a probe of
+//! `getxattr` on it; `noacl` hides them from the kernel's view, not from
+//! the inodes). What it maps is checked
 //! by the kernel anyway: the validity indicator computes each file's
 //! config id from `fstat` and `FIEMAP` after the thaw, so a map the device
 //! got wrong would be remapped, never read.
@@ -49,6 +52,9 @@ pub struct Ext4Disk {
     path: PathBuf,
     geo: Geometry,
     tables: Vec<u64>,
+    /// The mount shows POSIX ACLs (`acl`, ext4's default): else the
+    /// kernel hides `system.posix_acl_*` and so does this reader.
+    acls: bool,
 }
 
 /// The block device node of `dev` (an `st_dev`): `/dev/NAME`, NAME the
@@ -109,7 +115,36 @@ impl Ext4Disk {
             path,
             geo,
             tables,
+            acls: true,
         })
+    }
+
+    /// Show ACLs only if the kernel does on the mount at `dir` (a directory
+    /// of the file system): mounted `noacl` (kernels before 6.x took it),
+    /// `getxattr` of an ACL answers "not supported" and `listxattr` leaves
+    /// them out, while the inodes still hold them.
+    pub fn acls_as_mounted(mut self, dir: &Path) -> Result<Ext4Disk> {
+        self.acls = match rustix::fs::getxattr(dir, "system.posix_acl_access", &mut [0u8; 0]) {
+            Err(rustix::io::Errno::NOTSUP) => false,
+            Ok(_) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::RANGE) => true,
+            Err(e) => {
+                return Err(Error::io("probe ACLs (getxattr)", e.into()).path(dir));
+            }
+        };
+        Ok(self)
+    }
+
+    /// As on a mount without ACLs (what [`Ext4Disk::acls_as_mounted`]
+    /// finds under `noacl`).
+    #[must_use]
+    pub fn without_acls(mut self) -> Ext4Disk {
+        self.acls = false;
+        self
+    }
+
+    /// Does this reader show ACLs?
+    pub fn acls(&self) -> bool {
+        self.acls
     }
 
     /// Check the superblock still says the journal is written back (the
@@ -184,7 +219,8 @@ impl Ext4Disk {
     }
 
     /// A file's extended attributes as `listxattr`/`getxattr` give them
-    /// (ACLs converted to the form `getxattr` returns), hex-encoded.
+    /// (ACLs converted to the form `getxattr` returns, and left out where
+    /// the mount hides them), hex-encoded.
     pub fn xattrs(
         &self,
         inode: &Inode,
@@ -194,7 +230,11 @@ impl Ext4Disk {
         let mut add = |entries: &[XattrEntry]| -> Result<()> {
             for e in entries {
                 let Some(name) = &e.name else { continue };
-                let value = if name.starts_with("system.posix_acl_") {
+                let acl = name.starts_with("system.posix_acl_");
+                if acl && !self.acls {
+                    continue;
+                }
+                let value = if acl {
                     acl_to_xattr(&e.value)?
                 } else {
                     e.value.clone()

@@ -160,6 +160,34 @@ fn make_hard_cases(root: &Path, big: bool) {
     }
 }
 
+/// Whether the reader finds the mount at `mnt` shows ACLs, and the
+/// attributes of `hard/acl` (else `hard/many-xattrs-a`) as it reads them
+/// with ACLs shown and hidden.
+fn acl_views(
+    dev: u64,
+    mnt: &Path,
+) -> (
+    bool,
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+) {
+    let file = ["hard/acl", "hard/many-xattrs-a"]
+        .iter()
+        .map(|r| mnt.join(r))
+        .find(|p| p.exists())
+        .unwrap();
+    let ino = std::fs::metadata(&file).unwrap().ino();
+    let disk = Ext4Disk::open(dev).unwrap().acls_as_mounted(mnt).unwrap();
+    let probed = disk.acls();
+    let mut reader = floe_hostfs::ondisk::InodeReader::default();
+    let inode = reader.inode(&disk, ino).unwrap();
+    let with = disk.xattrs(&inode, &mut reader.xattrs).unwrap();
+    let disk = disk.without_acls();
+    let mut cache = floe_hostfs::ondisk::XattrCache::default();
+    let without = disk.xattrs(&inode, &mut cache).unwrap();
+    (probed, with, without)
+}
+
 /// Items of a map by id, each as JSON (what goes to the mover).
 fn by_id(items: &[Item]) -> std::collections::BTreeMap<String, serde_json::Value> {
     items
@@ -168,7 +196,29 @@ fn by_id(items: &[Item]) -> std::collections::BTreeMap<String, serde_json::Value
         .collect()
 }
 
-fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bool) {
+/// What the device reader must do with a file system.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// Map every regular file from the device.
+    AllFromDevice,
+    /// Leave this many files to the kernel (what it does not take), the
+    /// rest from the device.
+    ToKernel(u64),
+    /// Refuse the file system whole, naming this.
+    Refused(&'static str),
+}
+
+/// A value too large for an inode or an attribute block: with `ea_inode`,
+/// ext4 puts it in an inode of its own.
+const EA_INODE_VALUE: usize = 16 << 10;
+
+fn device_and_kernel_agree(
+    name: &str,
+    mkfs: &[&str],
+    tree_files: usize,
+    big: bool,
+    expect: Expect,
+) {
     let src = match LoopFs::new("ext4", 1, 1024, mkfs, "") {
         Ok(f) => f,
         Err(why) => return skip(name, &why),
@@ -177,6 +227,12 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
         make_tree(&src.mnt, tree_files, 11);
     }
     make_hard_cases(&src.mnt, big);
+    if mkfs.contains(&"ea_inode") {
+        let p = src.mnt.join("hard/ea-inode");
+        std::fs::write(&p, b"an attribute in an inode of its own").unwrap();
+        let value = Rng::new(5).bytes(EA_INODE_VALUE);
+        rustix::fs::setxattr(&p, "user.big", &value, rustix::fs::XattrFlags::empty()).unwrap();
+    }
     src.sync();
     let root = src.mnt.display().to_string();
     let image = FrozenImage {
@@ -227,15 +283,33 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
         .as_ref()
         .map(Ext4Disk::still_flushed)
         .map_err(ToString::to_string);
+    let acl_views = disk.as_ref().ok().map(|_| acl_views(dev, &src.mnt));
     floe_hostfs::sys::thaw(&dir).expect("FITHAW");
     guard.finish();
     let (from_device, from_kernel) = (from_device.unwrap(), from_kernel.unwrap());
     // The thaw is seen: a reader opened while frozen stops trusting the
     // device (the superblock says the journal is in use again).
-    let disk = disk.expect("the frozen device opened");
-    assert!(matches!(flushed_while_frozen, Ok(Ok(()))));
-    let err = disk.still_flushed().expect_err("the thaw went unseen");
-    assert!(err.to_string().contains("not frozen"), "{err}");
+    if let Some((probed, with, without)) = acl_views {
+        // The mount shows ACLs, and so does the reader; one that is told
+        // the mount hides them (`noacl`) leaves out only those.
+        assert!(probed, "the ACL probe found none on an ext4 mount");
+        let acl = "system.posix_acl_access";
+        if floe_tests::have("setfacl") {
+            assert!(with.contains_key(acl), "{with:?}");
+        }
+        let mut expected = with.clone();
+        expected.remove(acl);
+        assert_eq!(without, expected);
+    }
+    if let Expect::Refused(what) = expect {
+        let err = disk.expect_err("a file system the reader refuses was opened");
+        assert!(err.to_string().contains(what), "{err}");
+    } else {
+        let disk = disk.expect("the frozen device opened");
+        assert!(matches!(flushed_while_frozen, Ok(Ok(()))));
+        let err = disk.still_flushed().expect_err("the thaw went unseen");
+        assert!(err.to_string().contains("not frozen"), "{err}");
+    }
 
     assert!(
         from_device.failures.is_empty(),
@@ -253,10 +327,17 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
         .filter(|i| i.kind == ItemKind::File)
         .count() as u64;
     assert!(files as usize > tree_files + 10, "{files} files");
+    // (A file system refused whole counts neither way: the reader never
+    // took it.)
+    let counts = match expect {
+        Expect::AllFromDevice => (files, 0),
+        Expect::ToKernel(n) => (files - n, n),
+        Expect::Refused(_) => (0, 0),
+    };
     assert_eq!(
         device.on_disk_counts(),
-        (files, 0),
-        "every regular file from the device, none left to the kernel"
+        counts,
+        "regular files from the device, and left to the kernel"
     );
     assert_eq!(kernel.on_disk_counts(), (0, 0));
     let (a, b) = (by_id(&from_device.items), by_id(&from_kernel.items));
@@ -295,6 +376,12 @@ fn device_and_kernel_agree(name: &str, mkfs: &[&str], tree_files: usize, big: bo
             .as_object()
             .unwrap()
             .contains_key("system.posix_acl_access"));
+    }
+    if mkfs.contains(&"ea_inode") {
+        let big = item("ea-inode")["file"]["xattrs"]["user.big"]
+            .as_str()
+            .unwrap();
+        assert_eq!(big.len(), 2 * EA_INODE_VALUE, "hex of the whole value");
     }
     assert!(
         item("islands-2000")["extents"].as_array().unwrap().len() == 3999,
@@ -337,6 +424,7 @@ fn ext4_metadata_read_from_the_device_is_what_the_kernel_says() {
         &[],
         1500,
         true,
+        Expect::AllFromDevice,
     );
 }
 
@@ -349,6 +437,33 @@ fn ext4_of_1k_blocks_128_byte_inodes_and_32_bit_descriptors_reads_the_same() {
         &["-b", "1024", "-I", "128", "-O", "^64bit"],
         200,
         false,
+        Expect::AllFromDevice,
+    );
+}
+
+#[test]
+fn ext4_with_values_in_ea_inodes_leaves_those_files_to_the_kernel() {
+    // The one file whose attribute value lives in an EA inode goes
+    // through the kernel; every other file still comes from the device.
+    device_and_kernel_agree(
+        "ext4_with_values_in_ea_inodes_leaves_those_files_to_the_kernel",
+        &["-O", "ea_inode"],
+        100,
+        false,
+        Expect::ToKernel(1),
+    );
+}
+
+#[test]
+fn ext4_with_meta_bg_is_refused_whole_and_mapped_through_the_kernel() {
+    // Group descriptors spread over the groups (`meta_bg`): the reader
+    // does not find them, says so, and the kernel maps every file.
+    device_and_kernel_agree(
+        "ext4_with_meta_bg_is_refused_whole_and_mapped_through_the_kernel",
+        &["-O", "meta_bg,^resize_inode"],
+        100,
+        false,
+        Expect::Refused("meta_bg"),
     );
 }
 

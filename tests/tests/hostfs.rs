@@ -1109,7 +1109,7 @@ fn an_agent_logs_how_long_writes_were_held_and_backs_up_when_its_log_is_gone() {
         .wait_for("fiemap:", std::time::Duration::from_secs(10))
         .expect("no line saying how files were mapped");
     assert!(
-        mapped.contains("1 files mapped from their device's metadata, 0 through the kernel"),
+        mapped.contains("1 file mapped from their device's metadata, 0 through the kernel"),
         "{mapped}"
     );
     let held = agent
