@@ -959,7 +959,7 @@ impl FileMapper {
             });
         let mut first: Option<(u64, u64, &String)> = None;
         for (_, e, link) in parts.todo.iter_mut() {
-            let directory = e.meta.as_ref().is_some_and(std::fs::Metadata::is_dir);
+            let directory = e.meta.as_deref().is_some_and(std::fs::Metadata::is_dir);
             match first {
                 Some((dev, ino, name)) if (dev, ino) == (e.dev, e.ino) && !directory => {
                     *link = Some(name.clone());

@@ -167,8 +167,11 @@ pub struct Listed {
     /// The device of its file system.
     pub dev: u64,
     /// Its `lstat`, for directories and the paths a source names; `None`
-    /// for everything else (whoever maps it stats it).
-    pub meta: Option<std::fs::Metadata>,
+    /// for everything else (whoever maps it stats it). Boxed: few entries
+    /// have one, and a `Metadata` (176 bytes) in place made every entry
+    /// 256 bytes where 80 do (18 MB for the 70,000-file tree, copied as
+    /// the listing grows and moved by the sort into inode order).
+    pub meta: Option<Box<std::fs::Metadata>>,
     /// Its directory entry says it is a regular file (so it can be opened
     /// to be stat'ed: opening a device node could rewind a tape).
     pub regular: bool,
@@ -253,7 +256,7 @@ impl Walk {
                 ino: meta.ino(),
                 dev: meta.dev(),
                 regular: meta.is_file(),
-                meta: Some(meta),
+                meta: Some(Box::new(meta)),
             });
         } else {
             self.entries.push(Entry {
@@ -405,7 +408,7 @@ fn list_dir(root: &Path, rel: &str, path: &Path, dev: u64, skip: &[String], out:
                         ino: m.ino(),
                         dev: m.dev(),
                         regular: m.is_file(),
-                        meta: Some(m),
+                        meta: Some(Box::new(m)),
                     });
                 }
                 Err(e) => {
