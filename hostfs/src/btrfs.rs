@@ -81,27 +81,22 @@ pub fn uuid_text(u: &[u8; 16]) -> String {
 
 /// Parse a `struct btrfs_chunk` (key offset = logical start).
 pub fn parse_chunk(start: u64, data: &[u8]) -> Option<Chunk> {
-    use crate::sys::{read_le32, read_le64};
-    if data.len() < 48 {
-        return None;
-    }
-    let num = usize::from(u16::from_le_bytes([data[44], data[45]]));
-    let sub = u16::from_le_bytes([data[46], data[47]]);
-    if data.len() < 48 + num * 32 {
-        return None;
-    }
-    let _ = read_le32(data, 32);
+    use crate::le;
+    let num = usize::from(le::u16(data, 44)?);
+    let sub = le::u16(data, 46)?;
     let stripes = (0..num)
-        .map(|i| Stripe {
-            devid: read_le64(data, 48 + i * 32),
-            offset: read_le64(data, 48 + i * 32 + 8),
+        .map(|i| {
+            Some(Stripe {
+                devid: le::u64(data, 48 + i * 32)?,
+                offset: le::u64(data, 48 + i * 32 + 8)?,
+            })
         })
-        .collect();
+        .collect::<Option<Vec<_>>>()?;
     Some(Chunk {
         start,
-        length: read_le64(data, 0),
-        stripe_len: read_le64(data, 16),
-        flags: read_le64(data, 24),
+        length: le::u64(data, 0)?,
+        stripe_len: le::u64(data, 16)?,
+        flags: le::u64(data, 24)?,
         sub_stripes: sub,
         stripes,
     })

@@ -8,6 +8,7 @@ pub mod clone;
 pub mod ext4;
 pub mod filemap;
 pub mod identity;
+pub mod le;
 pub mod lvm;
 pub mod mapper;
 pub mod meta;

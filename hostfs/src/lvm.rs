@@ -5,6 +5,7 @@
 //! and the mapping of a logical volume's bytes to PV extents (linear and
 //! striped segments). Pure except [`read_pv`].
 
+use crate::le;
 use floe_core::error::{Error, ErrorKind, Result};
 use std::collections::BTreeMap;
 
@@ -12,14 +13,6 @@ const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidMap, msg.into())
-}
-
-fn le64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-fn le32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// What a PV's label says.
@@ -51,7 +44,7 @@ pub fn parse_label(head: &[u8]) -> Result<PvLabel> {
         if &l[0..8] != b"LABELONE" || &l[24..32] != b"LVM2 001" {
             continue;
         }
-        let off = le32(l, 20).ok_or_else(|| bad("short label"))? as usize;
+        let off = le::u32(l, 20).ok_or_else(|| bad("short label"))? as usize;
         let pv = l
             .get(off..)
             .ok_or_else(|| bad("label points outside its sector"))?;
@@ -63,7 +56,7 @@ pub fn parse_label(head: &[u8]) -> Result<PvLabel> {
         let mut lists = [Vec::new(), Vec::new()];
         for list in &mut lists {
             loop {
-                let (o, z) = (le64(pv, at), le64(pv, at + 8));
+                let (o, z) = (le::u64(pv, at), le::u64(pv, at + 8));
                 at += 16;
                 match (o, z) {
                     (Some(0), Some(0)) => break,
@@ -87,10 +80,10 @@ pub fn parse_mda(area: &[u8]) -> Result<String> {
     if area.get(4..20) != Some(&MDA_MAGIC[..]) {
         return Err(bad("metadata area has no LVM2 magic"));
     }
-    let size = le64(area, 32).ok_or_else(|| bad("short metadata area header"))?;
+    let size = le::u64(area, 32).ok_or_else(|| bad("short metadata area header"))?;
     let (off, len) = (
-        le64(area, 40).ok_or_else(|| bad("short metadata area header"))?,
-        le64(area, 48).ok_or_else(|| bad("short metadata area header"))?,
+        le::u64(area, 40).ok_or_else(|| bad("short metadata area header"))?,
+        le::u64(area, 48).ok_or_else(|| bad("short metadata area header"))?,
     );
     if off == 0 || len == 0 {
         return Err(bad("metadata area holds no metadata"));
@@ -488,10 +481,10 @@ pub const SNAP_MAGIC: u32 = 0x7041_6e53;
 pub fn parse_exceptions(mut chunk: impl FnMut(u64) -> Result<Vec<u8>>) -> Result<Vec<(u64, u64)>> {
     let head = chunk(0)?;
     let (magic, valid, version, size) = (
-        le32(&head, 0),
-        le32(&head, 4),
-        le32(&head, 8),
-        le32(&head, 12),
+        le::u32(&head, 0),
+        le::u32(&head, 4),
+        le::u32(&head, 8),
+        le::u32(&head, 12),
     );
     if magic != Some(SNAP_MAGIC) {
         return Err(bad("not a snapshot exception store (no SnAp magic)"));
@@ -516,7 +509,7 @@ pub fn parse_exceptions(mut chunk: impl FnMut(u64) -> Result<Vec<u8>>) -> Result
         }
         let b = chunk(1 + area * (per_area + 1))?;
         for e in b.chunks_exact(16) {
-            let (old, new) = (le64(e, 0).unwrap_or(0), le64(e, 8).unwrap_or(0));
+            let (old, new) = (le::u64(e, 0).unwrap_or(0), le::u64(e, 8).unwrap_or(0));
             if new == 0 {
                 return Ok(out);
             }

@@ -450,18 +450,6 @@ pub struct SearchItem {
     pub data: Vec<u8>,
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
 /// Every item of `tree` with key type `item_type` and objectid in
 /// `objectids` (`BTRFS_IOC_TREE_SEARCH`, needs CAP_SYS_ADMIN).
 pub fn btrfs_search(
@@ -572,13 +560,4 @@ pub fn btrfs_dev_info(
         uuid,
         String::from_utf8_lossy(&path[..end]).to_string(),
     )))
-}
-
-/// Little-endian readers for on-disk btrfs structures.
-pub fn read_le64(b: &[u8], at: usize) -> u64 {
-    le64(b, at)
-}
-/// See [`read_le64`].
-pub fn read_le32(b: &[u8], at: usize) -> u32 {
-    le32(b, at)
 }
