@@ -8,7 +8,7 @@
 //! data, then only the stored segments), directories, symlinks, hard
 //! links, FIFOs and device nodes, with mode, owner, nanosecond times and
 //! extended attributes (`SCHILY.xattr.*`). Floe's own metadata rides in
-//! vendor keywords (`FLOE.*`) that tar ignores.
+//! `comment` records (`FLOE.item=…`), which tar ignores without a word.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsmeta::unhex;
@@ -445,11 +445,21 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
     if !linkname.is_empty() {
         push("linkpath", linkname.as_bytes());
     }
-    push("FLOE.item", h.item.as_str().as_bytes());
-    push("FLOE.kind", h.kind.name().as_bytes());
-    push("FLOE.config", h.config.as_str().as_bytes());
+    // Floe's own fields go in `comment` records, which POSIX tells every
+    // reader to ignore: GNU tar warns of each unknown keyword (three lines
+    // per entry with `FLOE.item`-style keywords).
+    let mut floe = |k: &str, v: &[u8]| {
+        let mut value = Vec::with_capacity(k.len() + 1 + v.len());
+        value.extend_from_slice(k.as_bytes());
+        value.push(b'=');
+        value.extend_from_slice(v);
+        push("comment", &value);
+    };
+    floe("FLOE.item", h.item.as_str().as_bytes());
+    floe("FLOE.kind", h.kind.name().as_bytes());
+    floe("FLOE.config", h.config.as_str().as_bytes());
     for (k, v) in &h.meta {
-        push(&format!("FLOE.meta.{k}"), v.as_bytes());
+        floe(&format!("FLOE.meta.{k}"), v.as_bytes());
     }
     ustar.name = &ustar_name;
     ustar.size = data_len;
@@ -544,13 +554,23 @@ pub fn index_entry_of(set: &SetId, committed_at: u64, index: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The `comment` that marks the index entry (archives before it said
+/// `FLOE.index=1` as a keyword of its own, which readers still take).
+const INDEX_MARK: &[u8] = b"FLOE.index=1";
+
+/// Does a pax header mark the index entry?
+fn marks_index(pax: &[(String, Vec<u8>)]) -> bool {
+    pax.iter()
+        .any(|(k, v)| (k == "comment" && v == INDEX_MARK) || (k == "FLOE.index" && v == b"1"))
+}
+
 /// The headers of the index entry of `set` whose JSON is `len` bytes
 /// long; the entry is these, the JSON, then [`index_entry_padding`] zeros.
 pub fn index_entry_head(set: &SetId, committed_at: u64, len: u64) -> Vec<u8> {
     let name = format!("{set}/floe-index.json");
     let mut recs = pax_record("path", name.as_bytes());
     recs.extend(pax_record("size", len.to_string().as_bytes()));
-    recs.extend(pax_record("FLOE.index", b"1"));
+    recs.extend(pax_record("comment", INDEX_MARK));
     let mut out = pax_header(&name, &recs, committed_at);
     out.extend_from_slice(
         &Ustar {
@@ -896,7 +916,7 @@ pub fn find_index<R: Read>(
             pax = parse_pax(&d[..usize::try_from(size).unwrap_or(0)])
                 .ok_or_else(|| bad(format!("malformed pax records at {pos}")))?;
         } else {
-            if pax.iter().any(|(k, v)| k == "FLOE.index" && v == b"1") {
+            if marks_index(&pax) {
                 if size > MAX_INDEX {
                     return Err(bad(format!("index of {size} bytes")));
                 }
@@ -986,6 +1006,97 @@ mod tests {
             );
             assert_eq!(decode_index(&json).unwrap(), record);
         }
+    }
+
+    #[test]
+    fn floe_fields_are_comments_and_the_index_is_found_by_either_mark() {
+        use crate::model::*;
+        let set = SetId::new("s");
+        let mut h = file(5, Vec::new());
+        h.meta.insert("layer".into(), "a=b".into());
+        let e = item_entry(&set, &h, 7).unwrap();
+        let pax_len = usize::try_from(parse_octal(&e.head[124..136]).unwrap()).unwrap();
+        let pax = parse_pax(&e.head[512..512 + pax_len]).unwrap();
+        let comments: Vec<&[u8]> = pax
+            .iter()
+            .filter(|(k, _)| k == "comment")
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(
+            comments,
+            [
+                &b"FLOE.item=/srv/a/f"[..],
+                b"FLOE.kind=file",
+                b"FLOE.config=c",
+                b"FLOE.meta.layer=a=b"
+            ]
+        );
+        assert!(
+            pax.iter().all(|(k, _)| !k.starts_with("FLOE")),
+            "a keyword tar does not know: {pax:?}"
+        );
+        // An archive of that entry and an index, marked as this writer
+        // marks it and as archives before it did (a keyword of its own).
+        let record = SetRecord {
+            header: SetHeader {
+                set: set.clone(),
+                label: String::new(),
+                agent: "h".into(),
+                sources: Vec::new(),
+                image: ImageId::new("i"),
+                frozen_at: 7,
+                started_at: 7,
+            },
+            items: Vec::new(),
+            failures: Vec::new(),
+            committed_at: 9,
+        };
+        let json = index_json(&record.header, b"", &[], 9).unwrap();
+        let old_head = {
+            let name = format!("{set}/floe-index.json");
+            let mut recs = pax_record("path", name.as_bytes());
+            recs.extend(pax_record("size", json.len().to_string().as_bytes()));
+            recs.extend(pax_record("FLOE.index", b"1"));
+            let mut out = pax_header(&name, &recs, 9);
+            out.extend_from_slice(
+                &Ustar {
+                    name: &name,
+                    mode: 0o600,
+                    size: json.len() as u64,
+                    mtime: 9,
+                    typeflag: b'0',
+                    ..Default::default()
+                }
+                .block(),
+            );
+            out
+        };
+        for head in [index_entry_head(&set, 9, json.len() as u64), old_head] {
+            let mut archive = e.head.clone();
+            archive.extend_from_slice(b"hello");
+            archive.resize(archive.len() + 512 - 5, 0);
+            archive.extend_from_slice(&head);
+            archive.extend_from_slice(&json);
+            archive.resize(archive.len() + index_entry_padding(json.len() as u64), 0);
+            archive.extend_from_slice(&archive_end(archive.len() as u64, 512));
+            let mut r = std::io::Cursor::new(archive);
+            let found = find_index(&mut r, &mut |r, n| {
+                r.set_position(r.position() + n);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(found, record);
+        }
+        // Without a mark there is no index.
+        let mut archive = e.head.clone();
+        archive.resize(archive.len() + 512, 0);
+        archive.extend_from_slice(&archive_end(archive.len() as u64, 512));
+        let err = find_index(&mut std::io::Cursor::new(archive), &mut |r, n| {
+            r.set_position(r.position() + n);
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no Floe index"), "{err}");
     }
 
     #[test]

@@ -2001,7 +2001,7 @@ fn a_frozen_file_system_backs_up_as_a_volume_of_its_allocated_blocks() {
             .output()
             .unwrap();
         assert!(
-            t.status.success(),
+            t.status.success() && t.stderr.is_empty(),
             "{fstype}: {}",
             String::from_utf8_lossy(&t.stderr)
         );

@@ -96,6 +96,12 @@ fn gnu_tar_extracts_a_floe_set_byte_identical() {
         "GNU tar failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Not a word: Floe's own fields are comments, which tar ignores.
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (i, v) in ["vol0", "vol1"].iter().enumerate() {
         assert_same_bytes(
             &std::fs::read(dest.join(set.as_str()).join(v)).unwrap(),
@@ -200,6 +206,11 @@ fn gnu_tar_extracts_a_file_tree_set_with_its_metadata() {
     assert!(
         t.status.success(),
         "tar -x: {}",
+        String::from_utf8_lossy(&t.stderr)
+    );
+    assert!(
+        t.stderr.is_empty(),
+        "{}",
         String::from_utf8_lossy(&t.stderr)
     );
     let root = x.join(&set).join(src.mnt.strip_prefix("/").unwrap());

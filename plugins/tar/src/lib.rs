@@ -3,11 +3,12 @@
 //! `docs/formats/tar-media.md`.
 //!
 //! Layout of `DIR/<set>.tar`:
-//! - per item, a pax extended header (`path`, `size`, and Floe's vendor
-//!   keywords `FLOE.item`, `FLOE.kind`, `FLOE.config`, `FLOE.meta.*`), a
-//!   ustar header, the item's bytes padded to 512;
-//! - last, the set's index: an entry `<set>/floe-index.json` (pax keyword
-//!   `FLOE.index=1`) holding the set record — checksums, config ids, and
+//! - per item, a pax extended header (`path`, `size`, and Floe's fields
+//!   as `comment` records, `FLOE.item=…`, `FLOE.kind=…`, `FLOE.config=…`,
+//!   `FLOE.meta.*=…`, which tar ignores silently), a ustar header, the
+//!   item's bytes padded to 512;
+//! - last, the set's index: an entry `<set>/floe-index.json` (marked by
+//!   the record `comment=FLOE.index=1`) holding the set record — checksums, config ids, and
 //!   where each item's bytes start;
 //! - two zero blocks, then zeros to a whole record (default 256 KiB).
 //!
