@@ -54,7 +54,10 @@ enum Command {
     /// Example: floe restore --media disk:/backup --set SET
     ///          --to vol0=nbd://127.0.0.1:10809/restore0 --to vol1=/tmp/vol1.img
     Restore(RestoreArgs),
-    /// List the sets in the catalog (or, with --media, on media).
+    /// List the sets in the catalog (or, with --media, on media), one line
+    /// each: id, commit time, items, bytes, how many failed if partial,
+    /// agent, label and sources (`--json`: the whole records). `floe ls SET`
+    /// lists a set's items.
     ///
     /// Example: floe list
     /// Example: floe list --media disk:/backup
@@ -1078,22 +1081,28 @@ fn run_list(
         println!("{}", serde_json::to_string_pretty(&sets)?);
         return Ok(());
     }
+    // One line per set (`floe ls SET` lists its items).
     for s in &sets {
         let bytes: u64 = s.items.iter().map(|i| i.trailer.length.0).sum();
+        let partial = if s.failures.is_empty() {
+            String::new()
+        } else {
+            format!("  partial: {} not backed up", s.failures.len())
+        };
+        let label = if s.header.label.is_empty() {
+            String::new()
+        } else {
+            format!("  label {}", s.header.label)
+        };
         println!(
-            "{}  {} items  {} bytes  from {}  sources {}",
+            "{}  {} UTC  {} items  {} bytes{partial}  from {}{label}  sources {}",
             s.header.set,
+            floe_core::retention::utc(s.committed_at),
             s.items.len(),
             bytes,
             s.header.agent,
             s.header.sources.join(",")
         );
-        for i in &s.items {
-            println!(
-                "    {:<12} {:>14} bytes  blake3 {}",
-                i.header.item, i.trailer.length.0, i.trailer.blake3
-            );
-        }
     }
     Ok(())
 }

@@ -38,18 +38,42 @@ impl Policy {
     }
 }
 
-/// (year, month) of a day number since 1970-01-01 (H. Hinnant's
+/// (year, month, day) of a day number since 1970-01-01 (H. Hinnant's
 /// civil-from-days).
-fn year_month(days: i64) -> (i64, u32) {
+fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, u32::try_from(m).unwrap_or(1))
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+/// (year, month) of a day number since 1970-01-01.
+fn year_month(days: i64) -> (i64, u32) {
+    let (y, m, _) = civil(days);
+    (y, m)
+}
+
+/// `secs` since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC), as sets are
+/// listed.
+pub fn utc(secs: u64) -> String {
+    let (y, m, d) = civil(day(secs));
+    let t = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 fn day(secs: u64) -> i64 {
@@ -108,6 +132,14 @@ mod tests {
     use super::*;
     use crate::model::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn times_are_shown_as_utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400 + 3661), "2000-02-29 01:01:01");
+        assert_eq!(super::utc(1_795_455_461), "2026-11-23 17:37:41");
+        assert_eq!(super::utc(4_102_444_799), "2099-12-31 23:59:59");
+    }
 
     fn set(id: &str, t: u64, agent: &str) -> SetRecord {
         SetRecord {

@@ -91,9 +91,22 @@ fn backup_over_a_stdio_agent_then_list_and_restore_to_a_new_lun() {
         Some(want.as_str())
     );
 
+    // One line for the set: when, how much, from where; not its items.
     let out = floe(&["list", "--media", &media]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&set));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let committed = floe_core::retention::utc(report["set"]["committed_at"].as_u64().unwrap());
+    let items = report["set"]["items"].as_array().unwrap().len();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].starts_with(&format!("{set}  {committed} UTC  {items} items  ")),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains(" sources array:") && !lines[0].contains("blake3"),
+        "{text}"
+    );
 
     let target = format!("vol0=nbd://{}/restore0", san.nbd);
     let out = floe(&[

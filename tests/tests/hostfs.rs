@@ -977,8 +977,20 @@ mod bad_input {
             "{err}"
         );
 
-        // What the set holds restores exactly.
+        // The listing of the media says so too.
         let set = set_of(&out);
+        let listed = floe_cmd()
+            .args(["list", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(
+            listed.starts_with(&set) && listed.contains("  partial: 4 not backed up  "),
+            "{listed}"
+        );
+
+        // What the set holds restores exactly.
         let to = good.dir.path().join("out");
         let r = floe_cmd()
             .args(["restore", "--media"])
