@@ -241,6 +241,15 @@ pub fn run() -> Result<()> {
         "\nThe catalog (floe list):\n{}",
         String::from_utf8_lossy(&list.stdout).trim_end()
     );
+    let items = Command::new(bin.join("floe"))
+        .arg("--catalog")
+        .arg(&catalog)
+        .args(["ls", &set])
+        .output()?;
+    println!(
+        "\nIts items (floe ls {set}):\n{}",
+        String::from_utf8_lossy(&items.stdout).trim_end()
+    );
     let _ = std::fs::remove_dir_all(&work);
     if !ok {
         bail!("demo failed: restored bytes differ from the frozen image");
