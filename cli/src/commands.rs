@@ -87,6 +87,10 @@ enum Command {
         /// Only this set (default: every set on the media).
         #[arg(long)]
         set: Option<String>,
+        /// Name every item found intact too (by default: the damaged ones,
+        /// and a line per set).
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Forget old sets by a retention policy: remove them from the catalog,
     /// then from the media. Sets are grouped by agent and sources.
@@ -1156,7 +1160,11 @@ fn run_with(cli: Cli, reg: Arc<PluginRegistry>) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Verify { media, set } => {
+        Command::Verify {
+            media,
+            set,
+            verbose,
+        } => {
             let mut reader = media_reader(&reg, &media)?;
             let sets: Vec<SetId> = match set {
                 Some(s) => vec![SetId::new(s)],
@@ -1169,16 +1177,27 @@ fn run_with(cli: Cli, reg: Arc<PluginRegistry>) -> anyhow::Result<()> {
             let mut damaged = 0usize;
             let mut items = 0usize;
             for s in &sets {
+                let (mut n, mut bad, mut bytes) = (0usize, 0usize, 0u64);
                 for o in verify_set(reader.as_mut(), s)? {
-                    items += 1;
+                    n += 1;
+                    bytes += o.bytes;
                     match &o.damage {
-                        None => println!("ok       {s} {} ({} bytes)", o.item, o.bytes),
+                        None if verbose => println!("ok       {s} {} ({} bytes)", o.item, o.bytes),
+                        None => {}
                         Some(why) => {
-                            damaged += 1;
+                            bad += 1;
                             println!("DAMAGED  {s} {}: {why}", o.item);
                         }
                     }
                 }
+                let state = if bad == 0 {
+                    "ok".to_string()
+                } else {
+                    format!("{bad} DAMAGED")
+                };
+                println!("set      {s}: {n} item(s), {bytes} bytes read, {state}");
+                items += n;
+                damaged += bad;
             }
             if damaged > 0 {
                 bail!("{damaged} of {items} item(s) damaged on {}", media.media);

@@ -169,7 +169,17 @@ fn verify_names_exactly_the_damaged_item() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("2 item(s) in 1 set(s) verified"));
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(text.contains("2 item(s) in 1 set(s) verified"), "{text}");
+    // A line for the set, none per intact item unless asked.
+    assert!(
+        text.contains(&format!(
+            "set      {set}: 2 item(s), {} bytes read, ok",
+            4u64 << 20
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("ok       "), "{text}");
 
     // Flip one byte in the middle of vol1's record on the media.
     let file = dir.join(&set).join("items/000001.img");
@@ -177,12 +187,16 @@ fn verify_names_exactly_the_damaged_item() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&file, &bytes).unwrap();
-    let bad = floe(&cat, &["verify", "--media", &media, "--set", &set]);
+    let bad = floe(&cat, &["verify", "--media", &media, "--set", &set, "-v"]);
     assert_eq!(bad.status.code(), Some(1));
     let text = String::from_utf8_lossy(&bad.stdout);
     assert!(text.contains(&format!("ok       {set} vol0")), "{text}");
     assert!(
         text.contains(&format!("DAMAGED  {set} vol1: BLAKE3")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("set      {set}: 2 item(s), ")) && text.contains(", 1 DAMAGED"),
         "{text}"
     );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("1 of 2 item(s) damaged"));
