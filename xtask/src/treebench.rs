@@ -5,7 +5,9 @@
 //! itself in direct-I/O mode) to disk media in
 //! the open format (plugin `tar`: one pax archive per set on the disk),
 //! beside `tar -cf` and `restic backup` of the same tree to the same disk,
-//! rounds interleaved, page cache dropped before each run. Then restore:
+//! rounds interleaved (the three tools' order rotated each round, so none
+//! always runs right after the same other), page cache dropped before each
+//! run. Then restore:
 //! `floe restore --to-dir` beside `tar -xf`.
 //!
 //! `--case tree-san --latency-us N`: the same tree on a sim-san LUN that
@@ -353,82 +355,96 @@ pub fn run(
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
-        let (w, c) = timed_shell(
-            &format!(
-                "tar -cf '{}/tree.tar' -C '{}' tree && sync -f '{}'",
-                out.display(),
-                mnt.display(),
-                out.display()
-            ),
-            &[],
-        )?;
-        t[0].push(w);
-        cpu[0].push(c);
-        let repo = out.join("restic");
-        sh(Command::new("restic")
-            .args(["init", "-q", "-r"])
-            .arg(&repo)
-            .env("RESTIC_PASSWORD", "floe-bench"))?;
-        let (w, c) = timed_shell(
-            &format!(
-                "restic -q -r '{}' backup '{}' && sync -f '{}'",
-                repo.display(),
-                tree.display(),
-                out.display()
-            ),
-            &restic_env,
-        )?;
-        t[1].push(w);
-        cpu[1].push(c);
-        let _ = std::fs::remove_dir_all(&repo);
-        drop_caches();
-        let before = proc_stats(pid)?;
-        let start = Instant::now();
-        let o = Command::new(bin.join("floe"))
-            .arg("--catalog")
-            .arg(out.join("catalog.db"))
-            .args([
-                "backup",
-                "--agent",
-                &addr,
-                "--source",
-                &source,
-                "--json=summary",
-                "--media",
-            ])
-            .arg(format!("tar:{}", out.join("floe").display()))
-            .args(["--device", &format!("{id}={device}"), "--allow-device", &id])
-            .output()?;
-        if !o.status.success() {
-            bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        let _ = Command::new("sync").arg("-f").arg(&out).status();
-        let w = start.elapsed().as_secs_f64();
-        let after = proc_stats(pid)?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-        set = v["set"]["header"]["set"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        t[2].push(w);
-        cpu[2].push(after.0 - before.0);
-        agent_read.push((after.1 - before.1) as f64);
-        // Socket sends are not in /proc/PID/io's wchar: the mover counts
-        // what it received from the agent.
-        agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
-        mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
-        if let Ok(secs) = held_rx.recv_timeout(std::time::Duration::from_secs(5)) {
-            held.push(secs);
-        }
-        for (k, phase) in ["map", "move", "media_commit", "catalog"]
-            .iter()
-            .enumerate()
-        {
-            phases[k].push(v["seconds"][phase].as_f64().unwrap_or(0.0));
+        // Each tool runs first, second and third in turn (one after the
+        // other in a round, the order rotated each round): what a run
+        // leaves behind (freed memory the VM's host takes back, dirty
+        // pages) falls on each tool alike.
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => {
+                    let (w, c) = timed_shell(
+                        &format!(
+                            "tar -cf '{}/tree.tar' -C '{}' tree && sync -f '{}'",
+                            out.display(),
+                            mnt.display(),
+                            out.display()
+                        ),
+                        &[],
+                    )?;
+                    t[0].push(w);
+                    cpu[0].push(c);
+                }
+                1 => {
+                    let repo = out.join("restic");
+                    sh(Command::new("restic")
+                        .args(["init", "-q", "-r"])
+                        .arg(&repo)
+                        .env("RESTIC_PASSWORD", "floe-bench"))?;
+                    let (w, c) = timed_shell(
+                        &format!(
+                            "restic -q -r '{}' backup '{}' && sync -f '{}'",
+                            repo.display(),
+                            tree.display(),
+                            out.display()
+                        ),
+                        &restic_env,
+                    )?;
+                    t[1].push(w);
+                    cpu[1].push(c);
+                    let _ = std::fs::remove_dir_all(&repo);
+                }
+                _ => {
+                    drop_caches();
+                    let before = proc_stats(pid)?;
+                    let start = Instant::now();
+                    let o = Command::new(bin.join("floe"))
+                        .arg("--catalog")
+                        .arg(out.join("catalog.db"))
+                        .args([
+                            "backup",
+                            "--agent",
+                            &addr,
+                            "--source",
+                            &source,
+                            "--json=summary",
+                            "--media",
+                        ])
+                        .arg(format!("tar:{}", out.join("floe").display()))
+                        .args(["--device", &format!("{id}={device}"), "--allow-device", &id])
+                        .output()?;
+                    if !o.status.success() {
+                        bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
+                    }
+                    let _ = Command::new("sync").arg("-f").arg(&out).status();
+                    let w = start.elapsed().as_secs_f64();
+                    let after = proc_stats(pid)?;
+                    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+                    set = v["set"]["header"]["set"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    t[2].push(w);
+                    cpu[2].push(after.0 - before.0);
+                    agent_read.push((after.1 - before.1) as f64);
+                    // Socket sends are not in /proc/PID/io's wchar: the mover counts
+                    // what it received from the agent.
+                    agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
+                    mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
+                    if let Ok(secs) = held_rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                        held.push(secs);
+                    }
+                    for (k, phase) in ["map", "move", "media_commit", "catalog"]
+                        .iter()
+                        .enumerate()
+                    {
+                        phases[k].push(v["seconds"][phase].as_f64().unwrap_or(0.0));
+                    }
+                }
+            }
         }
         eprintln!(
             "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B)",
-            t[0][round], t[1][round], w, after.0 - before.0, after.1 - before.1, agent_sent[round]
+            t[0][round], t[1][round], t[2][round], cpu[2][round], agent_read[round], agent_sent[round]
         );
     }
     // Restore: the last round's set and archive, to fresh directories on
@@ -480,7 +496,7 @@ pub fn run(
             latency_us as f64 / 1000.0
         ),
     };
-    println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds");
+    println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds (order rotated)");
     println!(
         "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s",
         median(&cpu[0])
