@@ -120,9 +120,10 @@ impl Ext4Disk {
     }
 
     /// Show ACLs only if the kernel does on the mount at `dir` (a directory
-    /// of the file system): mounted `noacl` (kernels before 6.x took it),
-    /// `getxattr` of an ACL answers "not supported" and `listxattr` leaves
-    /// them out, while the inodes still hold them.
+    /// of the file system): mounted `noacl` (older kernels take it; ext4
+    /// dropped the option in 2022), `getxattr` of an ACL answers "not
+    /// supported" and `listxattr` leaves them out, while the inodes still
+    /// hold them.
     pub fn acls_as_mounted(mut self, dir: &Path) -> Result<Ext4Disk> {
         self.acls = match rustix::fs::getxattr(dir, "system.posix_acl_access", &mut [0u8; 0]) {
             Err(rustix::io::Errno::NOTSUP) => false,
