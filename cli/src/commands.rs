@@ -1073,39 +1073,49 @@ fn run_list(
     a: ListArgs,
     catalog: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
-    let sets = match &a.media {
-        Some(m) => media_reader(&reg, &MediaArgs::plain(m))?.list_sets()?,
-        None => open_catalog(catalog)?
-            .sets()?
-            .into_iter()
-            .map(|e| e.record)
-            .collect(),
+    use floe_core::catalog::Summary;
+    let summaries: Vec<Summary> = match (&a.media, a.json) {
+        (Some(m), json) => {
+            let sets = media_reader(&reg, &MediaArgs::plain(m))?.list_sets()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sets)?);
+                return Ok(());
+            }
+            sets.iter().map(|s| Summary::of(m, s)).collect()
+        }
+        (None, true) => {
+            let sets: Vec<_> = open_catalog(catalog)?
+                .sets()?
+                .into_iter()
+                .map(|e| e.record)
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&sets)?);
+            return Ok(());
+        }
+        // From the catalog's facts, not its records (a tree's is tens of
+        // MB of JSON).
+        (None, false) => open_catalog(catalog)?.summaries()?,
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&sets)?);
-        return Ok(());
-    }
     // One line per set (`floe ls SET` lists its items).
-    for s in &sets {
-        let bytes: u64 = s.items.iter().map(|i| i.trailer.length.0).sum();
-        let partial = if s.failures.is_empty() {
+    for s in &summaries {
+        let partial = if s.failures == 0 {
             String::new()
         } else {
-            format!("  partial: {} not backed up", s.failures.len())
+            format!("  partial: {} not backed up", s.failures)
         };
-        let label = if s.header.label.is_empty() {
+        let label = if s.label.is_empty() {
             String::new()
         } else {
-            format!("  label {}", s.header.label)
+            format!("  label {}", s.label)
         };
         println!(
             "{}  {} UTC  {} items  {} bytes{partial}  from {}{label}  sources {}",
-            s.header.set,
+            s.set,
             floe_core::retention::utc(s.committed_at),
-            s.items.len(),
-            bytes,
-            s.header.agent,
-            s.header.sources.join(",")
+            s.items,
+            s.bytes,
+            s.agent,
+            s.sources.join(",")
         );
     }
     Ok(())

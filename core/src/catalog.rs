@@ -3,7 +3,8 @@
 //! its media committed it (the catalog commit is last), and the catalog can
 //! be rebuilt by scanning media, so losing it loses nothing.
 //! Schema (version 2; `docs/formats/catalog.md`): `meta(key, value)`,
-//! `sets(...)` — each set's record as zstd-compressed JSON —, `items(...)`.
+//! `sets(...)` — each set's record as zstd-compressed JSON —, `items(...)`,
+//! `set_facts(...)` — what a listing shows of each set.
 
 use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
@@ -62,6 +63,47 @@ pub struct Entry {
     pub record: SetRecord,
 }
 
+/// What a listing shows of a set: a line's worth, kept in the `set_facts`
+/// table so that listing a catalog does not decode every record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// The set.
+    pub set: SetId,
+    /// The media spec it is on.
+    pub media: String,
+    /// Its label.
+    pub label: String,
+    /// The agent's host.
+    pub agent: String,
+    /// When its media committed it (seconds since the epoch).
+    pub committed_at: u64,
+    /// Items backed up.
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Items that could not be backed up (the set is partial if any).
+    pub failures: u64,
+    /// The sources it was made of.
+    pub sources: Vec<String>,
+}
+
+impl Summary {
+    /// The summary of `record` on `media`.
+    pub fn of(media: &str, record: &SetRecord) -> Summary {
+        Summary {
+            set: record.header.set.clone(),
+            media: media.to_string(),
+            label: record.header.label.clone(),
+            agent: record.header.agent.clone(),
+            committed_at: record.committed_at,
+            items: record.items.len() as u64,
+            bytes: record.items.iter().map(|i| i.trailer.length.0).sum(),
+            failures: record.failures.len() as u64,
+            sources: record.header.sources.clone(),
+        }
+    }
+}
+
 /// An open catalog.
 pub struct Catalog {
     conn: Connection,
@@ -105,7 +147,11 @@ impl Catalog {
                  set_id TEXT NOT NULL REFERENCES sets(set_id) ON DELETE CASCADE, idx INTEGER NOT NULL,
                  item TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL, blake3 TEXT NOT NULL,
                  config TEXT NOT NULL, remaps INTEGER NOT NULL, captured_after_freeze INTEGER NOT NULL,
-                 medium TEXT NOT NULL, locator TEXT NOT NULL, PRIMARY KEY (set_id, idx));",
+                 medium TEXT NOT NULL, locator TEXT NOT NULL, PRIMARY KEY (set_id, idx));
+             CREATE TABLE IF NOT EXISTS set_facts (
+                 set_id TEXT PRIMARY KEY REFERENCES sets(set_id) ON DELETE CASCADE,
+                 items INTEGER NOT NULL, bytes INTEGER NOT NULL, failures INTEGER NOT NULL,
+                 sources TEXT NOT NULL);",
         )
         .map_err(|e| db_err(path, "schema", e))?;
         let magic: Option<String> = conn
@@ -209,7 +255,8 @@ impl Catalog {
         self.insert_set_encoded(media, set, encode_record(set)?)
     }
 
-    /// [`Catalog::insert_set`] with the record encoded already.
+    /// [`Catalog::insert_set`] with the record encoded already; and the
+    /// set's facts, for listing without decoding the record.
     fn insert_set_encoded(&self, media: &str, set: &SetRecord, record: Vec<u8>) -> Result<()> {
         let h = &set.header;
         self.conn
@@ -226,8 +273,23 @@ impl Catalog {
                     record
                 ],
             )
+            .map_err(|e| db_err(&self.path, "insert set", e))?;
+        let f = Summary::of(media, set);
+        let sources = serde_json::to_string(&f.sources)
+            .map_err(|e| Error::new(ErrorKind::Io, "cannot encode sources").source(e))?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO set_facts VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    h.set.as_str(),
+                    sql_int(f.items)?,
+                    sql_int(f.bytes)?,
+                    sql_int(f.failures)?,
+                    sources
+                ],
+            )
             .map(|_| ())
-            .map_err(|e| db_err(&self.path, "insert set", e))
+            .map_err(|e| db_err(&self.path, "insert set facts", e))
     }
 
     /// Stage `set` on `media` while its media commit it: its row and item
@@ -343,6 +405,78 @@ impl Catalog {
         for row in rows {
             let (m, j, at) = row.map_err(|e| db_err(&self.path, "query", e))?;
             out.push(Self::decode(m, j, at)?);
+        }
+        Ok(out)
+    }
+
+    /// Every set in a line's worth of facts, oldest first, without
+    /// decoding the records (a tree's is tens of MB of JSON) — except a
+    /// set recorded by a build before the `set_facts` table, whose record
+    /// is decoded for them.
+    pub fn summaries(&self) -> Result<Vec<Summary>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT s.set_id, s.media, s.label, s.agent, s.committed_at,
+                        f.items, f.bytes, f.failures, f.sources
+                 FROM sets s LEFT JOIN set_facts f ON f.set_id = s.set_id
+                 ORDER BY s.committed_at, s.set_id",
+            )
+            .map_err(|e| db_err(&self.path, "query", e))?;
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+        );
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })
+            .map_err(|e| db_err(&self.path, "query", e))?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        let mut out = Vec::new();
+        for row in rows {
+            let (set, media, label, agent, at, items, bytes, failures, sources): Row =
+                row.map_err(|e| db_err(&self.path, "query", e))?;
+            let facts = match (items, bytes, failures, sources) {
+                (Some(items), Some(bytes), Some(failures), Some(sources)) => {
+                    serde_json::from_str(&sources).ok().map(|sources| Summary {
+                        set: SetId::new(set.clone()),
+                        media: media.clone(),
+                        label: label.clone(),
+                        agent: agent.clone(),
+                        committed_at: count(at),
+                        items: count(items),
+                        bytes: count(bytes),
+                        failures: count(failures),
+                        sources,
+                    })
+                }
+                _ => None,
+            };
+            match facts {
+                Some(f) => out.push(f),
+                None => {
+                    let e = self.set(&SetId::new(set))?;
+                    out.push(Summary::of(&e.media, &e.record));
+                }
+            }
         }
         Ok(out)
     }
@@ -463,6 +597,45 @@ mod tests {
             failures: vec![],
             committed_at,
         }
+    }
+
+    #[test]
+    fn summaries_come_from_the_facts_and_from_the_record_where_there_are_none() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&d.path().join("c.db")).unwrap();
+        let mut a = set("a", 3, 10);
+        a.header.label = "nightly".into();
+        a.header.sources = vec!["fsflush:/srv".into(), "fsflush:/home".into()];
+        a.failures = vec![ItemFailure {
+            item: ItemId::new("/srv/gone"),
+            error: "vanished".into(),
+        }];
+        a.items[1].trailer.length = Bytes(5000);
+        let b = set("b", 0, 20);
+        c.record("disk:/m", &a).unwrap();
+        c.record("tar:/t", &b).unwrap();
+        let want = vec![Summary::of("disk:/m", &a), Summary::of("tar:/t", &b)];
+        assert_eq!(want[0].items, 3);
+        assert_eq!(want[0].bytes, 5002);
+        assert_eq!(want[0].failures, 1);
+        assert_eq!(c.summaries().unwrap(), want);
+        let facts = |c: &Catalog| -> i64 {
+            c.conn
+                .query_row("SELECT count(*) FROM set_facts", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(facts(&c), 2);
+        // Rows from a build before the facts: the same, from the records.
+        c.conn.execute("DELETE FROM set_facts", []).unwrap();
+        assert_eq!(c.summaries().unwrap(), want);
+        // Forgetting a set forgets its facts; recording it again replaces
+        // them; a new commit time shows.
+        c.record("disk:/m", &a).unwrap();
+        c.forget(&SetId::new("b")).unwrap();
+        assert_eq!(facts(&c), 1);
+        a.committed_at = 30;
+        c.record("disk:/m", &a).unwrap();
+        assert_eq!(c.summaries().unwrap(), vec![Summary::of("disk:/m", &a)]);
     }
 
     #[test]

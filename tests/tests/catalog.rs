@@ -87,6 +87,31 @@ fn sets_are_catalogued_listed_shown_and_rebuilt_from_media() {
     }
     let before = listing(&cat);
     assert_eq!(before.as_array().unwrap().len(), 2);
+    // The text listing (from the catalog's facts) says what the records
+    // say, one line per set, oldest first; the media's listing the same.
+    let lines = |out: std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let text = lines(floe(&cat, &["list"]));
+    let want: Vec<String> = before
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}  {} UTC  2 items  {} bytes  from {}  sources array:vol0,array:vol1",
+                r["header"]["set"].as_str().unwrap(),
+                floe_core::retention::utc(r["committed_at"].as_u64().unwrap()),
+                4u64 << 20,
+                r["header"]["agent"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(text, want);
+    assert_eq!(lines(floe(&cat, &["list", "--media", &media])), want);
     let show = floe(&cat, &["show", &sets[0]]);
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(shown["media"].as_str(), Some(media.as_str()));
