@@ -454,25 +454,21 @@ impl Catalog {
         for row in rows {
             let (set, media, label, agent, at, items, bytes, failures, sources): Row =
                 row.map_err(|e| db_err(&self.path, "query", e))?;
-            let facts = match (items, bytes, failures, sources) {
-                (Some(items), Some(bytes), Some(failures), Some(sources)) => {
-                    serde_json::from_str(&sources).ok().map(|sources| Summary {
-                        set: SetId::new(set.clone()),
-                        media: media.clone(),
-                        label: label.clone(),
-                        agent: agent.clone(),
-                        committed_at: count(at),
-                        items: count(items),
-                        bytes: count(bytes),
-                        failures: count(failures),
-                        sources,
-                    })
-                }
-                _ => None,
-            };
-            match facts {
-                Some(f) => out.push(f),
-                None => {
+            let sources = sources.and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok());
+            match (items, bytes, failures, sources) {
+                (Some(items), Some(bytes), Some(failures), Some(sources)) => out.push(Summary {
+                    set: SetId::new(set),
+                    media,
+                    label,
+                    agent,
+                    committed_at: count(at),
+                    items: count(items),
+                    bytes: count(bytes),
+                    failures: count(failures),
+                    sources,
+                }),
+                // No facts (a build before them wrote the row): the record.
+                _ => {
                     let e = self.set(&SetId::new(set))?;
                     out.push(Summary::of(&e.media, &e.record));
                 }

@@ -177,6 +177,16 @@ fn acl_views(
         .find(|p| p.exists())
         .unwrap();
     let ino = std::fs::metadata(&file).unwrap().ino();
+    // A probe that cannot ask the kernel fails, naming where it asked.
+    let gone = mnt.join("no-such-dir");
+    let err = Ext4Disk::open(dev)
+        .unwrap()
+        .acls_as_mounted(&gone)
+        .expect_err("probed a path that is not there");
+    assert!(
+        err.to_string().contains("probe ACLs") && err.to_string().contains("no-such-dir"),
+        "{err}"
+    );
     let disk = Ext4Disk::open(dev).unwrap().acls_as_mounted(mnt).unwrap();
     let probed = disk.acls();
     let mut reader = floe_hostfs::ondisk::InodeReader::default();
