@@ -51,6 +51,15 @@ pub trait Freezer: Send {
     }
     /// Let the image go (delete snapshots, thaw).
     fn release(&mut self, image: &FrozenImage) -> Result<()>;
+    /// Are writes to the image held right now, without a break since the
+    /// freeze? Asked after [`Freezer::mapped`] and then for each config
+    /// check: while true, everything read so far is as mapped and checks
+    /// are answered without a look. A freezer must answer false once its
+    /// hold may have ended (a bound ran out, someone thawed), and keep
+    /// answering false. Must not block. Default: no.
+    fn writes_held(&mut self, _image: &FrozenImage) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Maps a frozen image to physical extents.
@@ -284,6 +293,12 @@ pub trait FreezerAbi: Send {
     /// JSON [`FrozenImage`].
     #[sabi(last_prefix_field)]
     fn release(&mut self, image: RStr<'_>) -> RResult<(), RString>;
+    /// JSON [`FrozenImage`] → are writes held? Added after ABI 6's first
+    /// release: a plugin built before it has no such method, and this
+    /// default answers for it (writes not held).
+    fn writes_held(&mut self, _image: RStr<'_>) -> RResult<bool, RString> {
+        ROk(false)
+    }
 }
 
 /// ABI twin of [`Mapper`].
@@ -462,6 +477,11 @@ impl FreezerAbi for FreezerExport {
     fn release(&mut self, image: RStr<'_>) -> RResult<(), RString> {
         guard("release", || {
             self.0.release(&from_json(image.as_str(), "image")?)
+        })
+    }
+    fn writes_held(&mut self, image: RStr<'_>) -> RResult<bool, RString> {
+        guard("writes_held", || {
+            self.0.writes_held(&from_json(image.as_str(), "image")?)
         })
     }
 }
@@ -721,6 +741,12 @@ impl Freezer for LoadedFreezer {
     fn release(&mut self, image: &FrozenImage) -> Result<()> {
         let r = self.1.release(to_json(image)?.as_str().into());
         back_unit(&self.0, "release", r)
+    }
+    fn writes_held(&mut self, image: &FrozenImage) -> Result<bool> {
+        match self.1.writes_held(to_json(image)?.as_str().into()) {
+            ROk(held) => Ok(held),
+            RErr(e) => Err(err_from_text(&self.0, "writes_held", &e)),
+        }
     }
 }
 

@@ -54,9 +54,11 @@ struct Frozen {
     validity: Box<dyn ValidityIndicator>,
     /// The rest of a map handed out in parts, while it is being made.
     parts: Option<MapParts>,
-    /// Writes have been held since before the map (a FIFREEZE freezer
-    /// that has not been told `mapped` yet): everything read now is as
-    /// mapped, and config checks are answered without a look.
+    /// Writes may still be held since before the map (a FIFREEZE
+    /// freezer): each config check asks the freezer
+    /// ([`Freezer::writes_held`]), and while it says so, everything read
+    /// so far is as mapped and the check is answered without a look.
+    /// False for good once the freezer says no.
     held: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -85,10 +87,17 @@ impl MapParts {
         let thread = std::thread::Builder::new()
             .name("floe-map".into())
             .spawn(move || {
-                // Checks stop trusting the freeze before it may end.
-                let settle = || {
+                // Checks ask the freezer whether writes are still held
+                // (it may hold them past the map); until then, they stop
+                // trusting the freeze before it may end.
+                let settle = || -> Result<()> {
                     held.store(false, Ordering::SeqCst);
-                    lock(&freezer).mapped(&image)
+                    let mut f = lock(&freezer);
+                    f.mapped(&image)?;
+                    if f.writes_held(&image).unwrap_or(false) {
+                        held.store(true, Ordering::SeqCst);
+                    }
+                    Ok(())
                 };
                 loop {
                     if halt.load(Ordering::Relaxed) {
@@ -167,9 +176,21 @@ enum Answer {
 
 impl Frozen {
     /// Are writes still held since before the map? (Then anything read so
-    /// far is as mapped.)
+    /// far is as mapped.) Asked after the reads a check is about: the
+    /// freezer's answer now covers them.
     fn still_held(&self) -> bool {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
+        use std::sync::atomic::Ordering;
+        if !self.held.load(Ordering::SeqCst) {
+            return false;
+        }
+        if lock(&self.freezer)
+            .writes_held(&self.image)
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        self.held.store(false, Ordering::SeqCst);
+        false
     }
 
     /// Stop mapping (if parts are still being made) and let the image go.
@@ -337,8 +358,10 @@ impl Agent {
     fn freeze(&self, sources: &[String]) -> Result<(Frozen, ImageMap)> {
         let (image, mut freezer, mut mapper, validity) = self.freeze_only(sources)?;
         let mapping = mapper.map(&image).map_err(|e| e.op("map"));
-        // Writes held for the map (FIFREEZE) are let go now, mapped or not.
+        // Writes held for the map (FIFREEZE) are let go now, mapped or
+        // not (unless the freezer holds them until release).
         let settled = freezer.mapped(&image).map_err(|e| e.op("thaw"));
+        let held = settled.is_ok() && freezer.writes_held(&image).unwrap_or(false);
         let map = match (mapping, settled) {
             (Ok(m), Ok(())) => m,
             (Err(e), _) | (Ok(_), Err(e)) => {
@@ -359,7 +382,7 @@ impl Agent {
                 mapper: Arc::new(std::sync::Mutex::new(mapper)),
                 validity,
                 parts: None,
-                held: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                held: Arc::new(std::sync::atomic::AtomicBool::new(held)),
             },
             map,
         ))

@@ -147,6 +147,8 @@ use floe_core::model::*;
 pub struct Meddling {
     pub inner: Box<dyn MediaWriter>,
     pub hook: Option<Box<dyn FnOnce() + Send>>,
+    /// Run as the set is committed to media (before the image is released).
+    pub at_commit: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl MediaWriter for Meddling {
@@ -172,6 +174,9 @@ impl MediaWriter for Meddling {
         self.inner.fail_item(f)
     }
     fn commit(&mut self) -> floe_core::Result<floe_core::model::Committed> {
+        if let Some(f) = self.at_commit.take() {
+            f();
+        }
         self.inner.commit()
     }
     fn abort(&mut self) -> floe_core::Result<()> {
@@ -211,14 +216,26 @@ pub fn backup_meddled_devices(
     media_dir: &std::path::Path,
     hook: Box<dyn FnOnce() + Send>,
 ) -> floe_core::Result<floe_core::mover::BackupReport> {
+    let mut media = Meddling {
+        inner: floe_tests::Lab::disk_writer(media_dir),
+        hook: Some(hook),
+        at_commit: None,
+    };
+    backup_through(args, agent, sources, &mut media)
+}
+
+/// Back up `sources` to `media`, reading the devices that `--device
+/// ID=PATH` arguments name.
+pub fn backup_through(
+    args: &[String],
+    agent: &AgentProcess,
+    sources: &[String],
+    media: &mut dyn MediaWriter,
+) -> floe_core::Result<floe_core::mover::BackupReport> {
     use floe_core::agent::AgentClient;
     use floe_core::device::{DeviceResolver, Location};
     use floe_core::model::DeviceId;
     use floe_core::mover::{backup, MoverOptions};
-    let mut media = Meddling {
-        inner: floe_tests::Lab::disk_writer(media_dir),
-        hook: Some(hook),
-    };
     let table: std::collections::HashMap<DeviceId, Location> = args
         .chunks(2)
         .filter(|a| a[0] == "--device")
@@ -234,14 +251,7 @@ pub fn backup_meddled_devices(
         parallel: 2,
         ..Default::default()
     };
-    backup(
-        &mut client,
-        sources,
-        &resolver,
-        &mut media,
-        &opts,
-        &mut |_| {},
-    )
+    backup(&mut client, sources, &resolver, media, &opts, &mut |_| {})
 }
 
 mod invalidation {
@@ -496,6 +506,138 @@ mod invalidation {
             "xfs_fsr",
         );
     }
+
+    /// With `fsflush.hold_writes=backup` the application's writes wait for
+    /// the whole backup, not just the map: every file restores as its
+    /// frozen bytes, nothing is remapped or flagged as later, the writes
+    /// were still waiting when the set was committed, and they land once
+    /// the image is released.
+    #[test]
+    fn ext4_with_writes_held_for_the_backup_restores_the_frozen_tree() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let name = "ext4_with_writes_held_for_the_backup_restores_the_frozen_tree";
+        let mut fs = match LoopFs::new("ext4", 1, 256, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        let mut rng = Rng::new(5);
+        let mut frozen = HashMap::new();
+        for i in 0..60 {
+            let n = format!("f{i:02}");
+            let d = rng.bytes(50_000 + i * 1000);
+            std::fs::write(fs.mnt.join(&n), &d).unwrap();
+            frozen.insert(n, d);
+        }
+        fs.sync();
+        fs.mover_view().unwrap();
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                "fsflush.hold_writes=backup",
+                "--plugin-opt",
+                "fiemap.part_entries=10",
+            ],
+            &[],
+        );
+        // The application: overwrites, appends and a delete, from the
+        // first item the mover writes to media on.
+        let landed = Arc::new(AtomicBool::new(false));
+        let writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        let (mnt, landed2, writer2) = (fs.mnt.clone(), landed.clone(), writer.clone());
+        let hook = move || {
+            let t = std::thread::spawn(move || {
+                use std::io::Write;
+                use std::os::unix::fs::FileExt;
+                let mut rng = Rng::new(77);
+                for i in 0..10 {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(mnt.join(format!("f{i:02}")))
+                        .unwrap();
+                    f.write_all_at(&rng.bytes(40_000), 0).unwrap();
+                    landed2.store(true, Ordering::SeqCst);
+                    let mut f = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(mnt.join(format!("f{:02}", 10 + i)))
+                        .unwrap();
+                    f.write_all(&rng.bytes(20_000)).unwrap();
+                }
+                std::fs::remove_file(mnt.join("f59")).unwrap();
+                let _ = Command::new("sync").arg("-f").arg(&mnt).status();
+            });
+            *writer2.lock().unwrap() = Some(t);
+        };
+        let held_at_commit = Arc::new(AtomicBool::new(false));
+        let (landed3, held3) = (landed.clone(), held_at_commit.clone());
+        let media_dir = fs.dir.path().join("media");
+        let mut media = Meddling {
+            inner: floe_tests::Lab::disk_writer(&media_dir),
+            hook: Some(Box::new(hook)),
+            at_commit: Some(Box::new(move || {
+                held3.store(!landed3.load(Ordering::SeqCst), Ordering::SeqCst);
+            })),
+        };
+        let report = backup_through(
+            &fs.device_args(),
+            &agent,
+            std::slice::from_ref(&allow),
+            &mut media,
+        )
+        .expect("backup with writes held");
+        assert!(
+            held_at_commit.load(Ordering::SeqCst),
+            "an application write landed before the set was committed"
+        );
+        // Released: the application's writes go on.
+        let t = writer.lock().unwrap().take().expect("the application ran");
+        let waited = std::time::Instant::now();
+        while !t.is_finished() && waited.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(t.is_finished(), "writes still held 10 s after the release");
+        t.join().unwrap();
+        assert!(
+            agent
+                .wait_for("writes held", std::time::Duration::from_secs(5))
+                .is_some(),
+            "the agent did not log how long writes were held"
+        );
+        assert!(report.map_parts >= 3, "map in {} part(s)", report.map_parts);
+        assert_eq!(
+            (report.remaps, report.rereads),
+            (0, 0),
+            "something was remapped while writes were held"
+        );
+        assert!(report.set.failures.is_empty(), "{:?}", report.set.failures);
+        assert!(
+            report
+                .set
+                .items
+                .iter()
+                .all(|i| !i.trailer.captured_after_freeze),
+            "an item was flagged as later"
+        );
+        let out = fs.dir.path().join("out");
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media_dir.display()))
+            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        for (n, want) in &frozen {
+            let got = std::fs::read(out.join(n)).unwrap();
+            floe_tests::assert_same_bytes(&got, want, n);
+        }
+        // The application's writes are on the file system now.
+        assert_ne!(&std::fs::read(fs.mnt.join("f00")).unwrap(), &frozen["f00"]);
+        assert!(!fs.mnt.join("f59").exists());
+    }
 }
 
 mod freeze_guard {
@@ -540,6 +682,17 @@ mod freeze_guard {
         pause_ms: u32,
         wrapper: &[&str],
     ) -> Option<(LoopFs, AgentProcess, String)> {
+        slowly_mapping_agent_with(name, files, pause_ms, wrapper, &[])
+    }
+
+    /// [`slowly_mapping_agent_under`] with more agent arguments.
+    fn slowly_mapping_agent_with(
+        name: &str,
+        files: u8,
+        pause_ms: u32,
+        wrapper: &[&str],
+        more_args: &[&str],
+    ) -> Option<(LoopFs, AgentProcess, String)> {
         let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
             Ok(f) => f,
             Err(why) => {
@@ -552,16 +705,14 @@ mod freeze_guard {
         }
         let allow = format!("fsflush:{}", fs.mnt.display());
         let pause = format!("map-part:{pause_ms}");
-        let agent = AgentProcess::start_under(
-            wrapper,
-            &[
-                "--allow-source",
-                &allow,
-                "--plugin-opt",
-                "fiemap.part_entries=5",
-            ],
-            &[("FLOE_PAUSEPOINT", &pause)],
-        );
+        let mut args = vec![
+            "--allow-source",
+            &allow,
+            "--plugin-opt",
+            "fiemap.part_entries=5",
+        ];
+        args.extend_from_slice(more_args);
+        let agent = AgentProcess::start_under(wrapper, &args, &[("FLOE_PAUSEPOINT", &pause)]);
         Some((fs, agent, allow))
     }
 
@@ -642,6 +793,71 @@ mod freeze_guard {
         let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
         assert!(!valid, "a check after the thaw trusted the freeze");
         assert_eq!(current, item.config, "the real config id");
+        client.release(&image.id).unwrap();
+    }
+
+    /// `hold_writes=backup`: past the map, checks are answered without a
+    /// look while the file system stays frozen; once the freeze bound has
+    /// thawed it, they look again (the rest of a set would be read as
+    /// without the option).
+    #[test]
+    fn writes_held_for_the_backup_are_trusted_until_the_bound_thaws_them() {
+        let name = "writes_held_for_the_backup_are_trusted_until_the_bound_thaws_them";
+        let Some((fs, agent, allow)) = slowly_mapping_agent_with(
+            name,
+            12,
+            0,
+            &[],
+            &[
+                "--plugin-opt",
+                "fsflush.hold_writes=backup",
+                "--plugin-opt",
+                "fsflush.freeze_timeout=3",
+            ],
+        ) else {
+            return;
+        };
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let frozen_at = Instant::now();
+        let (image, first, mut more) = client
+            .freeze_in_parts(std::slice::from_ref(&allow), true)
+            .unwrap();
+        let mut items = first.items;
+        while more {
+            let part = client.map_more(&image.id).unwrap();
+            items.extend(part.map.items);
+            more = part.more;
+        }
+        let item = items
+            .iter()
+            .find(|i| i.kind == ItemKind::File)
+            .expect("a file")
+            .clone();
+        let mut writer = probe(&fs);
+        assert!(
+            wait_exit(&mut writer, Duration::from_millis(300)).is_none(),
+            "the file system thawed after the map"
+        );
+        let stale = ConfigId::new("not-the-config-id");
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(valid && current == stale, "{current}");
+        let current = client
+            .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
+            .unwrap();
+        assert_eq!(current, vec![stale.clone()]);
+        wait_exit(&mut writer, Duration::from_secs(8)).expect("still frozen 8 s past a 3 s bound");
+        assert!(
+            frozen_at.elapsed() > Duration::from_millis(2500),
+            "thawed after {:?}, before the bound",
+            frozen_at.elapsed()
+        );
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(!valid, "a check after the bound trusted the freeze");
+        assert_eq!(current, item.config, "the real config id");
+        let current = client
+            .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
+            .unwrap();
+        assert_eq!(current, vec![item.config.clone()]);
         client.release(&image.id).unwrap();
     }
 

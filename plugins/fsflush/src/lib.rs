@@ -13,6 +13,18 @@
 //! Flush-only keeps no old version: a file changed after the thaw is read
 //! whole in its newer version and recorded as captured after the freeze.
 //!
+//! `--plugin-opt fsflush.hold_writes=backup` holds writes past the map,
+//! until the mover releases the image (still within the freeze bound):
+//! the set is then of one point in time, and the agent answers config
+//! checks without looking at a file ([`Freezer::writes_held`]: a
+//! `FIFREEZE` probe per check, which fails with EBUSY while the file
+//! system stays frozen). The application's writes wait for the whole
+//! backup instead of for the map. If the bound runs out first the guard
+//! thaws, checks look at every file again, and the rest of the set is
+//! read as without the option (files changed since: whole, later
+//! versions). The default, `map`, holds writes only while the map is
+//! captured.
+//!
 //! Sources: `fsflush:/mount/point` (a file system), `fsflush:/dir`,
 //! `fsflush:/dir/file`, `fsflush:/dir/*.log`, `fsflush:/dir?from=/dir/list`;
 //! and a file system's volume as one image, `fsflush:/mount/point?volume`
@@ -45,21 +57,75 @@ struct Held {
     /// When the first file system was frozen.
     since: std::time::Instant,
     guard: Option<ThawGuard>,
-    /// Volume sources: frozen until release, not just while mapped.
+    /// Frozen until release, not just while mapped (volume sources, or
+    /// `hold_writes=backup`).
     hold: bool,
+    /// The hold ended (thawed, by us or the guard, or found thawed):
+    /// writes are never again "held since the freeze".
+    ended: bool,
 }
 
 impl Held {
     fn thaw_all(&mut self) {
+        self.ended = true;
         for (_, d) in &self.mounts {
             let _ = thaw(d);
         }
     }
+
+    /// Are all its file systems still frozen, without a break since the
+    /// freeze? A second `FIFREEZE` of a frozen file system fails with
+    /// EBUSY; one that succeeds found it thawed (and is undone at once).
+    fn still_frozen(&mut self) -> bool {
+        if self.ended || self.guard.as_ref().is_none_or(ThawGuard::fired) {
+            self.ended = true;
+            return false;
+        }
+        for (_, d) in &self.mounts {
+            match freeze(d) {
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {}
+                Ok(()) => {
+                    let _ = thaw(d);
+                    self.ended = true;
+                    return false;
+                }
+                Err(_) => {
+                    self.ended = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The application's cost of the backup, in the agent's log.
+    fn log_held(&self) {
+        let mounts: Vec<String> = self
+            .mounts
+            .iter()
+            .map(|(m, _)| m.display().to_string())
+            .collect();
+        floe_core::log_line!(
+            "floe agent: fsflush: writes held {:.3} s on {}",
+            self.since.elapsed().as_secs_f64(),
+            mounts.join(", ")
+        );
+    }
+}
+
+/// How long writes are held: `hold_writes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HoldWrites {
+    /// While the map is captured (the default).
+    Map,
+    /// Until the image is released.
+    Backup,
 }
 
 /// The freezer.
 pub struct FsFlush {
     bound: Duration,
+    hold_writes: HoldWrites,
     held: HashMap<ImageId, Held>,
 }
 
@@ -80,7 +146,7 @@ impl Freezer for FsFlush {
         let mut items = Vec::new();
         let mut mounts: Vec<PathBuf> = Vec::new();
         let mut mapper: Option<&'static str> = None;
-        let mut hold = false;
+        let mut hold = self.hold_writes == HoldWrites::Backup;
         for s in sources {
             let text = s.strip_prefix("fsflush:").ok_or_else(|| {
                 Error::new(ErrorKind::Config, format!("{s} is not an fsflush: source"))
@@ -173,6 +239,7 @@ impl Freezer for FsFlush {
             since: std::time::Instant::now(),
             guard: Some(guard),
             hold,
+            ended: false,
         };
         for (mp, d) in dirs {
             if let Err(e) = freeze(&d) {
@@ -206,22 +273,13 @@ impl Freezer for FsFlush {
         };
         let fired = h.guard.as_ref().is_some_and(ThawGuard::fired);
         if h.hold && !fired {
-            // A volume image is read while the file system stays frozen;
-            // the guard still thaws at the bound or if the agent dies.
+            // Read while the file systems stay frozen (a volume image,
+            // `hold_writes=backup`); the guard still thaws at the bound or
+            // if the agent dies.
             return Ok(());
         }
         h.thaw_all();
-        // The application's cost of the backup, in the agent's log.
-        let mounts: Vec<String> = h
-            .mounts
-            .iter()
-            .map(|(m, _)| m.display().to_string())
-            .collect();
-        floe_core::log_line!(
-            "floe agent: fsflush: writes held {:.3} s on {}",
-            h.since.elapsed().as_secs_f64(),
-            mounts.join(", ")
-        );
+        h.log_held();
         if let Some(g) = h.guard.take() {
             g.finish();
         }
@@ -240,12 +298,23 @@ impl Freezer for FsFlush {
 
     fn release(&mut self, image: &FrozenImage) -> Result<()> {
         if let Some(mut h) = self.held.remove(&image.id) {
+            let logged = h.ended;
             h.thaw_all();
+            if !logged && h.hold {
+                h.log_held();
+            }
             if let Some(g) = h.guard.take() {
                 g.finish();
             }
         }
         Ok(())
+    }
+
+    fn writes_held(&mut self, image: &FrozenImage) -> Result<bool> {
+        Ok(self
+            .held
+            .get_mut(&image.id)
+            .is_some_and(Held::still_frozen))
     }
 }
 
@@ -283,11 +352,52 @@ impl Plugin for FsFlushPlugin {
                     )
                 })?,
         };
+        let hold_writes = match config.get("hold_writes") {
+            None => HoldWrites::Map,
+            Some(v) => match v.as_str() {
+                Some("map") => HoldWrites::Map,
+                Some("backup") => HoldWrites::Backup,
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!("fsflush.hold_writes must be map (while the map is captured, the default) or backup (until the backup releases the image, within freeze_timeout), got {v}"),
+                    ))
+                }
+            },
+        };
         Ok(Box::new(FsFlush {
             bound: Duration::from_secs_f64(secs),
+            hold_writes,
             held: HashMap::new(),
         }))
     }
 }
 
 floe_core::export_plugin!(FsFlushPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_and_named_when_wrong() {
+        let hold = |v: serde_json::Value| {
+            FsFlushPlugin::freezer(&serde_json::json!({ "hold_writes": v })).map(|_| ())
+        };
+        assert!(hold("map".into()).is_ok());
+        assert!(hold("backup".into()).is_ok());
+        for bad in [serde_json::json!("forever"), serde_json::json!(true)] {
+            let e = hold(bad.clone()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(
+                e.to_string().contains("fsflush.hold_writes must be map")
+                    && e.to_string().contains(&bad.to_string()),
+                "{e}"
+            );
+        }
+        let e = FsFlushPlugin::freezer(&serde_json::json!({ "freeze_timeout": 0 }))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().contains("freeze_timeout"), "{e}");
+    }
+}
