@@ -5,9 +5,10 @@
 //! itself in direct-I/O mode) to disk media in
 //! the open format (plugin `tar`: one pax archive per set on the disk),
 //! beside `tar -cf` and `restic backup` of the same tree to the same disk,
-//! rounds interleaved (the three tools' order rotated each round, so none
-//! always runs right after the same other), page cache dropped before each
-//! run. Then restore:
+//! and Floe again with writes held for the whole backup
+//! (`fsflush.hold_writes=backup`: a second agent), rounds interleaved (the
+//! four runs' order rotated each round, so none always runs right after
+//! the same other), page cache dropped before each run. Then restore:
 //! `floe restore --to-dir` beside `tar -xf`.
 //!
 //! `--case tree-san --latency-us N`: the same tree on a sim-san LUN that
@@ -275,6 +276,166 @@ fn mount_tree(
 }
 
 /// The tree case.
+/// A `floe agent` serving the tree, with what its log says about held
+/// writes (one line per backup).
+struct FloeAgent {
+    proc: Proc,
+    addr: String,
+    held: std::sync::mpsc::Receiver<f64>,
+}
+
+impl FloeAgent {
+    fn start(bin: &Path, source: &str, opts: &[String]) -> Result<FloeAgent> {
+        let mut child = Command::new(bin.join("floe"))
+            .args(["agent", "--listen", "127.0.0.1:0", "--allow-source", source])
+            .args(opts)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        let mut log = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+        let proc = Proc(child);
+        log.read_line(&mut line)?;
+        // The rest of the agent's log: how long it held writes, per backup.
+        let (held_tx, held) = std::sync::mpsc::channel::<f64>();
+        std::thread::spawn(move || {
+            for l in log.lines().map_while(std::result::Result::ok) {
+                let secs = l
+                    .split("writes held ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok());
+                if let Some(secs) = secs {
+                    let _ = held_tx.send(secs);
+                }
+            }
+        });
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Ok(FloeAgent { proc, addr, held })
+    }
+}
+
+/// Floe's figures, one entry per round.
+#[derive(Default)]
+struct FloeRuns {
+    t: Vec<f64>,
+    cpu: Vec<f64>,
+    agent_read: Vec<f64>,
+    agent_sent: Vec<f64>,
+    mover_read: Vec<f64>,
+    phases: [Vec<f64>; 4],
+    held: Vec<f64>,
+}
+
+impl FloeRuns {
+    /// Back the tree up through `agent` (cold cache); the set's id.
+    fn run(
+        &mut self,
+        bin: &Path,
+        out: &Path,
+        agent: &FloeAgent,
+        source: &str,
+        id: &str,
+        device: &str,
+    ) -> Result<String> {
+        drop_caches();
+        let pid = agent.proc.0.id();
+        let before = proc_stats(pid)?;
+        let start = Instant::now();
+        let o = Command::new(bin.join("floe"))
+            .arg("--catalog")
+            .arg(out.join("catalog.db"))
+            .args([
+                "backup",
+                "--agent",
+                &agent.addr,
+                "--source",
+                source,
+                "--json=summary",
+                "--media",
+            ])
+            .arg(format!("tar:{}", out.join("floe").display()))
+            .args(["--device", &format!("{id}={device}"), "--allow-device", id])
+            .output()?;
+        if !o.status.success() {
+            bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let _ = Command::new("sync").arg("-f").arg(out).status();
+        let w = start.elapsed().as_secs_f64();
+        let after = proc_stats(pid)?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        self.t.push(w);
+        self.cpu.push(after.0 - before.0);
+        self.agent_read.push((after.1 - before.1) as f64);
+        // Socket sends are not in /proc/PID/io's wchar: the mover counts
+        // what it received from the agent.
+        self.agent_sent
+            .push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
+        self.mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        if let Ok(secs) = agent
+            .held
+            .recv_timeout(std::time::Duration::from_secs(5))
+        {
+            self.held.push(secs);
+        }
+        for (k, phase) in ["map", "move", "media_commit", "catalog"]
+            .iter()
+            .enumerate()
+        {
+            self.phases[k].push(v["seconds"][phase].as_f64().unwrap_or(0.0));
+        }
+        Ok(v["set"]["header"]["set"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    fn phases_json(&self) -> serde_json::Value {
+        serde_json::json!({"map": median(&self.phases[0]), "move": median(&self.phases[1]),
+            "media_commit": median(&self.phases[2]), "catalog": median(&self.phases[3])})
+    }
+
+    fn report(&self, what: &str, tar: f64, restic: f64, tar_cpu: f64, data: u64) {
+        let floe = median(&self.t);
+        println!("  {what}");
+        println!(
+            "                     {floe:>7.2} s   agent CPU {:>6.2} s, agent read {:.0} B, agent→mover {:.0} B, mover read {:.0} B",
+            median(&self.cpu),
+            median(&self.agent_read),
+            median(&self.agent_sent),
+            median(&self.mover_read)
+        );
+        println!(
+            "    phases: freeze+map {:.2} s, move {:.2} s, media commit {:.2} s, catalog {:.2} s",
+            median(&self.phases[0]),
+            median(&self.phases[1]),
+            median(&self.phases[2]),
+            median(&self.phases[3])
+        );
+        println!(
+            "    writes held on the host (agent's log): {:.2} s",
+            median(&self.held)
+        );
+        println!("    floe / tar          {:.3}  (target <= 0.2)", floe / tar);
+        println!(
+            "    floe / restic       {:.3}  (target <= 0.15)",
+            floe / restic
+        );
+        println!(
+            "    agent CPU / tar CPU {:.3}  (target <= 0.1)",
+            median(&self.cpu) / tar_cpu.max(1e-9)
+        );
+        println!(
+            "    agent→mover / data  {:.4}  (target <= 0.01)",
+            median(&self.agent_sent) / data as f64
+        );
+    }
+}
+
 pub fn run(
     bin: &Path,
     rounds: usize,
@@ -308,59 +469,27 @@ pub fn run(
     let mnt = m.mnt.clone();
     let tree = mnt.join("tree");
     let source = format!("fsflush:{}", tree.display());
-    let mut agent = Command::new(bin.join("floe"))
-        .args([
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow-source",
-            &source,
-        ])
-        .args(agent_opts)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    let mut log = std::io::BufReader::new(agent.stderr.take().context("stderr")?);
-    log.read_line(&mut line)?;
-    // The rest of the agent's log: how long it held writes, per backup.
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<f64>();
-    std::thread::spawn(move || {
-        for l in log.lines().map_while(std::result::Result::ok) {
-            let secs = l
-                .split("writes held ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|n| n.parse().ok());
-            if let Some(secs) = secs {
-                let _ = held_tx.send(secs);
-            }
-        }
-    });
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let agent = Proc(agent);
-    let pid = agent.0.id();
+    let agent = FloeAgent::start(bin, &source, agent_opts)?;
+    // Writes held for the whole backup: checks answered by a FIFREEZE
+    // probe instead of a look at each file.
+    let mut hold_opts = agent_opts.to_vec();
+    hold_opts.extend(["--plugin-opt".into(), "fsflush.hold_writes=backup".into()]);
+    let hold_agent = FloeAgent::start(bin, &source, &hold_opts)?;
     let out = work.join("out");
     let restic_env = [("RESTIC_PASSWORD", "floe-bench")];
-    let mut t: [Vec<f64>; 3] = Default::default();
-    let mut cpu: [Vec<f64>; 3] = Default::default();
-    let (mut agent_read, mut agent_sent, mut mover_read) = (Vec::new(), Vec::new(), Vec::new());
+    let mut t: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let (mut floe, mut hold) = (FloeRuns::default(), FloeRuns::default());
     let mut set = String::new();
-    let mut phases: [Vec<f64>; 4] = Default::default();
-    let mut held = Vec::new();
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
-        // Each tool runs first, second and third in turn (one after the
-        // other in a round, the order rotated each round): what a run
-        // leaves behind (freed memory the VM's host takes back, dirty
-        // pages) falls on each tool alike.
-        for k in 0..3 {
-            match (round + k) % 3 {
+        // Each tool runs first, second, third and fourth in turn (one
+        // after the other in a round, the order rotated each round): what
+        // a run leaves behind (freed memory the VM's host takes back,
+        // dirty pages) falls on each tool alike.
+        for k in 0..4 {
+            match (round + k) % 4 {
                 0 => {
                     let (w, c) = timed_shell(
                         &format!(
@@ -393,58 +522,15 @@ pub fn run(
                     cpu[1].push(c);
                     let _ = std::fs::remove_dir_all(&repo);
                 }
+                2 => set = floe.run(bin, &out, &agent, &source, &id, &device)?,
                 _ => {
-                    drop_caches();
-                    let before = proc_stats(pid)?;
-                    let start = Instant::now();
-                    let o = Command::new(bin.join("floe"))
-                        .arg("--catalog")
-                        .arg(out.join("catalog.db"))
-                        .args([
-                            "backup",
-                            "--agent",
-                            &addr,
-                            "--source",
-                            &source,
-                            "--json=summary",
-                            "--media",
-                        ])
-                        .arg(format!("tar:{}", out.join("floe").display()))
-                        .args(["--device", &format!("{id}={device}"), "--allow-device", &id])
-                        .output()?;
-                    if !o.status.success() {
-                        bail!("floe backup failed: {}", String::from_utf8_lossy(&o.stderr));
-                    }
-                    let _ = Command::new("sync").arg("-f").arg(&out).status();
-                    let w = start.elapsed().as_secs_f64();
-                    let after = proc_stats(pid)?;
-                    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
-                    set = v["set"]["header"]["set"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    t[2].push(w);
-                    cpu[2].push(after.0 - before.0);
-                    agent_read.push((after.1 - before.1) as f64);
-                    // Socket sends are not in /proc/PID/io's wchar: the mover counts
-                    // what it received from the agent.
-                    agent_sent.push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
-                    mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
-                    if let Ok(secs) = held_rx.recv_timeout(std::time::Duration::from_secs(5)) {
-                        held.push(secs);
-                    }
-                    for (k, phase) in ["map", "move", "media_commit", "catalog"]
-                        .iter()
-                        .enumerate()
-                    {
-                        phases[k].push(v["seconds"][phase].as_f64().unwrap_or(0.0));
-                    }
+                    hold.run(bin, &out, &hold_agent, &source, &id, &device)?;
                 }
             }
         }
         eprintln!(
-            "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B)",
-            t[0][round], t[1][round], t[2][round], cpu[2][round], agent_read[round], agent_sent[round]
+            "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B), floe with writes held {:.1} s (agent CPU {:.2} s)",
+            t[0][round], t[1][round], floe.t[round], floe.cpu[round], floe.agent_read[round], floe.agent_sent[round], hold.t[round], hold.cpu[round]
         );
     }
     // Restore: the last round's set and archive, to fresh directories on
@@ -488,7 +574,7 @@ pub fn run(
         )?;
         rt[1].push(w);
     }
-    let (tar, restic, floe) = (median(&t[0]), median(&t[1]), median(&t[2]));
+    let (tar, restic) = (median(&t[0]), median(&t[1]));
     let on = match storage {
         Storage::Loop => "ext4 on a loop device".to_string(),
         Storage::San { latency_us } => format!(
@@ -505,36 +591,14 @@ pub fn run(
         "  restic backup      {restic:>7.2} s   CPU {:>6.2} s",
         median(&cpu[1])
     );
-    println!(
-        "  floe backup        {floe:>7.2} s   agent CPU {:>6.2} s, agent read {:.0} B, agent→mover {:.0} B, mover read {:.0} B",
-        median(&cpu[2]),
-        median(&agent_read),
-        median(&agent_sent),
-        median(&mover_read)
-    );
-    println!(
-        "    phases: freeze+map {:.2} s, move {:.2} s, media commit {:.2} s, catalog {:.2} s",
-        median(&phases[0]),
-        median(&phases[1]),
-        median(&phases[2]),
-        median(&phases[3])
-    );
-    println!(
-        "    writes held on the host (agent's log): {:.2} s",
-        median(&held)
-    );
-    println!("  floe / tar         {:.3}  (target <= 0.2)", floe / tar);
-    println!(
-        "  floe / restic      {:.3}  (target <= 0.15)",
-        floe / restic
-    );
-    println!(
-        "  agent CPU / tar CPU {:.3}  (target <= 0.1)",
-        median(&cpu[2]) / median(&cpu[0]).max(1e-9)
-    );
-    println!(
-        "  agent→mover / data {:.4}  (target <= 0.01)",
-        median(&agent_sent) / data as f64
+    let tar_cpu = median(&cpu[0]);
+    floe.report("floe backup", tar, restic, tar_cpu, data);
+    hold.report(
+        "floe backup, writes held for the backup (fsflush.hold_writes=backup)",
+        tar,
+        restic,
+        tar_cpu,
+        data,
     );
     let (restore_floe, restore_tar) = if restores > 0 {
         (median(&rt[0]), median(&rt[1]))
@@ -554,13 +618,17 @@ pub fn run(
     let json = serde_json::json!({
         "storage": on, "san_latency_us": latency_us,
         "files": files, "data_bytes": data, "rounds": rounds,
-        "tar_s": tar, "restic_s": restic, "floe_s": floe,
-        "tar_cpu_s": median(&cpu[0]), "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&cpu[2]),
-        "agent_read_bytes": median(&agent_read), "agent_sent_bytes": median(&agent_sent),
-        "mover_read_bytes": median(&mover_read), "writes_held_s": median(&held),
+        "tar_s": tar, "restic_s": restic, "floe_s": median(&floe.t),
+        "tar_cpu_s": tar_cpu, "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&floe.cpu),
+        "agent_read_bytes": median(&floe.agent_read), "agent_sent_bytes": median(&floe.agent_sent),
+        "mover_read_bytes": median(&floe.mover_read), "writes_held_s": median(&floe.held),
         "restore_floe_s": restore_floe, "restore_tar_s": restore_tar,
-        "floe_phases_s": {"map": median(&phases[0]), "move": median(&phases[1]),
-            "media_commit": median(&phases[2]), "catalog": median(&phases[3])},
+        "floe_phases_s": floe.phases_json(),
+        "hold_writes_backup": {
+            "floe_s": median(&hold.t), "agent_cpu_s": median(&hold.cpu),
+            "agent_sent_bytes": median(&hold.agent_sent), "writes_held_s": median(&hold.held),
+            "floe_phases_s": hold.phases_json(),
+        },
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;
     let name = if restores > 0 {
@@ -573,6 +641,7 @@ pub fn run(
         serde_json::to_vec_pretty(&json)?,
     )?;
     drop(agent);
+    drop(hold_agent);
     drop(m);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
