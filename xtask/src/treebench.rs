@@ -375,11 +375,9 @@ impl FloeRuns {
         // what it received from the agent.
         self.agent_sent
             .push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
-        self.mover_read.push(v["bytes_read"].as_f64().unwrap_or(0.0));
-        if let Ok(secs) = agent
-            .held
-            .recv_timeout(std::time::Duration::from_secs(5))
-        {
+        self.mover_read
+            .push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        if let Ok(secs) = agent.held.recv_timeout(std::time::Duration::from_secs(5)) {
             self.held.push(secs);
         }
         for (k, phase) in ["map", "move", "media_commit", "catalog"]

@@ -311,10 +311,7 @@ impl Freezer for FsFlush {
     }
 
     fn writes_held(&mut self, image: &FrozenImage) -> Result<bool> {
-        Ok(self
-            .held
-            .get_mut(&image.id)
-            .is_some_and(Held::still_frozen))
+        Ok(self.held.get_mut(&image.id).is_some_and(Held::still_frozen))
     }
 }
 
