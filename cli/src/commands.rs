@@ -378,6 +378,51 @@ struct RestoreArgs {
 mod tests {
     use super::*;
 
+    #[test]
+    fn items_captured_later_and_remapped_are_shown_first() {
+        use floe_core::model::{
+            ConfigId, ItemHeader, ItemKind, ItemRecord, ItemTrailer, MediaPosition,
+        };
+        use floe_core::units::Bytes;
+        let record = |n: usize, remaps: u32, later: bool| ItemRecord {
+            header: ItemHeader {
+                item: ItemId::new(format!("/t/f{n}")),
+                kind: ItemKind::File,
+                size: Bytes(1),
+                config: ConfigId::new("c"),
+                meta: Default::default(),
+                file: None,
+                holes: Vec::new(),
+            },
+            trailer: ItemTrailer {
+                length: Bytes(1),
+                blake3: "00".into(),
+                config: ConfigId::new("c"),
+                remaps,
+                captured_after_freeze: later,
+            },
+            position: MediaPosition {
+                medium: "m".into(),
+                locator: "l".into(),
+            },
+        };
+        let items = vec![
+            record(0, 0, false),
+            record(1, 2, false),
+            record(2, 0, false),
+            record(3, 1, true),
+            record(4, 1, false),
+        ];
+        let names = |v: Vec<&ItemRecord>| -> Vec<String> {
+            v.iter().map(|i| i.header.item.to_string()).collect()
+        };
+        assert_eq!(
+            names(worth_showing(&items, 4)),
+            ["/t/f3", "/t/f1", "/t/f4", "/t/f0"]
+        );
+        assert_eq!(names(worth_showing(&items, 9)).len(), 5);
+    }
+
     fn ssh() -> SshArgs {
         SshArgs {
             ssh_identity: Some("/k".into()),
@@ -805,7 +850,7 @@ fn run_backup(
             t.record.as_secs_f64()
         );
         const SHOWN: usize = 40;
-        for i in report.set.items.iter().take(SHOWN) {
+        for i in worth_showing(&report.set.items, SHOWN) {
             println!(
                 "  {:<12} {:>14} bytes  blake3 {}  remaps {}{}",
                 i.header.item,
@@ -848,6 +893,19 @@ fn run_backup(
         .into());
     }
     Ok(())
+}
+
+/// The first `n` items to show of a set: those captured after the
+/// freeze, then those remapped (what an admin looks for), then the rest,
+/// each group in set order.
+fn worth_showing(
+    items: &[floe_core::model::ItemRecord],
+    n: usize,
+) -> Vec<&floe_core::model::ItemRecord> {
+    let mut shown: Vec<&floe_core::model::ItemRecord> = items.iter().collect();
+    shown.sort_by_key(|i| (!i.trailer.captured_after_freeze, i.trailer.remaps == 0));
+    shown.truncate(n);
+    shown
 }
 
 /// The error of a backup that committed a partial set (exit status 3).
