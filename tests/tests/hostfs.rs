@@ -254,6 +254,23 @@ pub fn backup_through(
     backup(&mut client, sources, &resolver, media, &opts, &mut |_| {})
 }
 
+/// `floe restore` of `set` from disk media in `media` into `to`; it must
+/// succeed.
+pub fn restore_from_disk(
+    media: &std::path::Path,
+    set: &floe_core::model::SetId,
+    to: &std::path::Path,
+) {
+    let r = floe_cmd()
+        .args(["restore", "--media"])
+        .arg(format!("disk:{}", media.display()))
+        .args(["--set", set.as_str(), "--to-dir"])
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
 mod invalidation {
     use super::*;
     use floe_tests::hostfs::Rng;
@@ -416,14 +433,7 @@ mod invalidation {
         );
 
         let out = fs.dir.path().join("out");
-        let r = floe_cmd()
-            .args(["restore", "--media"])
-            .arg(format!("disk:{}", media_dir.display()))
-            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        restore_from_disk(&media_dir, &report.set.header.set, &out);
         let later = later.lock().unwrap();
         let mut after = 0;
         for (n, old) in &frozen {
@@ -622,14 +632,7 @@ mod invalidation {
             "an item was flagged as later"
         );
         let out = fs.dir.path().join("out");
-        let r = floe_cmd()
-            .args(["restore", "--media"])
-            .arg(format!("disk:{}", media_dir.display()))
-            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        restore_from_disk(&media_dir, &report.set.header.set, &out);
         for (n, want) in &frozen {
             let got = std::fs::read(out.join(n)).unwrap();
             floe_tests::assert_same_bytes(&got, want, n);
@@ -1473,14 +1476,7 @@ mod snapshots {
             "the freezer's copy was not removed"
         );
         let to = fs.dir.path().join("restored");
-        let r = floe_cmd()
-            .args(["restore", "--media"])
-            .arg(format!("disk:{}", media.display()))
-            .args(["--set", report.set.header.set.as_str(), "--to-dir"])
-            .arg(&to)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        restore_from_disk(&media, &report.set.header.set, &to);
         let diffs = compare_trees(reference.path(), &to);
         assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
     }
