@@ -683,12 +683,15 @@ impl Agent {
             let conn = conn.map_err(|e| Error::io("accept", e))?;
             let _ = conn.set_nodelay(true);
             let me = self.clone();
-            self.workers.run(Box::new(move || {
+            let served = self.workers.run(Box::new(move || {
                 let Ok(r) = conn.try_clone() else { return };
                 if let Err(e) = me.serve(r, &conn) {
                     crate::log_line!("floe agent: connection ended: {e}");
                 }
-            }))?;
+            }));
+            if let Err(e) = served {
+                crate::log_line!("floe agent: a connection was dropped: {e}");
+            }
         }
         Ok(())
     }
@@ -758,7 +761,7 @@ impl Agent {
             let conn = conn.map_err(|e| Error::io("accept", e))?;
             let _ = conn.set_nodelay(true);
             let (me, cfg) = (self.clone(), cfg.clone());
-            self.workers.run(Box::new(move || {
+            let served = self.workers.run(Box::new(move || {
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 match crate::tls::accept(cfg, conn) {
                     Ok(s) => {
@@ -769,7 +772,10 @@ impl Agent {
                     }
                     Err(e) => crate::log_line!("floe agent: refused {peer}: {e}"),
                 }
-            }))?;
+            }));
+            if let Err(e) = served {
+                crate::log_line!("floe agent: a connection was dropped: {e}");
+            }
         }
         Ok(())
     }

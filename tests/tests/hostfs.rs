@@ -861,6 +861,12 @@ mod freeze_guard {
             .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
             .unwrap();
         assert_eq!(current, vec![item.config.clone()]);
+        assert!(
+            agent
+                .wait_for("let go before the release", Duration::from_secs(5))
+                .is_some(),
+            "the agent did not log that writes were let go early"
+        );
         client.release(&image.id).unwrap();
     }
 

@@ -77,25 +77,25 @@ impl Held {
     /// freeze? A second `FIFREEZE` of a frozen file system fails with
     /// EBUSY; one that succeeds found it thawed (and is undone at once).
     fn still_frozen(&mut self) -> bool {
-        if self.ended || self.guard.as_ref().is_none_or(ThawGuard::fired) {
-            self.ended = true;
+        if self.ended {
             return false;
         }
-        for (_, d) in &self.mounts {
-            match freeze(d) {
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {}
+        let frozen = !self.guard.as_ref().is_none_or(ThawGuard::fired)
+            && self.mounts.iter().all(|(_, d)| match freeze(d) {
+                Err(e) => e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()),
                 Ok(()) => {
                     let _ = thaw(d);
-                    self.ended = true;
-                    return false;
+                    false
                 }
-                Err(_) => {
-                    self.ended = true;
-                    return false;
-                }
-            }
+            });
+        if !frozen {
+            self.ended = true;
+            floe_core::log_line!(
+                "floe agent: fsflush: writes held {:.3} s, then let go before the release (the freeze bound ran out, or something else thawed); the rest is checked file by file",
+                self.since.elapsed().as_secs_f64()
+            );
         }
-        true
+        frozen
     }
 
     /// The application's cost of the backup, in the agent's log.
