@@ -1328,6 +1328,11 @@ impl FileValidity {
     }
 }
 
+/// Threads a batch of config checks is spread over.
+const CHECK_THREADS: usize = 4;
+/// Checks a thread is given at least (fewer are not worth a thread).
+const CHECK_MIN_PER_THREAD: usize = 64;
+
 /// The inodes the mapper registered for `items` of `image`, in order.
 fn registered_inodes(image: &ImageId, items: &[ItemId]) -> Vec<Option<(u32, u32)>> {
     let all = mapped_inodes();
@@ -1346,12 +1351,44 @@ impl ValidityIndicator for FileValidity {
     fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
         let hs = handles(image)?;
         let inodes = registered_inodes(&image.id, items);
-        let (mut epochs, mut dirs) = (HashMap::new(), DirCache::default());
-        items
-            .iter()
-            .zip(inodes)
-            .map(|(i, inode)| self.one(&hs, &mut epochs, &mut dirs, i, inode))
-            .collect()
+        let check = |items: &[ItemId], inodes: &[Option<(u32, u32)>]| -> Vec<Result<ConfigId>> {
+            let (mut epochs, mut dirs) = (HashMap::new(), DirCache::default());
+            items
+                .iter()
+                .zip(inodes)
+                .map(|(i, inode)| self.one(&hs, &mut epochs, &mut dirs, i, *inode))
+                .collect()
+        };
+        // A batch's files are looked at on a few threads: each look is a
+        // kernel's inode set-up and FIEMAP (and, on a SAN, a read of an
+        // inode that waits), and the mover waits for the batch's answer.
+        let per = items
+            .len()
+            .div_ceil(CHECK_THREADS)
+            .max(CHECK_MIN_PER_THREAD);
+        let results: Vec<Result<ConfigId>> = if items.len() > per {
+            std::thread::scope(|sc| {
+                let parts: Vec<_> = items
+                    .chunks(per)
+                    .zip(inodes.chunks(per))
+                    .map(|(i, n)| sc.spawn(move || check(i, n)))
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|p| {
+                        p.join().unwrap_or_else(|_| {
+                            vec![Err(Error::new(
+                                ErrorKind::Plugin,
+                                "a check thread panicked",
+                            ))]
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            check(items, &inodes)
+        };
+        results.into_iter().collect()
     }
 }
 

@@ -907,6 +907,52 @@ mod freeze_guard {
         );
     }
 
+    /// A batch large enough to be checked on several threads comes back
+    /// in the order asked, each answer the one a check of that file alone
+    /// gives: the files changed after the thaw differ, the others not.
+    #[test]
+    fn a_large_batch_of_checks_comes_back_in_order() {
+        let name = "a_large_batch_of_checks_comes_back_in_order";
+        let Some((fs, agent, allow)) = slowly_mapping_agent_with(name, 200, 0, &[], &[]) else {
+            return;
+        };
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, first, mut more) = client
+            .freeze_in_parts(std::slice::from_ref(&allow), true)
+            .unwrap();
+        let mut items = first.items;
+        while more {
+            let part = client.map_more(&image.id).unwrap();
+            items.extend(part.map.items);
+            more = part.more;
+        }
+        items.retain(|i| i.kind == ItemKind::File);
+        assert_eq!(items.len(), 200);
+        // Thawed: every seventh file grows.
+        let changed = |k: usize| k % 7 == 3;
+        for (k, i) in items.iter().enumerate().filter(|(k, _)| changed(*k)) {
+            let path = i.id.as_str();
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new().append(true).open(path).unwrap(),
+                b"more",
+            )
+            .unwrap_or_else(|e| panic!("{k} {path}: {e}"));
+        }
+        let asked: Vec<_> = items
+            .iter()
+            .map(|i| (i.id.clone(), i.config.clone()))
+            .collect();
+        let current = client.check_many(&image.id, asked).unwrap();
+        assert_eq!(current.len(), items.len());
+        for (k, (i, c)) in items.iter().zip(&current).enumerate() {
+            assert_eq!(*c != i.config, changed(k), "{k}: {} {c}", i.id);
+            let (alone, _) = client.check(&image.id, &i.id, &i.config).unwrap();
+            assert_eq!(&alone, c, "{k}: {}", i.id);
+        }
+        client.release(&image.id).unwrap();
+        drop(fs);
+    }
+
     /// Map six files, change five of them after the thaw, check them all;
     /// `by_inode`: the agent can open files by handle.
     fn checks_after_the_thaw(name: &str, wrapper: &[&str], by_inode: bool) {
