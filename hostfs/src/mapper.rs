@@ -1264,7 +1264,7 @@ impl FileValidity {
     }
 
     fn one(
-        &self,
+        translators: TranslatorFactory,
         hs: &[(SourceHandle, crate::source::SourceSpec)],
         epochs: &mut HashMap<PathBuf, String>,
         dirs: &mut DirCache,
@@ -1279,7 +1279,7 @@ impl FileValidity {
             Ok(match epochs.get(&h.frozen) {
                 Some(e) => e.clone(),
                 None => {
-                    let e = (self.translators)(h)?.epoch();
+                    let e = (translators)(h)?.epoch();
                     epochs.insert(h.frozen.clone(), e.clone());
                     e
                 }
@@ -1349,47 +1349,111 @@ impl ValidityIndicator for FileValidity {
             .ok_or_else(|| Error::new(ErrorKind::Plugin, "no config id").item(item))
     }
     fn config_ids(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Vec<ConfigId>> {
-        let hs = handles(image)?;
+        let hs = std::sync::Arc::new(handles(image)?);
         let inodes = registered_inodes(&image.id, items);
-        let check = |items: &[ItemId], inodes: &[Option<(u32, u32)>]| -> Vec<Result<ConfigId>> {
+        let translators = self.translators;
+        let check = move |hs: &[(SourceHandle, crate::source::SourceSpec)],
+                          items: &[ItemId],
+                          inodes: &[Option<(u32, u32)>]|
+              -> Vec<Result<ConfigId>> {
             let (mut epochs, mut dirs) = (HashMap::new(), DirCache::default());
             items
                 .iter()
                 .zip(inodes)
-                .map(|(i, inode)| self.one(&hs, &mut epochs, &mut dirs, i, *inode))
+                .map(|(i, inode)| Self::one(translators, hs, &mut epochs, &mut dirs, i, *inode))
                 .collect()
         };
         // A batch's files are looked at on a few threads: each look is a
         // kernel's inode set-up and FIEMAP (and, on a SAN, a read of an
         // inode that waits), and the mover waits for the batch's answer.
+        // This thread takes the first share, the pool's threads the rest.
         let per = items
             .len()
             .div_ceil(CHECK_THREADS)
             .max(CHECK_MIN_PER_THREAD);
-        let results: Vec<Result<ConfigId>> = if items.len() > per {
-            std::thread::scope(|sc| {
-                let parts: Vec<_> = items
-                    .chunks(per)
-                    .zip(inodes.chunks(per))
-                    .map(|(i, n)| sc.spawn(move || check(i, n)))
-                    .collect();
-                parts
-                    .into_iter()
-                    .flat_map(|p| {
-                        p.join().unwrap_or_else(|_| {
-                            vec![Err(Error::new(
-                                ErrorKind::Plugin,
-                                "a check thread panicked",
-                            ))]
-                        })
-                    })
-                    .collect()
-            })
-        } else {
-            check(items, &inodes)
-        };
+        if items.len() <= per {
+            return check(&hs, items, &inodes).into_iter().collect();
+        }
+        let mut shares = Vec::new();
+        for (k, (i, n)) in items
+            .chunks(per)
+            .zip(inodes.chunks(per))
+            .enumerate()
+            .skip(1)
+        {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (hs, i, n) = (hs.clone(), i.to_vec(), n.to_vec());
+            check_pool().run(Box::new(move || {
+                let _ = tx.send(check(&hs, &i, &n));
+            }));
+            shares.push((k, rx));
+        }
+        let mut results = check(&hs, &items[..per], &inodes[..per]);
+        for (k, rx) in shares {
+            match rx.recv() {
+                Ok(r) => results.extend(r),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Plugin,
+                        format!("the check thread of share {k} of the batch panicked"),
+                    ))
+                }
+            }
+        }
         results.into_iter().collect()
     }
+}
+
+/// A check share's work.
+type CheckJob = Box<dyn FnOnce() + Send>;
+
+/// Threads that run shares of config checks, for the life of the process:
+/// threads made and ended per batch cost their allocator's clean-up each
+/// time (a hundred batches per 70,000-file backup).
+struct CheckPool {
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<CheckJob>>,
+}
+
+impl CheckPool {
+    fn new() -> CheckPool {
+        let (tx, rx) = std::sync::mpsc::channel::<CheckJob>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for _ in 1..CHECK_THREADS {
+            let rx = rx.clone();
+            // A pool that cannot grow runs its shares on the caller's
+            // thread (see `run`).
+            let _ = std::thread::Builder::new()
+                .name("floe-check".into())
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    // A panic drops the share's answer (the caller names it).
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                });
+        }
+        CheckPool {
+            jobs: std::sync::Mutex::new(tx),
+        }
+    }
+
+    /// Run `job` on a pool thread (on this one if the pool has none).
+    fn run(&self, job: CheckJob) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(std::sync::mpsc::SendError(job)) = sent {
+            job();
+        }
+    }
+}
+
+fn check_pool() -> &'static CheckPool {
+    static POOL: std::sync::OnceLock<CheckPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(CheckPool::new)
 }
 
 /// Define and export a file mapper plugin: its name and the translator of
