@@ -667,6 +667,27 @@ mod freeze_guard {
         None
     }
 
+    /// Freeze `allow` through `agent` and take the whole map, part by part:
+    /// the connection, the image and every item.
+    fn map_whole(
+        agent: &AgentProcess,
+        allow: &str,
+    ) -> (
+        floe_core::agent::AgentClient,
+        floe_core::model::FrozenImage,
+        Vec<floe_core::model::Item>,
+    ) {
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, first, mut more) = client.freeze_in_parts(&[allow.to_string()], true).unwrap();
+        let mut items = first.items;
+        while more {
+            let part = client.map_more(&image.id).unwrap();
+            items.extend(part.map.items);
+            more = part.more;
+        }
+        (client, image, items)
+    }
+
     /// An ext4 file system of `files` small files and an agent that maps
     /// it in parts of 5 entries, pausing `pause_ms` before each after the
     /// first (the file system frozen meanwhile); its source.
@@ -820,17 +841,8 @@ mod freeze_guard {
         ) else {
             return;
         };
-        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
         let frozen_at = Instant::now();
-        let (image, first, mut more) = client
-            .freeze_in_parts(std::slice::from_ref(&allow), true)
-            .unwrap();
-        let mut items = first.items;
-        while more {
-            let part = client.map_more(&image.id).unwrap();
-            items.extend(part.map.items);
-            more = part.more;
-        }
+        let (mut client, image, items) = map_whole(&agent, &allow);
         let item = items
             .iter()
             .find(|i| i.kind == ItemKind::File)
@@ -916,16 +928,7 @@ mod freeze_guard {
         let Some((fs, agent, allow)) = slowly_mapping_agent_with(name, 200, 0, &[], &[]) else {
             return;
         };
-        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
-        let (image, first, mut more) = client
-            .freeze_in_parts(std::slice::from_ref(&allow), true)
-            .unwrap();
-        let mut items = first.items;
-        while more {
-            let part = client.map_more(&image.id).unwrap();
-            items.extend(part.map.items);
-            more = part.more;
-        }
+        let (mut client, image, mut items) = map_whole(&agent, &allow);
         items.retain(|i| i.kind == ItemKind::File);
         assert_eq!(items.len(), 200);
         // Thawed: every seventh file grows.
@@ -959,16 +962,7 @@ mod freeze_guard {
         let Some((fs, agent, allow)) = slowly_mapping_agent_under(name, 6, 0, wrapper) else {
             return;
         };
-        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
-        let (image, first, mut more) = client
-            .freeze_in_parts(std::slice::from_ref(&allow), true)
-            .unwrap();
-        let mut items = first.items;
-        while more {
-            let part = client.map_more(&image.id).unwrap();
-            items.extend(part.map.items);
-            more = part.more;
-        }
+        let (mut client, image, items) = map_whole(&agent, &allow);
         let mapped = |n: &str| {
             let item = items
                 .iter()
