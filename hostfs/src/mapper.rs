@@ -1353,10 +1353,11 @@ impl ValidityIndicator for FileValidity {
         let inodes = registered_inodes(&image.id, items);
         let translators = self.translators;
         let check = move |hs: &[(SourceHandle, crate::source::SourceSpec)],
+                          mut epochs: HashMap<PathBuf, String>,
                           items: &[ItemId],
                           inodes: &[Option<(u32, u32)>]|
               -> Vec<Result<ConfigId>> {
-            let (mut epochs, mut dirs) = (HashMap::new(), DirCache::default());
+            let mut dirs = DirCache::default();
             items
                 .iter()
                 .zip(inodes)
@@ -1372,8 +1373,18 @@ impl ValidityIndicator for FileValidity {
             .div_ceil(CHECK_THREADS)
             .max(CHECK_MIN_PER_THREAD);
         if items.len() <= per {
-            return check(&hs, items, &inodes).into_iter().collect();
+            return check(&hs, HashMap::new(), items, &inodes)
+                .into_iter()
+                .collect();
         }
+        // Each source's translator epoch once, not once per share (btrfs
+        // reads its chunk tree for it); one that fails is left to the
+        // shares, which fail its items.
+        let epochs: HashMap<PathBuf, String> = hs
+            .iter()
+            .filter(|(h, _)| h.volume.is_none())
+            .filter_map(|(h, _)| Some((h.frozen.clone(), translators(h).ok()?.epoch())))
+            .collect();
         let mut shares = Vec::new();
         for (k, (i, n)) in items
             .chunks(per)
@@ -1382,13 +1393,13 @@ impl ValidityIndicator for FileValidity {
             .skip(1)
         {
             let (tx, rx) = std::sync::mpsc::channel();
-            let (hs, i, n) = (hs.clone(), i.to_vec(), n.to_vec());
+            let (hs, e, i, n) = (hs.clone(), epochs.clone(), i.to_vec(), n.to_vec());
             check_pool().run(Box::new(move || {
-                let _ = tx.send(check(&hs, &i, &n));
+                let _ = tx.send(check(&hs, e, &i, &n));
             }));
             shares.push((k, rx));
         }
-        let mut results = check(&hs, &items[..per], &inodes[..per]);
+        let mut results = check(&hs, epochs, &items[..per], &inodes[..per]);
         for (k, rx) in shares {
             match rx.recv() {
                 Ok(r) => results.extend(r),
