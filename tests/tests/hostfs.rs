@@ -882,6 +882,58 @@ mod freeze_guard {
         client.release(&image.id).unwrap();
     }
 
+    /// `hold_writes=backup`: a file system thawed by something else than
+    /// Floe (an admin's `fsfreeze -u`) ends the trust at the next check —
+    /// the guard has not fired, the probe finds it thawed.
+    #[test]
+    fn writes_held_for_the_backup_stop_being_trusted_when_something_else_thaws() {
+        let name = "writes_held_for_the_backup_stop_being_trusted_when_something_else_thaws";
+        if !floe_tests::have("fsfreeze") {
+            return skip(name, "fsfreeze (util-linux) is missing");
+        }
+        let Some((fs, agent, allow)) = slowly_mapping_agent_with(
+            name,
+            12,
+            0,
+            &[],
+            &["--plugin-opt", "fsflush.hold_writes=backup"],
+        ) else {
+            return;
+        };
+        let (mut client, image, items) = map_whole(&agent, &allow);
+        let item = items
+            .iter()
+            .find(|i| i.kind == ItemKind::File)
+            .expect("a file")
+            .clone();
+        let stale = ConfigId::new("not-the-config-id");
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(valid && current == stale, "{current}");
+        let st = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&fs.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(!valid, "a check after someone thawed trusted the freeze");
+        assert_eq!(current, item.config, "the real config id");
+        assert!(
+            agent
+                .wait_for("let go before the release", Duration::from_secs(5))
+                .is_some(),
+            "the agent did not log that writes were let go early"
+        );
+        // The probe undid its own freeze: writes go through.
+        let mut writer = probe(&fs);
+        wait_exit(&mut writer, Duration::from_secs(3)).expect("frozen again after the probe");
+        client.release(&image.id).unwrap();
+    }
+
     /// Files of ext4 are mapped by inode number (no name looked up in a
     /// cold directory) and checked after the thaw by handle: the inode
     /// that was mapped, with its generation, wherever its name went.
