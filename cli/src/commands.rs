@@ -641,6 +641,32 @@ fn connect_agent(spec: &str, ssh: &SshArgs) -> anyhow::Result<AgentClient> {
     Ok(AgentClient::connect_tcp(addr)?)
 }
 
+/// Joins the catalog's background checkpoint however the command ends. A
+/// checkpoint that fails is reported and left to the next one: the WAL
+/// keeps everything committed.
+struct BackgroundCheckpoint(Option<std::thread::JoinHandle<floe_core::error::Result<()>>>);
+
+impl Drop for BackgroundCheckpoint {
+    fn drop(&mut self) {
+        match self.0.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Err(e))) => eprintln!(
+                "floe: warning: {e} (the next command that writes the catalog tries again)"
+            ),
+            Some(Err(_)) => eprintln!("floe: warning: the catalog checkpoint panicked"),
+            _ => {}
+        }
+    }
+}
+
+/// Checkpoint the catalog after a command wrote it; a failure is only
+/// reported (the WAL keeps what was committed; the next checkpoint
+/// copies it).
+fn checkpoint_or_warn(cat: &Catalog) {
+    if let Err(e) = cat.checkpoint() {
+        eprintln!("floe: warning: {e} (the next command that writes the catalog tries again)");
+    }
+}
+
 fn run_backup(
     reg: Arc<PluginRegistry>,
     a: BackupArgs,
@@ -653,6 +679,9 @@ fn run_backup(
     } else {
         Some(open_catalog(catalog)?)
     };
+    // What the last commits left in the catalog's WAL goes into the
+    // database meanwhile (commits leave it there).
+    let _checkpoint = BackgroundCheckpoint(cat.as_ref().map(Catalog::checkpoint_in_background));
     let mut table = HashMap::new();
     for d in &a.devices {
         let (id, loc) = d
@@ -1312,6 +1341,7 @@ fn run_with(cli: Cli, reg: Arc<PluginRegistry>) -> anyhow::Result<()> {
                     Err(e) => return Err(e.into()),
                 }
             }
+            checkpoint_or_warn(&cat);
             println!("{} set(s) kept, {} forgotten", keep.len(), forget.len());
             if !stays.is_empty() {
                 // A cartridge is recycled only when every set on it is
@@ -1336,7 +1366,9 @@ fn run_with(cli: Cli, reg: Arc<PluginRegistry>) -> anyhow::Result<()> {
         }
         Command::Catalog(CatalogAction::Rebuild { media }) => {
             let mut reader = media_reader(&reg, &media)?;
-            let n = open_catalog(cli.catalog.as_ref())?.rebuild(&media.media, reader.as_mut())?;
+            let mut cat = open_catalog(cli.catalog.as_ref())?;
+            let n = cat.rebuild(&media.media, reader.as_mut())?;
+            checkpoint_or_warn(&cat);
             println!("catalog rebuilt from {}: {n} set(s)", media.media);
             Ok(())
         }

@@ -10,7 +10,7 @@ use crate::abi::MediaReader;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{SetId, SetRecord};
 use crate::mover::Recorder;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{config::DbConfig, params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 
 /// The schema version this build reads and writes.
@@ -118,6 +118,12 @@ fn db_err(path: &Path, what: &str, e: rusqlite::Error) -> Error {
         .source(e)
 }
 
+/// A passive checkpoint of the WAL into the database on `conn`.
+fn checkpoint_conn(conn: &Connection, path: &Path) -> Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .map_err(|e| db_err(path, "checkpoint", e))
+}
+
 /// SQLite integers are signed: refuse values that do not fit rather than
 /// store them wrapped.
 fn sql_int(v: u64) -> Result<i64> {
@@ -136,8 +142,17 @@ impl Catalog {
         let conn = Connection::open(path).map_err(|e| db_err(path, "open", e))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| db_err(path, "open", e))?;
+        // A commit is a WAL append and its fsync; the copy of the WAL into
+        // the database (checkpoint) is not part of it, nor of closing:
+        // [`Catalog::checkpoint`] does it when a command asks (a backup
+        // asks at its start, on a thread, while the agent freezes). On
+        // the 70,000-file tree the checkpoint in the commit was 0.05 s
+        // of the backup's last stretch.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(|e| db_err(path, "open", e))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;
+             PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS sets (
                  set_id TEXT PRIMARY KEY, media TEXT NOT NULL, label TEXT NOT NULL, agent TEXT NOT NULL,
@@ -202,6 +217,27 @@ impl Catalog {
             conn,
             path: path.to_path_buf(),
             staged_at: None,
+        })
+    }
+
+    /// Copy what the WAL holds into the database (a passive checkpoint:
+    /// it waits for no reader or writer, and leaves what they still need
+    /// for the next one). Commits never do it themselves.
+    pub fn checkpoint(&self) -> Result<()> {
+        checkpoint_conn(&self.conn, &self.path)
+    }
+
+    /// [`Catalog::checkpoint`] on a connection and thread of its own, for
+    /// a command that goes on meanwhile (a backup, while the agent
+    /// freezes and maps). Join it before the process ends.
+    pub fn checkpoint_in_background(&self) -> std::thread::JoinHandle<Result<()>> {
+        let path = self.path.clone();
+        std::thread::spawn(move || {
+            let conn = Connection::open(&path).map_err(|e| db_err(&path, "open", e))?;
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+                .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(10)))
+                .map_err(|e| db_err(&path, "open", e))?;
+            checkpoint_conn(&conn, &path)
         })
     }
 
@@ -632,6 +668,48 @@ mod tests {
         a.committed_at = 30;
         c.record("disk:/m", &a).unwrap();
         assert_eq!(c.summaries().unwrap(), vec![Summary::of("disk:/m", &a)]);
+    }
+
+    #[test]
+    fn commits_leave_the_wal_to_a_checkpoint_and_nothing_is_lost_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.db");
+        let wal = d.path().join("c.db-wal");
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        // More than SQLite's default of 1,000 pages for an automatic
+        // checkpoint (rows of about 500 bytes).
+        let mut big = set("big", 12_000, 10);
+        for (k, it) in big.items.iter_mut().enumerate() {
+            it.trailer.blake3 = format!("{k:064x}");
+            it.trailer.config = ConfigId::new(format!("{k:0>300}"));
+        }
+        {
+            let mut c = Catalog::open(&path).unwrap();
+            c.record("disk:/m", &big).unwrap();
+        }
+        // Committed and closed: the set is in the WAL, the database file
+        // has not grown by it (neither the commit nor the close copied it).
+        let (db_before, wal_before) = (size(&path), size(&wal));
+        assert!(
+            wal_before > 200_000 && db_before < wal_before / 4,
+            "WAL holds {wal_before} bytes, the database file {db_before}"
+        );
+        // Everything committed is there for the next opener.
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.set(&SetId::new("big")).unwrap().record, big);
+        assert_eq!(c.item_rows(&SetId::new("big")).unwrap(), 12_000);
+        // A checkpoint copies it into the database, in the background as
+        // in the foreground.
+        c.checkpoint_in_background().join().unwrap().unwrap();
+        assert!(
+            size(&path) > db_before + wal_before / 4,
+            "database file is {} bytes",
+            size(&path)
+        );
+        c.checkpoint().unwrap();
+        drop(c);
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.set(&SetId::new("big")).unwrap().record, big);
     }
 
     #[test]
