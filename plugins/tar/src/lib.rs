@@ -283,13 +283,15 @@ fn write_journal(dir: &Path, w: &Writing, records: &[ItemRecord]) -> Result<()> 
 
 /// Makes the archive durable and then appends journal lines, on a thread
 /// of its own: the writer hands the lines of the items it has written
-/// (all their bytes already given to the kernel) and goes on, so a tree
-/// of small files never waits for an fsync. Each batch of lines is
-/// appended only after an fsync of the archive that began after they were
-/// handed over, so the journal never names bytes that are not on the
-/// media.
+/// (all their bytes handed to the kernel or to the archive's write
+/// thread, see [`ArchiveOut::hand_over`]) and goes on, so a tree of small
+/// files never waits for the device. Each batch of lines is appended only
+/// after the writes it waits for are done and an fsync of the archive
+/// that began after that, so the journal never names bytes that are not
+/// on the media.
 struct Syncer {
-    lines: Option<std::sync::mpsc::Sender<Vec<u8>>>,
+    /// Lines, and the writes of the archive to wait for before its fsync.
+    lines: Option<std::sync::mpsc::Sender<(Vec<u8>, Option<out::Handed>)>>,
     /// Buffers of lines appended already, emptied, back for the next
     /// checkpoint (fresh ones cost page faults on every checkpoint).
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -304,18 +306,23 @@ impl Syncer {
             .try_clone()
             .map_err(|e| media_err("open archive for fsync", &w.path, e))?;
         let path = w.path.clone();
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Option<out::Handed>)>();
         let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new()
             .name("floe-tar-sync".into())
             .spawn(move || {
                 let mut log: Option<File> = None;
-                while let Ok(mut lines) = rx.recv() {
-                    // Whatever queued meanwhile rides on the same fsync.
-                    while let Ok(mut more) = rx.try_recv() {
+                while let Ok((mut lines, mut handed)) = rx.recv() {
+                    // Whatever queued meanwhile rides on the same fsync
+                    // (after the writes the last of it waits for).
+                    while let Ok((mut more, later)) = rx.try_recv() {
                         lines.extend_from_slice(&more);
                         more.clear();
                         let _ = back.send(more);
+                        handed = later.or(handed);
+                    }
+                    if let Some(h) = &handed {
+                        h.wait().map_err(|e| media_err("write archive", &path, e))?;
                     }
                     let synced = if errpoint("tar-sync") {
                         Err(std::io::Error::from_raw_os_error(5)) // EIO
@@ -351,9 +358,13 @@ impl Syncer {
         })
     }
 
-    /// Hand over lines; the error of a syncer that stopped.
-    fn send(&mut self, lines: Vec<u8>) -> Result<()> {
-        let sent = self.lines.as_ref().is_some_and(|tx| tx.send(lines).is_ok());
+    /// Hand over lines, to be appended once `handed` is written and the
+    /// archive fsynced; the error of a syncer that stopped.
+    fn send(&mut self, lines: Vec<u8>, handed: Option<out::Handed>) -> Result<()> {
+        let sent = self
+            .lines
+            .as_ref()
+            .is_some_and(|tx| tx.send((lines, handed)).is_ok());
         if sent {
             Ok(())
         } else {
@@ -386,7 +397,10 @@ impl Drop for Syncer {
 /// Record the items written so far in the journal once the archive holds
 /// them durably (behind the writer, see [`Syncer`]).
 fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
-    flush(w)?;
+    let handed = w
+        .out
+        .hand_over()
+        .map_err(|e| media_err("write archive", &w.path, e))?;
     let syncer = match &mut w.syncer {
         Some(s) => s,
         None => w
@@ -395,7 +409,7 @@ fn checkpoint(dir: &Path, w: &mut Writing) -> Result<()> {
     };
     let spare = syncer.spare.try_recv().unwrap_or_default();
     let lines = std::mem::replace(&mut w.pending, spare);
-    syncer.send(lines)?;
+    syncer.send(lines, handed)?;
     w.unjournaled = (0, std::time::Instant::now());
     Ok(())
 }
@@ -407,13 +421,6 @@ fn put(w: &mut Writing, bytes: &[u8]) -> Result<()> {
         .map_err(|e| media_err("write archive", &w.path, e))?;
     w.pos += bytes.len() as u64;
     Ok(())
-}
-
-/// Hand everything put so far to the file (an fsync after this covers it).
-fn flush(w: &mut Writing) -> Result<()> {
-    w.out
-        .flush()
-        .map_err(|e| media_err("write archive", &w.path, e))
 }
 
 impl MediaWriter for TarWriter {
@@ -678,7 +685,10 @@ impl MediaWriter for TarWriter {
             fsync_dir(&dir)
         })();
         if let Err(e) = result {
+            // As an abort: nothing of the set stays (a journal without its
+            // archive would offer a resume that cannot be).
             let _ = std::fs::remove_file(&w.path);
+            let _ = std::fs::remove_file(journal_path(&dir, &w.header.set));
             return Err(e);
         }
         let committed = Committed {

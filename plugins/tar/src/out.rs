@@ -10,9 +10,10 @@
 //! through a buffer and the page cache.
 //!
 //! Direct writes are whole blocks at block-aligned offsets. What does not
-//! fill a block yet stays in the stage; [`ArchiveOut::flush`] (before
-//! every fsync that the journal relies on) writes it as a block padded
-//! with zeros, which the next write of that block replaces, and
+//! fill a block yet stays in the stage; [`ArchiveOut::hand_over`] (before
+//! every fsync that the journal relies on) hands the write thread a copy
+//! of it padded with zeros, which the next write of that block replaces
+//! (the thread writes in the order handed over), and
 //! [`ArchiveOut::finish`] cuts the file to the archive's length.
 
 use floe_core::sys::AlignedBuf;
@@ -49,29 +50,134 @@ enum Stage {
     Buffered { buf: Vec<u8> },
 }
 
-/// A thread writing full stages with O_DIRECT (a direct write returns
-/// only when the device has the bytes: written on the thread that fills
-/// the stages, they stalled the whole backup for the disk's time).
+/// How many of the writes handed to a [`DirectWriter`] have completed,
+/// for a thread that must not fsync before some of them did (the
+/// journal's).
+#[derive(Default)]
+pub(crate) struct Written {
+    state: std::sync::Mutex<WrittenState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WrittenState {
+    /// Writes completed, in the order handed over.
+    done: u64,
+    /// The first of them that failed: its errno, else its message (the
+    /// error itself goes to the thread that fills).
+    failed: Option<Result<i32, String>>,
+    /// The write thread ended.
+    stopped: bool,
+}
+
+impl Written {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WrittenState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut WrittenState)) {
+        f(&mut self.lock());
+        self.cv.notify_all();
+    }
+
+    /// Wait until the first `n` writes completed; an error if one of them
+    /// failed or the write thread ended before.
+    fn wait_for(&self, n: u64) -> std::io::Result<()> {
+        let mut g = self.lock();
+        loop {
+            if let Some(f) = &g.failed {
+                // The same error as the write's (a full file system stays
+                // "no space left", whoever reports it first).
+                return Err(match f {
+                    Ok(errno) => std::io::Error::from_raw_os_error(*errno),
+                    Err(msg) => std::io::Error::other(msg.clone()),
+                });
+            }
+            if g.done >= n {
+                return Ok(());
+            }
+            if g.stopped {
+                return Err(std::io::Error::other("the archive's write thread stopped"));
+            }
+            g = self
+                .cv
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// What [`ArchiveOut::hand_over`] handed over: every byte put before it is
+/// on the file once the first `writes` writes of the thread completed.
+pub(crate) struct Handed {
+    written: std::sync::Arc<Written>,
+    writes: u64,
+}
+
+impl Handed {
+    /// Wait until those writes completed (their bytes are on the file,
+    /// for an fsync to make durable).
+    pub(crate) fn wait(&self) -> std::io::Result<()> {
+        self.written.wait_for(self.writes)
+    }
+}
+
+/// A write for the thread: the first `len` bytes of the buffer at an
+/// offset; a stage comes back to be filled again, a padded block does not.
+struct Job {
+    buf: AlignedBuf,
+    len: usize,
+    at: u64,
+    stage: bool,
+}
+
+/// A thread writing stages with O_DIRECT (a direct write returns only
+/// when the device has the bytes: written on the thread that fills the
+/// stages, they stalled the whole backup for the disk's time). One thread,
+/// so writes land in the order handed over: a padded copy of a partly
+/// filled block is replaced by the later write of the whole block.
 struct DirectWriter {
-    jobs: Option<std::sync::mpsc::SyncSender<(AlignedBuf, u64)>>,
-    done: std::sync::mpsc::Receiver<std::io::Result<AlignedBuf>>,
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<std::io::Result<Option<AlignedBuf>>>,
     in_flight: usize,
     spare: Vec<AlignedBuf>,
     made: usize,
+    /// Writes handed over so far, and how many completed.
+    sent: u64,
+    written: std::sync::Arc<Written>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DirectWriter {
     fn start(file: &File) -> std::io::Result<DirectWriter> {
         let file = file.try_clone()?;
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64)>(STAGES);
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(STAGES);
         let (tx, done) = std::sync::mpsc::channel();
+        let written = std::sync::Arc::new(Written::default());
+        let counts = written.clone();
         let thread = std::thread::Builder::new()
             .name("floe-tar-write".into())
             .spawn(move || {
-                while let Ok((buf, at)) = rx.recv() {
-                    let r = file.write_all_at(&buf, at).map(|()| buf);
-                    if tx.send(r).is_err() {
+                /// However the thread ends, a waiter learns it.
+                struct Stopped(std::sync::Arc<Written>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0.update(|s| s.stopped = true);
+                    }
+                }
+                let stopped = Stopped(counts);
+                while let Ok(job) = rx.recv() {
+                    let r = file.write_all_at(&job.buf[..job.len], job.at);
+                    stopped.0.update(|s| {
+                        s.done += 1;
+                        if let (Err(e), None) = (&r, &s.failed) {
+                            s.failed = Some(e.raw_os_error().ok_or_else(|| e.to_string()));
+                        }
+                    });
+                    let back = r.map(|()| job.stage.then_some(job.buf));
+                    if tx.send(back).is_err() {
                         return;
                     }
                 }
@@ -82,6 +188,8 @@ impl DirectWriter {
             in_flight: 0,
             spare: Vec::new(),
             made: 1,
+            sent: 0,
+            written,
             thread: Some(thread),
         })
     }
@@ -89,38 +197,47 @@ impl DirectWriter {
     /// A stage buffer to fill: a spare one, a new one while fewer than
     /// [`STAGES`] exist, else the next one written.
     fn take(&mut self) -> std::io::Result<AlignedBuf> {
-        if let Some(b) = self.spare.pop() {
-            return Ok(b);
+        loop {
+            if let Some(b) = self.spare.pop() {
+                return Ok(b);
+            }
+            if self.made < STAGES {
+                self.made += 1;
+                return Ok(AlignedBuf::new(STAGE));
+            }
+            if self.in_flight == 0 {
+                return Err(std::io::Error::other("no stage buffer came back"));
+            }
+            self.wait_one()?;
         }
-        if self.made < STAGES {
-            self.made += 1;
-            return Ok(AlignedBuf::new(STAGE));
-        }
-        self.wait_one()?;
-        self.spare
-            .pop()
-            .ok_or_else(|| std::io::Error::other("no stage buffer came back"))
     }
 
-    /// Write `buf` (whole) at `at` on the thread.
-    fn send(&mut self, buf: AlignedBuf, at: u64) -> std::io::Result<()> {
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|j| j.send((buf, at)).is_ok());
+    /// Write the first `len` bytes of `buf` at `at` on the thread (`stage`:
+    /// the buffer comes back to be filled again).
+    fn send(&mut self, buf: AlignedBuf, len: usize, at: u64, stage: bool) -> std::io::Result<()> {
+        let sent = self.jobs.as_ref().is_some_and(|j| {
+            j.send(Job {
+                buf,
+                len,
+                at,
+                stage,
+            })
+            .is_ok()
+        });
         if !sent {
             return Err(std::io::Error::other("the archive's write thread stopped"));
         }
         self.in_flight += 1;
+        self.sent += 1;
         Ok(())
     }
 
-    /// Wait for one written stage; its write's error.
+    /// Wait for one completed write; its error.
     fn wait_one(&mut self) -> std::io::Result<()> {
         match self.done.recv() {
             Ok(r) => {
                 self.in_flight -= 1;
-                self.spare.push(r?);
+                self.spare.extend(r?);
                 Ok(())
             }
             Err(_) => {
@@ -130,7 +247,22 @@ impl DirectWriter {
         }
     }
 
-    /// Wait until every stage handed over is written; the first error.
+    /// Collect the writes that completed meanwhile, without waiting; the
+    /// first error.
+    fn collect(&mut self) -> std::io::Result<()> {
+        while self.in_flight > 0 {
+            match self.done.try_recv() {
+                Ok(r) => {
+                    self.in_flight -= 1;
+                    self.spare.extend(r?);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until every write handed over completed; the first error.
     fn drain(&mut self) -> std::io::Result<()> {
         let mut first = Ok(());
         while self.in_flight > 0 {
@@ -278,7 +410,7 @@ impl ArchiveOut {
                         let full = std::mem::replace(buf, writer.take()?);
                         *at += STAGE as u64;
                         *len = 0;
-                        writer.send(full, *at - STAGE as u64)?;
+                        writer.send(full, STAGE, *at - STAGE as u64, true)?;
                     }
                 }
                 Ok(())
@@ -286,9 +418,54 @@ impl ArchiveOut {
         }
     }
 
-    /// Hand everything appended so far to the file (direct: every stage
-    /// written, the last partly filled block padded with zeros), so that
-    /// an fsync after this covers it.
+    /// Hand everything appended so far to the file without waiting for
+    /// the device: direct, the staged whole blocks and a copy of the last
+    /// partly filled block padded with zeros go to the write thread (the
+    /// partial block stays staged; its later write replaces the copy), and
+    /// what comes back says when they are written; through the page cache,
+    /// written at once (`None`). An fsync after that covers every byte put.
+    /// (Draining the writes here instead stalled the backup at every
+    /// checkpoint: 0.5 s of the 70,000-file tree's 1.9 s.)
+    pub(crate) fn hand_over(&mut self) -> std::io::Result<Option<Handed>> {
+        match &mut self.stage {
+            Stage::Buffered { buf } => {
+                self.file.write_all(buf)?;
+                buf.clear();
+                Ok(None)
+            }
+            Stage::Direct {
+                buf,
+                len,
+                at,
+                writer,
+            } => {
+                writer.collect()?;
+                let whole = *len - *len % BLOCK;
+                let partial = *len - whole;
+                if whole > 0 {
+                    let mut next = writer.take()?;
+                    next[..partial].copy_from_slice(&buf[whole..*len]);
+                    let full = std::mem::replace(buf, next);
+                    writer.send(full, whole, *at, true)?;
+                    *at += whole as u64;
+                    *len = partial;
+                }
+                if partial > 0 {
+                    let mut block = AlignedBuf::new(BLOCK);
+                    block[..partial].copy_from_slice(&buf[..partial]);
+                    writer.send(block, BLOCK, *at, false)?;
+                }
+                Ok(Some(Handed {
+                    written: writer.written.clone(),
+                    writes: writer.sent,
+                }))
+            }
+        }
+    }
+
+    /// Hand everything appended so far to the file and wait until it is
+    /// written (direct: every stage written, the last partly filled block
+    /// padded with zeros), so that an fsync after this covers it.
     pub fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.stage {
             Stage::Buffered { buf } => {
@@ -395,6 +572,78 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn bytes_handed_over_are_on_the_file_once_their_writes_are_in() {
+        let data: Vec<u8> = (0..2 * STAGE + 9000)
+            .map(|i| u8::try_from(i % 241).unwrap())
+            .collect();
+        for direct in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("a");
+            let mut o = ArchiveOut::create(&p, direct).unwrap();
+            // Pieces that leave the last block partly filled, that fill a
+            // stage, and hand-overs in a row with nothing put between
+            // (each a padded block of its own, replaced by the next).
+            let (mut at, mut k) = (0, 0);
+            let mut handed = Vec::new();
+            for n in [100, 4000, 5000, 0, 0, STAGE - 3, 700, 1, STAGE, 4096, 123]
+                .into_iter()
+                .cycle()
+            {
+                let n = n.min(data.len() - at);
+                o.put(&data[at..at + n]).unwrap();
+                at += n;
+                k += 1;
+                if k % 2 == 0 {
+                    let h = o.hand_over().unwrap();
+                    assert_eq!(h.is_some(), o.direct(), "direct {direct}");
+                    if let Some(h) = &h {
+                        h.wait().unwrap();
+                    }
+                    // What a crash now leaves: every byte put so far (the
+                    // last block padded).
+                    let on_disk = std::fs::read(&p).unwrap();
+                    assert!(on_disk.len() >= at, "{} < {at}", on_disk.len());
+                    assert!(
+                        on_disk[..at] == data[..at],
+                        "handed-over bytes differ at {at}"
+                    );
+                    handed.extend(h);
+                }
+                if at == data.len() {
+                    break;
+                }
+            }
+            o.finish(data.len() as u64).unwrap();
+            assert!(
+                std::fs::read(&p).unwrap() == data,
+                "direct {direct}: bytes differ"
+            );
+            // The waits hold after the writer is gone: nothing to wait for.
+            drop(o);
+            for h in handed {
+                h.wait().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_or_abandoned_write_is_never_waited_for_as_done() {
+        let w = Written::default();
+        w.update(|s| s.done = 2);
+        assert!(w.wait_for(2).is_ok());
+        w.update(|s| s.stopped = true);
+        let e = w.wait_for(3).unwrap_err();
+        assert!(e.to_string().contains("stopped"), "{e}");
+        // The write's own error, whoever waits.
+        w.update(|s| s.failed = Some(Ok(libc::ENOSPC)));
+        let e = w.wait_for(1).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        w.update(|s| s.failed = Some(Err("short write".into())));
+        let e = w.wait_for(1).unwrap_err();
+        assert!(e.to_string().contains("short write"), "{e}");
     }
 
     #[test]
