@@ -48,15 +48,31 @@ pub fn padding(n: u64) -> u64 {
 
 fn octal(field: &mut [u8], v: u64) {
     // width-1 octal digits, then NUL; a value too wide for the field is
-    // written as 0 (its pax keyword is authoritative).
+    // written as 0 (its pax keyword is authoritative). Digit by digit: a
+    // `format!` here was two allocations per field, eight fields an item.
     let w = field.len() - 1;
-    let s = format!("{v:0w$o}");
-    if s.len() > w {
+    let mut rest = v;
+    for d in field[..w].iter_mut().rev() {
+        *d = b'0' + u8::try_from(rest & 7).unwrap_or(0);
+        rest >>= 3;
+    }
+    if rest != 0 {
         field[..w].fill(b'0');
-    } else {
-        field[..w].copy_from_slice(s.as_bytes());
     }
     field[w] = 0;
+}
+
+/// `v` in decimal, at the end of `buf`: the digits.
+fn decimal(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// The fields of one ustar header block.
@@ -116,8 +132,9 @@ impl Ustar<'_> {
         }
         h[148..156].copy_from_slice(b"        ");
         let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-        let s = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(s.as_bytes());
+        // Six octal digits, NUL, space (a sum is at most 512 × 255).
+        octal(&mut h[148..155], sum);
+        h[155] = b' ';
         h
     }
 }
@@ -125,19 +142,32 @@ impl Ustar<'_> {
 /// One pax record: `LEN key=value\n`, LEN counting itself. Values are
 /// bytes (extended attribute values need not be text).
 pub fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-    let body_len = 1 + key.len() + 1 + value.len() + 1;
+    let mut out = Vec::new();
+    push_record(&mut out, &[key.as_bytes()], &[value]);
+    out
+}
+
+/// Append one pax record whose key and value are the concatenations of
+/// these pieces (an entry's records go into one buffer, not a `Vec` each).
+fn push_record(out: &mut Vec<u8>, key: &[&[u8]], value: &[&[u8]]) {
+    let sum = |p: &[&[u8]]| p.iter().map(|b| b.len()).sum::<usize>();
+    let body_len = 1 + sum(key) + 1 + sum(value) + 1;
     let mut len = body_len + 1;
+    let mut digits = [0u8; 20];
     loop {
-        let candidate = len.to_string().len() + body_len;
+        let candidate = decimal(&mut digits, len as u64).len() + body_len;
         if candidate == len {
             break;
         }
         len = candidate;
     }
-    let mut out = format!("{len} {key}=").into_bytes();
-    out.extend_from_slice(value);
+    out.reserve(len);
+    out.extend_from_slice(decimal(&mut digits, len as u64));
+    out.push(b' ');
+    key.iter().for_each(|k| out.extend_from_slice(k));
+    out.push(b'=');
+    value.iter().for_each(|v| out.extend_from_slice(v));
     out.push(b'\n');
-    out
 }
 
 /// Parse pax records into key/value pairs; `None` when malformed.
@@ -183,12 +213,26 @@ pub fn checksum_ok(h: &[u8; 512]) -> bool {
     hh.iter().map(|&b| u64::from(b)).sum::<u64>() == stored
 }
 
-fn time_value(t: Timestamp) -> String {
-    if t.sec >= 0 && t.nsec > 0 {
-        format!("{}.{:09}", t.sec, t.nsec)
-    } else {
-        t.sec.to_string()
+/// A pax time: seconds, and nanoseconds when there are any (and the
+/// time is not before 1970); in `buf`, without allocating.
+fn time_value(t: Timestamp, buf: &mut [u8; 48]) -> &[u8] {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    let mut put = |b: &[u8]| {
+        buf[n..n + b.len()].copy_from_slice(b);
+        n += b.len();
+    };
+    if t.sec < 0 {
+        put(b"-");
     }
+    put(decimal(&mut digits, t.sec.unsigned_abs()));
+    if t.sec >= 0 && t.nsec > 0 {
+        let ns = decimal(&mut digits, u64::from(t.nsec));
+        put(b".");
+        put(&b"000000000"[..9usize.saturating_sub(ns.len())]);
+        put(ns);
+    }
+    &buf[..n]
 }
 
 /// A pax extended header (`x`) holding `records`, named after `name`.
@@ -353,8 +397,9 @@ pub fn parse_sparse_map(r: &mut impl Read, realsize: u64) -> Result<(Vec<[u64; 2
 pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEntry> {
     let name = entry_name(set, h.item.as_str());
     let size = h.size.0;
-    let mut recs = Vec::new();
-    let mut push = |k: &str, v: &[u8]| recs.extend(pax_record(k, v));
+    let mut recs = Vec::with_capacity(512);
+    let mut push = |k: &[&[u8]], v: &[&[u8]]| push_record(&mut recs, k, v);
+    let (mut digits, mut time) = ([0u8; 20], [0u8; 48]);
     let mut ustar = Ustar {
         mode: 0o600,
         mtime: frozen_at,
@@ -389,14 +434,14 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
         let minor = (f.rdev & 0xff) | ((f.rdev & 0x0000_0fff_fff0_0000) >> 12);
         ustar.dev = (major, minor);
         if ustar.uid > 0o7777777 {
-            push("uid", ustar.uid.to_string().as_bytes());
+            push(&[b"uid"], &[decimal(&mut digits, ustar.uid)]);
         }
         if ustar.gid > 0o7777777 {
-            push("gid", ustar.gid.to_string().as_bytes());
+            push(&[b"gid"], &[decimal(&mut digits, ustar.gid)]);
         }
-        push("mtime", time_value(f.mtime).as_bytes());
-        push("atime", time_value(f.atime).as_bytes());
-        push("ctime", time_value(f.ctime).as_bytes());
+        push(&[b"mtime"], &[time_value(f.mtime, &mut time)]);
+        push(&[b"atime"], &[time_value(f.atime, &mut time)]);
+        push(&[b"ctime"], &[time_value(f.ctime, &mut time)]);
         match h.kind {
             ItemKind::Symlink => linkname = f.target.clone().unwrap_or_default(),
             ItemKind::HardLink => {
@@ -411,7 +456,7 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
             let bytes = unhex(v).ok_or_else(|| {
                 Error::new(ErrorKind::InvalidMap, format!("xattr {k} is not hex")).item(&h.item)
             })?;
-            push(&format!("SCHILY.xattr.{k}"), &bytes);
+            push(&[b"SCHILY.xattr.", k.as_bytes()], &[&bytes]);
         }
         if h.kind == ItemKind::Directory {
             dir_name = format!("{name}/");
@@ -431,35 +476,29 @@ pub fn item_entry(set: &SetId, h: &ItemHeader, frozen_at: u64) -> Result<ItemEnt
     let stored_len: u64 = stored.iter().map(|s| s[1]).sum();
     let data_len = map.len() as u64 + stored_len;
     let ustar_name = if sparse {
-        push("GNU.sparse.major", b"1");
-        push("GNU.sparse.minor", b"0");
-        push("GNU.sparse.name", name.as_bytes());
-        push("GNU.sparse.realsize", size.to_string().as_bytes());
+        push(&[b"GNU.sparse.major"], &[b"1"]);
+        push(&[b"GNU.sparse.minor"], &[b"0"]);
+        push(&[b"GNU.sparse.name"], &[name.as_bytes()]);
+        push(&[b"GNU.sparse.realsize"], &[decimal(&mut digits, size)]);
         let (dir, base) = name.rsplit_once('/').unwrap_or((".", &name));
         format!("{dir}/GNUSparseFile.0/{base}")
     } else {
-        push("path", name.as_bytes());
+        push(&[b"path"], &[name.as_bytes()]);
         name.clone()
     };
-    push("size", data_len.to_string().as_bytes());
+    push(&[b"size"], &[decimal(&mut digits, data_len)]);
     if !linkname.is_empty() {
-        push("linkpath", linkname.as_bytes());
+        push(&[b"linkpath"], &[linkname.as_bytes()]);
     }
     // Floe's own fields go in `comment` records, which POSIX tells every
     // reader to ignore: GNU tar warns of each unknown keyword (three lines
     // per entry with `FLOE.item`-style keywords).
-    let mut floe = |k: &str, v: &[u8]| {
-        let mut value = Vec::with_capacity(k.len() + 1 + v.len());
-        value.extend_from_slice(k.as_bytes());
-        value.push(b'=');
-        value.extend_from_slice(v);
-        push("comment", &value);
-    };
-    floe("FLOE.item", h.item.as_str().as_bytes());
-    floe("FLOE.kind", h.kind.name().as_bytes());
-    floe("FLOE.config", h.config.as_str().as_bytes());
+    let mut floe = |k: &[u8], k2: &[u8], v: &[u8]| push(&[b"comment"], &[k, k2, b"=", v]);
+    floe(b"FLOE.item", b"", h.item.as_str().as_bytes());
+    floe(b"FLOE.kind", b"", h.kind.name().as_bytes());
+    floe(b"FLOE.config", b"", h.config.as_str().as_bytes());
     for (k, v) in &h.meta {
-        floe(&format!("FLOE.meta.{k}"), v.as_bytes());
+        floe(b"FLOE.meta.", k.as_bytes(), v.as_bytes());
     }
     ustar.name = &ustar_name;
     ustar.size = data_len;
@@ -1158,6 +1197,68 @@ mod tests {
             assert_eq!(read_locator(&bad), None, "byte {k}");
         }
         assert_eq!(read_locator(&[0u8; 512]), None);
+    }
+
+    /// The `format!` forms these were written with before they wrote
+    /// digit by digit: the bytes must not change.
+    fn octal_as_before(width: usize, v: u64) -> Vec<u8> {
+        let w = width - 1;
+        let s = format!("{v:0w$o}");
+        let mut f = if s.len() > w {
+            vec![b'0'; w]
+        } else {
+            s.into_bytes()
+        };
+        f.push(0);
+        f
+    }
+
+    fn record_as_before(key: &str, value: &[u8]) -> Vec<u8> {
+        let body_len = 1 + key.len() + 1 + value.len() + 1;
+        let mut len = body_len + 1;
+        loop {
+            let candidate = len.to_string().len() + body_len;
+            if candidate == len {
+                break;
+            }
+            len = candidate;
+        }
+        let mut out = format!("{len} {key}=").into_bytes();
+        out.extend_from_slice(value);
+        out.push(b'\n');
+        out
+    }
+
+    fn time_as_before(t: Timestamp) -> String {
+        if t.sec >= 0 && t.nsec > 0 {
+            format!("{}.{:09}", t.sec, t.nsec)
+        } else {
+            t.sec.to_string()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn numbers_records_and_times_are_the_bytes_format_wrote(
+            width in 2usize..14,
+            v in prop_oneof![any::<u64>(), 0u64..5000, Just(0o7777777), Just(0o10000000)],
+            key in "[a-zA-Z.]{1,30}",
+            value in proptest::collection::vec(any::<u8>(), 0..1100),
+            sec in prop_oneof![any::<i64>(), -5i64..5, 1_700_000_000i64..1_800_000_000],
+            nsec in prop_oneof![0u32..1_000_000_000, Just(0), Just(1), Just(999_999_999)],
+        ) {
+            let mut f = vec![0xffu8; width];
+            octal(&mut f, v);
+            prop_assert_eq!(&f, &octal_as_before(width, v));
+            let mut digits = [0u8; 20];
+            let want = v.to_string();
+            prop_assert_eq!(decimal(&mut digits, v), want.as_bytes());
+            prop_assert_eq!(pax_record(&key, &value), record_as_before(&key, &value));
+            let t = Timestamp { sec, nsec };
+            let mut buf = [0u8; 48];
+            let want = time_as_before(t);
+            prop_assert_eq!(time_value(t, &mut buf), want.as_bytes());
+        }
     }
 
     proptest! {
