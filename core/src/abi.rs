@@ -142,6 +142,15 @@ pub trait MediaWriter: Send {
     fn resume_set(&mut self, set: &SetId) -> Result<SetRecord>;
     /// Start an item of the set.
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()>;
+    /// [`MediaWriter::begin_item`] with the header owned and the JSON it
+    /// crossed the plugin boundary as (`json` decodes to `header`; serde's
+    /// compact form of it): media that store the header's JSON (the tar
+    /// index, item by item) keep it instead of encoding the header again.
+    /// Default: `begin_item`.
+    fn begin_item_from(&mut self, header: ItemHeader, json: &str) -> Result<()> {
+        let _ = json;
+        self.begin_item(&header)
+    }
     /// Append bytes to the current item.
     fn write(&mut self, data: &[u8]) -> Result<()>;
     /// Finish the current item; where it landed.
@@ -538,7 +547,7 @@ impl MediaWriterAbi for MediaWriterExport {
     fn begin_item(&mut self, header: RStr<'_>) -> RResult<(), RString> {
         guard("begin item", || {
             self.0
-                .begin_item(&from_json(header.as_str(), "item header")?)
+                .begin_item_from(from_json(header.as_str(), "item header")?, header.as_str())
         })
     }
     fn write(&mut self, data: RSlice<'_, u8>) -> RResult<(), RString> {

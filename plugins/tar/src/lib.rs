@@ -159,9 +159,8 @@ struct Writing {
     /// the mover's memory).
     held: Vec<ItemHeader>,
     failures: Vec<ItemFailure>,
-    /// The item being written: its header, where its data area starts,
-    /// and the stream that stores its bytes.
-    current: Option<(ItemHeader, u64, EntryStream)>,
+    /// The item being written.
+    current: Option<Current>,
     /// Items ended since the journal was last written, and when it was.
     unjournaled: (usize, std::time::Instant),
     /// Journal lines waiting for the next checkpoint.
@@ -171,14 +170,42 @@ struct Writing {
     encoded: Encoded,
 }
 
-/// A journal line of an item whose record is encoded already.
-#[derive(Serialize)]
-#[serde(rename_all = "snake_case")]
-enum EncodedLine<'a> {
-    Item {
-        record: &'a serde_json::value::RawValue,
-        end: u64,
-    },
+/// The item being written: its header (and the JSON it came as), where
+/// its data area starts, and the stream that stores its bytes.
+struct Current {
+    header: ItemHeader,
+    json: String,
+    start: u64,
+    stream: EntryStream,
+}
+
+/// An item record's JSON from its parts, each serde's compact JSON: the
+/// bytes serde writes for the [`ItemRecord`] (its fields in order), with
+/// the header as it came (not encoded a second time).
+fn record_json(header: &str, trailer: &ItemTrailer, position: &MediaPosition) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(header.len() + 320);
+    out.extend_from_slice(b"{\"header\":");
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(b",\"trailer\":");
+    serde_json::to_writer(&mut out, trailer)
+        .and_then(|()| {
+            out.extend_from_slice(b",\"position\":");
+            serde_json::to_writer(&mut out, position)
+        })
+        .map_err(|e| Error::new(ErrorKind::Media, "cannot encode item record").source(e))?;
+    out.push(b'}');
+    Ok(out)
+}
+
+/// The journal line of an item whose record is encoded already: what
+/// serde writes for `JournalLine::Item` (`{"item":{"record":…,"end":…}}`)
+/// and a newline.
+fn item_line(record: &[u8], end: u64) -> Vec<u8> {
+    let mut line = Vec::with_capacity(record.len() + 48);
+    line.extend_from_slice(b"{\"item\":{\"record\":");
+    line.extend_from_slice(record);
+    line.extend_from_slice(format!(",\"end\":{end}}}}}\n").as_bytes());
+    line
 }
 
 /// Encode an item record (for the journal and the index).
@@ -202,8 +229,7 @@ impl Encoded {
     const PIECE: usize = 1 << 20;
 
     /// Add an encoded record to the index's items.
-    fn add(&mut self, record: &serde_json::value::RawValue) {
-        let bytes = record.get().as_bytes();
+    fn add(&mut self, bytes: &[u8]) {
         let comma = usize::from(self.len > 0);
         let need = comma + bytes.len();
         let piece = match self.pieces.last_mut() {
@@ -500,7 +526,7 @@ impl MediaWriter for TarWriter {
         };
         let mut encoded = Encoded::default();
         for it in &j.items {
-            encoded.add(&encode_record(it)?);
+            encoded.add(encode_record(it)?.get().as_bytes());
         }
         self.set = Some(Writing {
             header: j.header,
@@ -528,11 +554,17 @@ impl MediaWriter for TarWriter {
     }
 
     fn begin_item(&mut self, header: &ItemHeader) -> Result<()> {
+        let json = serde_json::to_string(header)
+            .map_err(|e| Error::new(ErrorKind::Media, "cannot encode item header").source(e))?;
+        self.begin_item_from(header.clone(), &json)
+    }
+
+    fn begin_item_from(&mut self, header: ItemHeader, json: &str) -> Result<()> {
         let w = self.w()?;
         if w.current.is_some() {
             return Err(Error::new(ErrorKind::Media, "begin_item inside an item"));
         }
-        let entry = item_entry(&w.header.set, header, w.header.frozen_at)?;
+        let entry = item_entry(&w.header.set, &header, w.header.frozen_at)?;
         let stream = EntryStream::new(header.item.as_str(), &entry);
         // Hard links and directories are written at commit: GNU tar links
         // to a path it has already extracted, and sets a directory's times
@@ -543,24 +575,34 @@ impl MediaWriter for TarWriter {
             put(w, &entry.head)?;
             w.pos - (entry.head.len() - entry.data_at) as u64
         };
-        w.current = Some((header.clone(), start, stream));
+        w.current = Some(Current {
+            header,
+            json: json.to_owned(),
+            start,
+            stream,
+        });
         Ok(())
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
         let w = self.w()?;
-        let Some((h, start, mut stream)) = w.current.take() else {
+        let Some(mut c) = w.current.take() else {
             return Err(Error::new(ErrorKind::Media, "write outside an item"));
         };
-        let r = stream.feed(data, &mut |b| put(w, b));
-        w.current = Some((h, start, stream));
+        let r = c.stream.feed(data, &mut |b| put(w, b));
+        w.current = Some(c);
         r
     }
 
     fn end_item(&mut self, trailer: &ItemTrailer) -> Result<MediaPosition> {
         let medium = self.dir.display().to_string();
         let w = self.w()?;
-        let (h, start, stream) = w
+        let Current {
+            header: h,
+            json,
+            start,
+            stream,
+        } = w
             .current
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Media, "end_item outside an item"))?;
@@ -579,22 +621,13 @@ impl MediaWriter for TarWriter {
             medium,
             locator: format!("{}.tar@{start}", w.header.set),
         };
-        let record = ItemRecord {
-            header: h,
-            trailer: trailer.clone(),
-            position: position.clone(),
-        };
-        let enc = encode_record(&record)?;
-        let line = json_line(&EncodedLine::Item {
-            record: &enc,
-            end: w.pos,
-        })?;
-        w.pending.extend_from_slice(&line);
+        let enc = record_json(&json, trailer, &position)?;
+        w.pending.extend_from_slice(&item_line(&enc, w.pos));
         w.encoded.add(&enc);
         w.items += 1;
-        let volume = record.header.kind == ItemKind::Volume;
-        if floe_core::pax::written_last(record.header.kind) {
-            w.held.push(record.header);
+        let volume = h.kind == ItemKind::Volume;
+        if floe_core::pax::written_last(h.kind) {
+            w.held.push(h);
         }
         w.unjournaled.0 += 1;
         if volume
@@ -1170,6 +1203,57 @@ mod tests {
                 data.len()
             );
         }
+    }
+
+    #[test]
+    fn records_and_journal_lines_built_from_parts_are_serde_s_bytes() {
+        let (mut h, mut t) = item("/srv/a \"q\"/é\u{1}\\f", b"data");
+        h.kind = ItemKind::File;
+        h.holes = vec![[0, 4096]];
+        h.meta.insert("k".into(), "v\n".into());
+        h.file = Some(floe_core::model::FileMeta {
+            root: "/srv".into(),
+            path: "a \"q\"/é\u{1}\\f".into(),
+            mode: 0o100644,
+            uid: 1000,
+            gid: 100,
+            atime: floe_core::model::Timestamp { sec: -3, nsec: 7 },
+            mtime: floe_core::model::Timestamp {
+                sec: 1_795_000_000,
+                nsec: 999_999_999,
+            },
+            ctime: floe_core::model::Timestamp { sec: 0, nsec: 0 },
+            rdev: 0,
+            target: Some("t".into()),
+            xattrs: [("user.x".to_string(), "00ff".to_string())].into(),
+            holes: vec![[8192, 4096]],
+        });
+        t.remaps = 3;
+        t.captured_after_freeze = true;
+        let position = MediaPosition {
+            medium: "/backup/\"m\"".into(),
+            locator: "s.tar@1536".into(),
+        };
+        let record = ItemRecord {
+            header: h.clone(),
+            trailer: t.clone(),
+            position: position.clone(),
+        };
+        let header_json = serde_json::to_string(&h).unwrap();
+        let built = record_json(&header_json, &t, &position).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&built),
+            serde_json::to_string(&record).unwrap()
+        );
+        let line = json_line(&JournalLine::Item {
+            record: Box::new(record),
+            end: 123_456_789_000,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&item_line(&built, 123_456_789_000)),
+            String::from_utf8_lossy(&line)
+        );
     }
 
     #[test]
