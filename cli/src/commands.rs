@@ -649,20 +649,22 @@ struct BackgroundCheckpoint(Option<std::thread::JoinHandle<floe_core::error::Res
 impl Drop for BackgroundCheckpoint {
     fn drop(&mut self) {
         match self.0.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(Err(e))) => eprintln!(
-                "floe: warning: {e} (the next command that writes the catalog tries again)"
-            ),
+            Some(Ok(r)) => warn_unless_checkpointed(r),
             Some(Err(_)) => eprintln!("floe: warning: the catalog checkpoint panicked"),
-            _ => {}
+            None => {}
         }
     }
 }
 
-/// Checkpoint the catalog after a command wrote it; a failure is only
-/// reported (the WAL keeps what was committed; the next checkpoint
-/// copies it).
+/// Checkpoint the catalog after a command wrote it.
 fn checkpoint_or_warn(cat: &Catalog) {
-    if let Err(e) = cat.checkpoint() {
+    warn_unless_checkpointed(cat.checkpoint());
+}
+
+/// A checkpoint that failed is only reported: the WAL keeps what was
+/// committed, and the next checkpoint copies it.
+fn warn_unless_checkpointed(r: floe_core::error::Result<()>) {
+    if let Err(e) = r {
         eprintln!("floe: warning: {e} (the next command that writes the catalog tries again)");
     }
 }
