@@ -93,11 +93,12 @@ pub trait Mapper: Send {
 pub enum PartFromPlugin {
     /// Decoded.
     Part(MapPart),
-    /// The JSON a plugin wrote (an object with `map` and `more`), not
-    /// decoded: only its `more` was read.
+    /// The JSON a plugin wrote (an object with `more` and `map`), not
+    /// decoded: only its `more` was read. Kept in the plugin's own buffer
+    /// (freed by the plugin's allocator), not copied into the engine's.
     Json {
         /// The part's JSON.
-        json: String,
+        json: RString,
         /// More parts follow.
         more: bool,
     },
@@ -118,6 +119,20 @@ impl PartFromPlugin {
             PartFromPlugin::Part(p) => Ok(p),
             PartFromPlugin::Json { json, .. } => from_json(&json, "map part"),
         }
+    }
+}
+
+/// The `more` of a map part's JSON written as serde writes a [`MapPart`]
+/// (`{"more":BOOL,…`, its first field), without reading the megabytes
+/// after it; `None` for JSON written otherwise (then it is parsed).
+pub fn more_first(json: &str) -> Option<bool> {
+    let rest = json.strip_prefix(r#"{"more":"#)?;
+    if rest.starts_with("true,") {
+        Some(true)
+    } else if rest.starts_with("false,") {
+        Some(false)
+    } else {
+        None
     }
 }
 
@@ -495,21 +510,54 @@ impl FreezerAbi for FreezerExport {
     }
 }
 
-struct MapperExport(Box<dyn Mapper>);
+struct MapperExport {
+    mapper: Box<dyn Mapper>,
+    /// Bytes of JSON per item of the last part, a little over: the next
+    /// part's JSON is written into a buffer of that size, not grown into
+    /// (each growth of a megabytes-long buffer is a copy, and fresh pages
+    /// the kernel zeroes).
+    bytes_per_item: usize,
+}
+
+impl MapperExport {
+    /// JSON bytes per item before any part was written: above a typical
+    /// file's item (~600 bytes).
+    const FIRST_BYTES_PER_ITEM: usize = 768;
+}
+
+/// `part` as JSON, into a buffer of `per_item` bytes per item.
+fn part_json(part: &MapPart, per_item: usize) -> Result<String> {
+    let items = part.map.items.len() + part.map.failures.len();
+    let mut out = Vec::with_capacity(items.saturating_mul(per_item).saturating_add(256));
+    serde_json::to_writer(&mut out, part)
+        .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode for the plugin ABI").source(e))?;
+    // serde_json writes UTF-8 only.
+    String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode for the plugin ABI").source(e))
+}
+
 impl MapperAbi for MapperExport {
     fn map(&mut self, image: RStr<'_>) -> RResult<RString, RString> {
-        json_out("map", || self.0.map(&from_json(image.as_str(), "image")?))
+        json_out("map", || {
+            self.mapper.map(&from_json(image.as_str(), "image")?)
+        })
     }
     fn remap(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
         json_out("remap", || {
             let (img, item, since): (FrozenImage, ItemId, ConfigId) =
                 from_json(args.as_str(), "remap arguments")?;
-            self.0.remap(&img, &item, &since)
+            self.mapper.remap(&img, &item, &since)
         })
     }
     fn map_part(&mut self, image: RStr<'_>) -> RResult<RString, RString> {
-        json_out("map part", || {
-            self.0.map_part(&from_json(image.as_str(), "image")?)
+        guard("map part", || {
+            let part = self.mapper.map_part(&from_json(image.as_str(), "image")?)?;
+            let json = part_json(&part, self.bytes_per_item)?;
+            let items = part.map.items.len() + part.map.failures.len();
+            if let Some(per) = json.len().checked_div(items) {
+                self.bytes_per_item = per + per / 8;
+            }
+            Ok(RString::from(json))
         })
     }
 }
@@ -637,7 +685,10 @@ extern "C" fn new_mapper_fn<P: Plugin>(c: RStr<'_>) -> RResult<MapperBox, RStrin
     guard("new mapper", || {
         let m = P::mapper(&parse_config(c)?)?;
         Ok(MapperAbi_TO::from_value(
-            MapperExport(m),
+            MapperExport {
+                mapper: m,
+                bytes_per_item: MapperExport::FIRST_BYTES_PER_ITEM,
+            },
             sabi_trait::TD_Opaque,
         ))
     })
@@ -780,9 +831,11 @@ impl Mapper for LoadedMapper {
             more: bool,
         }
         match self.1.map_part(to_json(image)?.as_str().into()) {
-            ROk(s) => {
-                let json = s.into_string();
-                let More { more } = from_json(&json, "map part")?;
+            ROk(json) => {
+                let more = match more_first(&json) {
+                    Some(more) => more,
+                    None => from_json::<More>(&json, "map part")?.more,
+                };
                 Ok(PartFromPlugin::Json { json, more })
             }
             RErr(e) => Err(err_from_text(&self.0, "map part", &e)),
@@ -877,4 +930,62 @@ impl MediaReader for LoadedMediaReader {
 #[cfg(feature = "engine")]
 pub(crate) fn constructor_error(plugin: &str, what: &str, e: &RString) -> Error {
     err_from_text(plugin, what, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ImageId, ImageMap, MapPart};
+
+    fn part(more: bool, items: usize) -> MapPart {
+        let item = |k: usize| crate::model::Item {
+            id: ItemId::new(format!("/srv/\"more\":false,{k}")),
+            kind: crate::model::ItemKind::File,
+            size: crate::units::Bytes(1),
+            config: ConfigId::new(format!("f:{k}")),
+            extents: vec![crate::model::MapExtent {
+                logical: crate::units::ItemOffset(0),
+                length: crate::units::Bytes(1),
+                kind: crate::model::ExtentKind::Inline(vec![7]),
+            }],
+            meta: Default::default(),
+            file: None,
+        };
+        MapPart {
+            more,
+            map: ImageMap {
+                image: ImageId::new("img"),
+                items: (0..items).map(item).collect(),
+                failures: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_part_s_more_is_read_from_its_first_bytes_as_serde_wrote_them() {
+        for more in [true, false] {
+            for items in [0, 1, 300] {
+                let p = part(more, items);
+                // As the plugin side writes it, whatever size it guessed.
+                for per_item in [0, 1, 768] {
+                    let json = part_json(&p, per_item).unwrap();
+                    assert_eq!(json, serde_json::to_string(&p).unwrap());
+                    assert_eq!(more_first(&json), Some(more), "{json:.80}");
+                    let back: MapPart = serde_json::from_str(&json).unwrap();
+                    assert_eq!(back, p);
+                }
+            }
+        }
+        // Written otherwise (another order, spacing): not guessed.
+        let json = serde_json::to_string(&part(false, 2)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(more_first(&serde_json::to_string_pretty(&v).unwrap()), None);
+        assert_eq!(
+            more_first(r#"{"map":{"image":"i","items":[]},"more":true}"#),
+            None
+        );
+        assert_eq!(more_first(r#"{"more":truex"#), None);
+        assert_eq!(more_first(r#"{"more":true}"#), None);
+        assert_eq!(more_first(""), None);
+    }
 }

@@ -284,10 +284,11 @@ pub struct ImageMap {
 /// whole image is mapped ([`crate::abi::Mapper::map_part`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapPart {
+    /// False on the last part. (First: whoever hands a part on as JSON
+    /// reads it from the first bytes, without scanning the map.)
+    pub more: bool,
     /// The items and failures of this part (never repeated in another).
     pub map: ImageMap,
-    /// False on the last part.
-    pub more: bool,
 }
 
 /// The agent's answer to "what changed since config id X": the new config

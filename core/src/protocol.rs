@@ -403,25 +403,66 @@ pub fn encode_map_part_json(json: &str) -> Option<Result<Vec<u8>>> {
     if !fields.trim_start().starts_with('"') {
         return None;
     }
-    let mut payload = Vec::with_capacity(json.len() + 20);
-    payload.extend_from_slice(br#"{"type":"map_part","#);
-    payload.extend_from_slice(fields.as_bytes());
-    Some(encode_payload(&payload))
+    // The tag, then the plugin's fields where they lie: the part (megabytes)
+    // is not copied into a payload first.
+    Some(encode_pieces(&[
+        br#"{"type":"map_part","#,
+        fields.as_bytes(),
+    ]))
 }
 
 /// A JSON payload as the frame that carries it (compressed when large).
 fn encode_payload(payload: &[u8]) -> Result<Vec<u8>> {
+    encode_pieces(&[payload])
+}
+
+/// The frame of the payload these pieces make, one after the other
+/// (compressed when large).
+fn encode_pieces(pieces: &[&[u8]]) -> Result<Vec<u8>> {
     #[cfg(feature = "engine")]
-    let frame = if payload.len() >= COMPRESS_FROM {
-        let packed = zstd::bulk::compress(payload, 1)
-            .map_err(|e| Error::new(ErrorKind::Protocol, "cannot compress message").source(e))?;
-        encode_frame_flags(&packed, FLAG_ZSTD)?
-    } else {
-        encode_frame(payload)?
-    };
-    #[cfg(not(feature = "engine"))]
-    let frame = encode_frame(payload)?;
-    Ok(frame)
+    {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        if total >= COMPRESS_FROM {
+            return compress_pieces(pieces, total);
+        }
+    }
+    match pieces {
+        [one] => encode_frame(one),
+        _ => encode_frame(&pieces.concat()),
+    }
+}
+
+/// A compressed frame of `total` bytes of pieces: zstd streams them into
+/// the frame's own buffer, after room for its header (the frame says the
+/// content size, as a decoder that inflates into one buffer needs).
+#[cfg(feature = "engine")]
+fn compress_pieces(pieces: &[&[u8]], total: usize) -> Result<Vec<u8>> {
+    let failed =
+        |e: std::io::Error| Error::new(ErrorKind::Protocol, "cannot compress message").source(e);
+    let mut out = Vec::with_capacity(HEADER_LEN + total / 4);
+    out.resize(HEADER_LEN, 0);
+    let mut z = zstd::stream::write::Encoder::new(out, 1).map_err(failed)?;
+    z.include_contentsize(true).map_err(failed)?;
+    z.set_pledged_src_size(u64::try_from(total).ok())
+        .map_err(failed)?;
+    for p in pieces {
+        z.write_all(p).map_err(failed)?;
+    }
+    let mut out = z.finish().map_err(failed)?;
+    let len = u32::try_from(out.len() - HEADER_LEN).map_err(|_| {
+        Error::new(
+            ErrorKind::FrameTooLarge,
+            format!(
+                "frame payload of {} bytes exceeds 4 GiB",
+                out.len() - HEADER_LEN
+            ),
+        )
+    })?;
+    out[..4].copy_from_slice(&MAGIC);
+    out[4..6].copy_from_slice(&VERSION.to_be_bytes());
+    out[6..8].copy_from_slice(&FLAG_ZSTD.to_be_bytes());
+    out[8..12].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
 }
 
 /// A message of the protocol: an internally tagged enum (`"type"`).
@@ -440,7 +481,23 @@ pub trait Message: DeserializeOwned {
     }
 }
 
-impl Message for Request {}
+impl Message for Request {
+    fn decode_tagged(tag: &str, body: &[u8]) -> Option<serde_json::Result<Self>> {
+        /// `check_configs`'s fields (a batch of thousands of items).
+        #[derive(Deserialize)]
+        struct Checks {
+            image: ImageId,
+            items: Vec<(ItemId, ConfigId)>,
+        }
+        match tag {
+            "check_configs" => Some(
+                serde_json::from_slice(body)
+                    .map(|Checks { image, items }| Request::CheckConfigs { image, items }),
+            ),
+            _ => None,
+        }
+    }
+}
 
 impl Message for Response {
     fn decode_tagged(tag: &str, body: &[u8]) -> Option<serde_json::Result<Self>> {
@@ -498,6 +555,49 @@ pub fn read_message<T: Message>(r: &mut impl Read, max: u32) -> Result<Option<T>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_tag_first_batch_of_checks_decodes_as_the_general_path_does() {
+        let req = Request::CheckConfigs {
+            image: ImageId::new("img \"1\""),
+            items: (0..40)
+                .map(|k| {
+                    (
+                        ItemId::new(format!("/srv/d\\{k}/f\u{e9}")),
+                        ConfigId::new(format!("f:{k}:0:1:2.000000003:ab")),
+                    )
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&req).unwrap();
+        let (tag, comma) = tag_first(&bytes).unwrap();
+        assert_eq!(tag, "check_configs");
+        let mut body = bytes[comma..].to_vec();
+        body[0] = b'{';
+        assert_eq!(Request::decode_tagged(tag, &body).unwrap().unwrap(), req);
+        assert_eq!(decode_message::<Request>(&bytes).unwrap(), req);
+        // Through a frame as the mover sends it (compressed: it is large).
+        let frame = encode_message(&req).unwrap();
+        let back: Request = read_message(&mut frame.as_slice(), DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, req);
+        // Fields the batch does not have, or lacks, are an error.
+        for bad in [
+            &br#"{"type":"check_configs","image":"i"}"#[..],
+            br#"{"type":"check_configs","image":"i","items":[["a"]]}"#,
+            br#"{"type":"check_configs","image":"i","items":[],"x":1}"#,
+        ] {
+            let fast = decode_message::<Request>(bad);
+            let general = serde_json::from_slice::<Request>(bad);
+            assert_eq!(
+                fast.is_err(),
+                general.is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn a_tag_first_part_of_a_map_decodes_as_the_general_path_does() {
