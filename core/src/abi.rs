@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -122,11 +122,16 @@ impl PartFromPlugin {
     }
 }
 
-/// The `more` of a map part's JSON written as serde writes a [`MapPart`]
-/// (`{"more":BOOL,…`, its first field), without reading the megabytes
-/// after it; `None` for JSON written otherwise (then it is parsed).
+/// The `more` of a map part's JSON written with `more` first — as serde
+/// writes a [`MapPart`] (`{"more":BOOL,…`) or as the `map_part` message
+/// that carries it (`{"type":"map_part","more":BOOL,…`) — without reading
+/// the megabytes after it; `None` for JSON written otherwise (then it is
+/// parsed).
 pub fn more_first(json: &str) -> Option<bool> {
-    let rest = json.strip_prefix(r#"{"more":"#)?;
+    let fields = json
+        .strip_prefix(crate::protocol::MAP_PART_OPEN)
+        .or_else(|| json.strip_prefix('{'))?;
+    let rest = fields.strip_prefix(r#""more":"#)?;
     if rest.starts_with("true,") {
         Some(true)
     } else if rest.starts_with("false,") {
@@ -525,12 +530,22 @@ impl MapperExport {
     const FIRST_BYTES_PER_ITEM: usize = 768;
 }
 
-/// `part` as JSON, into a buffer of `per_item` bytes per item.
+/// `part` as JSON, into a buffer of `per_item` bytes per item: the
+/// protocol's `map_part` message (its tag, then the part's fields as serde
+/// writes them — `more` first), which the agent sends as it is. A
+/// [`MapPart`] decoder takes it too (the tag is a field it ignores).
 fn part_json(part: &MapPart, per_item: usize) -> Result<String> {
     let items = part.map.items.len() + part.map.failures.len();
     let mut out = Vec::with_capacity(items.saturating_mul(per_item).saturating_add(256));
-    serde_json::to_writer(&mut out, part)
+    out.extend_from_slice(crate::protocol::MAP_PART_OPEN.as_bytes());
+    out.extend_from_slice(if part.more {
+        br#""more":true,"map":"#
+    } else {
+        br#""more":false,"map":"#
+    });
+    serde_json::to_writer(&mut out, &part.map)
         .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode for the plugin ABI").source(e))?;
+    out.push(b'}');
     // serde_json writes UTF-8 only.
     String::from_utf8(out)
         .map_err(|e| Error::new(ErrorKind::Plugin, "cannot encode for the plugin ABI").source(e))
@@ -969,8 +984,12 @@ mod tests {
                 // As the plugin side writes it, whatever size it guessed.
                 for per_item in [0, 1, 768] {
                     let json = part_json(&p, per_item).unwrap();
-                    assert_eq!(json, serde_json::to_string(&p).unwrap());
+                    let message = crate::protocol::Response::MapPart(p.clone());
+                    assert_eq!(json, serde_json::to_string(&message).unwrap());
                     assert_eq!(more_first(&json), Some(more), "{json:.80}");
+                    // As serde writes the part alone.
+                    let alone = serde_json::to_string(&p).unwrap();
+                    assert_eq!(more_first(&alone), Some(more), "{alone:.80}");
                     let back: MapPart = serde_json::from_str(&json).unwrap();
                     assert_eq!(back, p);
                 }

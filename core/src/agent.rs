@@ -595,6 +595,12 @@ impl Agent {
                 let valid = current == config;
                 Response::Config { current, valid }
             }
+            Request::Held { image } => {
+                let f = frozen(images, &image)?;
+                Response::Held {
+                    held: f.still_held(),
+                }
+            }
             Request::CheckConfigs { image, items } => {
                 let f = frozen(images, &image)?;
                 if f.still_held() {
@@ -923,6 +929,33 @@ impl AgentClient {
             image: image.clone(),
             items,
         })
+    }
+
+    /// Ask ahead whether the freezer still holds every write since the
+    /// map ([`AgentClient::held_answer`] reads the answer).
+    pub fn held_ahead(&mut self, image: &ImageId) -> Result<Option<u64>> {
+        self.ask_ahead(&Request::Held {
+            image: image.clone(),
+        })
+    }
+
+    /// The answer to [`AgentClient::held_ahead`].
+    pub fn held_answer(&mut self, token: u64) -> Result<bool> {
+        match self.answer(token)? {
+            Response::Held { held } => Ok(held),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Does the freezer still hold every write since the map? (Then every
+    /// config id from the map is current.)
+    pub fn held(&mut self, image: &ImageId) -> Result<bool> {
+        match self.call(Request::Held {
+            image: image.clone(),
+        })? {
+            Response::Held { held } => Ok(held),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// The answer to [`AgentClient::check_many_ahead`] of `n` items.

@@ -104,7 +104,9 @@ pub struct PhysicalExtent {
 /// with every layer it went through (logical first).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtentChain {
-    /// The layers above the device, logical first (may be empty).
+    /// The layers above the device, logical first (may be empty; left
+    /// out of the JSON then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<Layer>,
     /// The physical end of the chain.
     pub physical: PhysicalExtent,
@@ -259,8 +261,9 @@ pub struct Item {
     pub config: ConfigId,
     /// Extents covering `[0, size)` in order, without gaps or overlaps.
     pub extents: Vec<MapExtent>,
-    /// Metadata (origin volume, snapshot name, ...).
-    #[serde(default)]
+    /// Metadata (origin volume, snapshot name, ...); left out of the JSON
+    /// when empty (a file's is).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
     /// A file's metadata (file system sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]

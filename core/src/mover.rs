@@ -447,7 +447,17 @@ struct Batch {
     rounds: u32,
     /// Its check, sent ahead once its reads were in (the answer is read
     /// when the batch is finished).
-    asked: Option<u64>,
+    asked: Option<Asked>,
+}
+
+/// A batch's check sent ahead.
+#[derive(Clone, Copy)]
+enum Asked {
+    /// Whether the freezer still holds every write since the map (the
+    /// answer covers every item at once).
+    Held(u64),
+    /// The config ids of its items.
+    Configs(u64),
 }
 
 /// The items of a batch its check asks about: those with bytes.
@@ -546,9 +556,31 @@ struct Reader<'a> {
     done: Receiver<Done>,
     next_seq: u64,
     counters: Counters,
+    /// The freezer may still hold every write since the map
+    /// (`FrozenImage::writes_held`, until the agent first says no): a
+    /// check asks only that.
+    held: bool,
 }
 
 impl Reader<'_> {
+    /// Does the freezer still hold every write since the map (asked now,
+    /// after the reads the answer is to cover)? Once no, no for good.
+    fn held_now(&mut self) -> Result<bool> {
+        if self.held {
+            self.held = self.agent.held(&self.image.id)?;
+        }
+        Ok(self.held)
+    }
+
+    /// Is `config` still the item's? True without a look at the item
+    /// while the freezer holds every write since the map.
+    fn check_one(&mut self, item: &ItemId, config: &crate::model::ConfigId) -> Result<bool> {
+        if self.held_now()? {
+            return Ok(true);
+        }
+        Ok(self.agent.check(&self.image.id, item, config)?.1)
+    }
+
     /// Move `items`, then (while `more`) the next parts of the map as the
     /// agent hands them out.
     fn run(&mut self, items: Vec<Item>, mut more: bool) -> Result<()> {
@@ -710,6 +742,10 @@ impl Reader<'_> {
         if b.asked.is_some() || b.pending.outstanding > 0 {
             return Ok(());
         }
+        if self.held {
+            b.asked = self.agent.held_ahead(&self.image.id)?.map(Asked::Held);
+            return Ok(());
+        }
         let items: Vec<(ItemId, crate::model::ConfigId)> = checked_members(&b.members)
             .into_iter()
             .map(|k| {
@@ -720,7 +756,10 @@ impl Reader<'_> {
             })
             .collect();
         if !items.is_empty() {
-            b.asked = self.agent.check_many_ahead(&self.image.id, items)?;
+            b.asked = self
+                .agent
+                .check_many_ahead(&self.image.id, items)?
+                .map(Asked::Configs);
         }
         Ok(())
     }
@@ -782,9 +821,19 @@ impl Reader<'_> {
         // 3. check every item that has bytes, after the read.
         let asked = checked_members(&members);
         let stale: Vec<usize> = if self.opts.recheck_after_read && !asked.is_empty() {
+            // Writes still held since the map: every item is as mapped.
+            let held = match ahead {
+                Some(Asked::Held(t)) => {
+                    self.held &= self.agent.held_answer(t)?;
+                    self.held
+                }
+                Some(Asked::Configs(_)) => false,
+                None => self.held_now()?,
+            };
             let current = match ahead {
-                Some(t) => self.agent.check_many_answer(t, asked.len())?,
-                None => self.agent.check_many(
+                _ if held => Vec::new(),
+                Some(Asked::Configs(t)) => self.agent.check_many_answer(t, asked.len())?,
+                Some(Asked::Held(_)) | None => self.agent.check_many(
                     &self.image.id,
                     asked
                         .iter()
@@ -898,8 +947,7 @@ impl Reader<'_> {
             })))
         };
         // 1. check before the first read of the item.
-        let (_, valid) = self.agent.check(&self.image.id, &item.id, &item.config)?;
-        if !valid {
+        if !self.check_one(&item.id, &item.config)? {
             match remap_item(self.agent, self.image, &mut item, self.resolver) {
                 Ok(newer) => after_freeze |= newer,
                 Err(e) => return skip(self, &item, e),
@@ -932,7 +980,7 @@ impl Reader<'_> {
             let (_, front) = inflight.pop_front().expect("front exists");
             // 3. check again, after the read.
             let valid = if self.opts.recheck_after_read {
-                self.agent.check(&self.image.id, &item.id, &front.config)?.1
+                self.check_one(&item.id, &front.config)?
             } else {
                 true
             };
@@ -1662,6 +1710,7 @@ fn write_items(
                     done: done_rx,
                     next_seq: 0,
                     counters: Counters::default(),
+                    held: image.writes_held,
                 };
                 match r.run(map.items, more) {
                     Ok(()) => {

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"FLOE";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 12;
 /// The default limit on one frame's payload (a map of millions of extents
@@ -68,6 +68,14 @@ pub enum Request {
         image: ImageId,
         /// Each item and the config id the mover holds for it.
         items: Vec<(ItemId, ConfigId)>,
+    },
+    /// Does the freezer still hold every write since the map? (Then
+    /// nothing read so far can have changed: every config id the mover
+    /// holds from the map is current, and a batch read before the answer
+    /// needs no look per item.)
+    Held {
+        /// The image.
+        image: ImageId,
     },
     /// What changed in this item's map since `since`?
     Remap {
@@ -151,6 +159,12 @@ pub enum Response {
     Configs {
         /// Current config ids.
         current: Vec<ConfigId>,
+    },
+    /// Answer to `Held`.
+    Held {
+        /// Every write since the map is still held (false once the
+        /// freezer let them go, for good).
+        held: bool,
     },
     /// Answer to `Remap`.
     Remapped {
@@ -394,11 +408,19 @@ pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     encode_payload(&payload)
 }
 
+/// How a `map_part` message begins, as serde writes it: its tag.
+pub const MAP_PART_OPEN: &str = r#"{"type":"map_part","#;
+
 /// A [`Response::MapPart`] from the JSON of its [`MapPart`] as a plugin
-/// wrote it (a JSON object with at least one field): the frame
-/// `encode_message` makes of the decoded part, without encoding it again.
-/// `None` for anything that is not such an object.
+/// wrote it: the frame `encode_message` makes of the decoded part, without
+/// encoding it again. JSON that is the whole message already (it begins
+/// with the tag, as the plugin ABI writes parts) is the payload as it is;
+/// any other JSON object with at least one field gets the tag put before
+/// its fields. `None` for anything else.
 pub fn encode_map_part_json(json: &str) -> Option<Result<Vec<u8>>> {
+    if json.starts_with(MAP_PART_OPEN) {
+        return Some(encode_payload(json.as_bytes()));
+    }
     let fields = json.trim_start().strip_prefix('{')?;
     if !fields.trim_start().starts_with('"') {
         return None;
@@ -406,7 +428,7 @@ pub fn encode_map_part_json(json: &str) -> Option<Result<Vec<u8>>> {
     // The tag, then the plugin's fields where they lie: the part (megabytes)
     // is not copied into a payload first.
     Some(encode_pieces(&[
-        br#"{"type":"map_part","#,
+        MAP_PART_OPEN.as_bytes(),
         fields.as_bytes(),
     ]))
 }
@@ -422,6 +444,14 @@ fn encode_pieces(pieces: &[&[u8]]) -> Result<Vec<u8>> {
     #[cfg(feature = "engine")]
     {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
+        if let ([one], true) = (pieces, total >= COMPRESS_FROM) {
+            // In one piece: zstd reads it where it is (streamed, it would
+            // be copied into zstd's window first).
+            let packed = zstd::bulk::compress(one, 1).map_err(|e| {
+                Error::new(ErrorKind::Protocol, "cannot compress message").source(e)
+            })?;
+            return encode_frame_flags(&packed, FLAG_ZSTD);
+        }
         if total >= COMPRESS_FROM {
             return compress_pieces(pieces, total);
         }
@@ -656,9 +686,15 @@ mod tests {
         let Response::MapPart(part) = &resp else {
             unreachable!()
         };
+        // Written as the plugin ABI writes parts (the whole message): the
+        // frame encode_message makes, byte for byte.
+        let message = serde_json::to_string(&resp).unwrap();
+        assert!(message.starts_with(MAP_PART_OPEN));
+        let frame = encode_map_part_json(&message).unwrap().unwrap();
+        assert_eq!(frame, encode_message(&resp).unwrap());
+        // The part alone: the tag put before it (streamed into the frame).
         let json = serde_json::to_string(part).unwrap();
         let frame = encode_map_part_json(&json).unwrap().unwrap();
-        assert_eq!(frame, encode_message(&resp).unwrap());
         let back: Response = read_message(&mut frame.as_slice(), DEFAULT_MAX_FRAME)
             .unwrap()
             .unwrap();
@@ -751,6 +787,33 @@ mod tests {
         let old: Request =
             serde_json::from_str(r#"{"type":"freeze","sources":["array:vol0"]}"#).unwrap();
         assert_eq!(old, msg);
+        for (req, resp) in [
+            (
+                Request::Held {
+                    image: ImageId::new("i"),
+                },
+                Response::Held { held: true },
+            ),
+            (
+                Request::Held {
+                    image: ImageId::new("j"),
+                },
+                Response::Held { held: false },
+            ),
+        ] {
+            let mut buf = Vec::new();
+            write_message(&mut buf, &req).unwrap();
+            write_message(&mut buf, &resp).unwrap();
+            let mut r = buf.as_slice();
+            assert_eq!(
+                read_message::<Request>(&mut r, DEFAULT_MAX_FRAME).unwrap(),
+                Some(req)
+            );
+            assert_eq!(
+                read_message::<Response>(&mut r, DEFAULT_MAX_FRAME).unwrap(),
+                Some(resp)
+            );
+        }
         let whole: Response = serde_json::from_str(
             r#"{"type":"frozen","image":{"id":"i","plugin":"p","items":[],"frozen_at":0},"map":{"image":"i","items":[]}}"#,
         )
@@ -779,7 +842,7 @@ mod tests {
         let e = read_message::<Request>(&mut bad.as_slice(), DEFAULT_MAX_FRAME).unwrap_err();
         assert!(
             e.to_string()
-                .contains("protocol version 9, this build speaks 4"),
+                .contains(&format!("protocol version 9, this build speaks {VERSION}")),
             "{e}"
         );
 

@@ -812,8 +812,10 @@ mod freeze_guard {
             .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
             .unwrap();
         assert_eq!(current, vec![stale.clone()]);
+        assert!(client.held(&image.id).unwrap(), "frozen, yet not held");
         // The rest of the map; the file system thaws before the last part.
         while client.map_more(&image.id).unwrap().more {}
+        assert!(!client.held(&image.id).unwrap(), "thawed, yet held");
         let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
         assert!(!valid, "a check after the thaw trusted the freeze");
         assert_eq!(current, item.config, "the real config id");
@@ -860,11 +862,16 @@ mod freeze_guard {
             .check_many(&image.id, vec![(item.id.clone(), stale.clone())])
             .unwrap();
         assert_eq!(current, vec![stale.clone()]);
+        assert!(client.held(&image.id).unwrap(), "frozen, yet not held");
         wait_exit(&mut writer, Duration::from_secs(8)).expect("still frozen 8 s past a 3 s bound");
         assert!(
             frozen_at.elapsed() > Duration::from_millis(2500),
             "thawed after {:?}, before the bound",
             frozen_at.elapsed()
+        );
+        assert!(
+            !client.held(&image.id).unwrap(),
+            "thawed by the bound, yet held"
         );
         let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
         assert!(!valid, "a check after the bound trusted the freeze");
@@ -918,6 +925,10 @@ mod freeze_guard {
             st.status.success(),
             "{}",
             String::from_utf8_lossy(&st.stderr)
+        );
+        assert!(
+            !client.held(&image.id).unwrap(),
+            "thawed by an admin, yet held"
         );
         let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
         assert!(!valid, "a check after someone thawed trusted the freeze");
