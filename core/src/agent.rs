@@ -9,8 +9,8 @@ use crate::loader::PluginRegistry;
 use crate::map::validate_item;
 use crate::model::{ConfigId, FrozenImage, ImageId, ImageMap, ItemId, ItemRecord, MapPart, Remap};
 use crate::protocol::{
-    encode_map_part_json, encode_message, read_message, write_frame, write_message, Request,
-    Response, DEFAULT_MAX_FRAME, VERSION,
+    encode_frozen_json, encode_map_part_json, encode_message, read_message, write_frame,
+    write_message, Request, Response, DEFAULT_MAX_FRAME, VERSION,
 };
 use crate::units::Bytes;
 use std::collections::HashMap;
@@ -393,7 +393,7 @@ impl Agent {
 
     /// Freeze, and answer with the first part of the map while a thread
     /// maps the rest (`MapMore` hands it out).
-    fn freeze_in_parts(&self, sources: &[String]) -> Result<(Frozen, MapPart)> {
+    fn freeze_in_parts(&self, sources: &[String]) -> Result<(Frozen, PartFromPlugin)> {
         let (image, freezer, mapper, validity) = self.freeze_only(sources)?;
         let freezer = Arc::new(std::sync::Mutex::new(freezer));
         let mapper = Arc::new(std::sync::Mutex::new(mapper));
@@ -416,16 +416,11 @@ impl Agent {
             parts: Some(parts),
             held,
         };
-        // The first part goes in the `frozen` answer: decoded.
-        let first = frozen
-            .parts
-            .as_mut()
-            .expect("started above")
-            .next()
-            .and_then(PartFromPlugin::decode);
+        // The first part goes in the `frozen` answer.
+        let first = frozen.parts.as_mut().expect("started above").next();
         match first {
             Ok(part) => {
-                if !part.more {
+                if !part.more() {
                     frozen.parts = None;
                 }
                 Ok((frozen, part))
@@ -524,6 +519,16 @@ impl Agent {
                 let (frozen, part) = self.freeze_in_parts(&sources)?;
                 let image = frozen.image.clone();
                 images.insert(image.id.clone(), frozen);
+                // The first part as the plugin wrote it, like the others.
+                let part = match part {
+                    PartFromPlugin::Json { json, more } => {
+                        match encode_frozen_json(&image, &json) {
+                            Some(frame) => return frame.map(Answer::Frame),
+                            None => PartFromPlugin::Json { json, more }.decode()?,
+                        }
+                    }
+                    PartFromPlugin::Part(p) => p,
+                };
                 Response::Frozen {
                     image,
                     map: part.map,

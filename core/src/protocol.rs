@@ -433,6 +433,42 @@ pub fn encode_map_part_json(json: &str) -> Option<Result<Vec<u8>>> {
     ]))
 }
 
+/// A [`Response::Frozen`] of `image` with the first part of its map, from
+/// that part's JSON as the plugin ABI writes it (the whole `map_part`
+/// message, `more` first): its map goes into the frame where the plugin's
+/// buffer holds it, neither decoded nor encoded again. `None` for a part
+/// written otherwise.
+pub fn encode_frozen_json(image: &FrozenImage, part_json: &str) -> Option<Result<Vec<u8>>> {
+    let fields = part_json.strip_prefix(MAP_PART_OPEN)?;
+    let (more, rest) = if let Some(r) = fields.strip_prefix(r#""more":true,"map":"#) {
+        (&br#","more":true}"#[..], r)
+    } else {
+        (
+            &br#","more":false}"#[..],
+            fields.strip_prefix(r#""more":false,"map":"#)?,
+        )
+    };
+    // The map, up to the brace that closes the message.
+    let map = rest.strip_suffix('}')?;
+    let image = match serde_json::to_vec(image) {
+        Ok(i) => i,
+        Err(e) => {
+            return Some(Err(Error::new(
+                ErrorKind::Protocol,
+                "cannot encode message",
+            )
+            .source(e)))
+        }
+    };
+    Some(encode_pieces(&[
+        br#"{"type":"frozen","image":"#,
+        &image,
+        br#","map":"#,
+        map.as_bytes(),
+        more,
+    ]))
+}
+
 /// A JSON payload as the frame that carries it (compressed when large).
 fn encode_payload(payload: &[u8]) -> Result<Vec<u8>> {
     encode_pieces(&[payload])
@@ -531,8 +567,22 @@ impl Message for Request {
 
 impl Message for Response {
     fn decode_tagged(tag: &str, body: &[u8]) -> Option<serde_json::Result<Self>> {
+        /// `frozen`'s fields (its map's first part: megabytes).
+        #[derive(Deserialize)]
+        struct Frozen {
+            image: FrozenImage,
+            map: ImageMap,
+            #[serde(default)]
+            more: bool,
+        }
         match tag {
             "map_part" => Some(serde_json::from_slice(body).map(Response::MapPart)),
+            "frozen" => {
+                Some(
+                    serde_json::from_slice(body)
+                        .map(|Frozen { image, map, more }| Response::Frozen { image, map, more }),
+                )
+            }
             _ => None,
         }
     }
@@ -585,6 +635,74 @@ pub fn read_message<T: Message>(r: &mut impl Read, max: u32) -> Result<Option<T>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_frozen_answer_made_from_a_plugin_s_first_part_is_the_answer_serde_makes() {
+        use crate::model::*;
+        let item = |k: u64| Item {
+            id: ItemId::new(format!("/srv/\"more\":false,}}{k}")),
+            kind: ItemKind::File,
+            size: crate::units::Bytes(k),
+            config: ConfigId::new(format!("f:{k}")),
+            extents: Vec::new(),
+            meta: Default::default(),
+            file: None,
+        };
+        let image = FrozenImage {
+            id: ImageId::new("fsflush-1-2"),
+            plugin: "fsflush".into(),
+            items: vec![FrozenItem {
+                id: ItemId::new("/srv"),
+                source: "fsflush:/srv".into(),
+                handle: serde_json::json!({"k": [1, "two"]}),
+            }],
+            frozen_at: 7,
+            mapper: Some("fiemap".into()),
+            writes_held: true,
+        };
+        for (more, n) in [(true, 300), (false, 1), (false, 0)] {
+            let part = MapPart {
+                more,
+                map: ImageMap {
+                    image: image.id.clone(),
+                    items: (0..n).map(item).collect(),
+                    failures: vec![ItemFailure {
+                        item: ItemId::new("/srv/gone"),
+                        error: "vanished".into(),
+                    }],
+                },
+            };
+            // As the plugin ABI writes a part: the map_part message.
+            let json = serde_json::to_string(&Response::MapPart(part.clone())).unwrap();
+            let frame = encode_frozen_json(&image, &json).unwrap().unwrap();
+            let want = Response::Frozen {
+                image: image.clone(),
+                map: part.map.clone(),
+                more,
+            };
+            let back: Response = read_message(&mut frame.as_slice(), DEFAULT_MAX_FRAME)
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, want);
+            // The tag-first path and the general one agree on serde's bytes.
+            let bytes = serde_json::to_vec(&want).unwrap();
+            let general: Response = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(general, want);
+            assert_eq!(decode_message::<Response>(&bytes).unwrap(), want);
+        }
+        // A part written otherwise is not taken apart.
+        assert!(encode_frozen_json(&image, r#"{"more":true,"map":{}}"#).is_none());
+        assert!(
+            encode_frozen_json(&image, r#"{"type":"map_part","map":{},"more":true}"#).is_none()
+        );
+        assert!(
+            encode_frozen_json(&image, r#"{"type":"map_part","more":true,"map":{}"#).is_some_and(
+                |f| {
+                    read_message::<Response>(&mut f.unwrap().as_slice(), DEFAULT_MAX_FRAME).is_err()
+                }
+            )
+        );
+    }
 
     #[test]
     fn a_tag_first_batch_of_checks_decodes_as_the_general_path_does() {
