@@ -742,11 +742,16 @@ impl Reader<'_> {
         if b.asked.is_some() || b.pending.outstanding > 0 {
             return Ok(());
         }
+        let checked = checked_members(&b.members);
+        if checked.is_empty() {
+            // Nothing to check: nothing asked (an answer would never be read).
+            return Ok(());
+        }
         if self.held {
             b.asked = self.agent.held_ahead(&self.image.id)?.map(Asked::Held);
             return Ok(());
         }
-        let items: Vec<(ItemId, crate::model::ConfigId)> = checked_members(&b.members)
+        let items: Vec<(ItemId, crate::model::ConfigId)> = checked
             .into_iter()
             .map(|k| {
                 (
@@ -755,12 +760,10 @@ impl Reader<'_> {
                 )
             })
             .collect();
-        if !items.is_empty() {
-            b.asked = self
-                .agent
-                .check_many_ahead(&self.image.id, items)?
-                .map(Asked::Configs);
-        }
+        b.asked = self
+            .agent
+            .check_many_ahead(&self.image.id, items)?
+            .map(Asked::Configs);
         Ok(())
     }
 
