@@ -530,13 +530,23 @@ impl MapperExport {
     const FIRST_BYTES_PER_ITEM: usize = 768;
 }
 
+/// The most room [`part_json`] takes before writing.
+const PART_ROOM_MAX: usize = 64 << 20;
+
 /// `part` as JSON, into a buffer of `per_item` bytes per item: the
 /// protocol's `map_part` message (its tag, then the part's fields as serde
 /// writes them — `more` first), which the agent sends as it is. A
 /// [`MapPart`] decoder takes it too (the tag is a field it ignores).
 fn part_json(part: &MapPart, per_item: usize) -> Result<String> {
     let items = part.map.items.len() + part.map.failures.len();
-    let mut out = Vec::with_capacity(items.saturating_mul(per_item).saturating_add(256));
+    // At most 64 MiB up front: a part of one volume's map (a JSON of tens
+    // of MB) must not make the next part of 4,096 files ask for as much
+    // per item; past that, the buffer grows as it is written.
+    let room = items
+        .saturating_mul(per_item)
+        .saturating_add(256)
+        .min(PART_ROOM_MAX);
+    let mut out = Vec::with_capacity(room);
     out.extend_from_slice(crate::protocol::MAP_PART_OPEN.as_bytes());
     out.extend_from_slice(if part.more {
         br#""more":true,"map":"#
@@ -982,7 +992,7 @@ mod tests {
             for items in [0, 1, 300] {
                 let p = part(more, items);
                 // As the plugin side writes it, whatever size it guessed.
-                for per_item in [0, 1, 768] {
+                for per_item in [0, 1, 768, usize::MAX] {
                     let json = part_json(&p, per_item).unwrap();
                     let message = crate::protocol::Response::MapPart(p.clone());
                     assert_eq!(json, serde_json::to_string(&message).unwrap());
