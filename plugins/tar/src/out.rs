@@ -465,38 +465,14 @@ impl ArchiveOut {
 
     /// Hand everything appended so far to the file and wait until it is
     /// written (direct: every stage written, the last partly filled block
-    /// padded with zeros), so that an fsync after this covers it.
+    /// padded with zeros), so that an fsync after this covers it: a hand
+    /// over, then every write in flight waited for (the first error, as
+    /// the write met it).
     pub fn flush(&mut self) -> std::io::Result<()> {
+        self.hand_over()?;
         match &mut self.stage {
-            Stage::Buffered { buf } => {
-                self.file.write_all(buf)?;
-                buf.clear();
-                Ok(())
-            }
-            Stage::Direct {
-                buf,
-                len,
-                at,
-                writer,
-            } => {
-                writer.drain()?;
-                let whole = *len - *len % BLOCK;
-                let partial = *len - whole;
-                let out = if partial > 0 {
-                    buf[*len..whole + BLOCK].fill(0);
-                    whole + BLOCK
-                } else {
-                    whole
-                };
-                if out > 0 {
-                    self.file.write_all_at(&buf[..out], *at)?;
-                }
-                // The partial block stays staged (rewritten whole later).
-                buf.copy_within(whole..*len, 0);
-                *at += whole as u64;
-                *len = partial;
-                Ok(())
-            }
+            Stage::Buffered { .. } => Ok(()),
+            Stage::Direct { writer, .. } => writer.drain(),
         }
     }
 
