@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The Floe plugin ABI version this build implements.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// The C symbol every plugin exports with its ABI version.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"floe_plugin_abi_version\0";
@@ -85,6 +85,17 @@ pub trait Mapper: Send {
     /// Default: decoded.
     fn map_part_raw(&mut self, image: &FrozenImage) -> Result<PartFromPlugin> {
         Ok(PartFromPlugin::Part(self.map_part(image)?))
+    }
+    /// Does every extent of the whole map still hold what it held when it
+    /// was mapped, as far as this mapper saw — no write submitted to a
+    /// mapped extent since the map began (it began while the freezer held
+    /// writes, so none was in flight)? Asked after the reads it covers,
+    /// once the whole map is made, when the freezer no longer holds
+    /// writes: while true, checks are answered without a look. Must
+    /// answer false once it may have missed a write, and keep answering
+    /// false. Must not block. Default: no.
+    fn untouched(&mut self, _image: &FrozenImage) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -340,6 +351,10 @@ pub trait MapperAbi: Send {
     /// JSON [`FrozenImage`] → JSON [`MapPart`].
     #[sabi(last_prefix_field)]
     fn map_part(&mut self, image: RStr<'_>) -> RResult<RString, RString>;
+    /// JSON [`FrozenImage`] → untouched since the map? (ABI 8.)
+    fn untouched(&mut self, _image: RStr<'_>) -> RResult<bool, RString> {
+        ROk(false)
+    }
 }
 
 /// ABI twin of [`ValidityIndicator`].
@@ -583,6 +598,11 @@ impl MapperAbi for MapperExport {
                 self.bytes_per_item = per + per / 8;
             }
             Ok(RString::from(json))
+        })
+    }
+    fn untouched(&mut self, image: RStr<'_>) -> RResult<bool, RString> {
+        guard("untouched", || {
+            self.mapper.untouched(&from_json(image.as_str(), "image")?)
         })
     }
 }
@@ -864,6 +884,12 @@ impl Mapper for LoadedMapper {
                 Ok(PartFromPlugin::Json { json, more })
             }
             RErr(e) => Err(err_from_text(&self.0, "map part", &e)),
+        }
+    }
+    fn untouched(&mut self, image: &FrozenImage) -> Result<bool> {
+        match self.1.untouched(to_json(image)?.as_str().into()) {
+            ROk(untouched) => Ok(untouched),
+            RErr(e) => Err(err_from_text(&self.0, "untouched", &e)),
         }
     }
 }

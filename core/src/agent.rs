@@ -55,10 +55,11 @@ struct Frozen {
     /// The rest of a map handed out in parts, while it is being made.
     parts: Option<MapParts>,
     /// Writes may still be held since before the map (a FIFREEZE
-    /// freezer): each config check asks the freezer
-    /// ([`Freezer::writes_held`]), and while it says so, everything read
-    /// so far is as mapped and the check is answered without a look.
-    /// False for good once the freezer says no.
+    /// freezer), or none reached a mapped extent since: each config check
+    /// asks the freezer ([`Freezer::writes_held`]), then the mapper
+    /// ([`Mapper::untouched`]), and while one says so, everything read so
+    /// far is as mapped and the check is answered without a look. False
+    /// for good once both say no.
     held: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -94,7 +95,9 @@ impl MapParts {
                     held.store(false, Ordering::SeqCst);
                     let mut f = lock(&freezer);
                     f.mapped(&image)?;
-                    if f.writes_held(&image).unwrap_or(false) {
+                    if f.writes_held(&image).unwrap_or(false)
+                        || lock(&mapper).untouched(&image).unwrap_or(false)
+                    {
                         held.store(true, Ordering::SeqCst);
                     }
                     Ok(())
@@ -186,6 +189,9 @@ impl Frozen {
         if lock(&self.freezer)
             .writes_held(&self.image)
             .unwrap_or(false)
+            || lock(&self.mapper)
+                .untouched(&self.image)
+                .unwrap_or(false)
         {
             return true;
         }
@@ -364,7 +370,9 @@ impl Agent {
         // Writes held for the map (FIFREEZE) are let go now, mapped or
         // not (unless the freezer holds them until release).
         let settled = freezer.mapped(&image).map_err(|e| e.op("thaw"));
-        let held = settled.is_ok() && freezer.writes_held(&image).unwrap_or(false);
+        let held = settled.is_ok()
+            && (freezer.writes_held(&image).unwrap_or(false)
+                || mapper.untouched(&image).unwrap_or(false));
         let map = match (mapping, settled) {
             (Ok(m), Ok(())) => m,
             (Err(e), _) | (Ok(_), Err(e)) => {

@@ -20,6 +20,10 @@ pub struct FsDevice {
     pub offset: u64,
     /// The kernel's name for it (`loop3p1`), for messages.
     pub name: String,
+    /// Its block device numbers (the partition's, then its disk's) and
+    /// the byte address in `id`'s space of each one's sector 0: where a
+    /// write traced on either lands ([`crate::watch`]).
+    pub kernel: Vec<(u64, i128)>,
 }
 
 fn read(dir: &Path, f: &str) -> Option<String> {
@@ -54,7 +58,8 @@ pub fn sysfs_block(dev: u64) -> Result<(PathBuf, String)> {
 /// The device of `dev` (an `st_dev`), from sysfs.
 pub fn fs_device(dev: u64) -> Result<FsDevice> {
     let (sys, name) = sysfs_block(dev)?;
-    let (disk, offset) = if sys.join("partition").exists() {
+    let partition = sys.join("partition").exists();
+    let (disk, offset) = if partition {
         let start: u64 = read(&sys, "start")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
@@ -93,10 +98,25 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
             }
         }
     };
+    // `offset` is where the file system starts in `id`'s space; its
+    // partition starts `start` bytes into the disk.
+    let offset_i = i128::from(offset);
+    let mut kernel = vec![(dev, offset_i)];
+    if partition {
+        let start = i128::from(read(&sys, "start").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)) * 512;
+        let whole = read(&disk, "dev").and_then(|d| {
+            let (ma, mi) = d.split_once(':')?;
+            Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
+        });
+        if let Some(whole) = whole {
+            kernel.push((whole, offset_i - start));
+        }
+    }
     Ok(FsDevice {
         id: DeviceId::new(id),
         offset,
         name,
+        kernel,
     })
 }
 

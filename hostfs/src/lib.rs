@@ -16,3 +16,4 @@ pub mod ondisk;
 pub mod source;
 pub mod sys;
 pub mod volume;
+pub mod watch;

@@ -13,6 +13,7 @@ use crate::identity::FsDevice;
 use crate::meta::{capture, capture_from, kind_of, XattrSource};
 use crate::source::{item_id, list_skipping, parse_source, Listed, Selection};
 use crate::sys::{fiemap, generation, FiemapExtent, FIEMAP_FLAG_SYNC};
+use crate::watch::{Watched, WriteWatch};
 use floe_core::abi::{Mapper, ValidityIndicator};
 use floe_core::error::{Error, ErrorKind, Result};
 use floe_core::model::*;
@@ -93,10 +94,28 @@ pub trait Translate: Send + Sync {
     fn epoch(&self) -> String {
         String::new()
     }
+    /// The block devices its extents are on, to watch for writes
+    /// ([`crate::watch`]); `None`: not known (then nothing is vouched for).
+    fn watched(&self) -> Option<Vec<Watched>> {
+        None
+    }
 }
 
 /// A file system on one device (ext4, XFS): address = offset on it.
 impl Translate for FsDevice {
+    fn watched(&self) -> Option<Vec<Watched>> {
+        Some(
+            self.kernel
+                .iter()
+                .map(|&(dev, delta)| Watched {
+                    device: self.id.clone(),
+                    dev,
+                    delta,
+                })
+                .collect(),
+        )
+    }
+
     fn translate(&self, addr: u64, len: u64) -> Result<Vec<(DeviceId, u64, u64)>> {
         let at = self.offset.checked_add(addr).ok_or_else(|| {
             Error::new(ErrorKind::InvalidMap, format!("address {addr} overflows"))
@@ -128,6 +147,11 @@ struct ImageFiles {
     files: ItemMap<MappedFile>,
     /// The devices [`Placed::Data`] extents name, by index.
     devices: Vec<DeviceId>,
+    /// Bumped by every [`ImageFiles::record`].
+    version: u64,
+    /// Some item read from a device has extents not kept here (layered,
+    /// or not a regular file): a watch of writes cannot vouch for it.
+    unwatched: bool,
 }
 
 /// A regular file as mapped.
@@ -197,6 +221,13 @@ impl ImageFiles {
 
     /// Keep a file's map (replacing what was kept of it).
     fn record(&mut self, item: &Item, inode: Option<(u32, u32)>) {
+        self.version += 1;
+        if item.extents.iter().any(|e| match &e.kind {
+            ExtentKind::Data(c) => !c.layers.is_empty(),
+            _ => false,
+        }) {
+            self.unwatched = true;
+        }
         let placed = item
             .extents
             .iter()
@@ -252,6 +283,81 @@ pub struct FileMapper {
     /// Regular files mapped from the device, and those the device reader
     /// left to the kernel.
     on_disk_counts: (u64, u64),
+    /// Watch the devices for writes from the map on (plugin option
+    /// `watch_writes`, default on): see [`Mapper::untouched`].
+    watch_writes: bool,
+    /// Per image mapped while its writes were held, the watch of its
+    /// devices (or why there is none).
+    watches: HashMap<ImageId, Watching>,
+}
+
+/// An image's watch for writes to its mapped extents.
+struct Watching {
+    watch: std::result::Result<WriteWatch, String>,
+    /// Why it no longer vouches (logged once).
+    ended: Option<String>,
+    /// The mapped extents, sorted, as of [`ImageFiles::version`].
+    index: Option<(u64, ExtentIndex)>,
+}
+
+/// Mapped device ranges, to find a write's overlap fast: (device index in
+/// [`ImageFiles::devices`], first byte, end) sorted, with the largest end
+/// so far at each position.
+struct ExtentIndex {
+    ranges: Vec<(usize, u64, u64)>,
+    max_end: Vec<u64>,
+}
+
+impl ExtentIndex {
+    fn of(kept: &ImageFiles) -> ExtentIndex {
+        let mut ranges: Vec<(usize, u64, u64)> = kept
+            .files
+            .values()
+            .flat_map(|f| f.placed.iter())
+            .filter_map(|p| match *p {
+                Placed::Data {
+                    device,
+                    start,
+                    count,
+                    block_size,
+                    ..
+                } => {
+                    let bs = u64::from(block_size);
+                    let a = start.saturating_mul(bs);
+                    Some((device, a, a.saturating_add(count.saturating_mul(bs))))
+                }
+                Placed::Hole { .. } | Placed::Zero { .. } => None,
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut max_end = Vec::with_capacity(ranges.len());
+        let mut prev: Option<(usize, u64)> = None;
+        for &(d, _, end) in &ranges {
+            let m = match prev {
+                Some((pd, pm)) if pd == d => pm.max(end),
+                _ => end,
+            };
+            max_end.push(m);
+            prev = Some((d, m));
+        }
+        ExtentIndex { ranges, max_end }
+    }
+
+    /// A mapped range on `device` that `[a, b)` overlaps.
+    fn overlap(&self, device: usize, a: u64, b: u64) -> Option<(u64, u64)> {
+        // Ranges of `device` starting before `b`; the last of them with
+        // the largest end so far reaching past `a` overlaps.
+        let lo = self.ranges.partition_point(|r| r.0 < device);
+        let hi = self.ranges.partition_point(|r| (r.0, r.1) < (device, b));
+        if hi <= lo || self.max_end[hi - 1] <= a {
+            return None;
+        }
+        self.ranges[lo..hi]
+            .iter()
+            .rev()
+            .find(|r| r.2 > a)
+            .map(|r| (r.1, r.2))
+    }
 }
 
 impl Drop for FileMapper {
@@ -603,6 +709,8 @@ impl FileMapper {
             registered: Vec::new(),
             on_disk: true,
             on_disk_counts: (0, 0),
+            watch_writes: true,
+            watches: HashMap::new(),
         }
     }
 
@@ -615,8 +723,9 @@ impl FileMapper {
     }
 
     /// A mapper configured by its plugin config: `part_entries` (entries
-    /// per part of the map, default [`PART_ENTRIES`]) and `on_disk`
-    /// (`false`: map frozen ext2/3/4 files through the kernel only).
+    /// per part of the map, default [`PART_ENTRIES`]), `on_disk`
+    /// (`false`: map frozen ext2/3/4 files through the kernel only) and
+    /// `watch_writes` (`false`: after the thaw, check every file).
     pub fn configured(
         translators: TranslatorFactory,
         config: &serde_json::Value,
@@ -635,16 +744,26 @@ impl FileMapper {
                     )
                 })?;
         }
-        if let Some(v) = config.get("on_disk") {
-            m.on_disk = v
-                .as_bool()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!("on_disk must be true or false, got {v}"),
-                    )
-                })?;
+        let flag = |name: &str| -> Result<Option<bool>> {
+            config
+                .get(name)
+                .map(|v| {
+                    v.as_bool()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Config,
+                                format!("{name} must be true or false, got {v}"),
+                            )
+                        })
+                })
+                .transpose()
+        };
+        if let Some(on) = flag("on_disk")? {
+            m.on_disk = on;
+        }
+        if let Some(on) = flag("watch_writes")? {
+            m.watch_writes = on;
         }
         Ok(m)
     }
@@ -968,6 +1087,26 @@ struct Parts {
 }
 
 impl FileMapper {
+    /// Start watching the devices of every source walked, before any
+    /// file's extents are mapped (its writes are held meanwhile).
+    fn watch(parts: &Parts) -> std::result::Result<WriteWatch, String> {
+        let read_whole = parts
+            .first
+            .as_ref()
+            .is_some_and(|(items, _)| !items.is_empty());
+        if read_whole {
+            return Err("a volume is read whole".into());
+        }
+        let mut devices = Vec::new();
+        for tr in &parts.translators {
+            devices.extend(
+                tr.watched()
+                    .ok_or("this file system's devices are not known to the watch")?,
+            );
+        }
+        WriteWatch::start(devices)
+    }
+
     /// Walk every source of `image` (the part that cannot be split).
     fn walk_all(&self, image: &FrozenImage) -> Result<Parts> {
         let hs = handles(image)?;
@@ -1073,7 +1212,24 @@ impl FileMapper {
     fn map_next(&mut self, image: &FrozenImage) -> Result<MapPart> {
         if self.parts.is_none() {
             self.on_disk_counts = (0, 0);
-            self.parts = Some(self.walk_all(image)?);
+            let parts = self.walk_all(image)?;
+            if self.watch_writes && image.writes_held && !self.watches.contains_key(&image.id) {
+                let watch = Self::watch(&parts);
+                if let Err(why) = &watch {
+                    floe_core::log_line!(
+                        "floe agent: fiemap: writes to the mapped extents are not watched ({why}): after the thaw every file is checked"
+                    );
+                }
+                self.watches.insert(
+                    image.id.clone(),
+                    Watching {
+                        watch,
+                        ended: None,
+                        index: None,
+                    },
+                );
+            }
+            self.parts = Some(parts);
         } else {
             floe_core::media::pausepoint("map-part");
         }
@@ -1185,6 +1341,12 @@ impl FileMapper {
                     if item.kind == ItemKind::File {
                         kept.record(&item, inode_of(&item.config).filter(|_| ext));
                         recorded = true;
+                    } else if item
+                        .extents
+                        .iter()
+                        .any(|e| matches!(e.kind, ExtentKind::Data(_)))
+                    {
+                        kept.unwatched = true;
                     }
                     items.push(item);
                 }
@@ -1242,6 +1404,55 @@ impl Mapper for FileMapper {
 
     fn map_part(&mut self, image: &FrozenImage) -> Result<MapPart> {
         self.map_next(image).inspect_err(|_| self.parts = None)
+    }
+
+    fn untouched(&mut self, image: &FrozenImage) -> Result<bool> {
+        // Not before the whole map is made (its extents are not all known).
+        if self.parts.is_some() {
+            return Ok(false);
+        }
+        let Some(w) = self.watches.get_mut(&image.id) else {
+            return Ok(false);
+        };
+        if w.ended.is_some() {
+            return Ok(false);
+        }
+        let Ok(watch) = &mut w.watch else {
+            return Ok(false);
+        };
+        let ended = match watch.writes() {
+            Ok(writes) if writes.is_empty() => return Ok(true),
+            Ok(writes) => {
+                let all = mapped_files();
+                let empty = ImageFiles::default();
+                let kept = all.get(&image.id).unwrap_or(&empty);
+                if kept.unwatched {
+                    Some("some extents are not the watch's to vouch for".to_string())
+                } else {
+                    if w.index.as_ref().is_none_or(|(v, _)| *v != kept.version) {
+                        w.index = Some((kept.version, ExtentIndex::of(kept)));
+                    }
+                    let index = &w.index.as_ref().expect("built above").1;
+                    writes.iter().find_map(|&(k, a, b)| {
+                        let device = &watch.devices()[k].device;
+                        let d = kept.devices.iter().position(|x| x == device)?;
+                        let (s, e) = index.overlap(d, a, b)?;
+                        Some(format!(
+                            "a write to bytes {a}..{b} of {device} reached the mapped extent {s}..{e}"
+                        ))
+                    })
+                }
+            }
+            Err(why) => Some(why),
+        };
+        let Some(why) = ended else {
+            return Ok(true);
+        };
+        floe_core::log_line!(
+            "floe agent: fiemap: the watch of writes stops vouching for the map ({why}): files are checked one by one from now on"
+        );
+        w.ended = Some(why);
+        Ok(false)
     }
 
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {

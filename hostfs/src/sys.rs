@@ -41,6 +41,8 @@
 //! functions (`setsid`, `sigaction`, `poll`, `read`, `ioctl`, `_exit`).
 
 use std::os::fd::{AsRawFd, RawFd};
+
+pub mod perf;
 use std::time::Duration;
 
 const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;

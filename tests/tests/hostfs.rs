@@ -709,7 +709,10 @@ mod freeze_guard {
         slowly_mapping_agent_with(name, files, pause_ms, wrapper, &[])
     }
 
-    /// [`slowly_mapping_agent_under`] with more agent arguments.
+    /// [`slowly_mapping_agent_under`] with more agent arguments. The
+    /// watch of writes is off (these tests are about the freeze and the
+    /// checks of each file; the watch would vouch for files no write
+    /// reached): `fiemap.watch_writes=true` in `more_args` turns it on.
     fn slowly_mapping_agent_with(
         name: &str,
         files: u8,
@@ -734,6 +737,8 @@ mod freeze_guard {
             &allow,
             "--plugin-opt",
             "fiemap.part_entries=5",
+            "--plugin-opt",
+            "fiemap.watch_writes=false",
         ];
         args.extend_from_slice(more_args);
         let agent = AgentProcess::start_under(wrapper, &args, &[("FLOE_PAUSEPOINT", &pause)]);
@@ -819,6 +824,89 @@ mod freeze_guard {
         let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
         assert!(!valid, "a check after the thaw trusted the freeze");
         assert_eq!(current, item.config, "the real config id");
+        client.release(&image.id).unwrap();
+    }
+
+    /// After the thaw (flush-only, the default), the mapper's watch of the
+    /// device vouches for the map until a write reaches a mapped extent:
+    /// checks are answered without a look while the file system is only
+    /// written elsewhere (the thaw's own superblock write, a new file),
+    /// and look again from the first write into a mapped file's blocks.
+    #[test]
+    fn after_the_thaw_the_map_is_trusted_until_a_write_reaches_a_mapped_extent() {
+        let name = "after_the_thaw_the_map_is_trusted_until_a_write_reaches_a_mapped_extent";
+        let Some((fs, agent, allow)) = slowly_mapping_agent_with(
+            name,
+            20,
+            0,
+            &[],
+            &["--plugin-opt", "fiemap.watch_writes=true"],
+        ) else {
+            return;
+        };
+        let (mut client, image, items) = map_whole(&agent, &allow);
+        let item = items
+            .iter()
+            .find(|i| i.id.as_str().ends_with("/f07"))
+            .expect("f07 mapped")
+            .clone();
+        assert!(
+            item.extents
+                .iter()
+                .any(|e| matches!(e.kind, floe_core::model::ExtentKind::Data(_))),
+            "f07 has no extent on the device: {:?}",
+            item.extents
+        );
+        let stale = ConfigId::new("not-the-config-id");
+        // Thawed; nothing written since but the thaw's own metadata.
+        assert!(
+            client.held(&image.id).unwrap(),
+            "thawed, nothing written, yet not vouched for"
+        );
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(valid && current == stale, "{current}");
+        // A new file, written through to the device: other blocks.
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(fs.mnt.join("new")).unwrap();
+            f.write_all(&vec![9u8; 200_000]).unwrap();
+            f.sync_all().unwrap();
+        }
+        fs.sync();
+        assert!(
+            client.held(&image.id).unwrap(),
+            "a write elsewhere ended the trust"
+        );
+        // f07 rewritten in place and written back: a mapped extent.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(fs.mnt.join("f07"))
+                .unwrap();
+            f.write_all_at(&[0xAB; 4096], 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        assert!(
+            !client.held(&image.id).unwrap(),
+            "a write into a mapped extent, yet vouched for"
+        );
+        let (current, valid) = client.check(&image.id, &item.id, &item.config).unwrap();
+        assert!(!valid && current != item.config, "{current}");
+        // For good, even for a file nobody wrote.
+        assert!(!client.held(&image.id).unwrap());
+        let other = items
+            .iter()
+            .find(|i| i.id.as_str().ends_with("/f03"))
+            .expect("f03 mapped");
+        let (current, valid) = client.check(&image.id, &other.id, &stale).unwrap();
+        assert!(!valid && current == other.config, "{current}");
+        assert!(
+            agent
+                .wait_for("stops vouching for the map", Duration::from_secs(5))
+                .is_some(),
+            "the agent did not log why it checks every file"
+        );
         client.release(&image.id).unwrap();
     }
 
