@@ -189,9 +189,7 @@ impl Frozen {
         if lock(&self.freezer)
             .writes_held(&self.image)
             .unwrap_or(false)
-            || lock(&self.mapper)
-                .untouched(&self.image)
-                .unwrap_or(false)
+            || lock(&self.mapper).untouched(&self.image).unwrap_or(false)
         {
             return true;
         }

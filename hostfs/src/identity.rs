@@ -103,7 +103,11 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
     let offset_i = i128::from(offset);
     let mut kernel = vec![(dev, offset_i)];
     if partition {
-        let start = i128::from(read(&sys, "start").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)) * 512;
+        let start = i128::from(
+            read(&sys, "start")
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0),
+        ) * 512;
         let whole = read(&disk, "dev").and_then(|d| {
             let (ma, mi) = d.split_once(':')?;
             Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))

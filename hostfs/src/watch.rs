@@ -194,7 +194,9 @@ pub fn parse_records(b: &[u8], format: &Format) -> Result<Records, String> {
         };
         let size = usize::from(u16::from_ne_bytes([size[0], size[1]]));
         if size < 8 || at + size > b.len() {
-            return Err(format!("a record of {size} bytes at byte {at} does not fit"));
+            return Err(format!(
+                "a record of {size} bytes at byte {at} does not fit"
+            ));
         }
         let rec = &b[at..at + size];
         at += size;
@@ -275,7 +277,8 @@ impl WriteWatch {
         let filter = format!("({}) && !(rwbs ~ \"R*\")", any.join(" || "));
         let filter = std::ffi::CString::new(filter).map_err(|e| e.to_string())?;
         let online = std::fs::read_to_string(ONLINE).map_err(|e| format!("{ONLINE}: {e}"))?;
-        let cpus = parse_cpus(&online).ok_or_else(|| format!("{ONLINE}: cannot read {online:?}"))?;
+        let cpus =
+            parse_cpus(&online).ok_or_else(|| format!("{ONLINE}: cannot read {online:?}"))?;
         let rings = cpus
             .iter()
             .map(|&cpu| {
@@ -342,10 +345,7 @@ impl WriteWatch {
                     break;
                 }
                 if pass == 1 {
-                    return Err(format!(
-                        "{} writes counted, {} recorded",
-                        count, *seen
-                    ));
+                    return Err(format!("{} writes counted, {} recorded", count, *seen));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
@@ -353,7 +353,12 @@ impl WriteWatch {
         let mut out = Vec::new();
         for w in found {
             let end = w.start.saturating_add(w.length);
-            for (k, d) in self.devices.iter().enumerate().filter(|(_, d)| d.dev == w.dev) {
+            for (k, d) in self
+                .devices
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.dev == w.dev)
+            {
                 let at = |b: u64| -> u64 {
                     u64::try_from((i128::from(b) + d.delta).max(0)).unwrap_or(u64::MAX)
                 };
@@ -440,10 +445,26 @@ print fmt: \"%d,%d %s %llu + %u [%s]\", ((unsigned int) ((REC->dev) >> 20))
         assert_eq!(
             r.writes,
             vec![
-                Write { dev: dev0, start: 40960, length: 4096 },
-                Write { dev: dev0, start: 2048 * 512, length: 2048 * 512 },
-                Write { dev: libc::makedev(7, 3), start: 5120, length: 512 },
-                Write { dev: dev0, start: 32768, length: 4096 },
+                Write {
+                    dev: dev0,
+                    start: 40960,
+                    length: 4096
+                },
+                Write {
+                    dev: dev0,
+                    start: 2048 * 512,
+                    length: 2048 * 512
+                },
+                Write {
+                    dev: libc::makedev(7, 3),
+                    start: 5120,
+                    length: 512
+                },
+                Write {
+                    dev: dev0,
+                    start: 32768,
+                    length: 4096
+                },
             ]
         );
     }

@@ -910,6 +910,62 @@ mod freeze_guard {
         client.release(&image.id).unwrap();
     }
 
+    /// A watch that may have missed a write vouches for nothing: a flood
+    /// of writes elsewhere, more than its rings hold between two looks,
+    /// ends the trust as a write into a mapped file would.
+    #[test]
+    fn a_watch_that_may_have_missed_a_write_vouches_for_nothing() {
+        let name = "a_watch_that_may_have_missed_a_write_vouches_for_nothing";
+        if !floe_tests::have("dd") {
+            return skip(name, "dd is missing");
+        }
+        let Some((fs, agent, allow)) = slowly_mapping_agent_with(
+            name,
+            8,
+            0,
+            &[],
+            &["--plugin-opt", "fiemap.watch_writes=true"],
+        ) else {
+            return;
+        };
+        let (mut client, image, items) = map_whole(&agent, &allow);
+        let item = items
+            .iter()
+            .find(|i| i.kind == ItemKind::File)
+            .expect("a file")
+            .clone();
+        assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
+        // 6,144 writes of 4 KiB, each its own bio (O_DIRECT), to a new
+        // file: about 400 KiB of records against 128 KiB per CPU.
+        let st = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k", "count=6144", "oflag=direct"])
+            .arg(format!("of={}", fs.mnt.join("flood").display()))
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        assert!(
+            !client.held(&image.id).unwrap(),
+            "a watch that cannot have kept every record still vouches"
+        );
+        let stale = ConfigId::new("not-the-config-id");
+        let (current, valid) = client.check(&image.id, &item.id, &stale).unwrap();
+        assert!(!valid && current == item.config, "{current}");
+        let line = agent
+            .wait_for("stops vouching for the map", Duration::from_secs(5))
+            .expect("the agent did not log why it checks every file");
+        assert!(
+            line.contains("more writes than the watch holds")
+                || line.contains("dropped or throttled")
+                || line.contains("recorded"),
+            "{line}"
+        );
+        client.release(&image.id).unwrap();
+    }
+
     /// `hold_writes=backup`: past the map, checks are answered without a
     /// look while the file system stays frozen; once the freeze bound has
     /// thawed it, they look again (the rest of a set would be read as

@@ -122,13 +122,7 @@ impl TracepointRing {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: SET_FILTER reads a NUL-terminated string, which `filter`
         // is, alive for the call.
-        let r = unsafe {
-            libc::ioctl(
-                fd.as_raw_fd(),
-                PERF_EVENT_IOC_SET_FILTER,
-                filter.as_ptr(),
-            )
-        };
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_FILTER, filter.as_ptr()) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -180,7 +174,7 @@ impl TracepointRing {
     /// The header page's 64-bit word at `at`, read as the kernel may be
     /// writing it.
     fn atomic(&self, at: usize) -> &AtomicU64 {
-        debug_assert!(at % 8 == 0 && at + 8 <= self.data_offset);
+        debug_assert!(at.is_multiple_of(8) && at + 8 <= self.data_offset);
         // SAFETY: `at` is one of the header page's aligned u64 fields,
         // inside the mapping, which lives as long as `self`; AtomicU64 has
         // the layout of u64.
@@ -225,8 +219,10 @@ impl TracepointRing {
         }
         // Release: our reads are done before the kernel may reuse the
         // room (the ABI's mb() before writing data_tail).
-        self.atomic(DATA_TAIL)
-            .store(tail.wrapping_add(used as u64), Ordering::Release);
+        self.atomic(DATA_TAIL).store(
+            tail.wrapping_add(u64::try_from(used).unwrap_or(0)),
+            Ordering::Release,
+        );
         size - used
     }
 }

@@ -6,6 +6,13 @@
 //!
 //! It maps images made by a file system freezer (`fsflush`, `reflink`),
 //! which names it as the image's mapper.
+//!
+//! For an image whose freezer holds writes while it is mapped (`fsflush`)
+//! it watches the writes queued on the file system's device from the map
+//! on ([`floe_hostfs::watch`]) and, after the thaw, vouches for the map
+//! until one reaches a mapped extent (`Mapper::untouched`): checks are
+//! then answered without looking at a file. `--plugin-opt
+//! fiemap.watch_writes=false` turns the watch off.
 
 /// mimalloc instead of glibc's malloc inside this plugin too (a cdylib has
 /// its own allocator; values crossing the ABI carry theirs): mapping

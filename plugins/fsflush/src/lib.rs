@@ -12,6 +12,8 @@
 //!
 //! Flush-only keeps no old version: a file changed after the thaw is read
 //! whole in its newer version and recorded as captured after the freeze.
+//! (Until a write reaches a mapped extent, the mapper's watch of queued
+//! writes vouches that nothing read changed: `Mapper::untouched`.)
 //!
 //! `--plugin-opt fsflush.hold_writes=backup` holds writes past the map,
 //! until the mover releases the image (still within the freeze bound):
