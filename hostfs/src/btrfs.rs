@@ -64,6 +64,9 @@ pub struct ChunkMap {
     pub chunks: BTreeMap<u64, Chunk>,
     /// Device identity by devid.
     pub devices: BTreeMap<u64, DeviceId>,
+    /// Device path by devid, as the kernel has it (not part of the
+    /// digest: the same device may be reached by another path).
+    pub paths: BTreeMap<u64, String>,
 }
 
 /// Format a UUID the usual way.
@@ -125,16 +128,41 @@ impl ChunkMap {
         }
         let (max_id, _, _) = crate::sys::btrfs_fs_info(fd).map_err(|e| io("fs info", e))?;
         for devid in 1..=max_id {
-            if let Some((uuid, _)) =
+            if let Some((uuid, path)) =
                 crate::sys::btrfs_dev_info(fd, devid).map_err(|e| io("dev info", e))?
             {
                 map.devices.insert(
                     devid,
                     DeviceId::new(format!("btrfs-dev:{}", uuid_text(&uuid))),
                 );
+                map.paths.insert(devid, path);
             }
         }
         Ok(map)
+    }
+
+    /// Every device's block device numbers for a watch of writes (a
+    /// device's offsets are from its own start); `None` if one cannot be
+    /// found.
+    pub fn watched(&self) -> Option<Vec<crate::watch::Watched>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        for (devid, id) in &self.devices {
+            let rdev = std::fs::metadata(self.paths.get(devid)?).ok()?.rdev();
+            if rdev == 0 {
+                return None;
+            }
+            out.extend(
+                crate::identity::kernel_devices(rdev, 0)
+                    .into_iter()
+                    .map(|(dev, delta)| crate::watch::Watched {
+                        device: id.clone(),
+                        dev,
+                        delta,
+                    }),
+            );
+        }
+        Some(out)
     }
 
     /// A digest of the whole map: changes when any chunk moves or a device

@@ -58,8 +58,7 @@ pub fn sysfs_block(dev: u64) -> Result<(PathBuf, String)> {
 /// The device of `dev` (an `st_dev`), from sysfs.
 pub fn fs_device(dev: u64) -> Result<FsDevice> {
     let (sys, name) = sysfs_block(dev)?;
-    let partition = sys.join("partition").exists();
-    let (disk, offset) = if partition {
+    let (disk, offset) = if sys.join("partition").exists() {
         let start: u64 = read(&sys, "start")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
@@ -98,30 +97,39 @@ pub fn fs_device(dev: u64) -> Result<FsDevice> {
             }
         }
     };
-    // `offset` is where the file system starts in `id`'s space; its
-    // partition starts `start` bytes into the disk.
-    let offset_i = i128::from(offset);
-    let mut kernel = vec![(dev, offset_i)];
-    if partition {
-        let start = i128::from(
-            read(&sys, "start")
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0),
-        ) * 512;
-        let whole = read(&disk, "dev").and_then(|d| {
-            let (ma, mi) = d.split_once(':')?;
-            Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
-        });
-        if let Some(whole) = whole {
-            kernel.push((whole, offset_i - start));
-        }
-    }
     Ok(FsDevice {
         id: DeviceId::new(id),
         offset,
         name,
-        kernel,
+        // `offset`: where the file system starts in `id`'s space.
+        kernel: kernel_devices(dev, i128::from(offset)),
     })
+}
+
+/// The block device `dev` (an `st_rdev`) whose sector 0 is at byte `base`
+/// of some identity's space, and, for a partition, its disk (whose sector
+/// 0 is the partition's start before that): where a write traced on
+/// either lands in the identity's space.
+pub fn kernel_devices(dev: u64, base: i128) -> Vec<(u64, i128)> {
+    let mut out = vec![(dev, base)];
+    let Ok((sys, _)) = sysfs_block(dev) else {
+        return out;
+    };
+    if !sys.join("partition").exists() {
+        return out;
+    }
+    let start = read(&sys, "start").and_then(|s| s.parse::<u64>().ok());
+    let whole = sys
+        .parent()
+        .and_then(|disk| read(disk, "dev"))
+        .and_then(|d| {
+            let (ma, mi) = d.split_once(':')?;
+            Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
+        });
+    if let (Some(start), Some(whole)) = (start, whole) {
+        out.push((whole, base - i128::from(start) * 512));
+    }
+    out
 }
 
 /// The mount a path is on, from `/proc/self/mountinfo`: (mount point,

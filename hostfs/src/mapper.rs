@@ -1217,7 +1217,7 @@ impl FileMapper {
                 let watch = Self::watch(&parts);
                 if let Err(why) = &watch {
                     floe_core::log_line!(
-                        "floe agent: fiemap: writes to the mapped extents are not watched ({why}): after the thaw every file is checked"
+                        "floe agent: writes to the mapped extents are not watched ({why}): after the thaw every file is checked"
                     );
                 }
                 self.watches.insert(
@@ -1449,7 +1449,7 @@ impl Mapper for FileMapper {
             return Ok(true);
         };
         floe_core::log_line!(
-            "floe agent: fiemap: the watch of writes stops vouching for the map ({why}): files are checked one by one from now on"
+            "floe agent: the watch of writes stops vouching for the map ({why}): files are checked one by one from now on"
         );
         w.ended = Some(why);
         Ok(false)

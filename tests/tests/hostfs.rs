@@ -910,6 +910,78 @@ mod freeze_guard {
         client.release(&image.id).unwrap();
     }
 
+    /// On btrfs a file rewritten in place is written elsewhere (copy on
+    /// write): the mapped extents keep the frozen bytes and the watch
+    /// keeps vouching; a `nodatacow` file rewritten in place is written
+    /// over its mapped extent, and the watch stops.
+    #[test]
+    fn on_btrfs_a_copy_on_write_rewrite_keeps_the_map_vouched_for_a_nodatacow_one_does_not() {
+        let name =
+            "on_btrfs_a_copy_on_write_rewrite_keeps_the_map_vouched_for_a_nodatacow_one_does_not";
+        if !floe_tests::have("chattr") {
+            return skip(name, "chattr (e2fsprogs) is missing");
+        }
+        // No discard: a freed extent is not trimmed under the test.
+        let fs = match LoopFs::new("btrfs", 1, 256, &[], "nodiscard") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        std::fs::write(fs.mnt.join("cow"), vec![1u8; 65536]).unwrap();
+        std::fs::File::create(fs.mnt.join("nocow")).unwrap();
+        let st = Command::new("chattr")
+            .arg("+C")
+            .arg(fs.mnt.join("nocow"))
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        std::fs::write(fs.mnt.join("nocow"), vec![2u8; 65536]).unwrap();
+        fs.sync();
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+        let (mut client, image, items) = map_whole(&agent, &allow);
+        for n in ["cow", "nocow"] {
+            let item = items
+                .iter()
+                .find(|i| i.id.as_str().ends_with(&format!("/{n}")))
+                .unwrap_or_else(|| panic!("{n} mapped"));
+            assert!(
+                item.extents
+                    .iter()
+                    .any(|e| matches!(e.kind, floe_core::model::ExtentKind::Data(_))),
+                "{n} has no extent on the device: {:?}",
+                item.extents
+            );
+        }
+        assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
+        let rewrite = |n: &str| {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(fs.mnt.join(n))
+                .unwrap();
+            f.write_all_at(&[0xCD; 65536], 0).unwrap();
+            f.sync_all().unwrap();
+        };
+        rewrite("cow");
+        assert!(
+            client.held(&image.id).unwrap(),
+            "a copy-on-write rewrite ended the trust"
+        );
+        rewrite("nocow");
+        assert!(
+            !client.held(&image.id).unwrap(),
+            "a nodatacow rewrite in place, yet vouched for"
+        );
+        agent
+            .wait_for("reached the mapped extent", Duration::from_secs(5))
+            .expect("the agent did not log the write that ended the trust");
+        client.release(&image.id).unwrap();
+    }
+
     /// A watch that may have missed a write vouches for nothing: a flood
     /// of writes elsewhere, more than its rings hold between two looks,
     /// ends the trust as a write into a mapped file would.

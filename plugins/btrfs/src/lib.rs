@@ -35,6 +35,9 @@ impl Translate for Chunks {
     fn epoch(&self) -> String {
         format!(":{}", self.epoch)
     }
+    fn watched(&self) -> Option<Vec<floe_hostfs::watch::Watched>> {
+        self.map.watched()
+    }
 }
 
 fn translator(h: &SourceHandle) -> Result<Box<dyn Translate>> {
