@@ -97,6 +97,15 @@ pub trait Mapper: Send {
     fn untouched(&mut self, _image: &FrozenImage) -> Result<bool> {
         Ok(false)
     }
+    /// Once [`Mapper::untouched`] said no: for each of `items`, may a
+    /// write have reached one of its mapped extents since the map (true),
+    /// as far as this mapper saw? An item it answers false for reads as
+    /// mapped: its check is answered without a look. `None` once it may
+    /// have missed a write (then every item is looked at). Must not
+    /// block. Default: `None`.
+    fn touched(&mut self, _image: &FrozenImage, _items: &[ItemId]) -> Result<Option<Vec<bool>>> {
+        Ok(None)
+    }
 }
 
 /// A part of a map as a mapper gave it.
@@ -355,6 +364,10 @@ pub trait MapperAbi: Send {
     fn untouched(&mut self, _image: RStr<'_>) -> RResult<bool, RString> {
         ROk(false)
     }
+    /// JSON `[FrozenImage, [ItemId]]` → JSON `[bool]` or `null`. (ABI 8.)
+    fn touched(&mut self, _args: RStr<'_>) -> RResult<RString, RString> {
+        ROk(RString::from("null"))
+    }
 }
 
 /// ABI twin of [`ValidityIndicator`].
@@ -603,6 +616,13 @@ impl MapperAbi for MapperExport {
     fn untouched(&mut self, image: RStr<'_>) -> RResult<bool, RString> {
         guard("untouched", || {
             self.mapper.untouched(&from_json(image.as_str(), "image")?)
+        })
+    }
+    fn touched(&mut self, args: RStr<'_>) -> RResult<RString, RString> {
+        json_out("touched", || {
+            let (img, items): (FrozenImage, Vec<ItemId>) =
+                from_json(args.as_str(), "touched arguments")?;
+            self.mapper.touched(&img, &items)
         })
     }
 }
@@ -891,6 +911,10 @@ impl Mapper for LoadedMapper {
             ROk(untouched) => Ok(untouched),
             RErr(e) => Err(err_from_text(&self.0, "untouched", &e)),
         }
+    }
+    fn touched(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Option<Vec<bool>>> {
+        let r = self.1.touched(to_json(&(image, items))?.as_str().into());
+        back(&self.0, "touched", r)
     }
 }
 

@@ -197,6 +197,24 @@ impl Frozen {
         false
     }
 
+    /// Which of `ids` a check must look at: each one, unless the mapper
+    /// vouches that no write reached an item's mapped extents
+    /// ([`Mapper::untouched`] said no, [`Mapper::touched`] says which).
+    /// A mapper busy mapping is not waited for: then every item is looked
+    /// at.
+    fn to_look(&self, ids: &[ItemId]) -> Vec<bool> {
+        let touched = match self.mapper.try_lock() {
+            Ok(mut m) => m.touched(&self.image, ids).ok().flatten(),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().touched(&self.image, ids).ok().flatten()
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        touched
+            .filter(|t| t.len() == ids.len())
+            .unwrap_or_else(|| vec![true; ids.len()])
+    }
+
     /// Stop mapping (if parts are still being made) and let the image go.
     fn release(&mut self) -> Result<()> {
         self.parts = None;
@@ -596,7 +614,7 @@ impl Agent {
                 config,
             } => {
                 let f = frozen(images, &image)?;
-                let current = if f.still_held() {
+                let current = if f.still_held() || !f.to_look(std::slice::from_ref(&item))[0] {
                     config.clone()
                 } else {
                     f.validity
@@ -620,17 +638,40 @@ impl Agent {
                     })));
                 }
                 let ids: Vec<ItemId> = items.iter().map(|(i, _)| i.clone()).collect();
-                let current = f.validity.config_ids(&f.image, &ids)?;
-                if current.len() != ids.len() {
+                // Items no write reached are answered as asked.
+                let look = f.to_look(&ids);
+                let ids: Vec<ItemId> = ids
+                    .into_iter()
+                    .zip(&look)
+                    .filter_map(|(i, l)| l.then_some(i))
+                    .collect();
+                let looked = if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    f.validity.config_ids(&f.image, &ids)?
+                };
+                if looked.len() != ids.len() {
                     return Err(Error::new(
                         ErrorKind::Plugin,
                         format!(
                             "the validity plugin answered {} config ids for {} items",
-                            current.len(),
+                            looked.len(),
                             ids.len()
                         ),
                     ));
                 }
+                let mut looked = looked.into_iter();
+                let current = items
+                    .into_iter()
+                    .zip(look)
+                    .map(|((_, asked), l)| {
+                        if l {
+                            looked.next().unwrap_or(asked)
+                        } else {
+                            asked
+                        }
+                    })
+                    .collect();
                 Response::Configs { current }
             }
             Request::Remap { image, item, since } => {

@@ -294,27 +294,32 @@ pub struct FileMapper {
 /// An image's watch for writes to its mapped extents.
 struct Watching {
     watch: std::result::Result<WriteWatch, String>,
-    /// Why it no longer vouches (logged once).
-    ended: Option<String>,
+    /// Why it vouches for nothing (logged once).
+    blind: Option<String>,
+    /// The files a write reached through one of their mapped extents.
+    touched: std::collections::HashSet<ItemId, foldhash::fast::RandomState>,
     /// The mapped extents, sorted, as of [`ImageFiles::version`].
     index: Option<(u64, ExtentIndex)>,
 }
 
-/// Mapped device ranges, to find a write's overlap fast: (device index in
-/// [`ImageFiles::devices`], first byte, end) sorted, with the largest end
-/// so far at each position.
+/// Mapped device ranges, to find the files a write overlaps fast:
+/// (device index in [`ImageFiles::devices`], first byte, end, file index
+/// in `files`) sorted, with the largest end so far on the same device at
+/// each position.
 struct ExtentIndex {
-    ranges: Vec<(usize, u64, u64)>,
+    ranges: Vec<(usize, u64, u64, usize)>,
     max_end: Vec<u64>,
+    files: Vec<ItemId>,
 }
 
 impl ExtentIndex {
     fn of(kept: &ImageFiles) -> ExtentIndex {
-        let mut ranges: Vec<(usize, u64, u64)> = kept
-            .files
-            .values()
-            .flat_map(|f| f.placed.iter())
-            .filter_map(|p| match *p {
+        let mut files = Vec::with_capacity(kept.files.len());
+        let mut ranges: Vec<(usize, u64, u64, usize)> = Vec::new();
+        for (id, f) in &kept.files {
+            let file = files.len();
+            files.push(id.clone());
+            ranges.extend(f.placed.iter().filter_map(|p| match *p {
                 Placed::Data {
                     device,
                     start,
@@ -324,15 +329,15 @@ impl ExtentIndex {
                 } => {
                     let bs = u64::from(block_size);
                     let a = start.saturating_mul(bs);
-                    Some((device, a, a.saturating_add(count.saturating_mul(bs))))
+                    Some((device, a, a.saturating_add(count.saturating_mul(bs)), file))
                 }
                 Placed::Hole { .. } | Placed::Zero { .. } => None,
-            })
-            .collect();
+            }));
+        }
         ranges.sort_unstable();
         let mut max_end = Vec::with_capacity(ranges.len());
         let mut prev: Option<(usize, u64)> = None;
-        for &(d, _, end) in &ranges {
+        for &(d, _, end, _) in &ranges {
             let m = match prev {
                 Some((pd, pm)) if pd == d => pm.max(end),
                 _ => end,
@@ -340,23 +345,31 @@ impl ExtentIndex {
             max_end.push(m);
             prev = Some((d, m));
         }
-        ExtentIndex { ranges, max_end }
+        ExtentIndex {
+            ranges,
+            max_end,
+            files,
+        }
     }
 
-    /// A mapped range on `device` that `[a, b)` overlaps.
-    fn overlap(&self, device: usize, a: u64, b: u64) -> Option<(u64, u64)> {
-        // Ranges of `device` starting before `b`; the last of them with
-        // the largest end so far reaching past `a` overlaps.
+    /// Every mapped range on `device` that `[a, b)` overlaps: (first
+    /// byte, end, file).
+    fn overlaps(&self, device: usize, a: u64, b: u64) -> Vec<(u64, u64, &ItemId)> {
+        // Ranges of `device` starting before `b`, walked back while the
+        // largest end so far still reaches past `a`.
         let lo = self.ranges.partition_point(|r| r.0 < device);
         let hi = self.ranges.partition_point(|r| (r.0, r.1) < (device, b));
-        if hi <= lo || self.max_end[hi - 1] <= a {
-            return None;
+        let mut out = Vec::new();
+        for j in (lo..hi).rev() {
+            if self.max_end[j] <= a {
+                break;
+            }
+            let r = &self.ranges[j];
+            if r.2 > a {
+                out.push((r.1, r.2, &self.files[r.3]));
+            }
         }
-        self.ranges[lo..hi]
-            .iter()
-            .rev()
-            .find(|r| r.2 > a)
-            .map(|r| (r.1, r.2))
+        out
     }
 }
 
@@ -1087,6 +1100,64 @@ struct Parts {
 }
 
 impl FileMapper {
+    /// The image's watch with the writes queued since the last look taken
+    /// in (the files they reached added to its `touched`); `None` while
+    /// it vouches for nothing: the map is not whole yet, there is no
+    /// watch, or it may have missed a write (for good).
+    fn look(&mut self, image: &FrozenImage) -> Option<&mut Watching> {
+        // Not before the whole map is made (its extents are not all known).
+        if self.parts.is_some() {
+            return None;
+        }
+        let w = self.watches.get_mut(&image.id)?;
+        if w.blind.is_some() {
+            return None;
+        }
+        let watch = w.watch.as_mut().ok()?;
+        let blind = match watch.writes() {
+            Ok(writes) if writes.is_empty() => None,
+            Ok(writes) => {
+                let all = mapped_files();
+                let empty = ImageFiles::default();
+                let kept = all.get(&image.id).unwrap_or(&empty);
+                if kept.unwatched {
+                    Some("some extents are not the watch's to vouch for".to_string())
+                } else {
+                    if w.index.as_ref().is_none_or(|(v, _)| *v != kept.version) {
+                        w.index = Some((kept.version, ExtentIndex::of(kept)));
+                    }
+                    let index = &w.index.as_ref().expect("built above").1;
+                    for &(k, a, b) in &writes {
+                        let device = &watch.devices()[k].device;
+                        let Some(d) = kept.devices.iter().position(|x| x == device) else {
+                            continue;
+                        };
+                        for (s, e, file) in index.overlaps(d, a, b) {
+                            if w.touched.is_empty() {
+                                floe_core::log_line!(
+                                    "floe agent: the watch of writes saw a write to bytes {a}..{b} of {device} reach the mapped extent {s}..{e} of {file}: the files writes reach are checked from now on, the others stay vouched for"
+                                );
+                            }
+                            if !w.touched.contains(file) {
+                                w.touched.insert(file.clone());
+                            }
+                        }
+                    }
+                    None
+                }
+            }
+            Err(why) => Some(why),
+        };
+        if let Some(why) = blind {
+            floe_core::log_line!(
+                "floe agent: the watch of writes stops vouching for the map ({why}): files are checked one by one from now on"
+            );
+            w.blind = Some(why);
+            return None;
+        }
+        Some(w)
+    }
+
     /// Start watching the devices of every source walked, before any
     /// file's extents are mapped (its writes are held meanwhile).
     fn watch(parts: &Parts) -> std::result::Result<WriteWatch, String> {
@@ -1224,7 +1295,8 @@ impl FileMapper {
                     image.id.clone(),
                     Watching {
                         watch,
-                        ended: None,
+                        blind: None,
+                        touched: Default::default(),
                         index: None,
                     },
                 );
@@ -1407,52 +1479,13 @@ impl Mapper for FileMapper {
     }
 
     fn untouched(&mut self, image: &FrozenImage) -> Result<bool> {
-        // Not before the whole map is made (its extents are not all known).
-        if self.parts.is_some() {
-            return Ok(false);
-        }
-        let Some(w) = self.watches.get_mut(&image.id) else {
-            return Ok(false);
-        };
-        if w.ended.is_some() {
-            return Ok(false);
-        }
-        let Ok(watch) = &mut w.watch else {
-            return Ok(false);
-        };
-        let ended = match watch.writes() {
-            Ok(writes) if writes.is_empty() => return Ok(true),
-            Ok(writes) => {
-                let all = mapped_files();
-                let empty = ImageFiles::default();
-                let kept = all.get(&image.id).unwrap_or(&empty);
-                if kept.unwatched {
-                    Some("some extents are not the watch's to vouch for".to_string())
-                } else {
-                    if w.index.as_ref().is_none_or(|(v, _)| *v != kept.version) {
-                        w.index = Some((kept.version, ExtentIndex::of(kept)));
-                    }
-                    let index = &w.index.as_ref().expect("built above").1;
-                    writes.iter().find_map(|&(k, a, b)| {
-                        let device = &watch.devices()[k].device;
-                        let d = kept.devices.iter().position(|x| x == device)?;
-                        let (s, e) = index.overlap(d, a, b)?;
-                        Some(format!(
-                            "a write to bytes {a}..{b} of {device} reached the mapped extent {s}..{e}"
-                        ))
-                    })
-                }
-            }
-            Err(why) => Some(why),
-        };
-        let Some(why) = ended else {
-            return Ok(true);
-        };
-        floe_core::log_line!(
-            "floe agent: the watch of writes stops vouching for the map ({why}): files are checked one by one from now on"
-        );
-        w.ended = Some(why);
-        Ok(false)
+        Ok(self.look(image).is_some_and(|w| w.touched.is_empty()))
+    }
+
+    fn touched(&mut self, image: &FrozenImage, items: &[ItemId]) -> Result<Option<Vec<bool>>> {
+        Ok(self
+            .look(image)
+            .map(|w| items.iter().map(|i| w.touched.contains(i)).collect()))
     }
 
     fn remap(&mut self, image: &FrozenImage, item: &ItemId, since: &ConfigId) -> Result<Remap> {
@@ -2003,6 +2036,76 @@ mod tests {
             node_config(&meta).as_str(),
             format!("n:{}:{ctime}", meta.ino())
         );
+    }
+
+    #[test]
+    fn a_write_is_charged_to_every_file_whose_mapped_extent_it_overlaps() {
+        use floe_core::model::{ExtentChain, PhysicalExtent};
+        use floe_core::units::{BlockSize, Blocks, ItemOffset};
+        // (device, first block, blocks) of 4 KiB, at logical 0, 1 MiB, …
+        let file = |id: &str, extents: &[(&str, u64, u64)]| Item {
+            id: ItemId::new(id),
+            kind: ItemKind::File,
+            size: Bytes(0),
+            config: ConfigId::new("f:1"),
+            extents: extents
+                .iter()
+                .zip(0u64..)
+                .map(|(&(device, start, count), k)| MapExtent {
+                    logical: ItemOffset(k << 20),
+                    length: Bytes(count * 4096),
+                    kind: ExtentKind::Data(ExtentChain {
+                        layers: Vec::new(),
+                        physical: PhysicalExtent {
+                            device: DeviceId::new(device),
+                            start: Blocks(start),
+                            count: Blocks(count),
+                            block_size: BlockSize(4096),
+                        },
+                    }),
+                })
+                .collect(),
+            meta: Default::default(),
+            file: None,
+        };
+        let mut kept = ImageFiles::default();
+        kept.record(&file("/a", &[("d0", 10, 100), ("d1", 0, 4)]), None);
+        kept.record(&file("/b", &[("d0", 50, 2)]), None); // inside /a's (shared)
+        kept.record(&file("/c", &[("d0", 200, 1)]), None);
+        let index = ExtentIndex::of(&kept);
+        let d0 = kept
+            .devices
+            .iter()
+            .position(|d| d.as_str() == "d0")
+            .unwrap();
+        let d1 = kept
+            .devices
+            .iter()
+            .position(|d| d.as_str() == "d1")
+            .unwrap();
+        let hit = |d: usize, a: u64, b: u64| -> Vec<String> {
+            let mut v: Vec<String> = index
+                .overlaps(d, a, b)
+                .into_iter()
+                .map(|(_, _, f)| f.as_str().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let k = 4096;
+        // Before, between and after the extents: nothing.
+        assert!(hit(d0, 0, 10 * k).is_empty());
+        assert!(hit(d0, 110 * k, 200 * k).is_empty());
+        assert!(hit(d0, 201 * k, 1 << 40).is_empty());
+        // The last byte of /a, the first of /c.
+        assert_eq!(hit(d0, 110 * k - 1, 110 * k), vec!["/a"]);
+        assert_eq!(hit(d0, 200 * k, 200 * k + 1), vec!["/c"]);
+        // A block both /a and /b map; one write across /a and /c.
+        assert_eq!(hit(d0, 51 * k, 52 * k), vec!["/a", "/b"]);
+        assert_eq!(hit(d0, 100 * k, 300 * k), vec!["/a", "/c"]);
+        // The other device: only what is on it.
+        assert_eq!(hit(d1, 0, k), vec!["/a"]);
+        assert!(hit(d1, 4 * k, 8 * k).is_empty());
     }
 
     #[test]
