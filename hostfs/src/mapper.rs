@@ -1284,7 +1284,15 @@ impl FileMapper {
         if self.parts.is_none() {
             self.on_disk_counts = (0, 0);
             let parts = self.walk_all(image)?;
-            if self.watch_writes && image.writes_held && !self.watches.contains_key(&image.id) {
+            // Only once nothing can be in flight to what is mapped: its
+            // writes are held while it is mapped (FIFREEZE), or its files
+            // are a snapshot's or clones (copy on write: a write to the
+            // live files goes elsewhere; the snapshot was made after every
+            // write to them had landed).
+            let quiet = image.writes_held
+                || handles(image)
+                    .is_ok_and(|hs| !hs.is_empty() && hs.iter().all(|(h, _)| h.snapshot));
+            if self.watch_writes && quiet && !self.watches.contains_key(&image.id) {
                 let watch = Self::watch(&parts);
                 if let Err(why) = &watch {
                     floe_core::log_line!(

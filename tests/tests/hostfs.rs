@@ -1765,6 +1765,107 @@ mod snapshots {
     use super::*;
     use std::process::Command;
 
+    /// A snapshot's files are watched too: after the map, a check of a
+    /// file no write reached is answered without a look, whatever the
+    /// application rewrites in the live tree (copy on write: elsewhere);
+    /// a write onto a snapshot file's mapped blocks (here straight to the
+    /// device) makes that file, and only it, be looked at.
+    #[test]
+    fn a_snapshot_s_files_are_looked_at_only_once_a_write_reached_their_blocks() {
+        let name = "a_snapshot_s_files_are_looked_at_only_once_a_write_reached_their_blocks";
+        if !floe_tests::have("dd") {
+            return skip(name, "dd is missing");
+        }
+        let fs = match LoopFs::new("btrfs", 1, 256, &[], "nodiscard") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        let mut rng = floe_tests::hostfs::Rng::new(3);
+        for i in 0..6 {
+            std::fs::write(fs.mnt.join(format!("f{i}")), rng.bytes(65536)).unwrap();
+        }
+        fs.sync();
+        let source = format!("btrfs-snapshot:{}", fs.mnt.display());
+        let agent = AgentProcess::start(&["--allow-source", &source], &[]);
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, first, mut more) = client
+            .freeze_in_parts(std::slice::from_ref(&source), true)
+            .unwrap();
+        let mut items = first.items;
+        while more {
+            let part = client.map_more(&image.id).unwrap();
+            items.extend(part.map.items);
+            more = part.more;
+        }
+        let file = |n: &str| {
+            items
+                .iter()
+                .find(|i| i.id.as_str().ends_with(&format!("/{n}")))
+                .unwrap_or_else(|| panic!("{n} mapped"))
+                .clone()
+        };
+        let stale = ConfigId::new("not-the-config-id");
+        let trusted = |client: &mut floe_core::agent::AgentClient, n: &str| {
+            let (current, valid) = client.check(&image.id, &file(n).id, &stale).unwrap();
+            assert_eq!(valid, current == stale);
+            valid
+        };
+        assert!(trusted(&mut client, "f1"), "nothing written, yet looked at");
+        // The live f1 rewritten: copy on write, the snapshot's blocks stay.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(fs.mnt.join("f1"))
+                .unwrap();
+            f.write_all_at(&[0xEE; 65536], 0).unwrap();
+            f.sync_all().unwrap();
+        }
+        assert!(
+            trusted(&mut client, "f1"),
+            "a rewrite elsewhere ended the trust"
+        );
+        // A block of the snapshot's f2, overwritten on the device.
+        let f2 = file("f2");
+        let at = f2
+            .extents
+            .iter()
+            .find_map(|e| match &e.kind {
+                floe_core::model::ExtentKind::Data(c) => {
+                    Some(c.physical.start.0 * u64::from(c.physical.block_size.0))
+                }
+                _ => None,
+            })
+            .expect("f2 has an extent on the device");
+        let st = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                "bs=4096",
+                "count=1",
+                "oflag=direct",
+                "conv=notrunc",
+            ])
+            .arg(format!("of={}", fs.devs[0]))
+            .arg(format!("seek={}", at / 4096))
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let (current, valid) = client.check(&image.id, &f2.id, &stale).unwrap();
+        assert!(
+            !valid && current == f2.config,
+            "f2 not looked at: {current}"
+        );
+        assert!(
+            trusted(&mut client, "f3"),
+            "a write to f2 ended the trust in f3"
+        );
+        client.release(&image.id).unwrap();
+    }
+
     /// A freezer that keeps the frozen version (a read-only btrfs
     /// snapshot, reflink clones on XFS or btrfs): whatever the application
     /// writes, deletes or defragments while the mover reads, the restore
