@@ -61,6 +61,9 @@ struct Frozen {
     /// far is as mapped and the check is answered without a look. False
     /// for good once both say no.
     held: Arc<std::sync::atomic::AtomicBool>,
+    /// The mapper said, with the whole map made, that it cannot tell
+    /// which items a write reached ([`Mapper::touched`]): not asked again.
+    untold: std::sync::atomic::AtomicBool,
 }
 
 /// A mapping thread: it maps part after part at its own pace (the image
@@ -203,13 +206,21 @@ impl Frozen {
     /// A mapper busy mapping is not waited for: then every item is looked
     /// at.
     fn to_look(&self, ids: &[ItemId]) -> Vec<bool> {
+        use std::sync::atomic::Ordering;
+        if self.untold.load(Ordering::Relaxed) {
+            return vec![true; ids.len()];
+        }
         let touched = match self.mapper.try_lock() {
             Ok(mut m) => m.touched(&self.image, ids).ok().flatten(),
             Err(std::sync::TryLockError::Poisoned(p)) => {
                 p.into_inner().touched(&self.image, ids).ok().flatten()
             }
-            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::WouldBlock) => return vec![true; ids.len()],
         };
+        if touched.is_none() && self.parts.is_none() {
+            // No watch, or one that may have missed a write: for good.
+            self.untold.store(true, Ordering::Relaxed);
+        }
         touched
             .filter(|t| t.len() == ids.len())
             .unwrap_or_else(|| vec![true; ids.len()])
@@ -410,6 +421,7 @@ impl Agent {
                 validity,
                 parts: None,
                 held: Arc::new(std::sync::atomic::AtomicBool::new(held)),
+                untold: Default::default(),
             },
             map,
         ))
@@ -439,6 +451,7 @@ impl Agent {
             validity,
             parts: Some(parts),
             held,
+            untold: Default::default(),
         };
         // The first part goes in the `frozen` answer.
         let first = frozen.parts.as_mut().expect("started above").next();

@@ -9,6 +9,12 @@
 //! Validity per file: inode, generation, size, ctime, a hash of its FIEMAP
 //! extent list and a digest of the chunk map and device UUIDs (balance
 //! moves chunks; device replace changes a device).
+//!
+//! Like `fiemap`, it watches the writes queued on every device of the
+//! file system from the map on ([`floe_hostfs::watch`]): a file no write
+//! reached is not looked at after the thaw (a copy-on-write rewrite never
+//! reaches the mapped extents). `--plugin-opt btrfs.watch_writes=false`
+//! turns the watch off.
 
 /// mimalloc instead of glibc's malloc inside this plugin too (a cdylib has
 /// its own allocator; values crossing the ABI carry theirs): mapping
