@@ -167,11 +167,21 @@ impl LoopFs {
             dir,
         };
         let part = format!("{dev}p1");
+        let is_block = |p: &str| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+        };
         for _ in 0..50 {
-            if Path::new(&part).exists() {
+            if is_block(&part) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !is_block(&part) {
+            // `fs` detaches the loop device when dropped.
+            return Err(format!(
+                "the kernel made no partition device {part} from the image's MBR (the kernel reads no MBR partition table: CONFIG_MSDOS_PARTITION is off)"
+            ));
         }
         std::fs::create_dir(&fs.mnt).map_err(|e| e.to_string())?;
         let mut c = Command::new(format!("mkfs.{fstype}"));

@@ -1761,6 +1761,69 @@ fn a_file_system_in_a_partition_maps_to_the_whole_disk() {
     assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
 }
 
+/// The watch of writes on a file system in a partition: a write into a
+/// file's blocks is traced at the partition's or the disk's sectors, and
+/// either lands on the file's mapped extent (whose device is the whole
+/// disk, its offsets past the partition's start).
+#[test]
+fn a_write_in_a_partition_reaches_the_mapped_extent_on_its_disk() {
+    let name = "a_write_in_a_partition_reaches_the_mapped_extent_on_its_disk";
+    let fs = match LoopFs::new_partitioned("ext4", 128) {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    let mut rng = floe_tests::hostfs::Rng::new(8);
+    for i in 0..6 {
+        std::fs::write(fs.mnt.join(format!("f{i}")), rng.bytes(65536)).unwrap();
+    }
+    fs.sync();
+    let allow = format!("fsflush:{}", fs.mnt.display());
+    let agent = AgentProcess::start(&["--allow-source", &allow], &[]);
+    let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+    let (image, first, mut more) = client
+        .freeze_in_parts(std::slice::from_ref(&allow), true)
+        .unwrap();
+    let mut items = first.items;
+    while more {
+        let part = client.map_more(&image.id).unwrap();
+        items.extend(part.map.items);
+        more = part.more;
+    }
+    let file = |n: &str| {
+        items
+            .iter()
+            .find(|i| i.id.as_str().ends_with(&format!("/{n}")))
+            .unwrap_or_else(|| panic!("{n} mapped"))
+            .clone()
+    };
+    assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fs.mnt.join("f3"))
+            .unwrap();
+        f.write_all_at(&[0x5A; 8192], 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(
+        !client.held(&image.id).unwrap(),
+        "a write into f3's blocks was not placed on its mapped extent"
+    );
+    let f3 = file("f3");
+    let stale = ConfigId::new("not-the-config-id");
+    let (current, valid) = client.check(&image.id, &f3.id, &f3.config).unwrap();
+    assert!(!valid && current != f3.config, "{current}");
+    let f1 = file("f1");
+    let (current, valid) = client.check(&image.id, &f1.id, &stale).unwrap();
+    assert!(valid && current == stale, "{current}");
+    let line = agent
+        .wait_for("reach the mapped extent", std::time::Duration::from_secs(5))
+        .expect("the agent did not log the write");
+    assert!(line.contains("/f3"), "{line}");
+    client.release(&image.id).unwrap();
+}
+
 mod snapshots {
     use super::*;
     use std::process::Command;
