@@ -91,19 +91,22 @@ impl MapParts {
         let thread = std::thread::Builder::new()
             .name("floe-map".into())
             .spawn(move || {
-                // Checks ask the freezer whether writes are still held
-                // (it may hold them past the map); until then, they stop
-                // trusting the freeze before it may end.
+                // The freezer lets writes go under its lock; a check in
+                // the meantime waits for the lock (`still_held` asks the
+                // freezer, then the mapper, under it), so none trusts the
+                // freeze once it may have ended — and none is answered
+                // "not held" while the thaw is under way only to be
+                // vouched for by the mapper right after (a mover told no
+                // once checks every file from then on).
                 let settle = || -> Result<()> {
-                    held.store(false, Ordering::SeqCst);
                     let mut f = lock(&freezer);
-                    f.mapped(&image)?;
-                    if f.writes_held(&image).unwrap_or(false)
-                        || lock(&mapper).untouched(&image).unwrap_or(false)
-                    {
-                        held.store(true, Ordering::SeqCst);
-                    }
-                    Ok(())
+                    let settled = f.mapped(&image);
+                    crate::media::pausepoint("settle");
+                    let vouched = settled.is_ok()
+                        && (f.writes_held(&image).unwrap_or(false)
+                            || lock(&mapper).untouched(&image).unwrap_or(false));
+                    held.store(vouched, Ordering::SeqCst);
+                    settled
                 };
                 loop {
                     if halt.load(Ordering::Relaxed) {
@@ -189,9 +192,12 @@ impl Frozen {
         if !self.held.load(Ordering::SeqCst) {
             return false;
         }
-        if lock(&self.freezer)
-            .writes_held(&self.image)
-            .unwrap_or(false)
+        let mut freezer = lock(&self.freezer);
+        // Settled to no while this waited for the lock.
+        if !self.held.load(Ordering::SeqCst) {
+            return false;
+        }
+        if freezer.writes_held(&self.image).unwrap_or(false)
             || lock(&self.mapper).untouched(&self.image).unwrap_or(false)
         {
             return true;

@@ -1026,6 +1026,51 @@ mod freeze_guard {
         client.release(&image.id).unwrap();
     }
 
+    /// `held` asked while the agent lets the freeze go waits for the
+    /// answer after it: not "no" during the thaw, only for the watch to
+    /// vouch for the map right after (a mover told no once checks every
+    /// file from then on).
+    #[test]
+    fn held_asked_during_the_thaw_waits_for_the_answer_after_it() {
+        let name = "held_asked_during_the_thaw_waits_for_the_answer_after_it";
+        let fs = match LoopFs::new("ext4", 1, 128, &[], "") {
+            Ok(f) => f,
+            Err(why) => return skip(name, &why),
+        };
+        for i in 0..20u8 {
+            std::fs::write(fs.mnt.join(format!("f{i:02}")), vec![i; 5000]).unwrap();
+        }
+        let allow = format!("fsflush:{}", fs.mnt.display());
+        let agent = AgentProcess::start(
+            &[
+                "--allow-source",
+                &allow,
+                "--plugin-opt",
+                "fiemap.part_entries=5",
+            ],
+            &[("FLOE_PAUSEPOINT", "settle:1500")],
+        );
+        let mut client = floe_core::agent::AgentClient::connect_tcp(&agent.addr).unwrap();
+        let (image, _, more) = client
+            .freeze_in_parts(std::slice::from_ref(&allow), true)
+            .unwrap();
+        assert!(more, "the map came whole");
+        agent
+            .wait_for("pausepoint settle", Duration::from_secs(10))
+            .expect("the agent never settled the freeze");
+        let t = Instant::now();
+        assert!(client.held(&image.id).unwrap(), "told no during the thaw");
+        assert!(
+            t.elapsed() > Duration::from_millis(500),
+            "answered after {:?}, before the thaw was settled",
+            t.elapsed()
+        );
+        while client.map_more(&image.id).unwrap().more {}
+        assert!(client.held(&image.id).unwrap());
+        client.release(&image.id).unwrap();
+        drop(fs);
+    }
+
     /// A watch that may have missed a write vouches for nothing: a flood
     /// of writes elsewhere, more than its rings hold between two looks,
     /// ends the trust as a write into a mapped file would.
