@@ -133,9 +133,11 @@ impl LoopFs {
 
     /// One disk image with an MBR partition table whose only partition
     /// starts at sector 2048 (1 MiB), the file system made in it; the
-    /// kernel's partition device comes from `losetup -P`.
+    /// kernel's partition device comes from `losetup -P`, or, where the
+    /// kernel reads no MBR, from `addpart` (BLKPG, as `partx -a`).
     pub fn new_partitioned(fstype: &str, mib: u64) -> Result<LoopFs, String> {
         fs_prerequisites(fstype)?;
+        let sectors = u32::try_from((mib << 20) / 512 - 2048).map_err(|e| e.to_string())?;
         let dir = tempfile::Builder::new()
             .prefix("floe-fs-")
             .tempdir()
@@ -146,7 +148,6 @@ impl LoopFs {
             let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
             f.set_len(mib << 20).map_err(|e| e.to_string())?;
             let mut mbr = [0u8; 512];
-            let sectors = u32::try_from((mib << 20) / 512 - 2048).map_err(|e| e.to_string())?;
             mbr[446 + 4] = 0x83;
             mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
             mbr[446 + 12..446 + 16].copy_from_slice(&sectors.to_le_bytes());
@@ -178,10 +179,34 @@ impl LoopFs {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         if !is_block(&part) {
-            // `fs` detaches the loop device when dropped.
-            return Err(format!(
-                "the kernel made no partition device {part} from the image's MBR (the kernel reads no MBR partition table: CONFIG_MSDOS_PARTITION is off)"
-            ));
+            // A kernel built without MBR support (CONFIG_MSDOS_PARTITION
+            // off, as on the development VMs) reads no table: the
+            // partition is added from userspace as `partx -a` does, with
+            // BLKPG_ADD_PARTITION — the same block device, sysfs `start`
+            // and whole-disk arithmetic as a partition the kernel found.
+            if !crate::have("addpart") {
+                return Err(format!(
+                    "the kernel made no partition device {part} from the image's MBR (no MBR support: CONFIG_MSDOS_PARTITION is off) and addpart (util-linux) is missing"
+                ));
+            }
+            // `fs` detaches the loop device when dropped, which removes
+            // the partition.
+            run(Command::new("addpart")
+                .arg(&dev)
+                .arg("1")
+                .arg("2048")
+                .arg(sectors.to_string()))?;
+            for _ in 0..50 {
+                if is_block(&part) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if !is_block(&part) {
+                return Err(format!(
+                    "no partition device {part}: the kernel read no MBR and `addpart {dev} 1 2048 {sectors}` made none"
+                ));
+            }
         }
         std::fs::create_dir(&fs.mnt).map_err(|e| e.to_string())?;
         let mut c = Command::new(format!("mkfs.{fstype}"));
