@@ -16,4 +16,5 @@ pub mod ondisk;
 pub mod source;
 pub mod sys;
 pub mod volume;
+pub mod warm;
 pub mod watch;

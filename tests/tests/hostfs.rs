@@ -1721,6 +1721,71 @@ mod two_hosts {
     }
 }
 
+/// While the file systems are flushed and frozen, the trees' directories
+/// are read ahead (so the listing under the freeze finds them cached):
+/// every directory of the tree once, none through a symlink, and not with
+/// `fsflush.read_ahead=false`; the backup is the same either way.
+#[test]
+fn a_tree_s_directories_are_read_ahead_while_the_file_system_is_flushed() {
+    let name = "a_tree_s_directories_are_read_ahead_while_the_file_system_is_flushed";
+    let mut src = match LoopFs::new("ext4", 1, 64, &[], "") {
+        Ok(f) => f,
+        Err(why) => return skip(name, &why),
+    };
+    let mut dirs = 1;
+    for a in 0..5 {
+        for b in 0..4 {
+            let d = src.mnt.join(format!("a{a}/b{b}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("f"), format!("{a}{b}")).unwrap();
+            dirs += 1;
+        }
+        dirs += 1;
+    }
+    // lost+found is a directory of the tree too.
+    dirs += 1;
+    std::os::unix::fs::symlink(src.mnt.join("a0"), src.mnt.join("to-a0")).unwrap();
+    src.sync();
+    src.mover_view().expect("read-only view");
+    let allow = format!("fsflush:{}", src.mnt.display());
+    // The agent waits between the flush and the freeze, so the read ahead
+    // finishes before it is stopped.
+    for (opts, want) in [
+        (vec![], Some(format!("({dirs} directories read ahead)"))),
+        (vec!["--plugin-opt", "fsflush.read_ahead=false"], None),
+    ] {
+        let mut args = vec!["--allow-source", allow.as_str()];
+        args.extend(opts);
+        let agent = AgentProcess::start(&args, &[("FLOE_PAUSEPOINT", "fsflush-flushed:500")]);
+        let media = src.dir.path().join(format!("media-{}", want.is_some()));
+        let (code, out, err) = floe_backup(
+            &agent.addr,
+            std::slice::from_ref(&allow),
+            &media,
+            &src.device_args(),
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        let held = agent
+            .wait_for("writes held", std::time::Duration::from_secs(10))
+            .expect("no line saying how long writes were held");
+        match &want {
+            Some(w) => assert!(held.contains(w), "{held}"),
+            None => assert!(!held.contains("read ahead"), "{held}"),
+        }
+        let to = src.dir.path().join(format!("restored-{}", want.is_some()));
+        let r = floe_cmd()
+            .args(["restore", "--media"])
+            .arg(format!("disk:{}", media.display()))
+            .args(["--set", &set_of(&out), "--to-dir"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let diffs = compare_trees(&src.mnt, &to);
+        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    }
+}
+
 /// The agent logs how it mapped files and how long it held writes, and a
 /// log nobody reads any more (its stderr a pipe whose reader went away)
 /// stops no backup: a log line that cannot be written is dropped, not a
