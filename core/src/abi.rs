@@ -142,6 +142,25 @@ impl PartFromPlugin {
     }
 }
 
+/// A plugin's true/false option `key` in its config (JSON `true`/`false`
+/// or the strings `--plugin-opt` gives); `None` when absent. Anything else
+/// is a config error naming it as `label` and what was given.
+pub fn flag_option(config: &serde_json::Value, key: &str, label: &str) -> Result<Option<bool>> {
+    config
+        .get(key)
+        .map(|v| {
+            v.as_bool()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("{label} must be true or false, got {v}"),
+                    )
+                })
+        })
+        .transpose()
+}
+
 /// The `more` of a map part's JSON written with `more` first — as serde
 /// writes a [`MapPart`] (`{"more":BOOL,…`) or as the `map_part` message
 /// that carries it (`{"type":"map_part","more":BOOL,…`) — without reading
@@ -1011,6 +1030,23 @@ pub(crate) fn constructor_error(plugin: &str, what: &str, e: &RString) -> Error 
 mod tests {
     use super::*;
     use crate::model::{ImageId, ImageMap, MapPart};
+
+    #[test]
+    fn a_flag_option_is_true_or_false_and_anything_else_is_named() {
+        let c = serde_json::json!({"a": true, "b": "false", "c": "maybe", "d": 1});
+        assert_eq!(flag_option(&c, "a", "x.a").unwrap(), Some(true));
+        assert_eq!(flag_option(&c, "b", "x.b").unwrap(), Some(false));
+        assert_eq!(flag_option(&c, "missing", "x.m").unwrap(), None);
+        for (k, given) in [("c", "\"maybe\""), ("d", "1")] {
+            let e = flag_option(&c, k, &format!("x.{k}")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(
+                e.to_string()
+                    .contains(&format!("x.{k} must be true or false, got {given}")),
+                "{e}"
+            );
+        }
+    }
 
     fn part(more: bool, items: usize) -> MapPart {
         let item = |k: usize| crate::model::Item {

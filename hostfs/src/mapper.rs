@@ -757,21 +757,7 @@ impl FileMapper {
                     )
                 })?;
         }
-        let flag = |name: &str| -> Result<Option<bool>> {
-            config
-                .get(name)
-                .map(|v| {
-                    v.as_bool()
-                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                        .ok_or_else(|| {
-                            Error::new(
-                                ErrorKind::Config,
-                                format!("{name} must be true or false, got {v}"),
-                            )
-                        })
-                })
-                .transpose()
-        };
+        let flag = |name: &str| floe_core::abi::flag_option(config, name, name);
         if let Some(on) = flag("on_disk")? {
             m.on_disk = on;
         }

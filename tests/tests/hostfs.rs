@@ -254,6 +254,19 @@ pub fn backup_through(
     backup(&mut client, sources, &resolver, media, &opts, &mut |_| {})
 }
 
+/// `floe restore --to-dir` of `set` from disk media in `media` into `to`,
+/// which must then hold the same tree as `tree` (bytes and metadata).
+fn restore_and_compare(
+    media: &std::path::Path,
+    set: &str,
+    to: &std::path::Path,
+    tree: &std::path::Path,
+) {
+    restore_from_disk(media, &floe_core::model::SetId::new(set), to);
+    let diffs = compare_trees(tree, to);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+}
+
 /// `floe restore` of `set` from disk media in `media` into `to`; it must
 /// succeed.
 pub fn restore_from_disk(
@@ -1708,16 +1721,7 @@ mod two_hosts {
             facts.bytes
         );
         let to = fs.dir.path().join("restored");
-        let r = floe_cmd()
-            .args(["restore", "--media"])
-            .arg(format!("disk:{}", media.display()))
-            .args(["--set", &set, "--to-dir"])
-            .arg(&to)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let diffs = compare_trees(&fs.mnt, &to);
-        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+        restore_and_compare(&media, &set, &to, &fs.mnt);
     }
 }
 
@@ -1773,16 +1777,7 @@ fn a_tree_s_directories_are_read_ahead_while_the_file_system_is_flushed() {
             None => assert!(!held.contains("read ahead"), "{held}"),
         }
         let to = src.dir.path().join(format!("restored-{}", want.is_some()));
-        let r = floe_cmd()
-            .args(["restore", "--media"])
-            .arg(format!("disk:{}", media.display()))
-            .args(["--set", &set_of(&out), "--to-dir"])
-            .arg(&to)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let diffs = compare_trees(&src.mnt, &to);
-        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+        restore_and_compare(&media, &set_of(&out), &to, &src.mnt);
     }
 }
 
@@ -1859,16 +1854,7 @@ fn a_file_system_in_a_partition_maps_to_the_whole_disk() {
     );
     assert_eq!(code, 0, "{out}\n{err}");
     let to = fs.dir.path().join("restored");
-    let r = floe_cmd()
-        .args(["restore", "--media"])
-        .arg(format!("disk:{}", media.display()))
-        .args(["--set", &set_of(&out), "--to-dir"])
-        .arg(&to)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let diffs = compare_trees(&fs.mnt, &to);
-    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    restore_and_compare(&media, &set_of(&out), &to, &fs.mnt);
 }
 
 /// The watch of writes on a file system in a partition: a write into a

@@ -399,18 +399,8 @@ impl Plugin for FsFlushPlugin {
                 }
             },
         };
-        let read_ahead = match config.get("read_ahead") {
-            None => true,
-            Some(v) => v
-                .as_bool()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!("fsflush.read_ahead must be true or false, got {v}"),
-                    )
-                })?,
-        };
+        let read_ahead = floe_core::abi::flag_option(config, "read_ahead", "fsflush.read_ahead")?
+            .unwrap_or(true);
         Ok(Box::new(FsFlush {
             bound: Duration::from_secs_f64(secs),
             hold_writes,

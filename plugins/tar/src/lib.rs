@@ -1002,18 +1002,8 @@ impl Plugin for TarPlugin {
     }
     fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
         let (dir, record) = config_of(config)?;
-        let direct = match config.get("direct") {
-            None => true,
-            Some(v) => v
-                .as_bool()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!("tar media option direct is true or false, not {v}"),
-                    )
-                })?,
-        };
+        let direct = floe_core::abi::flag_option(config, "direct", "tar media option direct")?
+            .unwrap_or(true);
         Ok(Box::new(TarWriter {
             dir,
             record,
