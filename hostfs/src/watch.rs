@@ -7,9 +7,15 @@
 //! flush-only freeze of a file system nobody writes to then costs no
 //! check per file after the thaw ([`crate::mapper`]'s `untouched`).
 //!
+//! A thread drains the rings every few milliseconds into a list of the
+//! writes seen (overlapping ones merged), which the agent takes when it
+//! looks: a busy host's writes elsewhere do not overflow a ring while the
+//! map is made or between two checks.
+//!
 //! The watch vouches for nothing once it may have missed a record: a
-//! lost or throttled record, a ring that filled between two looks, a
-//! count of hits above the records kept, a CPU that came or went.
+//! lost or throttled record, a ring that filled between two drains, a
+//! count of hits above the records kept, more distinct writes than it
+//! keeps, a CPU that came or went.
 //! Writes that bypass the block layer's bios (SCSI pass-through, another
 //! host on the same SAN) are not seen — nor would a per-file check see
 //! them: they corrupt the file system under its own kernel.
@@ -248,12 +254,20 @@ pub fn parse_records(b: &[u8], format: &Format) -> Result<Records, String> {
 /// Room left in a ring below which a record may have been dropped (a
 /// `block_bio_queue` sample is under 100 bytes).
 const SLACK: usize = 256;
-/// Pages of records per CPU.
+/// Pages of records per CPU (about 1,300 records).
 const DATA_PAGES: usize = 32;
+/// How often the rings are drained in the background, between the
+/// agent's looks: a ring then overflows only if one CPU queues more than
+/// ~100,000 writes a second to the watched devices (a busy database does
+/// not), not whenever the map takes longer than the ring's worth of the
+/// host's writes.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+/// Writes kept between two looks, at most (after merging overlapping
+/// ones): 24 MiB.
+const PENDING_MAX: usize = 1 << 20;
 
-/// The writes queued on some devices, from now on.
-pub struct WriteWatch {
-    devices: Vec<Watched>,
+/// The rings and what was drained from them.
+struct Rings {
     format: Format,
     /// Each online CPU's ring, and the samples read from it.
     rings: Vec<(TracepointRing, u64)>,
@@ -261,6 +275,128 @@ pub struct WriteWatch {
     /// Why the watch stopped vouching (for good).
     blind: Option<String>,
     buf: Vec<u8>,
+    /// Writes drained and not handed out yet.
+    pending: Vec<Write>,
+}
+
+impl Rings {
+    /// Drain every ring into `pending`, unless blind; blind (for good,
+    /// `pending` dropped) once a write may have been missed.
+    fn take(&mut self) {
+        if self.blind.is_some() {
+            return;
+        }
+        if let Err(why) = self.drain() {
+            self.blind = Some(why);
+            self.pending = Vec::new();
+        }
+    }
+
+    fn drain(&mut self) -> Result<(), String> {
+        let online = std::fs::read_to_string(ONLINE).unwrap_or_default();
+        if online != self.online {
+            return Err(format!(
+                "the online CPUs changed ({} to {}): writes on a new one are not seen",
+                self.online.trim(),
+                online.trim()
+            ));
+        }
+        for (ring, seen) in &mut self.rings {
+            // The count first: every hit it counts has its record in the
+            // ring by the time the ring is read (or is being written: one
+            // more look).
+            let count = ring.count().map_err(|e| format!("perf event count: {e}"))?;
+            for pass in 0..2 {
+                self.buf.clear();
+                let room = ring.drain(&mut self.buf);
+                if room < SLACK {
+                    return Err("more writes than the watch holds between two looks".into());
+                }
+                let recs = parse_records(&self.buf, &self.format)?;
+                *seen += recs.samples;
+                self.pending.extend(recs.writes);
+                if *seen >= count {
+                    break;
+                }
+                if pass == 1 {
+                    return Err(format!("{} writes counted, {} recorded", count, *seen));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        if self.pending.len() > PENDING_MAX / 2 {
+            merge_writes(&mut self.pending);
+            if self.pending.len() > PENDING_MAX {
+                return Err(format!(
+                    "more writes than the watch holds between two looks ({} distinct ranges)",
+                    self.pending.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sort `writes` and merge those of one device that overlap or touch:
+/// the same bytes, fewer ranges (a database rewriting its pages queues
+/// the same ranges again and again).
+pub fn merge_writes(writes: &mut Vec<Write>) {
+    writes.sort_unstable_by_key(|w| (w.dev, w.start));
+    let mut out: Vec<Write> = Vec::with_capacity(writes.len());
+    for w in writes.drain(..) {
+        let end = w.start.saturating_add(w.length);
+        match out.last_mut() {
+            Some(last)
+                if last.dev == w.dev && last.start.saturating_add(last.length) >= w.start =>
+            {
+                let last_end = last.start.saturating_add(last.length);
+                last.length = last_end.max(end) - last.start;
+            }
+            _ => out.push(w),
+        }
+    }
+    *writes = out;
+}
+
+/// Tells the drain thread to end.
+#[derive(Default)]
+struct Stop {
+    stopped: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+/// The writes queued on some devices, from now on.
+pub struct WriteWatch {
+    devices: Vec<Watched>,
+    rings: std::sync::Arc<std::sync::Mutex<Rings>>,
+    stop: std::sync::Arc<Stop>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The drain thread: the rings drained every [`DRAIN_EVERY`] until the
+/// watch is dropped or blind.
+fn drain_rings(rings: &std::sync::Mutex<Rings>, stop: &Stop) {
+    floe_core::media::pausepoint("watch-drain");
+    loop {
+        {
+            let g = lock(&stop.stopped);
+            let (g, _) = stop
+                .cv
+                .wait_timeout_while(g, DRAIN_EVERY, |stopped| !*stopped)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *g {
+                return;
+            }
+        }
+        let mut r = lock(rings);
+        r.take();
+        if r.blind.is_some() {
+            return;
+        }
+    }
 }
 
 impl WriteWatch {
@@ -287,13 +423,26 @@ impl WriteWatch {
                     .map_err(|e| format!("perf event on CPU {cpu}: {e}"))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(WriteWatch {
-            devices,
+        let rings = std::sync::Arc::new(std::sync::Mutex::new(Rings {
             format,
             rings,
             online,
             blind: None,
             buf: Vec::new(),
+            pending: Vec::new(),
+        }));
+        let stop = std::sync::Arc::new(Stop::default());
+        // Not joined: it ends at its next wake once told (the watch's
+        // owner does not wait on it).
+        let (r, st) = (rings.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("floe-watch".into())
+            .spawn(move || drain_rings(&r, &st))
+            .map_err(|e| format!("cannot start the thread that drains the watch: {e}"))?;
+        Ok(WriteWatch {
+            devices,
+            rings,
+            stop,
         })
     }
 
@@ -307,49 +456,14 @@ impl WriteWatch {
     /// in the device identity's address space; an error, for good, once
     /// the watch may have missed one.
     pub fn writes(&mut self) -> Result<Vec<(usize, u64, u64)>, String> {
-        if let Some(why) = &self.blind {
-            return Err(why.clone());
-        }
-        let got = self.look();
-        if let Err(why) = &got {
-            self.blind = Some(why.clone());
-        }
-        got
-    }
-
-    fn look(&mut self) -> Result<Vec<(usize, u64, u64)>, String> {
-        let online = std::fs::read_to_string(ONLINE).unwrap_or_default();
-        if online != self.online {
-            return Err(format!(
-                "the online CPUs changed ({} to {}): writes on a new one are not seen",
-                self.online.trim(),
-                online.trim()
-            ));
-        }
-        let mut found = Vec::new();
-        for (ring, seen) in &mut self.rings {
-            // The count first: every hit it counts has its record in the
-            // ring by the time the ring is read (or is being written: one
-            // more look).
-            let count = ring.count().map_err(|e| format!("perf event count: {e}"))?;
-            for pass in 0..2 {
-                self.buf.clear();
-                let room = ring.drain(&mut self.buf);
-                if room < SLACK {
-                    return Err("more writes than the watch holds between two looks".into());
-                }
-                let recs = parse_records(&self.buf, &self.format)?;
-                *seen += recs.samples;
-                found.extend(recs.writes);
-                if *seen >= count {
-                    break;
-                }
-                if pass == 1 {
-                    return Err(format!("{} writes counted, {} recorded", count, *seen));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
+        let found = {
+            let mut r = lock(&self.rings);
+            r.take();
+            if let Some(why) = &r.blind {
+                return Err(why.clone());
             }
-        }
+            std::mem::take(&mut r.pending)
+        };
         let mut out = Vec::new();
         for w in found {
             let end = w.start.saturating_add(w.length);
@@ -366,6 +480,13 @@ impl WriteWatch {
             }
         }
         Ok(out)
+    }
+}
+
+impl Drop for WriteWatch {
+    fn drop(&mut self) {
+        *lock(&self.stop.stopped) = true;
+        self.stop.cv.notify_all();
     }
 }
 
@@ -502,5 +623,49 @@ print fmt: \"%d,%d %s %llu + %u [%s]\", ((unsigned int) ((REC->dev) >> 20))
         fn any_bytes_parse_or_fail_cleanly(b in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let _ = parse_records(&b, &format());
         }
+
+        /// Merging keeps exactly the bytes written, per device, in
+        /// sorted ranges that neither overlap nor touch.
+        #[test]
+        fn merged_writes_cover_the_same_bytes(
+            ws in proptest::collection::vec((0u64..3, 0u64..200, 0u64..20), 0..60)
+        ) {
+            let mut writes: Vec<Write> = ws
+                .iter()
+                .map(|&(dev, start, length)| Write { dev, start, length })
+                .collect();
+            let before = writes.clone();
+            merge_writes(&mut writes);
+            let covered = |ws: &[Write], dev: u64, b: u64| {
+                ws.iter().any(|w| w.dev == dev && w.start <= b && b < w.start + w.length)
+            };
+            for dev in 0..3 {
+                for b in 0..230 {
+                    proptest::prop_assert_eq!(covered(&before, dev, b), covered(&writes, dev, b));
+                }
+            }
+            for pair in writes.windows(2) {
+                proptest::prop_assert!(
+                    pair[0].dev < pair[1].dev
+                        || pair[0].start + pair[0].length < pair[1].start,
+                    "{:?}", pair
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_and_touching_writes_merge_others_stay() {
+        let w = |dev, start, length| Write { dev, start, length };
+        let mut ws = vec![
+            w(2, 0, 8),
+            w(1, 10, 5),
+            w(1, 0, 4),
+            w(1, 4, 2),
+            w(1, 12, 10),
+            w(2, 9, 1),
+        ];
+        merge_writes(&mut ws);
+        assert_eq!(ws, vec![w(1, 0, 6), w(1, 10, 12), w(2, 0, 8), w(2, 9, 1)]);
     }
 }
