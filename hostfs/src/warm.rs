@@ -11,11 +11,15 @@
 //!
 //! It is stopped as soon as the file systems are frozen: it must not
 //! compete with the listing it prepares. Directories are opened with
-//! `O_NOATIME` (no access-time update to write back in `FIFREEZE`), by
-//! descriptor from their parent, and only on the root's file system.
+//! `O_NOATIME` (no access-time update to write back in `FIFREEZE`) by
+//! path, one per thread at a time (the queue holds paths, not
+//! descriptors: a large tree must not exhaust the agent's descriptors);
+//! a subdirectory is `lstat`ed through its parent's descriptor and read
+//! only if it is on the root's file system (no symlink followed).
 
 use rustix::fs::{openat, statat, AtFlags, Dir, FileType, Mode, OFlags, CWD};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -28,7 +32,11 @@ const WARM_THREADS: usize = 8;
 const STOP_EVERY: usize = 512;
 
 struct Queue {
-    dirs: Vec<OwnedFd>,
+    /// Directories to read, by path: at most a reader's few descriptors
+    /// are open at once (a queue of descriptors would hold one per
+    /// directory found, past the agent's descriptor limit on a large
+    /// tree).
+    dirs: Vec<PathBuf>,
     /// Directories being read (each may add more).
     busy: usize,
 }
@@ -79,13 +87,7 @@ impl DirectoryWarmer {
     /// file system). Roots that cannot be opened are passed over: the
     /// listing under the freeze reports them.
     pub fn start(roots: &[PathBuf]) -> DirectoryWarmer {
-        let dirs = roots
-            .iter()
-            .filter_map(|r| {
-                let c = std::ffi::CString::new(r.as_os_str().as_encoded_bytes()).ok()?;
-                open_dir(CWD, &c)
-            })
-            .collect();
+        let dirs = roots.to_vec();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { dirs, busy: 0 }),
             wake: Condvar::new(),
@@ -152,10 +154,12 @@ fn warm(s: &Shared) {
             q.busy += 1;
             drop(q);
             let found = read_dir(s, &dir);
-            s.read.fetch_add(1, Ordering::Relaxed);
+            if found.is_some() {
+                s.read.fetch_add(1, Ordering::Relaxed);
+            }
             q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.busy -= 1;
-            q.dirs.extend(found);
+            q.dirs.extend(found.unwrap_or_default());
             s.wake.notify_all();
         } else if q.busy == 0 {
             return;
@@ -166,15 +170,15 @@ fn warm(s: &Shared) {
 }
 
 /// One directory's entries read; its subdirectories on the same file
-/// system, opened.
-fn read_dir(s: &Shared, dir: &OwnedFd) -> Vec<OwnedFd> {
+/// system (their inodes read for that), to read next. `None` if it
+/// could not be read.
+fn read_dir(s: &Shared, path: &Path) -> Option<Vec<PathBuf>> {
     let mut found = Vec::new();
-    let Ok(dev) = rustix::fs::fstat(dir).map(|st| st.st_dev) else {
-        return found;
-    };
-    let Ok(entries) = Dir::read_from(dir) else {
-        return found;
-    };
+    let dir = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| open_dir(CWD, &c))?;
+    let dev = rustix::fs::fstat(&dir).ok()?.st_dev;
+    let entries = Dir::read_from(&dir).ok()?;
     for (n, ent) in entries.enumerate() {
         if n % STOP_EVERY == STOP_EVERY - 1 && s.stop.load(Ordering::Relaxed) {
             break;
@@ -184,24 +188,20 @@ fn read_dir(s: &Shared, dir: &OwnedFd) -> Vec<OwnedFd> {
         if name == c"." || name == c".." {
             continue;
         }
-        let is_dir = match ent.file_type() {
-            FileType::Directory => true,
-            FileType::Unknown => statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
-            _ => false,
-        };
-        if !is_dir {
+        if !matches!(ent.file_type(), FileType::Directory | FileType::Unknown) {
             continue;
         }
         // As the listing does: a directory's inode is read (its device
-        // says whether to descend), so it is warm too.
-        if let Some(sub) = open_dir(dir, name) {
-            if rustix::fs::fstat(&sub).is_ok_and(|st| st.st_dev == dev) {
-                found.push(sub);
-            }
+        // says whether to descend), so it is warm too. Not followed
+        // through a symlink.
+        let Ok(st) = statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory && st.st_dev == dev {
+            found.push(path.join(std::ffi::OsStr::from_bytes(name.to_bytes())));
         }
     }
-    found
+    Some(found)
 }
 
 /// The roots worth reading ahead for these paths: directories, once each.
@@ -251,6 +251,12 @@ mod tests {
     fn a_stopped_warmer_ends_and_a_missing_root_reads_nothing() {
         let t = tempfile::tempdir().unwrap();
         let w = DirectoryWarmer::start(&[t.path().join("missing")]);
+        for _ in 0..500 {
+            if w.running() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(w.stop(), 0);
         for i in 0..64 {
             std::fs::create_dir_all(t.path().join(format!("d{i}/e"))).unwrap();
