@@ -188,7 +188,8 @@ struct MediaArgs {
     #[arg(long)]
     media: String,
     /// A media plugin option, KEY=VALUE (repeatable): record_size=64K,
-    /// changer='mtx-wrapper', label=FL0001, cartridges=FL0001,FL0002.
+    /// compress=zstd (tar), changer='mtx-wrapper', label=FL0001,
+    /// cartridges=FL0001,FL0002.
     #[arg(long = "media-opt", value_name = "KEY=VALUE")]
     opts: Vec<String>,
 }

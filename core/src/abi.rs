@@ -142,6 +142,23 @@ impl PartFromPlugin {
     }
 }
 
+/// Refuse a config key the plugin does not know (a misspelt or misplaced
+/// `--media-opt` must not be ignored: `compress=zstd` given to media that
+/// do not compress would otherwise write a set the user did not ask for).
+/// `what` names the plugin, `keys` are the ones it takes.
+pub fn known_options(config: &serde_json::Value, what: &str, keys: &[&str]) -> Result<()> {
+    let Some(map) = config.as_object() else {
+        return Ok(());
+    };
+    match map.keys().find(|k| !keys.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(Error::new(
+            ErrorKind::Config,
+            format!("{what} has no option {k:?} (it takes: {})", keys.join(", ")),
+        )),
+    }
+}
+
 /// A plugin's true/false option `key` in its config (JSON `true`/`false`
 /// or the strings `--plugin-opt` gives); `None` when absent. Anything else
 /// is a config error naming it as `label` and what was given.

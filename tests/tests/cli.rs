@@ -240,6 +240,43 @@ impl Drop for Mount {
 }
 
 #[test]
+fn a_media_option_the_plugin_does_not_take_is_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    for (media, opt, says) in [
+        (
+            "disk",
+            "compress=zstd",
+            "disk media has no option \"compress\"",
+        ),
+        ("tar", "compres=zstd", "tar media has no option \"compres\""),
+        (
+            "tar",
+            "compress=lz4",
+            "compress \"lz4\" is not none or zstd",
+        ),
+        (
+            "tar",
+            "compress_level=40",
+            "compress_level \"40\" is not a zstd level",
+        ),
+    ] {
+        let spec = format!("{media}:{}", d.path().display());
+        let out = floe(&["verify", "--media", &spec, "--media-opt", opt]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{media} {opt}: {err}");
+        assert!(err.contains(says), "{media} {opt}: {err}");
+    }
+    // What the plugins take is taken.
+    let spec = format!("tar:{}", d.path().display());
+    let out = floe(&["verify", "--media", &spec, "--media-opt", "compress=zstd"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn full_and_read_only_media_fail_clearly_and_record_nothing() {
     if !is_root() {
         return skip(
@@ -273,16 +310,19 @@ fn full_and_read_only_media_fail_clearly_and_record_nothing() {
 
     // The same for tar media, whose archive is written with O_DIRECT on
     // a thread of its own (the first write that finds no room is
-    // reported, the partial archive and its journal removed).
-    let out = backup(&san, &format!("tar:{}", full.0.display()), &[]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[media_full]"), "{err}");
-    assert_eq!(
-        std::fs::read_dir(&full.0).unwrap().count(),
-        0,
-        "the partial archive was removed"
-    );
+    // reported, the partial archive and its journal removed), plain and
+    // compressed (the volume's random bytes do not shrink to fit).
+    for opts in [&[][..], &["--media-opt", "compress=zstd"][..]] {
+        let out = backup(&san, &format!("tar:{}", full.0.display()), opts);
+        assert_eq!(out.status.code(), Some(1), "{opts:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("[media_full]"), "{opts:?}: {err}");
+        assert_eq!(
+            std::fs::read_dir(&full.0).unwrap().count(),
+            0,
+            "{opts:?}: the partial archive was removed"
+        );
+    }
 
     let ro = Mount::tmpfs(&scratch.path().join("ro"), "ro,size=4m").expect("read-only tmpfs");
     let out = backup(&san, &format!("disk:{}", ro.0.display()), &[]);

@@ -54,6 +54,8 @@ fn test(extra: &[String]) -> Result<()> {
         // Floe writes, without Floe.
         ("tar", "tar"),
         ("restic", "restic"),
+        // GNU tar reads a compressed set (`compress=zstd`) through it.
+        ("zstd", "zstd"),
     ])?;
     util::cargo(&["build", "--workspace", "--all-targets"])?;
     // A short fuzz run of every decoder that takes bytes from a peer, then

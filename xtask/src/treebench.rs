@@ -329,14 +329,43 @@ struct FloeRuns {
     mover_read: Vec<f64>,
     phases: [Vec<f64>; 4],
     held: Vec<f64>,
+    /// Bytes of the set's archive on the media.
+    media: Vec<f64>,
+}
+
+/// Bytes of the files under `path` (a restic repository, an archive).
+fn bytes_under(path: &Path) -> f64 {
+    let mut n = 0u64;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else {
+            n += m.len();
+        }
+    }
+    n as f64
 }
 
 impl FloeRuns {
-    /// Back the tree up through `agent` (cold cache); the set's id.
+    /// Back the tree up through `agent` (cold cache) to tar media in
+    /// `out/media` with `media_opts`; the set's id.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         bin: &Path,
         out: &Path,
+        media: &str,
+        media_opts: &[&str],
         agent: &FloeAgent,
         source: &str,
         id: &str,
@@ -358,7 +387,8 @@ impl FloeRuns {
                 "--json=summary",
                 "--media",
             ])
-            .arg(format!("tar:{}", out.join("floe").display()))
+            .arg(format!("tar:{}", out.join(media).display()))
+            .args(media_opts.iter().flat_map(|o| ["--media-opt", o]))
             .args(["--device", &format!("{id}={device}"), "--allow-device", id])
             .output()?;
         if !o.status.success() {
@@ -377,6 +407,13 @@ impl FloeRuns {
             .push(v["bytes_from_agent"].as_f64().unwrap_or(0.0));
         self.mover_read
             .push(v["bytes_read"].as_f64().unwrap_or(0.0));
+        let set = v["set"]["header"]["set"].as_str().unwrap_or_default();
+        self.media.push(
+            ["tar", "tar.zst"]
+                .iter()
+                .map(|x| bytes_under(&out.join(media).join(format!("{set}.{x}"))))
+                .sum(),
+        );
         if let Ok(secs) = agent.held.recv_timeout(std::time::Duration::from_secs(5)) {
             self.held.push(secs);
         }
@@ -415,8 +452,9 @@ impl FloeRuns {
             median(&self.phases[3])
         );
         println!(
-            "    writes held on the host (agent's log): {:.2} s",
-            median(&self.held)
+            "    writes held on the host (agent's log): {:.2} s; archive {:.0} B",
+            median(&self.held),
+            median(&self.media)
         );
         println!("    floe / tar          {:.3}  (target <= 0.2)", floe / tar);
         println!(
@@ -477,17 +515,24 @@ pub fn run(
     let restic_env = [("RESTIC_PASSWORD", "floe-bench")];
     let mut t: [Vec<f64>; 2] = Default::default();
     let mut cpu: [Vec<f64>; 2] = Default::default();
-    let (mut floe, mut hold) = (FloeRuns::default(), FloeRuns::default());
-    let mut set = String::new();
+    let mut stored: [Vec<f64>; 2] = Default::default();
+    let (mut floe, mut hold, mut zst) = (
+        FloeRuns::default(),
+        FloeRuns::default(),
+        FloeRuns::default(),
+    );
+    let (mut set, mut zset) = (String::new(), String::new());
+    const TOOLS: usize = 5;
+    const ZSTD: &[&str] = &["compress=zstd"];
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
-        // Each tool runs first, second, third and fourth in turn (one
-        // after the other in a round, the order rotated each round): what
-        // a run leaves behind (freed memory the VM's host takes back,
-        // dirty pages) falls on each tool alike.
-        for k in 0..4 {
-            match (round + k) % 4 {
+        // Each tool runs first, second, … in turn (one after the other in
+        // a round, the order rotated each round): what a run leaves behind
+        // (freed memory the VM's host takes back, dirty pages) falls on
+        // each tool alike.
+        for k in 0..TOOLS {
+            match (round + k) % TOOLS {
                 0 => {
                     let (w, c) = timed_shell(
                         &format!(
@@ -500,6 +545,7 @@ pub fn run(
                     )?;
                     t[0].push(w);
                     cpu[0].push(c);
+                    stored[0].push(bytes_under(&out.join("tree.tar")));
                 }
                 1 => {
                     let repo = out.join("restic");
@@ -518,23 +564,27 @@ pub fn run(
                     )?;
                     t[1].push(w);
                     cpu[1].push(c);
+                    stored[1].push(bytes_under(&repo));
                     let _ = std::fs::remove_dir_all(&repo);
                 }
-                2 => set = floe.run(bin, &out, &agent, &source, &id, &device)?,
+                2 => set = floe.run(bin, &out, "floe", &[], &agent, &source, &id, &device)?,
+                3 => {
+                    hold.run(bin, &out, "floe", &[], &hold_agent, &source, &id, &device)?;
+                }
                 _ => {
-                    hold.run(bin, &out, &hold_agent, &source, &id, &device)?;
+                    zset = zst.run(bin, &out, "floe-zstd", ZSTD, &agent, &source, &id, &device)?;
                 }
             }
         }
         eprintln!(
-            "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B), floe with writes held {:.1} s (agent CPU {:.2} s)",
-            t[0][round], t[1][round], floe.t[round], floe.cpu[round], floe.agent_read[round], floe.agent_sent[round], hold.t[round], hold.cpu[round]
+            "round {round}: tar {:.1} s, restic {:.1} s, floe {:.1} s (agent CPU {:.2} s, read {} B, sent {} B), floe with writes held {:.1} s (agent CPU {:.2} s), floe to zstd media {:.1} s",
+            t[0][round], t[1][round], floe.t[round], floe.cpu[round], floe.agent_read[round], floe.agent_sent[round], hold.t[round], hold.cpu[round], zst.t[round]
         );
     }
     // Restore: the last round's set and archive, to fresh directories on
     // the same disk (not with the tree on the SAN: restore does not read
     // the source's storage).
-    let mut rt: [Vec<f64>; 2] = Default::default();
+    let mut rt: [Vec<f64>; 3] = Default::default();
     let restores = if matches!(storage, Storage::Loop) {
         rounds
     } else {
@@ -571,6 +621,19 @@ pub fn run(
             &[],
         )?;
         rt[1].push(w);
+        let dest = out.join(format!("restore-floe-zstd-{round}"));
+        let (w, _) = timed_shell(
+            &format!(
+                "'{}' --catalog '{}' restore --media tar:'{}' --set '{zset}' --to-dir '{}' && sync -f '{}'",
+                bin.join("floe").display(),
+                out.join("catalog.db").display(),
+                out.join("floe-zstd").display(),
+                dest.display(),
+                out.display()
+            ),
+            &[],
+        )?;
+        rt[2].push(w);
     }
     let (tar, restic) = (median(&t[0]), median(&t[1]));
     let on = match storage {
@@ -582,12 +645,14 @@ pub fn run(
     };
     println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds (order rotated)");
     println!(
-        "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s",
-        median(&cpu[0])
+        "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s   archive {:.0} B",
+        median(&cpu[0]),
+        median(&stored[0])
     );
     println!(
-        "  restic backup      {restic:>7.2} s   CPU {:>6.2} s",
-        median(&cpu[1])
+        "  restic backup      {restic:>7.2} s   CPU {:>6.2} s   repository {:.0} B",
+        median(&cpu[1]),
+        median(&stored[1])
     );
     let tar_cpu = median(&cpu[0]);
     floe.report("floe backup", tar, restic, tar_cpu, data);
@@ -598,15 +663,23 @@ pub fn run(
         tar_cpu,
         data,
     );
-    let (restore_floe, restore_tar) = if restores > 0 {
-        (median(&rt[0]), median(&rt[1]))
+    zst.report(
+        "floe backup to compressed media (tar media, compress=zstd; restic compresses too)",
+        tar,
+        restic,
+        tar_cpu,
+        data,
+    );
+    let (restore_floe, restore_tar, restore_zst) = if restores > 0 {
+        (median(&rt[0]), median(&rt[1]), median(&rt[2]))
     } else {
-        (f64::NAN, f64::NAN)
+        (f64::NAN, f64::NAN, f64::NAN)
     };
     if restores > 0 {
         println!(
-            "  restore: floe --to-dir {restore_floe:.2} s, tar -xf {restore_tar:.2} s, ratio {:.2} (target <= 1.0)",
-            restore_floe / restore_tar
+            "  restore: floe --to-dir {restore_floe:.2} s, tar -xf {restore_tar:.2} s, ratio {:.2} (target <= 1.0); from compressed media {restore_zst:.2} s, ratio {:.2}",
+            restore_floe / restore_tar,
+            restore_zst / restore_tar
         );
     }
     let latency_us = match storage {
@@ -618,6 +691,8 @@ pub fn run(
         "files": files, "data_bytes": data, "rounds": rounds,
         "tar_s": tar, "restic_s": restic, "floe_s": median(&floe.t),
         "tar_cpu_s": tar_cpu, "restic_cpu_s": median(&cpu[1]), "agent_cpu_s": median(&floe.cpu),
+        "tar_archive_bytes": median(&stored[0]), "restic_repository_bytes": median(&stored[1]),
+        "floe_archive_bytes": median(&floe.media),
         "agent_read_bytes": median(&floe.agent_read), "agent_sent_bytes": median(&floe.agent_sent),
         "mover_read_bytes": median(&floe.mover_read), "writes_held_s": median(&floe.held),
         "restore_floe_s": restore_floe, "restore_tar_s": restore_tar,
@@ -626,6 +701,11 @@ pub fn run(
             "floe_s": median(&hold.t), "agent_cpu_s": median(&hold.cpu),
             "agent_sent_bytes": median(&hold.agent_sent), "writes_held_s": median(&hold.held),
             "floe_phases_s": hold.phases_json(),
+        },
+        "compress_zstd": {
+            "floe_s": median(&zst.t), "agent_cpu_s": median(&zst.cpu),
+            "archive_bytes": median(&zst.media), "restore_s": restore_zst,
+            "floe_phases_s": zst.phases_json(),
         },
     });
     std::fs::create_dir_all(util::root().join("target/bench"))?;

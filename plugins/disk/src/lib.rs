@@ -179,6 +179,7 @@ use floe_core::media::{
 };
 
 fn media_dir(config: &serde_json::Value) -> Result<PathBuf> {
+    floe_core::abi::known_options(config, "disk media", &["dir"])?;
     config
         .get("dir")
         .and_then(|v| v.as_str())

@@ -19,7 +19,9 @@ impl Plugin for NullPlugin {
             path_order: false,
         }
     }
-    fn media_writer(_config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
+    fn media_writer(config: &serde_json::Value) -> Result<Box<dyn MediaWriter>> {
+        // `null:` keeps nothing: it takes no option but a (ignored) path.
+        floe_core::abi::known_options(config, "null media", &["dir"])?;
         Ok(Box::new(NullMediaWriter::default()))
     }
 }

@@ -106,6 +106,17 @@ struct Config {
 }
 
 fn config_of(c: &serde_json::Value) -> Result<Config> {
+    floe_core::abi::known_options(
+        c,
+        "restic media",
+        &[
+            "dir",
+            "repository",
+            "password",
+            "password_file",
+            "spool_dir",
+        ],
+    )?;
     let s = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let repo = s("dir")
         .or_else(|| s("repository"))

@@ -154,6 +154,18 @@ struct Config {
 }
 
 fn config_of(c: &serde_json::Value) -> Result<Config> {
+    floe_core::abi::known_options(
+        c,
+        "tape media",
+        &[
+            "device",
+            "dir",
+            "record_size",
+            "changer",
+            "label",
+            "cartridges",
+        ],
+    )?;
     let s = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let device = s("device").or_else(|| s("dir")).ok_or_else(|| {
         Error::new(
