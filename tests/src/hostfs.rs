@@ -523,6 +523,21 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
 /// Every difference between the tree at `a` and the one at `b`: kind,
 /// mode, owner, mtime (ns), size, bytes, symlink target, device number,
 /// xattrs (ACLs), hard-link structure, sparseness. Empty when equal.
+/// `floe restore --to-dir` of `set` from the media `spec` (with media
+/// `opts`) into `to`, which must then hold exactly `tree`.
+pub fn restore_tree_and_compare(spec: &str, opts: &[String], set: &str, to: &Path, tree: &Path) {
+    let r = crate::floe_cmd()
+        .args(["restore", "--media", spec])
+        .args(opts)
+        .args(["--set", set, "--to-dir"])
+        .arg(to)
+        .output()
+        .expect("run floe restore");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let diffs = compare_trees(tree, to);
+    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+}
+
 pub fn compare_trees(a: &Path, b: &Path) -> Vec<String> {
     let (mut pa, mut pb) = (Vec::new(), Vec::new());
     collect(a, &mut pa);

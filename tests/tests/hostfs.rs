@@ -262,9 +262,8 @@ fn restore_and_compare(
     to: &std::path::Path,
     tree: &std::path::Path,
 ) {
-    restore_from_disk(media, &floe_core::model::SetId::new(set), to);
-    let diffs = compare_trees(tree, to);
-    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    let spec = format!("disk:{}", media.display());
+    floe_tests::hostfs::restore_tree_and_compare(&spec, &[], set, to, tree);
 }
 
 /// `floe restore` of `set` from disk media in `media` into `to`; it must
@@ -1096,6 +1095,40 @@ mod freeze_guard {
         drop(fs);
     }
 
+    /// A watched file system of 8 files mapped whole by an agent paused
+    /// where `pause` says (`FLOE_PAUSEPOINT`), the watch vouching for the
+    /// map after the thaw: the file system, the agent, a client holding
+    /// the image, and one of its files' items.
+    fn watched_map(
+        name: &str,
+        pause: &str,
+    ) -> Option<(
+        LoopFs,
+        AgentProcess,
+        floe_core::agent::AgentClient,
+        floe_core::model::FrozenImage,
+        floe_core::model::Item,
+    )> {
+        if !floe_tests::have("dd") {
+            skip(name, "dd is missing");
+            return None;
+        }
+        let (fs, agent, allow) = agent_paused_at(
+            name,
+            8,
+            pause,
+            &[],
+            &["--plugin-opt", "fiemap.watch_writes=true"],
+        )?;
+        let (mut client, image, items) = map_whole(&agent, &allow);
+        let item = items
+            .into_iter()
+            .find(|i| i.kind == ItemKind::File)
+            .expect("a file");
+        assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
+        Some((fs, agent, client, image, item))
+    }
+
     /// A watch that may have missed a write vouches for nothing: a flood
     /// of writes elsewhere, more than its rings hold between two drains
     /// (the drain thread held up here), ends the trust as a write into a
@@ -1103,25 +1136,10 @@ mod freeze_guard {
     #[test]
     fn a_watch_that_may_have_missed_a_write_vouches_for_nothing() {
         let name = "a_watch_that_may_have_missed_a_write_vouches_for_nothing";
-        if !floe_tests::have("dd") {
-            return skip(name, "dd is missing");
-        }
-        let Some((fs, agent, allow)) = agent_paused_at(
-            name,
-            8,
-            "watch-drain:60000",
-            &[],
-            &["--plugin-opt", "fiemap.watch_writes=true"],
-        ) else {
+        let Some((fs, agent, mut client, image, item)) = watched_map(name, "watch-drain:60000")
+        else {
             return;
         };
-        let (mut client, image, items) = map_whole(&agent, &allow);
-        let item = items
-            .iter()
-            .find(|i| i.kind == ItemKind::File)
-            .expect("a file")
-            .clone();
-        assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
         // 6,144 writes of 4 KiB, each its own bio (O_DIRECT), to a new
         // file: about 400 KiB of records against 128 KiB per CPU.
         let st = Command::new("dd")
@@ -1160,25 +1178,9 @@ mod freeze_guard {
     #[test]
     fn writes_elsewhere_beyond_a_ring_s_worth_keep_the_map_vouched_for() {
         let name = "writes_elsewhere_beyond_a_ring_s_worth_keep_the_map_vouched_for";
-        if !floe_tests::have("dd") {
-            return skip(name, "dd is missing");
-        }
-        let Some((fs, agent, allow)) = slowly_mapping_agent_with(
-            name,
-            8,
-            0,
-            &[],
-            &["--plugin-opt", "fiemap.watch_writes=true"],
-        ) else {
+        let Some((fs, agent, mut client, image, item)) = watched_map(name, "map-part:0") else {
             return;
         };
-        let (mut client, image, items) = map_whole(&agent, &allow);
-        let item = items
-            .iter()
-            .find(|i| i.kind == ItemKind::File)
-            .expect("a file")
-            .clone();
-        assert!(client.held(&image.id).unwrap(), "thawed, nothing written");
         // 6,000 writes of 4 KiB, each its own bio (O_DIRECT), as a busy
         // application queues them: 100 at a time, 50 ms apart — ~600 KiB
         // of records against 128 KiB per CPU, the agent not asked.

@@ -569,14 +569,5 @@ fn prune_recycles_a_cartridge_only_when_every_set_on_it_is_forgotten() {
     assert_eq!(vtl.inventory()["drives"][0]["loaded"], "FL0002");
     assert_eq!(listed(every), vec![set3, set4.clone()]);
     let to = src.dir.path().join("restored-4");
-    let r = floe_cmd()
-        .args(["restore", "--media", &media])
-        .args(&opts)
-        .args(["--set", &set4, "--to-dir"])
-        .arg(&to)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let diffs = compare_trees(&src.mnt, &to);
-    assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+    floe_tests::hostfs::restore_tree_and_compare(&media, &opts, &set4, &to, &src.mnt);
 }

@@ -165,7 +165,7 @@ fn gnu_tar_extracts_a_floe_set_byte_identical() {
 /// and so does `floe restore --to-dir`.
 #[test]
 fn gnu_tar_extracts_a_file_tree_set_with_its_metadata() {
-    use floe_tests::hostfs::{compare_trees, floe_backup_to, set_of, tree_host};
+    use floe_tests::hostfs::{floe_backup_to, restore_tree_and_compare, set_of, tree_host};
     let name = "gnu_tar_extracts_a_file_tree_set_with_its_metadata";
     if !have("tar") {
         return skip(name, "GNU tar is not installed");
@@ -213,14 +213,7 @@ fn gnu_tar_extracts_a_file_tree_set_with_its_metadata() {
 
         // Floe restores the same tree from the same archive.
         let to = src.dir.path().join(format!("by-floe-{compress}"));
-        let r = floe_tests::floe_cmd()
-            .args(["restore", "--media", &spec, "--set", &set, "--to-dir"])
-            .arg(&to)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let diffs = compare_trees(&src.mnt, &to);
-        assert!(diffs.is_empty(), "{:#?}", &diffs[..diffs.len().min(20)]);
+        restore_tree_and_compare(&spec, &[], &set, &to, &src.mnt);
         // And verifies it.
         let v = floe_tests::floe_cmd()
             .args(["verify", "--media", &spec, "--set", &set])

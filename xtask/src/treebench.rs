@@ -595,20 +595,22 @@ pub fn run(
     // so a restore right after removing the previous one's 70,000 files
     // paid for that search (a fifth of its CPU) and the ratio swung by a
     // third from run to run.
-    for round in 0..restores {
-        let dest = out.join(format!("restore-floe-{round}"));
-        let (w, _) = timed_shell(
+    // `floe restore` of a set from tar media in `out/MEDIA` to `out/DEST`.
+    let floe_restore = |media: &str, set: &str, dest: &str| {
+        timed_shell(
             &format!(
                 "'{}' --catalog '{}' restore --media tar:'{}' --set '{set}' --to-dir '{}' && sync -f '{}'",
                 bin.join("floe").display(),
                 out.join("catalog.db").display(),
-                out.join("floe").display(),
-                dest.display(),
+                out.join(media).display(),
+                out.join(dest).display(),
                 out.display()
             ),
             &[],
-        )?;
-        rt[0].push(w);
+        )
+    };
+    for round in 0..restores {
+        rt[0].push(floe_restore("floe", &set, &format!("restore-floe-{round}"))?.0);
         let dest = out.join(format!("restore-tar-{round}"));
         std::fs::create_dir_all(&dest)?;
         let (w, _) = timed_shell(
@@ -621,19 +623,7 @@ pub fn run(
             &[],
         )?;
         rt[1].push(w);
-        let dest = out.join(format!("restore-floe-zstd-{round}"));
-        let (w, _) = timed_shell(
-            &format!(
-                "'{}' --catalog '{}' restore --media tar:'{}' --set '{zset}' --to-dir '{}' && sync -f '{}'",
-                bin.join("floe").display(),
-                out.join("catalog.db").display(),
-                out.join("floe-zstd").display(),
-                dest.display(),
-                out.display()
-            ),
-            &[],
-        )?;
-        rt[2].push(w);
+        rt[2].push(floe_restore("floe-zstd", &zset, &format!("restore-floe-zstd-{round}"))?.0);
     }
     let (tar, restic) = (median(&t[0]), median(&t[1]));
     let on = match storage {

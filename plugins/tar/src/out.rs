@@ -502,30 +502,50 @@ fn write_two(f: &mut File, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Hand `data` to `put` in pieces of the given sizes (in turn), and
+    /// call `after` with the bytes put so far after every `every` pieces.
+    pub(crate) fn in_pieces(
+        data: &[u8],
+        pieces: &[usize],
+        every: usize,
+        mut put: impl FnMut(&[u8]),
+        mut after: impl FnMut(usize),
+    ) {
+        let (mut at, mut k) = (0, 0);
+        while at < data.len() {
+            let n = pieces[k % pieces.len()].min(data.len() - at);
+            put(&data[at..at + n]);
+            at += n;
+            k += 1;
+            if k % every == 0 {
+                after(at);
+            }
+        }
+    }
 
     /// Write `data` in pieces of the given sizes, flushing now and then,
     /// and return what the file holds after `finish`.
     fn round_trip(direct: bool, data: &[u8], pieces: &[usize], flush_every: usize) -> Vec<u8> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a");
-        let mut o = ArchiveOut::create(&p, direct).unwrap();
-        let (mut at, mut k) = (0, 0);
-        while at < data.len() {
-            let n = pieces[k % pieces.len()].min(data.len() - at);
-            o.put(&data[at..at + n]).unwrap();
-            at += n;
-            k += 1;
-            if k % flush_every == 0 {
-                o.flush().unwrap();
+        let o = std::cell::RefCell::new(ArchiveOut::create(&p, direct).unwrap());
+        in_pieces(
+            data,
+            pieces,
+            flush_every,
+            |b| o.borrow_mut().put(b).unwrap(),
+            |at| {
+                o.borrow_mut().flush().unwrap();
                 // What a crash now leaves: every byte put so far.
                 let on_disk = std::fs::read(&p).unwrap();
                 assert!(on_disk.len() >= at);
                 assert!(on_disk[..at] == data[..at], "flushed bytes differ");
-            }
-        }
-        o.finish(data.len() as u64).unwrap();
+            },
+        );
+        o.borrow_mut().finish(data.len() as u64).unwrap();
         std::fs::read(&p).unwrap()
     }
 

@@ -541,14 +541,14 @@ mod tests {
     }
 
     fn write(path: &Path, data: &[u8], pieces: &[usize], hand_every: usize) -> Vec<FrameSizes> {
-        let mut o = ZstOut::create(path, true, 1).unwrap();
-        let (mut at, mut k) = (0, 0);
-        while at < data.len() {
-            let n = pieces[k % pieces.len()].min(data.len() - at);
-            o.put(&data[at..at + n]).unwrap();
-            at += n;
-            k += 1;
-            if k % hand_every == 0 {
+        let o = std::cell::RefCell::new(ZstOut::create(path, true, 1).unwrap());
+        crate::out::tests::in_pieces(
+            data,
+            pieces,
+            hand_every,
+            |b| o.borrow_mut().put(b).unwrap(),
+            |at| {
+                let mut o = o.borrow_mut();
                 if let Some(h) = o.hand_over().unwrap() {
                     h.wait().unwrap();
                 }
@@ -556,8 +556,9 @@ mod tests {
                 let got: u64 = o.frames().iter().map(|[_, d]| u64::from(*d)).sum();
                 assert_eq!(got, at as u64);
                 assert!(std::fs::metadata(path).unwrap().len() >= o.zlen());
-            }
-        }
+            },
+        );
+        let mut o = o.into_inner();
         o.finish(data.len() as u64).unwrap();
         o.frames().to_vec()
     }
