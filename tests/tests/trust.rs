@@ -611,7 +611,7 @@ fn kill_mover_after(
     sources: &[&str],
     items: usize,
 ) -> String {
-    kill_mover_on(san, agent, "disk", media, sources, items)
+    kill_mover_on(san, agent, "disk", media, sources, items, &[])
 }
 
 /// Where a media plugin keeps the journal of an unfinished set.
@@ -656,6 +656,7 @@ fn kill_mover_on(
     media: &std::path::Path,
     sources: &[&str],
     items: usize,
+    opts: &[&str],
 ) -> String {
     let mut cmd = floe_cmd();
     cmd.args([
@@ -668,7 +669,8 @@ fn kill_mover_on(
     ])
     .arg("--media")
     .arg(format!("{plugin}:{}", media.display()))
-    .args(["--max-read", "256K", "--window", "1M", "--parallel", "1"]);
+    .args(["--max-read", "256K", "--window", "1M", "--parallel", "1"])
+    .args(opts);
     for s in sources {
         cmd.args(["--source", s]);
     }
@@ -1014,46 +1016,66 @@ fn a_local_device_that_says_it_is_something_else_is_refused() {
     resolve(format!("file:{}", a.display())).expect("the loop device is over a.img");
 }
 
+/// Plain and compressed (`compress=zstd`, resumed without the option:
+/// the set's journal says how it goes on).
 #[test]
 fn a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads() {
-    let san = SimSanProcess::start(&["lun0=64M"], &[]);
-    let want = san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
-    san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":15}"#);
-    let (_agent, addr) = agent_daemon(&san, 60);
-    let media = tempfile::tempdir().unwrap();
-    let set = kill_mover_on(
-        &san,
-        &addr,
-        "tar",
-        media.path(),
-        &["array:vol0", "array:vol1"],
-        1,
-    );
-    san.ctl(r#"{"op":"clear_faults"}"#);
-    let out = resume(&san, &addr, "tar", media.path(), &set, &[]);
-    assert!(
-        out.status.success(),
-        "resume failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !have("tar") {
-        return skip(
-            "a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads",
-            "tar is not installed",
+    let name = "a_mover_killed_while_writing_tar_media_resumes_into_one_archive_gnu_tar_reads";
+    for (opts, ext) in [
+        (&[][..], "tar"),
+        (&["--media-opt", "compress=zstd"][..], "tar.zst"),
+    ] {
+        let san = SimSanProcess::start(&["lun0=64M"], &[]);
+        let want = san.volumes(&[("vol0", 4 << 20), ("vol1", 4 << 20)], 50);
+        san.ctl(r#"{"op":"inject_latency","lun":"lun0","offset":0,"length":67108864,"millis":15}"#);
+        let (_agent, addr) = agent_daemon(&san, 60);
+        let media = tempfile::tempdir().unwrap();
+        let set = kill_mover_on(
+            &san,
+            &addr,
+            "tar",
+            media.path(),
+            &["array:vol0", "array:vol1"],
+            1,
+            opts,
         );
-    }
-    let dest = media.path().join("x");
-    std::fs::create_dir_all(&dest).unwrap();
-    let st = Command::new("tar")
-        .arg("-xf")
-        .arg(media.path().join(format!("{set}.tar")))
-        .arg("-C")
-        .arg(&dest)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    for (i, v) in ["vol0", "vol1"].iter().enumerate() {
-        let bytes = std::fs::read(dest.join(&set).join(v)).unwrap();
-        assert_eq!(blake3::hash(&bytes).to_hex().to_string(), want[i], "{v}");
+        san.ctl(r#"{"op":"clear_faults"}"#);
+        let out = resume(&san, &addr, "tar", media.path(), &set, &[]);
+        assert!(
+            out.status.success(),
+            "resume ({ext}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let archive = media.path().join(format!("{set}.{ext}"));
+        assert!(archive.exists(), "{}", archive.display());
+        let missing = ["tar", "zstd"]
+            .into_iter()
+            .take(if ext == "tar" { 1 } else { 2 })
+            .find(|t| !have(t));
+        if let Some(t) = missing {
+            skip(
+                &format!("{name} (GNU tar part, {ext})"),
+                &format!("{t} is not installed"),
+            );
+            continue;
+        }
+        let dest = media.path().join("x");
+        std::fs::create_dir_all(&dest).unwrap();
+        let st = Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{ext}");
+        for (i, v) in ["vol0", "vol1"].iter().enumerate() {
+            let bytes = std::fs::read(dest.join(&set).join(v)).unwrap();
+            assert_eq!(
+                blake3::hash(&bytes).to_hex().to_string(),
+                want[i],
+                "{ext} {v}"
+            );
+        }
     }
 }
