@@ -6,10 +6,12 @@
 //! the open format (plugin `tar`: one pax archive per set on the disk),
 //! beside `tar -cf` and `restic backup` of the same tree to the same disk,
 //! and Floe again with writes held for the whole backup
-//! (`fsflush.hold_writes=backup`: a second agent), rounds interleaved (the
-//! four runs' order rotated each round, so none always runs right after
-//! the same other), page cache dropped before each run. Then restore:
-//! `floe restore --to-dir` beside `tar -xf`.
+//! (`fsflush.hold_writes=backup`: a second agent) and to compressed tar
+//! media (`compress=zstd`), rounds interleaved (the five runs in a
+//! balanced order, each right after each other equally often over the
+//! default 10 rounds), page cache dropped before each run. Then restore
+//! (3 rounds at most): `floe restore --to-dir` from both archives beside
+//! `tar -xf`.
 //!
 //! `--case tree-san --latency-us N`: the same tree on a sim-san LUN that
 //! answers every read after N µs, seen by the host (and by the mover)
@@ -275,6 +277,66 @@ fn mount_tree(
     }
 }
 
+/// Tools in a round of the tree case (tar, restic, and Floe three ways).
+pub const TOOLS: usize = 5;
+/// Rounds of a whole [`round_order`] design for [`TOOLS`].
+pub const DESIGN_ROUNDS: usize = if TOOLS % 2 == 1 { 2 * TOOLS } else { TOOLS };
+
+/// The order of `n` tools in round `round`: a Williams design (rows of
+/// the sequence 0, 1, n−1, 2, n−2, … shifted by one each row; for odd
+/// `n` each row also run backwards, in the next round), so each tool
+/// follows each other about equally often. A plain rotation keeps
+/// neighbours: the tool after restic — whose gigabytes of freed memory
+/// this VM's host takes back, to be faulted in again by whoever runs
+/// next — was the same one in four rounds of five.
+fn round_order(round: usize, n: usize) -> Vec<usize> {
+    let base = (0..n).map(|k| {
+        if k % 2 == 1 {
+            k.div_ceil(2)
+        } else {
+            (n - k / 2) % n
+        }
+    });
+    let (shift, backwards) = if n % 2 == 1 {
+        (round / 2, round % 2 == 1)
+    } else {
+        (round, false)
+    };
+    let mut row: Vec<usize> = base.map(|x| (x + shift) % n).collect();
+    if backwards {
+        row.reverse();
+    }
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn each_tool_follows_each_other_equally_over_a_whole_design() {
+        for n in 2..8 {
+            let rounds = if n % 2 == 1 { 2 * n } else { n };
+            let mut after = vec![vec![0; n]; n];
+            for r in 0..rounds {
+                let row = round_order(r, n);
+                let mut sorted = row.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "round {r} of {n}");
+                for w in row.windows(2) {
+                    after[w[0]][w[1]] += 1;
+                }
+            }
+            let want = if n % 2 == 1 { 2 } else { 1 };
+            for (a, row) in after.iter().enumerate() {
+                for (b, &c) in row.iter().enumerate() {
+                    assert_eq!(c, if a == b { 0 } else { want }, "{b} after {a}, n {n}");
+                }
+            }
+        }
+    }
+}
+
 /// The tree case.
 /// A `floe agent` serving the tree, with what its log says about held
 /// writes (one line per backup).
@@ -501,6 +563,15 @@ pub fn run(
         .status();
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("mnt"))?;
+    // Whatever ends the run (a failed tool, a full disk), the work
+    // directory goes — after the mount below is undone (dropped first).
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _work = RemoveOnDrop(work.clone());
     let (m, id, device, data) = mount_tree(storage, bin, &work, &script, files)?;
     let mnt = m.mnt.clone();
     let tree = mnt.join("tree");
@@ -522,17 +593,15 @@ pub fn run(
         FloeRuns::default(),
     );
     let (mut set, mut zset) = (String::new(), String::new());
-    const TOOLS: usize = 5;
     const ZSTD: &[&str] = &["compress=zstd"];
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out)?;
-        // Each tool runs first, second, … in turn (one after the other in
-        // a round, the order rotated each round): what a run leaves behind
-        // (freed memory the VM's host takes back, dirty pages) falls on
-        // each tool alike.
-        for k in 0..TOOLS {
-            match (round + k) % TOOLS {
+        // Each round in its own order (see `round_order`): what a run
+        // leaves behind (freed memory the VM's host takes back, dirty
+        // pages) falls on each tool alike.
+        for tool in round_order(round, TOOLS) {
+            match tool {
                 0 => {
                     let (w, c) = timed_shell(
                         &format!(
@@ -585,8 +654,10 @@ pub fn run(
     // the same disk (not with the tree on the SAN: restore does not read
     // the source's storage).
     let mut rt: [Vec<f64>; 3] = Default::default();
+    // At most 3 restore rounds: each leaves three copies of the tree
+    // (4.5 GB) until the end, and 5 of them filled this VM's disk.
     let restores = if matches!(storage, Storage::Loop) {
-        rounds
+        rounds.min(3)
     } else {
         0
     };
@@ -633,7 +704,7 @@ pub fn run(
             latency_us as f64 / 1000.0
         ),
     };
-    println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds (order rotated)");
+    println!("\nfile tree: {files} files, {data} bytes, {on}, cold cache, median of {rounds} interleaved rounds (balanced order)");
     println!(
         "  tar -cf            {tar:>7.2} s   CPU {:>6.2} s   archive {:.0} B",
         median(&cpu[0]),
