@@ -663,7 +663,7 @@ impl MediaWriter for TarWriter {
             .map_err(|e| media_err("open partial archive", &path, e))?
             .len();
         let durable = if compressed {
-            j.frames.iter().map(|[c, _]| u64::from(*c)).sum()
+            zst::compressed_len(&j.frames)
         } else {
             j.end
         };
@@ -1110,7 +1110,7 @@ impl TarReader {
         } else {
             plain
         };
-        let f = open_source(&path).map_err(|e| no_set_error(set, &self.dir, &path, e))?;
+        let f = Source::open(&path).map_err(|e| no_set_error(set, &self.dir, &path, e))?;
         Ok((f, path))
     }
 
@@ -1154,7 +1154,7 @@ impl MediaReader for TarReader {
                 continue;
             }
             let path = e.path();
-            let mut f = open_source(&path).map_err(|err| media_err("open archive", &path, err))?;
+            let mut f = Source::open(&path).map_err(|err| media_err("open archive", &path, err))?;
             sets.push(shared_index(&mut f, &path)?.record.clone());
         }
         sets.sort_by(|a, b| (a.committed_at, &a.header.set).cmp(&(b.committed_at, &b.header.set)));
@@ -1166,7 +1166,7 @@ impl MediaReader for TarReader {
         if self.cached.as_ref().is_none_or(|c| c.set() != set) {
             // The index through a handle of its own (the buffered one's
             // position is left alone).
-            let mut raw = open_source(&path).map_err(|e| media_err("open archive", &path, e))?;
+            let mut raw = Source::open(&path).map_err(|e| media_err("open archive", &path, e))?;
             let ix = shared_index(&mut raw, &path)?;
             if ix.set() != set {
                 return Err(Error::new(
@@ -1198,11 +1198,6 @@ impl MediaReader for TarReader {
             .ok_or_else(|| Error::new(ErrorKind::Media, "no item open"))?;
         entry.read(max).map_err(|e| e.path(path.as_path()))
     }
-}
-
-/// Open an archive to read (a function for the error mapping's sake).
-fn open_source(path: &Path) -> std::io::Result<Source> {
-    Source::open(path)
 }
 
 /// zstd's level when `compress=zstd` names none: its fastest positive

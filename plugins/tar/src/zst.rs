@@ -42,6 +42,11 @@ const IN_FLIGHT: usize = 4;
 /// lists them.
 pub type FrameSizes = [u32; 2];
 
+/// The compressed bytes of `frames` (the file's bytes before the table).
+pub fn compressed_len(frames: &[FrameSizes]) -> u64 {
+    frames.iter().map(|[c, _]| u64::from(*c)).sum()
+}
+
 /// The seek table for `frames`: a skippable frame of the entries
 /// (compressed size, decompressed size; no checksums: each frame carries
 /// zstd's own) and the footer.
@@ -110,7 +115,7 @@ pub fn decode_seek_table(table: &[u8], frames_len: Bytes) -> Result<Vec<FrameSiz
         .chunks_exact(entry)
         .map(|e| [le32(e, 0).unwrap_or(0), le32(e, 4).unwrap_or(0)])
         .collect();
-    let sum: u64 = frames.iter().map(|[c, _]| u64::from(*c)).sum();
+    let sum = compressed_len(&frames);
     if sum != frames_len {
         return Err(format!(
             "its seek table's frames hold {sum} bytes, the file {frames_len} before the table"
@@ -222,12 +227,15 @@ impl ZstOut {
         direct: bool,
         level: i32,
     ) -> std::io::Result<ZstOut> {
-        let zlen = frames.iter().map(|[c, _]| u64::from(*c)).sum();
-        Self::on(ArchiveOut::resume(path, zlen, direct)?, level, frames)
+        Self::on(
+            ArchiveOut::resume(path, compressed_len(&frames), direct)?,
+            level,
+            frames,
+        )
     }
 
     fn on(inner: ArchiveOut, level: i32, frames: Vec<FrameSizes>) -> std::io::Result<ZstOut> {
-        let zlen = frames.iter().map(|[c, _]| u64::from(*c)).sum();
+        let zlen = compressed_len(&frames);
         Ok(ZstOut {
             inner,
             pool: Pool::start(level, pool_size())?,
@@ -668,6 +676,26 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
         assert!(e.to_string().contains("frame 1"), "{e}");
         assert_eq!(out.len(), FRAME, "the first frame's bytes, nothing after");
+        // A seek table that lists another size for a sound frame: the
+        // frame is refused, not read short or long.
+        let p2 = d.path().join("b.tar.zst");
+        let mut frames = write(&p2, &data, &[FRAME], 1);
+        frames[0][1] += 1;
+        let mut bytes = std::fs::read(&p2).unwrap();
+        let at = usize::try_from(compressed_len(&frames)).unwrap();
+        bytes.truncate(at);
+        bytes.extend(encode_seek_table(&frames));
+        std::fs::write(&p2, &bytes).unwrap();
+        let f = File::open(&p2).unwrap();
+        let ix = Arc::new(FrameIndex::read(&f).unwrap());
+        let e = ZstReader::new(f, ix)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("frame 0") && e.to_string().contains("the seek table says"),
+            "{e}"
+        );
         // A file that is no seekable archive says so.
         std::fs::write(&p, b"plain bytes, no table").unwrap();
         let e = FrameIndex::read(&File::open(&p).unwrap()).unwrap_err();
@@ -681,7 +709,7 @@ mod tests {
             let t = encode_seek_table(&frames);
             let n = seek_table_len(&t[t.len() - FOOTER..]).unwrap();
             prop_assert_eq!(n, t.len());
-            let sum = frames.iter().map(|[c, _]| u64::from(*c)).sum();
+            let sum = compressed_len(&frames);
             prop_assert_eq!(decode_seek_table(&t, Bytes(sum)).unwrap(), frames.clone());
             // Frames that do not fill the file before the table: refused.
             prop_assert!(decode_seek_table(&t, Bytes(sum + 1)).is_err());
